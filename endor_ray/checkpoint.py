@@ -1,0 +1,124 @@
+"""Reading a local Hugging Face checkpoint directory lazily, one tensor at a time.
+
+Weights come from ``model.safetensors``, a sharded ``model.safetensors.index.json``, or (only
+through ``torch.load(weights_only=True, mmap=True)``) ``pytorch_model.bin`` and its shards. Nothing
+is read before it is asked for, so a checkpoint larger than RAM can be converted layer by layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from endor_ray.architecture import Architecture, architecture_from_config
+from endor_ray.errors import StoreError, UnsupportedModelError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json as a dict; StoreError if it is missing or not a JSON object."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise StoreError(f"{path} not found: is {directory} a Hugging Face checkpoint directory?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path} is not valid JSON ({exc}); check the file") from exc
+    if not isinstance(config, dict):
+        raise StoreError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+class Checkpoint:
+    """A local HF checkpoint: its config, architecture, tensor names and lazily loaded tensors."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise StoreError(f"checkpoint directory {self.directory} does not exist")
+        self.config = read_config(self.directory)
+        self.architecture: Architecture = architecture_from_config(self.config)
+        self._open_files: dict[Path, Any] = {}
+        self._file_of: dict[str, Path] = self._index_tensors()
+
+    def _index_tensors(self) -> dict[str, Path]:
+        """tensor name -> file holding it, from the safetensors/bin files or their index."""
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index_path = self.directory / index_name
+            if index_path.is_file():
+                try:
+                    weight_map = json.loads(index_path.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise StoreError(f"{index_path} is malformed ({exc})") from exc
+                return {name: self.directory / file for name, file in weight_map.items()}
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            path = self.directory / single
+            if path.is_file():
+                return {name: path for name in self._names_in(path)}
+        raise StoreError(
+            f"no weights in {self.directory}: expected model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin"
+        )
+
+    def _names_in(self, path: Path) -> list[str]:
+        return list(self._open(path).keys())
+
+    def _open(self, path: Path) -> Any:
+        if path not in self._open_files:
+            if not path.is_file():
+                raise StoreError(f"weight file {path} listed in the index does not exist")
+            try:
+                if path.suffix == ".safetensors":
+                    from safetensors import safe_open
+
+                    self._open_files[path] = safe_open(str(path), framework="pt")
+                else:
+                    self._open_files[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # safetensors/pickle raise assorted types for a damaged file
+                raise StoreError(f"cannot read weight file {path}: {exc}") from exc
+        return self._open_files[path]
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk now."""
+        handle = self._open(self._file_of[name])
+        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+
+    def layer_names(self) -> dict[int, list[str]]:
+        """layer index -> full tensor names of that layer; every layer must have tensors."""
+        names: dict[int, list[str]] = {idx: [] for idx in range(self.architecture.num_layers)}
+        for name in self.tensor_names:
+            layer_idx, _ = self.architecture.split_name(name)
+            if layer_idx is not None:
+                names[layer_idx].append(name)
+        empty = [idx for idx, layer in names.items() if not layer]
+        if empty:
+            raise UnsupportedModelError(
+                f"layers {empty[:5]} have no tensors under {self.architecture.layer_prefix!r} "
+                f"in {self.directory}; is the checkpoint complete?"
+            )
+        return names
+
+    def dense_names(self) -> list[str]:
+        """Names of the tensors outside the decoder layers (embeddings, final norm, LM head)."""
+        return [name for name in self.tensor_names if self.architecture.split_name(name)[0] is None]
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.directory / name for name in TOKENIZER_FILES if (self.directory / name).is_file()]

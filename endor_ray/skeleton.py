@@ -1,0 +1,118 @@
+"""A transformers model whose decoder layers hold no weights until they run.
+
+`build_skeleton` creates the architecture's own CausalLM module on the meta device and gives real
+tensors only to what lies outside the decoder layers (embeddings, final norm, LM head, rotary
+tables). `stream_layers` installs forward hooks so that the model's *own* forward pass (masks,
+rotary embeddings, KV cache: all transformers code) asks a callback for each layer's weights just
+before the layer runs and hands the layer back just after. Calibration for pruning uses this, and
+so does any code that runs a model larger than memory.
+
+Importing this module imports transformers (seconds); keep it out of light import paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from endor_ray.architecture import Architecture, architecture_from_config
+from endor_ray.errors import UnsupportedModelError
+
+LoadLayer = Callable[[int], dict[str, torch.Tensor]]
+# (layer_idx, layer module, args, kwargs, output) -> output to pass on
+AfterLayer = Callable[[int, nn.Module, tuple, dict, Any], Any]
+
+
+def hf_config(config: dict[str, Any]) -> PretrainedConfig:
+    """A transformers config object from a config.json dict."""
+    fields = {key: value for key, value in config.items() if key != "model_type"}
+    return AutoConfig.for_model(config["model_type"], **fields)
+
+
+def decoder_layers(model: nn.Module, architecture: Architecture) -> nn.ModuleList:
+    return operator.attrgetter(architecture.layers_path)(model)
+
+
+def build_skeleton(
+    config: dict[str, Any],
+    dense_tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """The CausalLM with real non-layer weights on `device` and meta-device decoder layers."""
+    architecture = architecture_from_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype)
+    model.eval().requires_grad_(False)
+
+    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in dense_tensors.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise UnsupportedModelError(f"tensors the model does not have: {result.unexpected_keys[:5]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+    layers_path = architecture.layers_path + "."
+    for module_name, module in model.named_modules():
+        if module_name.startswith(layers_path) or module_name == architecture.layers_path:
+            continue
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if any(tensor.is_meta for _, tensor in own):
+            # Non-persistent buffers (rotary inv_freq) are not in any checkpoint: recompute them
+            # with transformers' own initialisation, as from_pretrained does.
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+    missing = [
+        name for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
+        if tensor.is_meta and not name.startswith(layers_path)
+    ]
+    if missing:
+        raise UnsupportedModelError(f"the checkpoint lacks non-layer tensors: {missing[:5]}")
+    return model
+
+
+def materialize_layer(layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Give a meta-device layer real weights (no copy: the tensors become its parameters)."""
+    layer.load_state_dict(weights, strict=True, assign=True)
+
+
+def release_layer(layer: nn.Module) -> None:
+    """Drop the layer's weights (back to meta), so their memory can be freed or reused."""
+    layer.to("meta")
+
+
+@contextlib.contextmanager
+def stream_layers(
+    model: nn.Module,
+    architecture: Architecture,
+    load_layer: LoadLayer,
+    after_layer: AfterLayer | None = None,
+) -> Iterator[None]:
+    """While active, each decoder layer gets `load_layer(idx)` before it runs and is released after."""
+    handles = []
+    for layer_idx, layer in enumerate(decoder_layers(model, architecture)):
+
+        def before(module: nn.Module, args: tuple, kwargs: dict, layer_idx: int = layer_idx) -> None:
+            materialize_layer(module, load_layer(layer_idx))
+
+        def after(module: nn.Module, args: tuple, kwargs: dict, output: Any, layer_idx: int = layer_idx) -> Any:
+            if after_layer is not None:
+                output = after_layer(layer_idx, module, args, kwargs, output)
+            release_layer(module)
+            return output
+
+        handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(layer.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in decoder_layers(model, architecture):
+            release_layer(layer)
