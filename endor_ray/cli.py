@@ -1,0 +1,135 @@
+"""The `endor` command: convert, inspect and export compressed model stores.
+
+    endor convert SRC DST [--sparsity 0.5] [--method wanda|magnitude] [--format endor|dense]
+                          [--dtype float16|bfloat16|float32] [--calib-text FILE] [--force]
+    endor inspect STORE [--json]
+    endor export STORE OUT [--force]
+
+SRC is a local Hugging Face checkpoint directory or ``smollm2-135m`` (the embedded default
+model). STORE is a local path or a pyarrow.fs URI (file://, s3://, gs://, hdfs://). Errors caused
+by input print one line and exit 1; Ctrl-C exits 130 and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from endor_ray.default_model import DEFAULT_MODEL_NAME
+from endor_ray.errors import EndorError
+from endor_ray.format import DEFAULT_BLOCK_SIZE, DTYPES
+
+
+def human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from endor_ray.convert import ConvertConfig, convert
+
+    config = ConvertConfig(
+        sparsity=args.sparsity, method=args.method, store_format=args.format, dtype=args.dtype,
+        block_size=args.block_size, calib_text=args.calib_text, calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len, seed=args.seed, force=args.force,
+    )
+    destination = convert(args.src, args.dst, config, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {destination}")
+        print_summary(_open_store(str(destination)).summary(), per_layer=False)
+
+
+def _open_store(location: str):
+    from endor_ray.store import Store
+
+    return Store(location)
+
+
+def print_summary(summary: dict, per_layer: bool = True) -> None:
+    compression = summary["compression"]
+    print(f"store   {summary['store']}")
+    print(f"model   {summary['model_type']}, {len(summary['layers'])} layers, {summary['dtype']}")
+    print(f"pruning {compression['method']} to {compression['sparsity']:.0%}, format {compression['format']}, "
+          f"block size {compression['block_size']}")
+    if per_layer:
+        print(f"{'layer':>5} {'sparsity':>9} {'bytes':>12} {'dense':>12} {'ratio':>7}")
+        for layer in summary["layers"]:
+            print(f"{layer['layer']:>5} {layer['sparsity']:>9.2%} {human_bytes(layer['nbytes']):>12} "
+                  f"{human_bytes(layer['dense_nbytes']):>12} {layer['ratio']:>7.3f}")
+    print(f"layers  sparsity {summary['layers_sparsity']:.2%}, {human_bytes(summary['layers_nbytes'])} of "
+          f"{human_bytes(summary['layers_dense_nbytes'])} dense (ratio {summary['layers_ratio']:.4f})")
+    print(f"total   {human_bytes(summary['total_nbytes'])} with the dense non-layer weights "
+          f"(ratio {summary['total_ratio']:.4f})")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    summary = _open_store(args.store).summary()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_summary(summary)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from endor_ray.export import export_checkpoint
+
+    out = export_checkpoint(_open_store(args.store), args.out, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="endor", description="Offloaded LLM inference with Endor sparse weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="prune a checkpoint and write a compressed store")
+    convert.add_argument("src", help=f"local HF checkpoint directory, or {DEFAULT_MODEL_NAME!r} (embedded)")
+    convert.add_argument("dst", help="store directory to create")
+    convert.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row pruned, in [0, 1)")
+    convert.add_argument("--method", default="wanda", help="wanda (default) or magnitude")
+    convert.add_argument("--format", default="endor", help="endor (bitmap-sparse, default) or dense (baseline)")
+    convert.add_argument("--dtype", default=None, help=f"stored dtype: {', '.join(DTYPES)} (default: the checkpoint's)")
+    convert.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="format block size")
+    convert.add_argument("--calib-text", type=Path, default=None,
+                         help="text file for Wanda calibration (default: text the model writes itself)")
+    convert.add_argument("--calib-samples", type=int, default=16, help="calibration sequences")
+    convert.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration sequence")
+    convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--force", action="store_true", help="replace DST if it exists")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    convert.set_defaults(func=cmd_convert)
+
+    inspect = sub.add_parser("inspect", help="per-layer sparsity, bytes and compression ratio of a store")
+    inspect.add_argument("store", help="store path or URI")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=cmd_inspect)
+
+    export = sub.add_parser("export", help="write a store's dense pruned weights as an HF checkpoint")
+    export.add_argument("store", help="store path or URI")
+    export.add_argument("out", help="checkpoint directory to create")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EndorError as exc:
+        print(f"endor {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"endor {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Checkpoint -> store: prune every decoder layer, encode it, write it, one layer at a time.
+
+Only one layer's weights are in memory at once (plus the non-layer weights), so a model larger
+than RAM converts. The store is written under a temporary name next to DST and renamed into place
+at the end: an interrupted or failed conversion never leaves something that looks like a store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from endor_ray import __version__
+from endor_ray.architecture import is_prunable
+from endor_ray.atomic import staged_directory
+from endor_ray.checkpoint import Checkpoint
+from endor_ray.default_model import resolve_source
+from endor_ray.errors import ConfigError, StoreError
+from endor_ray.format import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
+from endor_ray.prune import METHODS, InputNormCollector, check_sparsity, prune_weight
+from endor_ray.store import (
+    DENSE_FILE, MANIFEST_NAME, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name, write_tensor_file,
+)
+
+STORE_FORMATS = ("endor", "dense")
+
+
+@dataclass
+class ConvertConfig:
+    """How to turn a checkpoint into a store."""
+
+    sparsity: float = 0.5  # fraction of each Linear row set to zero, in [0, 1)
+    method: str = "wanda"  # "wanda" (needs calibration text) or "magnitude"
+    store_format: str = "endor"  # "endor": bitmap-sparse where it pays; "dense": all dense (baseline)
+    dtype: str | None = None  # stored dtype; None keeps the checkpoint's (float32 if it names none)
+    block_size: int = DEFAULT_BLOCK_SIZE  # format block size (elements per decompression program)
+    calib_text: Path | None = None  # text file for Wanda; None: the model writes its own
+    calib_samples: int = 16  # calibration sequences
+    calib_seq_len: int = 128  # tokens per calibration sequence
+    seed: int = 0
+    force: bool = False  # replace an existing DST
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.store_format not in STORE_FORMATS:
+            raise ConfigError(f"unknown store format {self.store_format!r}; choose one of {', '.join(STORE_FORMATS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_block_size(self.block_size)
+        if self.calib_samples < 1 or self.calib_seq_len < 2:
+            raise ConfigError("calibration needs at least 1 sample of at least 2 tokens")
+        if self.calib_text is not None and not Path(self.calib_text).is_file():
+            raise ConfigError(f"calibration text file {self.calib_text} does not exist")
+
+
+def source_dtype(config: dict[str, Any]) -> str:
+    named = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return named if named in DTYPES else "float32"
+
+
+class _LayerWriter:
+    """Prunes, encodes and writes layers into the staging directory, collecting manifest entries."""
+
+    def __init__(self, staging: Path, config: ConvertConfig, dtype: torch.dtype, num_layers: int, progress: bool):
+        self.staging, self.config, self.dtype = staging, config, dtype
+        self.entries: list[dict[str, Any] | None] = [None] * num_layers
+        self.bar = tqdm(total=num_layers, desc="convert", unit="layer", disable=not progress)
+
+    def write(
+        self,
+        layer_idx: int,
+        weights: dict[str, torch.Tensor],
+        input_sq_sums: dict[str, torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Prune and store one layer; return its pruned weights (same dtype as given)."""
+        pruned, encoded = {}, {}
+        for name, weight in weights.items():
+            if is_prunable(name, weight) and self.config.sparsity > 0:
+                sq_sum = input_sq_sums.get(name) if input_sq_sums is not None else None
+                if input_sq_sums is not None and sq_sum is None:
+                    raise StoreError(f"layer {layer_idx}: {name} saw no calibration input; is it a Linear?")
+                weight = prune_weight(weight, self.config.sparsity, self.config.method, sq_sum)
+            pruned[name] = weight
+            layout = "dense" if self.config.store_format == "dense" or not is_prunable(name, weight) else None
+            encoded[name] = encode(weight.to(self.dtype), self.config.block_size, layout=layout)
+        file_name = layer_file_name(layer_idx)
+        entry = write_tensor_file(self.staging / file_name, encoded)
+        self.entries[layer_idx] = {"index": layer_idx, "file": file_name, **entry}
+        sizes = sum(enc.nbytes for enc in encoded.values()), sum(enc.dense_nbytes for enc in encoded.values())
+        self.bar.set_postfix(ratio=f"{sizes[0] / sizes[1]:.3f}")
+        self.bar.update(1)
+        return pruned
+
+
+def convert(source: str, destination: str | Path, config: ConvertConfig, progress: bool = True) -> Path:
+    """Convert checkpoint `source` (a local HF directory or the embedded model's name) into a store."""
+    if "://" in str(destination):
+        raise ConfigError(f"stores are written to a local directory; got {destination} (copy it up afterwards)")
+    destination = Path(destination)
+    if destination.exists() and not config.force:  # fail before the (slow) model preparation
+        raise StoreError(f"{destination} already exists; pass --force to replace it")
+    checkpoint = Checkpoint(resolve_source(source))
+    dtype_str = config.dtype or source_dtype(checkpoint.config)
+    dtype = DTYPES[dtype_str]
+    with staged_directory(destination, config.force) as staging:
+        calibration = _write_store(checkpoint, staging, config, dtype, progress)
+        model_config = dict(checkpoint.config, dtype=dtype_str)
+        model_config.pop("torch_dtype", None)
+        manifest = {
+            "format": "endor-ray store",
+            "format_version": STORE_FORMAT_VERSION,
+            "created_by": f"endor-ray {__version__}",
+            "model": {"model_type": checkpoint.architecture.model_type, "dtype": dtype_str, "config": model_config},
+            "compression": {
+                "format": config.store_format, "block_size": config.block_size,
+                "sparsity": config.sparsity, "method": config.method if config.sparsity > 0 else "none",
+                "calibration": calibration,
+            },
+            "tokenizer_files": sorted(path.name for path in (staging / TOKENIZER_DIR).iterdir()),
+            "dense": {"file": DENSE_FILE, **write_tensor_file(staging / DENSE_FILE, _dense_tensors(checkpoint, dtype))},
+            "layers": calibration.pop("_layers"),
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return destination
+
+
+def _dense_tensors(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, EncodedTensor]:
+    return {name: encode(checkpoint.get(name).to(dtype), layout="dense") for name in checkpoint.dense_names()}
+
+
+def _write_store(checkpoint: Checkpoint, staging: Path, config: ConvertConfig, dtype: torch.dtype, progress: bool) -> dict[str, Any]:
+    """Write tokenizer and layers into `staging`; return the calibration record (+ layer entries)."""
+    (staging / TOKENIZER_DIR).mkdir()
+    for path in checkpoint.tokenizer_files():
+        shutil.copy2(path, staging / TOKENIZER_DIR / path.name)
+    architecture = checkpoint.architecture
+    layer_names = checkpoint.layer_names()
+    writer = _LayerWriter(staging, config, dtype, architecture.num_layers, progress)
+
+    def load_layer(layer_idx: int, compute_dtype: torch.dtype = dtype) -> dict[str, torch.Tensor]:
+        # Round through the stored dtype first, so pruning scores see the weights that are stored.
+        return {architecture.split_name(full)[1]: checkpoint.get(full).to(dtype).to(compute_dtype)
+                for full in layer_names[layer_idx]}
+
+    calibration: dict[str, Any] = {"source": "none"}
+    if config.method == "magnitude" or config.sparsity == 0:
+        for layer_idx in range(architecture.num_layers):
+            writer.write(layer_idx, load_layer(layer_idx))
+    else:
+        calibration = _wanda_layers(checkpoint, config, writer, load_layer)
+    writer.bar.close()
+    calibration["_layers"] = writer.entries
+    return calibration
+
+
+@torch.no_grad()
+def _wanda_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
+    """Run calibration tokens through the model once, pruning and writing each layer as it finishes."""
+    from endor_ray.calibration import self_calibration_ids, text_calibration_ids
+    from endor_ray.skeleton import build_skeleton, decoder_layers, materialize_layer, stream_layers
+
+    architecture = checkpoint.architecture
+    compute_dtype = torch.float32  # scores and activations in fp32 whatever is stored
+    dense = {name: checkpoint.get(name).to(writer.dtype) for name in checkpoint.dense_names()}
+    model = build_skeleton(checkpoint.config, dense, dtype=compute_dtype)
+
+    def load_compute(layer_idx: int) -> dict[str, torch.Tensor]:
+        return load_layer(layer_idx, compute_dtype)
+
+    if config.calib_text is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
+        ids = text_calibration_ids(tokenizer, config.calib_text, config.calib_samples, config.calib_seq_len)
+        record = {"source": "file", "file": Path(config.calib_text).name}
+    else:
+        # One pass over all layers per generated token: show the passes, they are the slow part.
+        passes = tqdm(total=config.calib_seq_len - 1, desc="calibrate", unit="token", disable=writer.bar.disable)
+
+        def load_counting(layer_idx: int) -> dict[str, torch.Tensor]:
+            if layer_idx == 0:
+                passes.update(1)
+            return load_compute(layer_idx)
+
+        with stream_layers(model, architecture, load_counting):
+            ids = self_calibration_ids(model, config.calib_samples, config.calib_seq_len, config.seed)
+        passes.close()
+        record = {"source": "self-generated", "seed": config.seed}
+    record.update(num_samples=ids.shape[0], seq_len=ids.shape[1])
+
+    collector = InputNormCollector()
+
+    def prune_and_rerun(layer_idx: int, layer, args: tuple, kwargs: dict, output):
+        weights = dict(layer.state_dict())
+        sq_sums = {name: collector.input_sq_sum(f"{layer_idx}.{name}") for name in weights}
+        pruned = writer.write(layer_idx, weights, sq_sums)
+        collector.clear()
+        # The next layer calibrates on what the *pruned* layer outputs (as in Wanda).
+        materialize_layer(layer, pruned)
+        collector.enabled = False
+        try:
+            return layer.forward(*args, **kwargs)
+        finally:
+            collector.enabled = True
+
+    layers = decoder_layers(model, architecture)
+    with collector.watch(layers), stream_layers(model, architecture, load_compute, after_layer=prune_and_rerun):
+        model(input_ids=ids, use_cache=False)
+    return record

@@ -1,0 +1,49 @@
+"""Store -> a standard Hugging Face checkpoint of the dense, pruned weights.
+
+The output loads with plain ``transformers.AutoModelForCausalLM.from_pretrained(OUT)``: it is the
+independent reference every correctness check compares against. One safetensors shard per
+decoder layer (plus one for the non-layer weights) and an index, written layer by layer under a
+temporary name and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from endor_ray.atomic import staged_directory
+from endor_ray.format import decode
+from endor_ray.store import Store
+
+
+def export_checkpoint(store: Store, out: str | Path, force: bool = False, progress: bool = True) -> Path:
+    """Write the store's weights, decoded, as an HF checkpoint directory at `out`."""
+    architecture = store.architecture
+    num_shards = store.num_layers + 1
+    weight_map: dict[str, str] = {}
+    total_nbytes = 0
+    with staged_directory(Path(out), force) as staging:
+        for name, contents in store.tokenizer_files().items():
+            (staging / name).write_bytes(contents)
+        (staging / "config.json").write_text(json.dumps(store.config, indent=2))
+
+        shard = f"model-{1:05d}-of-{num_shards:05d}.safetensors"
+        dense = {name: decode(enc) for name, enc in store.dense_tensors().items()}
+        save_file(dense, str(staging / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(dense, shard))
+        total_nbytes += sum(t.numel() * t.element_size() for t in dense.values())
+
+        for layer_idx in tqdm(range(store.num_layers), desc="export", unit="layer", disable=not progress):
+            shard = f"model-{layer_idx + 2:05d}-of-{num_shards:05d}.safetensors"
+            layer = {architecture.full_name(layer_idx, name): decode(enc)
+                     for name, enc in store.layer_tensors(layer_idx).items()}
+            save_file(layer, str(staging / shard), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(layer, shard))
+            total_nbytes += sum(t.numel() * t.element_size() for t in layer.values())
+
+        index = {"metadata": {"total_size": total_nbytes}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return Path(out)

@@ -1,0 +1,114 @@
+"""Unstructured pruning of Linear weights, exact per output row.
+
+Every row of a weight ``W[out_features, in_features]`` loses exactly
+``floor(in_features * sparsity)`` entries: those with the smallest score (ties broken by position,
+stably). Kept entries are never altered, bit for bit. Two scores:
+
+- magnitude: ``|W[i, j]|``;
+- Wanda (Sun et al., 2023): ``|W[i, j]| * ||X[:, j]||_2``, where X are the inputs the Linear saw
+  over the calibration tokens. `InputNormCollector` gathers ``sum_t X[t, j]^2`` per Linear while
+  calibration text runs through the model layer by layer.
+
+Embeddings, norms and the LM head are never pruned (`architecture.is_prunable` decides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from endor_ray.errors import ConfigError
+
+METHODS = ("magnitude", "wanda")
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def prune_rows(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """A copy of `weight` with the lowest-`score` floor(in_features*sparsity) entries of each row zeroed."""
+    check_sparsity(sparsity)
+    if weight.dim() != 2 or score.shape != weight.shape:
+        raise ConfigError(f"need a 2-D weight and a score of its shape, got {weight.shape} and {score.shape}")
+    num_pruned = int(weight.shape[1] * sparsity)
+    pruned = weight.clone()
+    if num_pruned == 0:
+        return pruned
+    order = torch.sort(score, dim=1, stable=True).indices  # [out, in] ascending score
+    drop = torch.zeros_like(weight, dtype=torch.bool)
+    drop.scatter_(1, order[:, :num_pruned], True)
+    return pruned.masked_fill_(drop, 0)
+
+
+def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 |W|."""
+    return weight.float().abs()
+
+
+def wanda_score(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 |W| * ||X_j||_2 from `input_sq_sum` ([in] sum over tokens of X_j^2)."""
+    if input_sq_sum.shape != (weight.shape[1],):
+        raise ConfigError(f"input norms have shape {tuple(input_sq_sum.shape)}, expected ({weight.shape[1]},)")
+    return weight.float().abs() * input_sq_sum.float().sqrt()[None, :]
+
+
+def prune_weight(
+    weight: torch.Tensor,
+    sparsity: float,
+    method: str,
+    input_sq_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prune one Linear weight by `method` ('magnitude' or 'wanda', which needs input norms)."""
+    if method == "magnitude":
+        return prune_rows(weight, magnitude_score(weight), sparsity)
+    if method == "wanda":
+        if input_sq_sum is None:
+            raise ConfigError("wanda pruning needs the input norms collected on calibration text")
+        return prune_rows(weight, wanda_score(weight, input_sq_sum), sparsity)
+    raise ConfigError(f"unknown pruning method {method!r}; choose one of {METHODS}")
+
+
+class InputNormCollector:
+    """Accumulates, per Linear module, the sum over tokens of its input squared, per input feature."""
+
+    def __init__(self) -> None:
+        self.sq_sums: dict[str, torch.Tensor] = {}  # module name -> [in_features] float32
+        self.enabled = True
+
+    @contextlib.contextmanager
+    def watch(self, module: nn.Module) -> Iterator[InputNormCollector]:
+        """Collect for every nn.Linear inside `module` while the context is open."""
+        handles = []
+        for name, linear in module.named_modules():
+            if isinstance(linear, nn.Linear):
+                handles.append(linear.register_forward_pre_hook(self._hook(name)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, name: str):
+        def accumulate(module: nn.Module, args: tuple) -> None:
+            if not self.enabled:
+                return
+            inputs = args[0].detach().float().reshape(-1, args[0].shape[-1])  # [tokens, in]
+            sq_sum = (inputs * inputs).sum(dim=0)
+            if name in self.sq_sums:
+                self.sq_sums[name] += sq_sum
+            else:
+                self.sq_sums[name] = sq_sum
+
+        return accumulate
+
+    def input_sq_sum(self, weight_name: str) -> torch.Tensor | None:
+        """The sums for a weight named like 'mlp.up_proj.weight', if its module ran."""
+        return self.sq_sums.get(weight_name.removesuffix(".weight"))
+
+    def clear(self) -> None:
+        self.sq_sums.clear()

@@ -1,0 +1,278 @@
+"""The compressed model store: where Endor-encoded layers live on disk or in object storage.
+
+Layout of a store (format version 1)::
+
+    STORE/manifest.json                    written last: a store without it is incomplete
+    STORE/tokenizer/...                    the source checkpoint's tokenizer files
+    STORE/dense.safetensors                non-layer weights (embeddings, final norm, LM head), dense
+    STORE/layers/layer-00000.safetensors   one file per decoder layer: its tensors' parts, contiguous
+
+Each tensor file is a valid safetensors file whose keys are ``"<tensor name>/<part>"`` with part
+one of ``bitmap``, ``block_offsets``, ``values`` (see `endor_ray.format`), so a whole layer is
+one sequential read and can be memory-mapped. The manifest holds the model config and, per file,
+its byte size and one entry per tensor::
+
+    {"name": "self_attn.q_proj.weight", "shape": [576, 576], "dtype": "float32",
+     "layout": "bitmap", "values_encoding": "raw", "block_size": 4096, "nnz": 165888,
+     "crc32": 2611475423, "parts": {"bitmap": [BEGIN, END], "block_offsets": [...], "values": [...]}}
+
+where BEGIN/END are absolute byte offsets in the file. Readers take local paths and any URI
+``pyarrow.fs`` understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import struct
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from endor_ray.architecture import Architecture, architecture_from_config
+from endor_ray.errors import ChecksumError, FormatError, StoreError
+from endor_ray.format import EncodedTensor, dtype_from_name, dtype_name, validate
+
+STORE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DENSE_FILE = "dense.safetensors"
+TOKENIZER_DIR = "tokenizer"
+PART_DTYPES = {"bitmap": torch.uint8, "block_offsets": torch.int64}
+
+
+def layer_file_name(layer_idx: int) -> str:
+    return f"layers/layer-{layer_idx:05d}.safetensors"
+
+
+# -- writing (always to a local directory) -------------------------------------------------------
+
+
+def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor]) -> dict[str, Any]:
+    """Write `tensors` into one safetensors file; return its manifest entry (file name excluded)."""
+    from safetensors.torch import save_file
+
+    flat = {f"{name}/{part}": data.contiguous().cpu() for name, enc in tensors.items()
+            for part, data in enc.parts().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(flat, str(path))
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data_start = 8 + header_len
+    entries = []
+    for name, enc in tensors.items():
+        parts = {part: [data_start + header[f"{name}/{part}"]["data_offsets"][0],
+                        data_start + header[f"{name}/{part}"]["data_offsets"][1]]
+                 for part in enc.parts()}
+        crc = 0
+        for part in enc.parts().values():
+            crc = zlib.crc32(part.contiguous().cpu().view(-1).view(torch.uint8).numpy(), crc)
+        entries.append({
+            "name": name, "shape": list(enc.shape), "dtype": dtype_name(enc.dtype),
+            "layout": enc.layout, "values_encoding": enc.values_encoding,
+            "block_size": enc.block_size, "nnz": enc.nnz, "crc32": crc, "parts": parts,
+        })
+    return {"nbytes": path.stat().st_size, "tensors": entries}
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def tensors_from_buffer(
+    buffer: np.ndarray, file_entry: dict[str, Any], verify: bool = True
+) -> dict[str, EncodedTensor]:
+    """The EncodedTensors of one file, as views into `buffer` ([file nbytes] uint8, writable)."""
+    file_name = file_entry["file"]
+    if buffer.size != file_entry["nbytes"]:
+        raise StoreError(
+            f"{file_name} has {buffer.size} bytes but the manifest says {file_entry['nbytes']}: "
+            "the file is truncated or was replaced; re-run endor convert"
+        )
+    tensors = {}
+    for entry in file_entry["tensors"]:
+        name = entry["name"]
+        try:
+            dtype = dtype_from_name(entry["dtype"])
+            parts = {}
+            crc = 0
+            for part, (begin, end) in entry["parts"].items():
+                if not 0 <= begin <= end <= buffer.size:
+                    raise StoreError(f"{file_name}: {name}/{part} lies outside the file ({begin}..{end})")
+                raw = buffer[begin:end]
+                if verify:
+                    crc = zlib.crc32(raw, crc)
+                parts[part] = torch.from_numpy(raw).view(PART_DTYPES.get(part, dtype))
+            if verify and crc != entry["crc32"]:
+                raise ChecksumError(
+                    f"checksum mismatch for tensor {name} in {file_name}: the store is corrupted; "
+                    "re-run endor convert"
+                )
+            enc = EncodedTensor(
+                shape=tuple(entry["shape"]), dtype=dtype, layout=entry["layout"], nnz=entry["nnz"],
+                block_size=entry["block_size"], values_encoding=entry["values_encoding"], **parts,
+            )
+            validate(enc)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise StoreError(f"{file_name}: malformed manifest entry for {name}: {exc}") from exc
+        except FormatError as exc:
+            raise StoreError(f"{file_name}: tensor {name}: {exc}") from exc
+        tensors[name] = enc
+    return tensors
+
+
+def _filesystem(location: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, root path) for a local path or a URI."""
+    import pyarrow.fs
+
+    if "://" not in location:
+        return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(location)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
+        raise StoreError(f"cannot open store {location}: {exc}") from exc
+    return fs, root.rstrip("/")
+
+
+def _safe_relative(store: str, name: Any) -> str:
+    """`name` if it is a plain relative path inside the store, else StoreError."""
+    if (not isinstance(name, str) or not name or name.startswith("/") or "\\" in name
+            or posixpath.normpath(name) != name or name.split("/")[0] == ".."):
+        raise StoreError(f"{store}/{MANIFEST_NAME} points outside the store ({name!r}); the manifest is corrupted")
+    return name
+
+
+@dataclass
+class Store:
+    """A store opened for reading. `location` is a local path or a pyarrow.fs URI."""
+
+    location: str
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = _filesystem(self.location)
+        self.manifest = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            raw = self.read_bytes(MANIFEST_NAME)
+        except StoreError as exc:
+            raise StoreError(
+                f"{self.location} is not an endor store (no readable {MANIFEST_NAME}); "
+                "create one with endor convert"
+            ) from exc
+        try:
+            manifest = json.loads(raw.tobytes())
+            version = manifest["format_version"]
+            layers = manifest["layers"]
+            config = manifest["model"]["config"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise StoreError(f"{self.location}/{MANIFEST_NAME} is malformed ({exc}); re-run endor convert") from exc
+        if version != STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"{self.location} has store format version {version}; this endor-ray reads version "
+                f"{STORE_FORMAT_VERSION}: convert the model again with this version"
+            )
+        architecture = architecture_from_config(config)
+        if len(layers) != architecture.num_layers:
+            raise StoreError(f"{self.location}: manifest lists {len(layers)} layers, config says {architecture.num_layers}")
+        for entry in [manifest["dense"], *layers]:
+            _safe_relative(self.location, entry.get("file"))
+        return manifest
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{_safe_relative(self.location, name)}"
+
+    def read_bytes(self, name: str, mmap: bool = False) -> np.ndarray:
+        """A whole file of the store as a writable [nbytes] uint8 array (one sequential read)."""
+        path = self._path(name)
+        import pyarrow
+
+        try:
+            if mmap and self.fs.type_name == "local":
+                return np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable, lazy
+            size = self.fs.get_file_info(path).size
+            if size is None:
+                raise FileNotFoundError(path)
+            buffer = np.empty(size, dtype=np.uint8)
+            with self.fs.open_input_file(path) as f:
+                if size and f.readinto(buffer) != size:
+                    raise OSError(f"short read from {path}")
+            return buffer
+        except (OSError, pyarrow.ArrowException, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    @cached_property
+    def architecture(self) -> Architecture:
+        return architecture_from_config(self.config)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["model"]["config"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_from_name(self.manifest["model"]["dtype"])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.manifest["layers"])
+
+    def layer_entry(self, layer_idx: int) -> dict[str, Any]:
+        if not 0 <= layer_idx < self.num_layers:
+            raise StoreError(f"layer {layer_idx} out of range: the store has {self.num_layers} layers")
+        return self.manifest["layers"][layer_idx]
+
+    def layer_bytes(self, layer_idx: int, mmap: bool = False) -> np.ndarray:
+        return self.read_bytes(self.layer_entry(layer_idx)["file"], mmap=mmap)
+
+    def layer_tensors(self, layer_idx: int, verify: bool = True, mmap: bool = False) -> dict[str, EncodedTensor]:
+        """One decoder layer's encoded tensors, by name within the layer."""
+        entry = self.layer_entry(layer_idx)
+        return tensors_from_buffer(self.layer_bytes(layer_idx, mmap=mmap), entry, verify)
+
+    def dense_tensors(self, verify: bool = True) -> dict[str, EncodedTensor]:
+        """The non-layer tensors, by full checkpoint name."""
+        entry = self.manifest["dense"]
+        return tensors_from_buffer(self.read_bytes(entry["file"]), entry, verify)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """Tokenizer file name -> contents."""
+        return {name: self.read_bytes(f"{TOKENIZER_DIR}/{name}").tobytes()
+                for name in self.manifest.get("tokenizer_files", [])}
+
+    def summary(self) -> dict[str, Any]:
+        """Per-layer and total sparsity, bytes and compression ratio (what `endor inspect` shows)."""
+        layers = []
+        for entry in self.manifest["layers"]:
+            prunable = [t for t in entry["tensors"] if len(t["shape"]) == 2]
+            numel = sum(math.prod(t["shape"]) for t in prunable)
+            nnz = sum(t["nnz"] for t in prunable)
+            dense_nbytes = sum(math.prod(t["shape"]) * dtype_from_name(t["dtype"]).itemsize
+                               for t in entry["tensors"])
+            layers.append({
+                "layer": entry["index"], "sparsity": 1 - nnz / numel if numel else 0.0,
+                "nbytes": entry["nbytes"], "dense_nbytes": dense_nbytes,
+                "ratio": entry["nbytes"] / dense_nbytes,
+            })
+        layer_nbytes = sum(layer["nbytes"] for layer in layers)
+        layer_dense = sum(layer["dense_nbytes"] for layer in layers)
+        dense_file = self.manifest["dense"]["nbytes"]
+        return {
+            "store": self.location,
+            "model_type": self.architecture.model_type,
+            "dtype": self.manifest["model"]["dtype"],
+            "compression": self.manifest["compression"],
+            "layers": layers,
+            "layers_sparsity": float(np.mean([layer["sparsity"] for layer in layers])),
+            "layers_nbytes": layer_nbytes,
+            "layers_dense_nbytes": layer_dense,
+            "layers_ratio": layer_nbytes / layer_dense,
+            "dense_file_nbytes": dense_file,
+            "total_nbytes": layer_nbytes + dense_file,
+            "total_ratio": (layer_nbytes + dense_file) / (layer_dense + dense_file),
+        }
