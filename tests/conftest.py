@@ -1,0 +1,68 @@
+"""Shared fixtures. Triton kernels run under the interpreter when there is no GPU: the variable
+must be set before any @triton.jit decorator runs, so it is set here, first."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Tiny random-weight configs, one per supported family (built offline in milliseconds).
+TINY_CONFIGS = {
+    "llama-gqa": dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=160,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+        max_position_embeddings=128, tie_word_embeddings=False,
+    ),
+    "opt": dict(
+        model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, ffn_dim=160,
+        num_hidden_layers=3, num_attention_heads=4, vocab_size=256, max_position_embeddings=128,
+        word_embed_proj_dim=64,
+    ),
+    "mistral": dict(
+        model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+        max_position_embeddings=128,
+    ),
+    "qwen2": dict(
+        model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+        max_position_embeddings=128,
+    ),
+}
+
+
+def make_checkpoint(directory: Path, family: str, seed: int = 0) -> Path:
+    """Save a random-weight HF checkpoint of `family` (float32) into `directory`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(TINY_CONFIGS[family])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: make_checkpoint(root / family, family) for family in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model as an HF folder (prepared once, cached across runs)."""
+    from endor_ray.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+def read_manifest(store: Path) -> dict:
+    return json.loads((store / "manifest.json").read_text())
