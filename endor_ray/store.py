@@ -94,7 +94,9 @@ def tensors_from_buffer(
         )
     tensors = {}
     for position, entry in enumerate(file_entry["tensors"]):
-        name = entry.get("name", f"#{position}") if isinstance(entry, dict) else f"#{position}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise StoreError(f"{file_name}: malformed manifest entry #{position}: it has no tensor name")
+        name = entry["name"]
         try:
             dtype = dtype_from_name(entry["dtype"])
             # Spec order (bitmap, block_offsets, values): the checksum is defined over it.
@@ -251,10 +253,12 @@ class Store:
     def summary(self) -> dict[str, Any]:
         """Per-layer and total sparsity, bytes and compression ratio (what `endor inspect` shows)."""
         layers = []
+        total_numel = total_nnz = 0
         for entry in self.manifest["layers"]:
             prunable = [t for t in entry["tensors"] if len(t["shape"]) == 2]
             numel = sum(math.prod(t["shape"]) for t in prunable)
             nnz = sum(t["nnz"] for t in prunable)
+            total_numel, total_nnz = total_numel + numel, total_nnz + nnz
             dense_nbytes = sum(math.prod(t["shape"]) * dtype_from_name(t["dtype"]).itemsize
                                for t in entry["tensors"])
             layers.append({
@@ -271,7 +275,7 @@ class Store:
             "dtype": self.manifest["model"]["dtype"],
             "compression": self.manifest["compression"],
             "layers": layers,
-            "layers_sparsity": float(np.mean([layer["sparsity"] for layer in layers])),
+            "layers_sparsity": 1 - total_nnz / total_numel if total_numel else 0.0,
             "layers_nbytes": layer_nbytes,
             "layers_dense_nbytes": layer_dense,
             "layers_ratio": layer_nbytes / layer_dense,

@@ -1,0 +1,110 @@
+"""The `endor` command: each user mistake is one line on stderr, exit 1, and nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from endor_ray.cli import main
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_clean_error(code, err, *needles) -> None:
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("endor "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoints, tmp_path):
+    return shutil.copytree(tiny_checkpoints["llama-gqa"], tmp_path / "ckpt")
+
+
+def test_convert_inspect_export_round(checkpoint, tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "hf"
+    code, stdout, _ = run(["convert", str(checkpoint), str(store), "--method", "magnitude", "--quiet"], capsys)
+    assert code == 0 and (store / "manifest.json").is_file()
+    code, stdout, _ = run(["inspect", str(store), "--json"], capsys)
+    summary = json.loads(stdout)
+    assert code == 0 and summary["layers_sparsity"] == pytest.approx(0.5, abs=0.01) and len(summary["layers"]) == 3
+    code, stdout, _ = run(["inspect", store.resolve().as_uri()], capsys)
+    assert code == 0 and "ratio" in stdout
+    code, _, _ = run(["export", str(store), str(out), "--quiet"], capsys)
+    assert code == 0 and (out / "model.safetensors.index.json").is_file()
+
+
+def test_bad_convert_arguments(checkpoint, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    cases = [
+        (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        (["--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
+        (["--method", "random"], "unknown pruning method 'random'"),
+        (["--format", "csr"], "unknown store format"),
+        (["--dtype", "int8"], "unknown dtype"),
+        (["--calib-text", str(tmp_path / "missing.txt")], "does not exist"),
+    ]
+    for extra, needle in cases:
+        code, _, err = run(["convert", str(checkpoint), str(dst), *extra], capsys)
+        assert_clean_error(code, err, needle)
+    assert not dst.exists()
+
+
+def test_bad_sources(checkpoint, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    code, _, err = run(["convert", str(tmp_path / "nowhere"), str(dst)], capsys)
+    assert_clean_error(code, err, "neither a local checkpoint directory")
+
+    config = checkpoint / "config.json"
+    good = config.read_text()
+    config.write_text("{broken")
+    code, _, err = run(["convert", str(checkpoint), str(dst)], capsys)
+    assert_clean_error(code, err, "config.json is not valid JSON")
+
+    config.unlink()
+    code, _, err = run(["convert", str(checkpoint), str(dst)], capsys)
+    assert_clean_error(code, err, "config.json not found")
+
+    config.write_text(json.dumps({**json.loads(good), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    code, _, err = run(["convert", str(checkpoint), str(dst)], capsys)
+    assert_clean_error(code, err, "GPT2LMHeadModel", "not supported", "llama", "opt")
+
+    config.write_text(good)
+    (checkpoint / "model.safetensors").write_bytes(b"\x00" * 10)
+    code, _, err = run(["convert", str(checkpoint), str(dst)], capsys)
+    assert_clean_error(code, err, "cannot read weight file")
+    assert not dst.exists()
+
+
+def test_existing_destination_needs_force(checkpoint, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    code, _, err = run(["convert", str(checkpoint), str(dst), "--method", "magnitude"], capsys)
+    assert_clean_error(code, err, "already exists", "--force")
+    assert (dst / "keep.txt").read_text() == "mine"
+
+
+def test_inspect_and_export_errors(tmp_path, capsys):
+    code, _, err = run(["inspect", str(tmp_path)], capsys)
+    assert_clean_error(code, err, "not an endor store")
+    code, _, err = run(["export", str(tmp_path / "none"), str(tmp_path / "out")], capsys)
+    assert_clean_error(code, err, "not an endor store")
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_is_installed(tmp_path):
+    endor = Path(sys.executable).with_name("endor")  # installed beside the venv's python
+    result = subprocess.run([endor, "inspect", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("endor inspect: error:")
+    assert "Traceback" not in result.stderr
