@@ -38,7 +38,7 @@ import torch
 
 from endor_ray.architecture import Architecture, architecture_from_config
 from endor_ray.errors import ChecksumError, FormatError, StoreError
-from endor_ray.format import EncodedTensor, checksum, dtype_from_name, dtype_name, validate_contents
+from endor_ray.format import EncodedTensor, checksum, dtype_from_name, dtype_name, validate, validate_contents
 
 STORE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -83,13 +83,19 @@ def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor]) -> dict[str
 
 
 def tensors_from_buffer(
-    buffer: np.ndarray, file_entry: dict[str, Any], verify: bool = True
+    buffer: torch.Tensor, file_entry: dict[str, Any], verify: bool = True
 ) -> dict[str, EncodedTensor]:
-    """The EncodedTensors of one file, as views into `buffer` ([file nbytes] uint8, writable)."""
+    """The EncodedTensors of one file, as views into `buffer` ([file nbytes] uint8, any device).
+
+    With verify (CPU buffers only) each tensor's CRC-32 and offsets are checked; without, only
+    sizes are, and nothing is read, so a GPU copy of a verified file is never synchronised on.
+    """
     file_name = file_entry["file"]
-    if buffer.size != file_entry["nbytes"]:
+    if verify and buffer.device.type != "cpu":
+        raise ValueError("checksums are verified on the host; pass verify=False for a device buffer")
+    if buffer.numel() != file_entry["nbytes"]:
         raise StoreError(
-            f"{file_name} has {buffer.size} bytes but the manifest says {file_entry['nbytes']}: "
+            f"{file_name} has {buffer.numel()} bytes but the manifest says {file_entry['nbytes']}: "
             "the file is truncated or was replaced; re-run endor convert"
         )
     tensors = {}
@@ -107,12 +113,12 @@ def tensors_from_buffer(
             crc = 0
             for part in part_names:
                 begin, end = entry["parts"][part]
-                if not 0 <= begin <= end <= buffer.size:
+                if not 0 <= begin <= end <= buffer.numel():
                     raise StoreError(f"{file_name}: {name}/{part} lies outside the file ({begin}..{end})")
                 raw = buffer[begin:end]
                 if verify:
-                    crc = zlib.crc32(raw, crc)
-                parts[part] = torch.from_numpy(raw).view(PART_DTYPES.get(part, dtype))
+                    crc = zlib.crc32(raw.numpy(), crc)
+                parts[part] = raw.view(PART_DTYPES.get(part, dtype))
             if verify and crc != entry["crc32"]:
                 raise ChecksumError(
                     f"checksum mismatch for tensor {name} in {file_name}: the store is corrupted; "
@@ -122,7 +128,7 @@ def tensors_from_buffer(
                 shape=tuple(entry["shape"]), dtype=dtype, layout=entry["layout"], nnz=entry["nnz"],
                 block_size=entry["block_size"], values_encoding=entry["values_encoding"], **parts,
             )
-            validate_contents(enc)
+            validate_contents(enc) if verify else validate(enc)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise StoreError(f"{file_name}: malformed manifest entry for {name}: {exc!r}") from exc
         except FormatError as exc:
@@ -238,12 +244,12 @@ class Store:
     def layer_tensors(self, layer_idx: int, verify: bool = True, mmap: bool = False) -> dict[str, EncodedTensor]:
         """One decoder layer's encoded tensors, by name within the layer."""
         entry = self.layer_entry(layer_idx)
-        return tensors_from_buffer(self.layer_bytes(layer_idx, mmap=mmap), entry, verify)
+        return tensors_from_buffer(torch.from_numpy(self.layer_bytes(layer_idx, mmap=mmap)), entry, verify)
 
     def dense_tensors(self, verify: bool = True) -> dict[str, EncodedTensor]:
         """The non-layer tensors, by full checkpoint name."""
         entry = self.manifest["dense"]
-        return tensors_from_buffer(self.read_bytes(entry["file"]), entry, verify)
+        return tensors_from_buffer(torch.from_numpy(self.read_bytes(entry["file"])), entry, verify)
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """Tokenizer file name -> contents."""
