@@ -236,18 +236,26 @@ def validate_contents(enc: EncodedTensor) -> None:
             raise FormatError(f"block offsets run from {first} to {last}, expected 0 to nnz={enc.nnz}")
 
 
-def decode(enc: EncodedTensor) -> torch.Tensor:
-    """The dense tensor, bit-identical to what was encoded (torch reference and CPU path)."""
+def decode(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense tensor, bit-identical to what was encoded (torch reference and CPU path).
+
+    With `out` (contiguous, enc's shape and dtype) the result is written there and returned.
+    """
     validate_contents(enc)
+    if out is None:
+        out = torch.empty(enc.shape, dtype=enc.dtype, device=enc.values.device)
+    elif out.shape != torch.Size(enc.shape) or out.dtype != enc.dtype or not out.is_contiguous():
+        raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype}, need contiguous {enc.shape} {enc.dtype}")
     if enc.layout == "dense":
-        return enc.values.clone().view(enc.shape)
+        return out.copy_(enc.values.view(enc.shape))
     bits_dtype = BITS_DTYPES[enc.dtype]
     mask = unpack_bits(enc.bitmap, enc.numel)
     if int(mask.sum()) != enc.nnz:
         raise FormatError(f"bitmap has {int(mask.sum())} set bits but nnz is {enc.nnz}")
-    out = torch.zeros(enc.numel, dtype=bits_dtype, device=enc.values.device)
-    out[mask] = enc.values.view(bits_dtype)
-    return out.view(enc.dtype).view(enc.shape)
+    flat = out.view(-1).view(bits_dtype)
+    flat.zero_()
+    flat[mask] = enc.values.view(bits_dtype)
+    return out
 
 
 def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:

@@ -93,10 +93,15 @@ def stream_layers(
     architecture: Architecture,
     load_layer: LoadLayer,
     after_layer: AfterLayer | None = None,
+    layer_indices: list[int] | None = None,
 ) -> Iterator[None]:
-    """While active, each decoder layer gets `load_layer(idx)` before it runs and is released after."""
+    """While active, each decoder layer (or those in `layer_indices`) gets `load_layer(idx)`
+    before it runs and is released after."""
     handles = []
-    for layer_idx, layer in enumerate(decoder_layers(model, architecture)):
+    layers = decoder_layers(model, architecture)
+    streamed = range(len(layers)) if layer_indices is None else layer_indices
+    for layer_idx in streamed:
+        layer = layers[layer_idx]
 
         def before(module: nn.Module, args: tuple, kwargs: dict, layer_idx: int = layer_idx) -> None:
             materialize_layer(module, load_layer(layer_idx))
@@ -114,5 +119,5 @@ def stream_layers(
     finally:
         for handle in handles:
             handle.remove()
-        for layer in decoder_layers(model, architecture):
-            release_layer(layer)
+        for layer_idx in streamed:
+            release_layer(layers[layer_idx])

@@ -1,0 +1,321 @@
+"""The offloaded generation engine: transformers' own model, with decoder layers streamed from a store.
+
+The model skeleton is built from the store's config on the meta device; the non-layer weights
+(embeddings, final norm, LM head) live on the compute device; decoder layers come from a
+`LayerSource` (resident, host or disk tier, prefetched and decompressed ahead of use) through
+forward hooks. Attention, masks and the KV cache are transformers' own.
+
+Generation is batched: prompts of different lengths are left-padded into one batch, so each pass
+over the weights (the expensive part) serves every sequence. `step()` runs one forward pass for
+the batch and picks each sequence's next token; `generate()` loops it.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from endor_ray.errors import ConfigError
+from endor_ray.format import decode
+from endor_ray.layer_source import LayerSource, SourceStats, plan_tiers
+from endor_ray.sampling import SamplingParams, make_generator, select_token
+from endor_ray.sequence import Sequence
+from endor_ray.store import Store
+
+# (sequence index, token id, newly final text) -> None
+TokenCallback = Callable[[int, int, str], None]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(value: str | int | None, what: str) -> tuple[int | None, int | None]:
+    """'8GiB' -> (bytes, None); '12' or 12 -> (None, 12 layers); None -> (None, None)."""
+    if value is None:
+        return None, None
+    if isinstance(value, int):
+        layers = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{what} {value!r} is neither a layer count (12) nor a size (8GiB, 500MB)")
+        number, unit = match.groups()
+        if unit:
+            return int(float(number) * _UNITS[unit.lower()]), None
+        if "." in number:
+            raise ConfigError(f"{what} {value!r}: a layer count must be a whole number")
+        layers = int(number)
+    if layers < 0:
+        raise ConfigError(f"{what} must not be negative, got {value!r}")
+    return None, layers
+
+
+@dataclass
+class EngineConfig:
+    """How the engine places and streams layers."""
+
+    device: str = "auto"  # "cuda", "cuda:N", "cpu", or "auto" (CUDA when available)
+    # Device tier: a size ("8GiB": resident layers + streaming slots) or a layer count ("12").
+    # None: on CUDA as many layers as 90% of free memory holds; on CPU none (everything streams).
+    gpu_memory: str | int | None = None
+    host_memory: str | int | None = None  # compressed layers kept in host memory (size); None: all
+    prefetch_depth: int = 2  # layers fetched ahead of the one computing
+    verify_disk_reads: bool = True  # checksum every disk-tier read (host tier is checked at load)
+    fetch_timeout_s: float = 600.0  # a layer fetch slower than this is an error, not a hang
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.prefetch_depth < 0:
+            raise ConfigError(f"prefetch depth must be >= 0, got {self.prefetch_depth}")
+        self.gpu_budget  # parse now: a bad value fails at construction
+        if parse_budget(self.host_memory, "host memory")[1] not in (None, 0):
+            raise ConfigError("host memory is a size (for example 64GiB), not a layer count")
+
+    @property
+    def gpu_budget(self) -> tuple[int | None, int | None]:
+        """(bytes, layers) of the device tier; at most one is set."""
+        return parse_budget(self.gpu_memory, "GPU memory")
+
+    @property
+    def host_budget_bytes(self) -> int | None:
+        host_bytes, host_layers = parse_budget(self.host_memory, "host memory")
+        return 0 if host_layers == 0 else host_bytes
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        return device
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class GenerationStats:
+    """Throughput and where the time went, for one generate() call."""
+
+    sequences: int
+    steps: int  # forward passes (each one pass over all layers)
+    new_tokens: int
+    wall_s: float
+    source: SourceStats = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        source = self.source
+        return {
+            "sequences": self.sequences,
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "wall_s": self.wall_s,
+            "tokens_per_s": self.new_tokens / self.wall_s if self.wall_s else 0.0,
+            "s_per_step": self.wall_s / self.steps if self.steps else 0.0,
+            "bytes_to_device_per_step": source.bytes_to_device / self.steps if self.steps else 0,
+            "link_GBps": source.bytes_to_device / source.transfer_s / 1e9 if source.transfer_s else None,
+            "time_s": {"transfer": source.transfer_s, "disk_read": source.disk_read_s,
+                       "decompress": source.decompress_s, "compute_streamed": source.compute_s,
+                       "stall": source.stall_s},
+            "tier_hits": dict(source.hits),
+        }
+
+
+@dataclass
+class _Batch:
+    sequences: list[Sequence]
+    input_ids: torch.Tensor  # [batch, tokens] int64: the whole padded prompt, then one token each step
+    attention_mask: torch.Tensor  # [batch, all tokens so far] int64, 0 on left padding
+    position_ids: torch.Tensor  # [batch, tokens] int64
+    cache: Any
+
+    @property
+    def done(self) -> bool:
+        return all(seq.finished for seq in self.sequences)
+
+
+class Engine:
+    """Generates from an Endor store with layers streamed to the compute device."""
+
+    def __init__(self, store: Store | str, config: EngineConfig | None = None, progress: bool = True):
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.config = config or EngineConfig()
+        self.device = self.config.resolve_device()
+        self.tokenizer = load_tokenizer(self.store)
+        from endor_ray.skeleton import build_skeleton, decoder_layers, materialize_layer
+
+        dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
+        self.model = build_skeleton(self.store.config, dense, dtype=self.store.dtype, device=self.device)
+        self.plan = self._plan()
+        self.source = LayerSource(
+            self.store, self.plan, self.device, self.config.prefetch_depth,
+            self.config.verify_disk_reads, self.config.fetch_timeout_s, progress,
+        )
+        layers = decoder_layers(self.model, self.store.architecture)
+        for layer_idx, weights in self.source.resident.items():
+            materialize_layer(layers[layer_idx], weights)
+        self._hooks = self._install_hooks()
+        self.eos_ids = eos_token_ids(self.store.config, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.max_context = int(self.store.config.get("max_position_embeddings") or 2**31)
+
+    def _plan(self):
+        entries = self.store.manifest["layers"]
+        compressed = [entry["nbytes"] for entry in entries]
+        dense = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) * self.store.dtype.itemsize
+                 for entry in entries]
+        budget_bytes, budget_layers = self.config.gpu_budget
+        if budget_bytes is None and budget_layers is None:
+            if self.device.type == "cpu":
+                budget_layers = 0
+            else:
+                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                budget_bytes = int(0.9 * free_bytes)
+        return plan_tiers(compressed, dense, self.config.prefetch_depth, budget_bytes, budget_layers,
+                          self.config.host_budget_bytes)
+
+    def _install_hooks(self):
+        from endor_ray.skeleton import stream_layers
+
+        def release(layer_idx: int, module, args, kwargs, output):
+            self.source.release(layer_idx)
+            return output
+
+        hooks = stream_layers(self.model, self.store.architecture, self.source.acquire, release,
+                              layer_indices=list(self.plan.streamed))
+        hooks.__enter__()
+        return hooks
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> tuple[list[Completion], GenerationStats]:
+        """Complete every prompt in one batch; `on_token` sees text as it becomes final."""
+        batch = self.start(prompts, params)
+        self.source.reset_stats()
+        started = time.perf_counter()
+        steps = 0
+        while not batch.done:
+            self.step(batch, on_token)
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - started
+        completions = [Completion(seq.prompt, seq.text, list(seq.output_ids), seq.finish_reason)
+                       for seq in batch.sequences]
+        source_stats = self.source.reset_stats()
+        source_stats.hits["device"] = steps * len(self.plan.device)  # resident layers run unhooked
+        stats = GenerationStats(len(prompts), steps, sum(len(c.token_ids) for c in completions), wall, source_stats)
+        return completions, stats
+
+    def start(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> _Batch:
+        """Tokenize and left-pad the prompts into a batch ready for its first step."""
+        if not prompts:
+            raise ConfigError("no prompts given")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ConfigError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
+        sequences = []
+        for prompt, seq_params in zip(prompts, params):
+            if not isinstance(prompt, str) or not prompt:
+                raise ConfigError("every prompt must be a non-empty string")
+            ids = self.tokenizer(prompt).input_ids
+            if len(ids) + seq_params.max_new_tokens > self.max_context:
+                raise ConfigError(
+                    f"prompt of {len(ids)} tokens plus max_new_tokens={seq_params.max_new_tokens} exceeds "
+                    f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_new_tokens"
+                )
+            sequences.append(Sequence(prompt, ids, seq_params, make_generator(seq_params, torch.device("cpu"))))
+        longest = max(len(seq.prompt_ids) for seq in sequences)
+        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, longest - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
+            attention_mask[row, longest - len(seq.prompt_ids):] = 1
+        # As transformers' generate: positions count real tokens; padding sits at position 0.
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        from transformers import DynamicCache
+
+        return _Batch(sequences, input_ids.to(self.device), attention_mask.to(self.device),
+                      position_ids.to(self.device), DynamicCache(config=self.model.config))
+
+    @torch.inference_mode()
+    def step(self, batch: _Batch, on_token: TokenCallback | None = None) -> None:
+        """One forward pass over all layers for the whole batch, and one new token per live sequence."""
+        logits = self.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids, past_key_values=batch.cache, use_cache=True,
+        ).logits[:, -1, :]  # [batch, vocab]
+        if all(seq.params.greedy for seq in batch.sequences):
+            chosen = logits.argmax(dim=-1).tolist()
+        else:
+            rows = logits.float().cpu()
+            chosen = [select_token(rows[i], seq.params, seq.generator) if not seq.finished else self.pad_id
+                      for i, seq in enumerate(batch.sequences)]
+        next_ids = []
+        for index, (seq, token_id) in enumerate(zip(batch.sequences, chosen)):
+            if seq.finished:
+                next_ids.append(self.pad_id)
+                continue
+            delta = seq.append(token_id, self.tokenizer, self.eos_ids)
+            if on_token is not None and (delta or seq.finished):
+                on_token(index, token_id, delta)
+            next_ids.append(token_id)
+        batch.input_ids = torch.tensor(next_ids, dtype=torch.long, device=self.device)[:, None]
+        ones = torch.ones((len(next_ids), 1), dtype=torch.long, device=self.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        batch.position_ids = batch.position_ids[:, -1:] + 1
+
+    def close(self) -> None:
+        """Stop the prefetch thread and free the buffers."""
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+        self.source.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def load_tokenizer(store: Store):
+    """The store's tokenizer (left padding, for batched generation)."""
+    from transformers import AutoTokenizer
+
+    files = store.tokenizer_files()
+    if not any(name.startswith("tokenizer") or name in ("vocab.json", "merges.txt") for name in files):
+        raise ConfigError(f"{store.location} holds no tokenizer files; convert from a checkpoint that has them")
+    with tempfile.TemporaryDirectory() as directory:
+        for name, contents in files.items():
+            (Path(directory) / name).write_bytes(contents)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def eos_token_ids(config: dict[str, Any], tokenizer) -> set[int]:
+    eos = config.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,340 @@
+"""Where decoder layers come from while the model runs: three tiers and a prefetcher.
+
+Tiers (as in M2Cache):
+
+- device: the first layers that fit the GPU budget, decompressed once and kept resident;
+- host:   compressed layer files held in host memory (pinned on CUDA), up to the host budget;
+- disk:   the remaining layers, read from the store (memory-mapped) each time they run.
+
+Streamed layers pass through ``prefetch_depth + 1`` slots. A slot owns a device buffer for one
+compressed layer file and the dense tensors it decompresses into, so nothing is allocated per
+layer per token. While layer i computes, the next d streamed layers (cyclically: after the last
+layer come the first streamed layers of the next token) are read by one I/O thread, copied host
+to device on a side CUDA stream and decompressed there by the Triton kernel. The compute stream
+waits for a layer on a CUDA event, never on the host; a slot is refilled only after an event
+recorded when the compute that used it finished.
+
+On CPU the same slots and thread run; decompression uses the format's torch path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from endor_ray.errors import ConfigError, EndorError
+from endor_ray.format import EncodedTensor, decode
+from endor_ray.store import Store, tensors_from_buffer
+
+TIERS = ("device", "host", "disk")
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """Which layers sit in which tier."""
+
+    device: tuple[int, ...]
+    host: tuple[int, ...]
+    disk: tuple[int, ...]
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(sorted(self.host + self.disk))
+
+
+def plan_tiers(
+    compressed_nbytes: list[int],
+    dense_nbytes: list[int],
+    prefetch_depth: int,
+    device_budget_bytes: int | None = None,
+    device_layers: int | None = None,
+    host_budget_bytes: int | None = None,
+) -> TierPlan:
+    """Place layers: leading layers resident on the device while the budget lasts, the rest streamed.
+
+    A byte budget covers the resident layers' dense weights plus, when anything streams, the
+    ``prefetch_depth + 1`` slots (each one compressed layer file and one dense layer). A layer
+    count places exactly that many layers (memory is not checked). Streamed layers stay in host
+    memory while ``host_budget_bytes`` lasts (None: all of them), the rest are read from disk.
+    """
+    num_layers = len(compressed_nbytes)
+    if device_layers is not None:
+        if device_layers < 0:
+            raise ConfigError(f"the GPU layer count must be >= 0, got {device_layers}")
+        resident = min(device_layers, num_layers)
+    elif device_budget_bytes is None or sum(dense_nbytes) <= device_budget_bytes:
+        resident = num_layers
+    else:
+        slot_nbytes = max(compressed_nbytes) + max(dense_nbytes)
+        streaming_nbytes = (prefetch_depth + 1) * slot_nbytes
+        if device_budget_bytes < streaming_nbytes:
+            raise ConfigError(
+                f"GPU memory budget {device_budget_bytes / 2**20:.1f} MiB is below the minimum "
+                f"{streaming_nbytes / 2**20:.1f} MiB for streaming with prefetch depth {prefetch_depth} "
+                f"({prefetch_depth + 1} slots of {slot_nbytes / 2**20:.1f} MiB: one compressed and one dense "
+                "layer each); raise --gpu-memory or lower --prefetch"
+            )
+        resident, used = 0, streaming_nbytes
+        while resident < num_layers and used + dense_nbytes[resident] <= device_budget_bytes:
+            used += dense_nbytes[resident]
+            resident += 1
+    host, disk, host_used = [], [], 0
+    for layer_idx in range(resident, num_layers):
+        fits = host_budget_bytes is None or host_used + compressed_nbytes[layer_idx] <= host_budget_bytes
+        if fits and not disk:  # keep host layers a prefix, so disk reads are one contiguous run
+            host.append(layer_idx)
+            host_used += compressed_nbytes[layer_idx]
+        else:
+            disk.append(layer_idx)
+    return TierPlan(device=tuple(range(resident)), host=tuple(host), disk=tuple(disk))
+
+
+@dataclass
+class SourceStats:
+    """What the layer source did; times in seconds."""
+
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    bytes_to_device: int = 0  # compressed bytes copied host -> device (CUDA), or decoded (CPU)
+    disk_read_s: float = 0.0
+    transfer_s: float = 0.0  # host -> device copies (CUDA events)
+    decompress_s: float = 0.0
+    compute_s: float = 0.0  # between a layer's acquire and release
+    stall_s: float = 0.0  # compute waiting for weights (host wait + GPU-side wait)
+    _events: list[tuple[str, object, object]] = field(default_factory=list, repr=False)
+
+    def resolve_events(self) -> None:
+        """Fold recorded CUDA event pairs into the totals (call after a synchronize)."""
+        for kind, start, end in self._events:
+            setattr(self, f"{kind}_s", getattr(self, f"{kind}_s") + start.elapsed_time(end) / 1e3)
+        self._events.clear()
+
+
+@dataclass
+class _Slot:
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # dense, on the compute device
+    compressed: torch.Tensor | None = None  # [max layer nbytes] uint8 on the GPU (CUDA only)
+    staging: torch.Tensor | None = None  # [max layer nbytes] pinned uint8 for disk reads (CUDA only)
+    ready: torch.cuda.Event | None = None  # decompressed (copy stream)
+    free: torch.cuda.Event | None = None  # compute finished reading `weights`
+    staged: torch.cuda.Event | None = None  # the copy out of `staging` finished
+
+
+@dataclass
+class _Fetch:
+    slot: _Slot
+    future: Future
+    acquired_at: float = 0.0
+    compute_start: object = None
+
+
+class LayerSource:
+    """Serves each decoder layer's dense weights on the compute device, prefetching ahead."""
+
+    def __init__(
+        self,
+        store: Store,
+        plan: TierPlan,
+        device: torch.device,
+        prefetch_depth: int = 2,
+        verify_disk_reads: bool = True,
+        timeout_s: float = 600.0,
+        progress: bool = True,
+    ):
+        if prefetch_depth < 0:
+            raise ConfigError(f"prefetch depth must be >= 0, got {prefetch_depth}")
+        self.store, self.plan, self.device = store, plan, device
+        self.cuda = device.type == "cuda"
+        self.verify_disk_reads, self.timeout_s = verify_disk_reads, timeout_s
+        self.prefetch_depth = prefetch_depth
+        self.stats = SourceStats()
+        self._host: dict[int, torch.Tensor] = {}  # layer -> [nbytes] uint8 (pinned on CUDA)
+        self.resident: dict[int, dict[str, torch.Tensor]] = {}
+        loading = tqdm(total=len(plan.device) + len(plan.host), desc="load", unit="layer", disable=not progress)
+        for layer_idx in plan.device:
+            self.resident[layer_idx] = self._decompress_all(self._read(layer_idx).to(device), layer_idx)
+            loading.update(1)
+        for layer_idx in plan.host:
+            data = self._read(layer_idx)
+            self._host[layer_idx] = data.pin_memory() if self.cuda else data
+            loading.update(1)
+        loading.close()
+
+        self._streamed = plan.streamed
+        max_nbytes = max((store.layer_entry(i)["nbytes"] for i in self._streamed), default=0)
+        self._free_slots: deque[_Slot] = deque(
+            self._new_slot(max_nbytes) for _ in range(min(prefetch_depth + 1, len(self._streamed)))
+        )
+        self._in_flight: dict[int, _Fetch] = {}
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-io") if self._streamed else None
+        self._copy_stream = torch.cuda.Stream(device) if self.cuda and self._streamed else None
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _read(self, layer_idx: int) -> torch.Tensor:
+        """A layer file from the store, checksum-verified: [nbytes] uint8 on the host."""
+        data = torch.from_numpy(self.store.layer_bytes(layer_idx))
+        tensors_from_buffer(data, self.store.layer_entry(layer_idx), verify=True)
+        return data
+
+    def _decompress_all(self, data: torch.Tensor, layer_idx: int, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Dense weights of a layer from its file bytes (on the compute device), into `out` if given."""
+        out = {} if out is None else out
+        for name, enc in tensors_from_buffer(data, self.store.layer_entry(layer_idx), verify=False).items():
+            buffer = out.get(name)
+            if buffer is None or buffer.shape != torch.Size(enc.shape) or buffer.dtype != enc.dtype:
+                buffer = out[name] = torch.empty(enc.shape, dtype=enc.dtype, device=self.device)
+            _decompress(enc, buffer)
+        return out
+
+    def _new_slot(self, max_nbytes: int) -> _Slot:
+        if not self.cuda:
+            return _Slot()
+        return _Slot(
+            compressed=torch.empty(max_nbytes, dtype=torch.uint8, device=self.device),
+            staging=torch.empty(max_nbytes, dtype=torch.uint8, pin_memory=True) if self.plan.disk else None,
+            ready=torch.cuda.Event(enable_timing=False), free=torch.cuda.Event(), staged=torch.cuda.Event(),
+        )
+
+    # -- the I/O thread ----------------------------------------------------------------------------
+
+    def _fetch(self, layer_idx: int, slot: _Slot) -> None:
+        """Bring one streamed layer into `slot` (runs on the I/O thread)."""
+        nbytes = self.store.layer_entry(layer_idx)["nbytes"]
+        source = self._host.get(layer_idx)
+        if source is None:  # disk tier
+            started = time.perf_counter()
+            data = torch.from_numpy(self.store.layer_bytes(layer_idx, mmap=True))
+            if self.verify_disk_reads:
+                tensors_from_buffer(data, self.store.layer_entry(layer_idx), verify=True)
+            if self.cuda:
+                slot.staged.synchronize()  # the previous copy out of the staging buffer is done
+                source = slot.staging[:nbytes].copy_(data)
+            else:
+                source = data
+            self.stats.disk_read_s += time.perf_counter() - started
+        self.stats.bytes_to_device += nbytes
+        if not self.cuda:
+            started = time.perf_counter()
+            self._decompress_all(source, layer_idx, slot.weights)
+            self.stats.decompress_s += time.perf_counter() - started
+            return
+        copied, started, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(slot.free)  # compute is done with the slot's last layer
+            started.record()
+            slot.compressed[:nbytes].copy_(source, non_blocking=True)
+            copied.record()
+            if layer_idx not in self._host:
+                slot.staged.record()
+            self._decompress_all(slot.compressed[:nbytes], layer_idx, slot.weights)
+            done.record()
+            slot.ready.record()
+        self.stats._events += [("transfer", started, copied), ("decompress", copied, done)]
+
+    def _schedule(self, layer_idx: int) -> _Fetch:
+        slot = self._free_slots.popleft()
+        fetch = _Fetch(slot, self._io.submit(self._fetch, layer_idx, slot))
+        self._in_flight[layer_idx] = fetch
+        return fetch
+
+    def _drain(self) -> None:
+        """Forget prefetches (the layers were asked for out of order, e.g. after an error)."""
+        for fetch in self._in_flight.values():
+            try:
+                fetch.future.result(timeout=self.timeout_s)
+            except Exception:  # noqa: BLE001 - the fetch is discarded; a new one reports its own error
+                pass
+            self._free_slots.append(fetch.slot)
+        self._in_flight.clear()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # -- the compute side --------------------------------------------------------------------------
+
+    def acquire(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """The layer's dense weights, ready for the compute stream; prefetches what follows."""
+        if layer_idx in self.resident:
+            self.stats.hits["device"] += 1
+            return self.resident[layer_idx]
+        fetch = self._in_flight.get(layer_idx)
+        if fetch is None:
+            self._drain()
+            fetch = self._schedule(layer_idx)
+        waited = time.perf_counter()
+        try:
+            fetch.future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise EndorError(
+                f"layer {layer_idx} did not arrive within {self.timeout_s:.0f} s; check the store's "
+                "storage (a slow or hung disk or object store)"
+            ) from None
+        self.stats.stall_s += time.perf_counter() - waited
+        self.stats.hits["host" if layer_idx in self._host else "disk"] += 1
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            wait_start = torch.cuda.Event(enable_timing=True)
+            wait_start.record(stream)
+            stream.wait_event(fetch.slot.ready)
+            fetch.compute_start = torch.cuda.Event(enable_timing=True)
+            fetch.compute_start.record(stream)
+            self.stats._events.append(("stall", wait_start, fetch.compute_start))
+        fetch.acquired_at = time.perf_counter()
+        self._prefetch_after(layer_idx)
+        return fetch.slot.weights
+
+    def _prefetch_after(self, layer_idx: int) -> None:
+        position = self._streamed.index(layer_idx)
+        for ahead in range(1, self.prefetch_depth + 1):
+            upcoming = self._streamed[(position + ahead) % len(self._streamed)]
+            if upcoming in self._in_flight:
+                continue
+            if not self._free_slots:
+                break
+            self._schedule(upcoming)
+
+    def release(self, layer_idx: int) -> None:
+        """The compute that used the layer's weights has been issued; its slot may be refilled."""
+        if layer_idx in self.resident:
+            return
+        fetch = self._in_flight.pop(layer_idx)
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            fetch.slot.free.record(stream)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stream)
+            self.stats._events.append(("compute", fetch.compute_start, end))
+        else:
+            self.stats.compute_s += time.perf_counter() - fetch.acquired_at
+        self._free_slots.append(fetch.slot)
+
+    def reset_stats(self) -> SourceStats:
+        """Return the stats so far (CUDA events resolved) and start new ones."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.stats.resolve_events()
+        stats, self.stats = self.stats, SourceStats()
+        return stats
+
+    def close(self) -> None:
+        """Stop the I/O thread (waiting for the fetch it runs) and drop the buffers."""
+        if self._io is not None:
+            self._io.shutdown(wait=True, cancel_futures=True)
+            self._io = None
+        self._in_flight.clear()
+        self._host.clear()
+        self.resident.clear()
+
+
+def _decompress(enc: EncodedTensor, out: torch.Tensor) -> None:
+    if out.device.type == "cuda":
+        from endor_ray.kernels.decompress import decompress
+
+        decompress(enc, out=out)
+    else:
+        decode(enc, out=out)

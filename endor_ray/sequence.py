@@ -1,0 +1,63 @@
+"""One prompt being completed: its tokens, its text so far, and when it stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from endor_ray.sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    """A prompt and its completion; the engine appends tokens, this decides text and stopping."""
+
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # completion text, cut before a stop string
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    _emitted: int = 0  # characters of `text` already handed to the streaming callback
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int, tokenizer, eos_ids: set[int]) -> str:
+        """Record a new token; return the text that became final with it (for streaming)."""
+        if token_id in eos_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            return self._flush()
+        self.output_ids.append(token_id)
+        self.text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        for stop in self.params.stop:
+            cut = self.text.find(stop)
+            if cut != -1:
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.output_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finished:
+            return self._flush()
+        # Hold back what may still turn into a stop string, and an incomplete UTF-8 character.
+        safe = len(self.text) - self._held_back()
+        delta = self.text[self._emitted:safe] if safe > self._emitted else ""
+        self._emitted = max(self._emitted, safe)
+        return delta
+
+    def _held_back(self) -> int:
+        held = 1 if self.text.endswith("\ufffd") else 0
+        for stop in self.params.stop:
+            for length in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:length]):
+                    held = max(held, length)
+                    break
+        return held
+
+    def _flush(self) -> str:
+        delta = self.text[self._emitted:]
+        self._emitted = len(self.text)
+        return delta
