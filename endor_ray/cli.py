@@ -4,6 +4,10 @@
                           [--dtype float16|bfloat16|float32] [--calib-text FILE] [--force]
     endor inspect STORE [--json]
     endor export STORE OUT [--force]
+    endor generate STORE --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
+                   [--top-p P] [--seed S] [--stop S] [--chat] [--gpu-memory SIZE] [--host-memory SIZE]
+                   [--prefetch D] [--device DEV] [--json]
+    endor verify STORE --prompt TEXT [--max-new-tokens N]   (exit 0 iff identical to transformers)
 
 SRC is a local Hugging Face checkpoint directory or ``smollm2-135m`` (the embedded default
 model). STORE is a local path or a pyarrow.fs URI (file://, s3://, gs://, hdfs://). Errors caused
@@ -18,7 +22,7 @@ import sys
 from pathlib import Path
 
 from endor_ray.default_model import DEFAULT_MODEL_NAME
-from endor_ray.errors import EndorError
+from endor_ray.errors import ConfigError, EndorError
 from endor_ray.format import DEFAULT_BLOCK_SIZE, DTYPES
 
 
@@ -83,6 +87,103 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _engine(args: argparse.Namespace):
+    from endor_ray.engine import Engine, EngineConfig
+
+    config = EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
+                          prefetch_depth=args.prefetch)
+    return Engine(_open_store(args.store), config, progress=not getattr(args, "json", False))
+
+
+def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
+    if not args.prompt:
+        raise ConfigError("give at least one --prompt")
+    if not args.chat:
+        return args.prompt
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in args.prompt]
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from endor_ray.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    with _engine(args) as engine:
+        prompts = _prompts(args, engine.tokenizer)
+        single = len(prompts) == 1 and not args.json
+
+        def on_token(index: int, token_id: int, text: str) -> None:
+            if single:
+                print(text, end="", flush=True)
+
+        if single:
+            print(args.prompt[0], end="" if args.chat is False else "\n", flush=True)
+        completions, stats = engine.generate(prompts, params, on_token=on_token)
+    if args.json:
+        print(json.dumps({
+            "completions": [{"prompt": user, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                            for user, c in zip(args.prompt, completions)],
+            "stats": stats.to_dict(),
+        }, indent=1))
+        return
+    if single:
+        print()
+    else:
+        for index, (user, completion) in enumerate(zip(args.prompt, completions)):
+            print(f"[{index}] {user}{completion.text}")
+    print_stats(stats.to_dict(), file=sys.stderr)
+
+
+def print_stats(stats: dict, file=sys.stdout) -> None:
+    hits = ", ".join(f"{tier} {count}" for tier, count in stats["tier_hits"].items())
+    times = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stats["time_s"].items())
+    link = f", link {stats['link_GBps']:.1f} GB/s" if stats["link_GBps"] else ""
+    print(f"-- {stats['new_tokens']} tokens for {stats['sequences']} sequences in {stats['wall_s']:.2f} s: "
+          f"{stats['tokens_per_s']:.2f} tokens/s, {stats['s_per_step']:.3f} s per pass over the weights", file=file)
+    print(f"-- {human_bytes(stats['bytes_to_device_per_step'])} streamed per pass{link}; time: {times}", file=file)
+    print(f"-- layer hits per tier: {hits}", file=file)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from endor_ray.export import load_dense_model
+    from endor_ray.sampling import SamplingParams
+
+    with _engine(args) as engine:
+        prompts = _prompts(args, engine.tokenizer)
+        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))
+        reference = load_dense_model(engine.store, device=str(engine.device))
+        inputs = engine.tokenizer(prompts, return_tensors="pt", padding=True).to(engine.device)
+        import torch
+
+        with torch.inference_mode():
+            output = reference.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                                        do_sample=False, pad_token_id=engine.pad_id)
+    expected = output[:, inputs.input_ids.shape[1]:].tolist()
+    identical = True
+    for index, (completion, reference_ids) in enumerate(zip(completions, expected)):
+        if completion.token_ids == reference_ids:
+            print(f"[{index}] identical: {len(reference_ids)} tokens")
+        else:
+            identical = False
+            print(f"[{index}] DIFFERENT\n  engine:       {completion.token_ids}\n  transformers: {reference_ids}")
+    print("verify: token ids identical to transformers" if identical else "verify: MISMATCH")
+    return 0 if identical else 1
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="store path or URI")
+    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
+    parser.add_argument("--gpu-memory", default=None,
+                        help="device tier: a size (8GiB) or a layer count (12); default: 90%% of free GPU "
+                             "memory, or 0 layers on CPU")
+    parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB); default: all")
+    parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endor", description="Offloaded LLM inference with Endor sparse weights.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,20 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(func=cmd_export)
+
+    generate = sub.add_parser("generate", help="generate with layers streamed from a store")
+    _add_engine_arguments(generate)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--json", action="store_true", help="print one JSON object with completions and stats")
+    generate.set_defaults(func=cmd_generate)
+
+    verify = sub.add_parser("verify", help="check greedy tokens against plain transformers on the same weights")
+    _add_engine_arguments(verify)
+    verify.set_defaults(func=cmd_verify)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except EndorError as exc:
         print(f"endor {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"endor {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

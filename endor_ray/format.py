@@ -155,6 +155,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of `pack_bits`: [ceil(N/8)] uint8 -> [N] bool."""
+    if bitmap.device.type == "cpu":  # numpy's C loop is ~10x faster than the shifts below
+        bits = np.unpackbits(bitmap.numpy(), count=numel, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
     shifts = torch.arange(8, dtype=torch.uint8, device=bitmap.device)
     bits = (bitmap.view(-1, 1) >> shifts) & 1  # [num_bytes, 8] uint8
     return bits.view(-1)[:numel].bool()
@@ -250,11 +253,12 @@ def decode(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return out.copy_(enc.values.view(enc.shape))
     bits_dtype = BITS_DTYPES[enc.dtype]
     mask = unpack_bits(enc.bitmap, enc.numel)
-    if int(mask.sum()) != enc.nnz:
-        raise FormatError(f"bitmap has {int(mask.sum())} set bits but nnz is {enc.nnz}")
+    set_bits = int(torch.count_nonzero(mask))
+    if set_bits != enc.nnz:
+        raise FormatError(f"bitmap has {set_bits} set bits but nnz is {enc.nnz}")
     flat = out.view(-1).view(bits_dtype)
     flat.zero_()
-    flat[mask] = enc.values.view(bits_dtype)
+    flat.masked_scatter_(mask, enc.values.view(bits_dtype))
     return out
 
 
