@@ -146,20 +146,13 @@ def print_stats(stats: dict, file=sys.stdout) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from endor_ray.export import load_dense_model
+    from endor_ray.engine import reference_greedy
     from endor_ray.sampling import SamplingParams
 
     with _engine(args) as engine:
         prompts = _prompts(args, engine.tokenizer)
-        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))
-        reference = load_dense_model(engine.store, device=str(engine.device))
-        inputs = engine.tokenizer(prompts, return_tensors="pt", padding=True).to(engine.device)
-        import torch
-
-        with torch.inference_mode():
-            output = reference.generate(**inputs, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                                        do_sample=False, pad_token_id=engine.pad_id)
-    expected = output[:, inputs.input_ids.shape[1]:].tolist()
+        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens))
+        expected = reference_greedy(engine, prompts, args.max_new_tokens)
     identical = True
     for index, (completion, reference_ids) in enumerate(zip(completions, expected)):
         if completion.token_ids == reference_ids:

@@ -38,11 +38,11 @@ TINY_CONFIGS = {
 }
 
 
-def make_checkpoint(directory: Path, family: str, seed: int = 0) -> Path:
+def make_checkpoint(directory: Path, family: str, seed: int = 0, **overrides) -> Path:
     """Save a random-weight HF checkpoint of `family` (float32) into `directory`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(TINY_CONFIGS[family])
+    fields = {**TINY_CONFIGS[family], **overrides}
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,177 @@
+"""The offloaded engine against transformers' own generate on the same pruned weights.
+
+Correctness matrix (CPU, fp32): SmolLM2 (Llama), a random-weight OPT and a random-weight Llama
+with grouped-query attention; batch 1 and a batch of 4 prompts of different lengths; layers all
+streamed, split between resident and streamed, and streamed from host memory and from disk.
+"""
+
+import shutil
+import threading
+
+import pytest
+import torch
+
+from endor_ray.convert import ConvertConfig, convert
+from endor_ray.engine import Engine, EngineConfig, parse_budget, reference_greedy
+from endor_ray.errors import ConfigError, StoreError
+from endor_ray.layer_source import plan_tiers
+from endor_ray.sampling import SamplingParams
+
+from conftest import make_checkpoint, read_manifest
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "def add(a, b):",
+    "Hi",
+]
+PLACEMENTS = {  # name -> EngineConfig fields
+    "all-streamed": dict(gpu_memory=0),
+    "mixed": dict(gpu_memory=1, prefetch_depth=1),
+    "disk": dict(gpu_memory=0, host_memory="0", prefetch_depth=3),
+    "host-and-disk": dict(gpu_memory=1, host_memory="1MB", prefetch_depth=2),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tmp_path_factory, smollm2_dir) -> dict:
+    """Random-weight OPT and GQA-Llama stores that carry SmolLM2's tokenizer (vocab 49152)."""
+    root = tmp_path_factory.mktemp("engine")
+    stores = {}
+    for family in ("opt", "llama-gqa"):
+        checkpoint = make_checkpoint(root / f"{family}-ckpt", family, vocab_size=49152)
+        for path in smollm2_dir.iterdir():
+            if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+                shutil.copy(path, checkpoint / path.name)
+        stores[family] = convert(str(checkpoint), root / family,
+                                 ConvertConfig(method="magnitude", block_size=256), progress=False)
+    return stores
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(smollm2_dir, tmp_path_factory):
+    return convert(str(smollm2_dir), tmp_path_factory.mktemp("engine") / "smollm2",
+                   ConvertConfig(method="magnitude"), progress=False)
+
+
+def check_against_transformers(store, placement: str, prompts: list[str], max_new_tokens: int = 6) -> None:
+    with Engine(str(store), EngineConfig(**PLACEMENTS[placement]), progress=False) as engine:
+        completions, stats = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+        expected = reference_greedy(engine, prompts, max_new_tokens)
+        plan = engine.plan
+    assert [c.token_ids for c in completions] == expected
+    assert any(len(ids) > 0 for ids in expected)
+    streamed_layers = len(plan.host) + len(plan.disk)
+    assert stats.source.hits["host"] + stats.source.hits["disk"] == stats.steps * streamed_layers
+    if placement == "disk":
+        assert plan.disk and not plan.host and stats.source.hits["host"] == 0
+    if placement == "mixed":
+        assert plan.device == (0,) and plan.streamed
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize("family", ["opt", "llama-gqa"])
+def test_random_models_match_transformers(tiny_stores, family, placement):
+    check_against_transformers(tiny_stores[family], placement, PROMPTS)
+    check_against_transformers(tiny_stores[family], placement, PROMPTS[1:2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement,prompts", [("all-streamed", PROMPTS[:1]), ("host-and-disk", PROMPTS)])
+def test_smollm2_matches_transformers(smollm2_store, placement, prompts):
+    check_against_transformers(smollm2_store, placement, prompts, max_new_tokens=8)
+
+
+def test_tier_plan():
+    compressed, dense = [100] * 6, [400] * 6
+    assert plan_tiers(compressed, dense, prefetch_depth=2, device_budget_bytes=2400).device == tuple(range(6))
+    # three slots of (100 + 400) bytes, then two resident layers of 400 fit; a third does not
+    plan = plan_tiers(compressed, dense, prefetch_depth=2, device_budget_bytes=3 * 500 + 2 * 400 + 50)
+    assert plan.device == (0, 1) and plan.host == (2, 3, 4, 5) and plan.disk == ()
+    plan = plan_tiers(compressed, dense, prefetch_depth=1, device_layers=2, host_budget_bytes=250)
+    assert plan.device == (0, 1) and plan.host == (2, 3) and plan.disk == (4, 5)
+    assert plan_tiers(compressed, dense, prefetch_depth=1, device_layers=99).device == tuple(range(6))
+    with pytest.raises(ConfigError, match=r"minimum 0.0 MiB for streaming with prefetch depth 2 \(3 slots"):
+        plan_tiers(compressed, dense, prefetch_depth=2, device_budget_bytes=1499)
+
+
+def test_budget_parsing():
+    assert parse_budget("8GiB", "x") == (8 * 2**30, None)
+    assert parse_budget("500MB", "x") == (500 * 10**6, None)
+    assert parse_budget("12", "x") == (None, 12)
+    assert parse_budget(3, "x") == (None, 3)
+    for bad in ("lots", "1.5", "-3", "12 parsecs"):
+        with pytest.raises(ConfigError):
+            parse_budget(bad, "GPU memory")
+
+
+def test_bad_input(tiny_stores, tmp_path):
+    store = str(tiny_stores["llama-gqa"])
+    with Engine(store, EngineConfig(gpu_memory=0), progress=False) as engine:
+        with pytest.raises(ConfigError, match="no prompts"):
+            engine.generate([])
+        with pytest.raises(ConfigError, match="non-empty"):
+            engine.generate([""])
+        with pytest.raises(ConfigError, match="exceeds the model's context of 128 tokens"):
+            engine.generate(["word " * 200])
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=-1)
+    with pytest.raises(ConfigError, match="GPU memory budget .* below the minimum"):
+        Engine(store, EngineConfig(device="cpu", gpu_memory="1KB"), progress=False)
+    with pytest.raises(ConfigError, match="neither a layer count"):
+        EngineConfig(gpu_memory="a lot")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            Engine(store, EngineConfig(device="cuda"), progress=False)
+    old = shutil.copytree(store, tmp_path / "old")
+    manifest = read_manifest(old)
+    manifest["format_version"] = 0
+    (old / "manifest.json").write_text(__import__("json").dumps(manifest))
+    with pytest.raises(StoreError, match="format version 0"):
+        Engine(str(old), progress=False)
+
+
+def io_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("endor-io") and t.is_alive()]
+
+
+def test_interrupt_leaves_no_threads_and_engine_recovers(tiny_stores):
+    params = SamplingParams(max_new_tokens=8)
+    with Engine(str(tiny_stores["opt"]), EngineConfig(gpu_memory=0, prefetch_depth=2), progress=False) as engine:
+        expected, _ = engine.generate(PROMPTS[:2], params)
+
+        def interrupt(index: int, token_id: int, text: str) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate(PROMPTS[:2], params, on_token=interrupt)
+        again, _ = engine.generate(PROMPTS[:2], params)  # prefetches of the broken pass are dropped
+        assert [c.token_ids for c in again] == [c.token_ids for c in expected]
+    assert io_threads() == []
+
+
+def test_sampling_is_seeded_and_top_p_limits(tiny_stores):
+    with Engine(str(tiny_stores["llama-gqa"]), EngineConfig(gpu_memory=2), progress=False) as engine:
+        greedy, _ = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
+        sampled = SamplingParams(max_new_tokens=6, temperature=1.5, seed=7)
+        first, _ = engine.generate(PROMPTS, sampled)
+        second, _ = engine.generate(PROMPTS, sampled)
+        narrow, _ = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=1))
+    assert [c.token_ids for c in first] == [c.token_ids for c in second]
+    assert [c.token_ids for c in first] != [c.token_ids for c in greedy]
+    assert [c.token_ids for c in narrow] == [c.token_ids for c in greedy]  # only the top token survives
+
+
+@pytest.mark.slow
+def test_streaming_text_and_stop_strings(smollm2_store):
+    with Engine(str(smollm2_store), EngineConfig(gpu_memory=30), progress=False) as engine:
+        plain, _ = engine.generate(["The capital of France is"], SamplingParams(max_new_tokens=12))
+        text = plain[0].text
+        stop = text.strip().split()[2]  # a word from the middle of the greedy answer
+        pieces = []
+        stopped, stats = engine.generate(["The capital of France is"], SamplingParams(max_new_tokens=12, stop=(stop,)),
+                                         on_token=lambda index, token, delta: pieces.append(delta))
+    assert stopped[0].finish_reason == "stop"
+    assert stop not in stopped[0].text and text.startswith(stopped[0].text)
+    assert "".join(pieces) == stopped[0].text
+    assert stats.source.hits["device"] == stats.steps * 30  # everything resident: nothing streams
