@@ -25,7 +25,8 @@ setup: $(STAMP)
 demo: setup
 	test -f $(STORE)/manifest.json || $(VENV)/bin/endor convert smollm2-135m $(STORE) --sparsity 0.5 --method wanda --dtype bfloat16
 	$(VENV)/bin/endor inspect $(STORE)
-	$(PY) examples/pruned_generate.py $(STORE)
+	$(VENV)/bin/endor generate $(STORE) --chat --max-new-tokens 48 --gpu-memory 10 \
+		--prompt "What is the capital of France? Answer in one sentence."
 
 test: setup
 	$(PY) -m pytest -q

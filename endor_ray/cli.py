@@ -90,14 +90,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 def _engine(args: argparse.Namespace):
     from endor_ray.engine import Engine, EngineConfig
 
+    if not args.prompt:  # before the (slow) engine start
+        raise ConfigError("give at least one --prompt")
     config = EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
                           prefetch_depth=args.prefetch)
     return Engine(_open_store(args.store), config, progress=not getattr(args, "json", False))
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
-    if not args.prompt:
-        raise ConfigError("give at least one --prompt")
     if not args.chat:
         return args.prompt
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)

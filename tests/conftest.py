@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -66,3 +67,29 @@ def smollm2_dir() -> Path:
 
 def read_manifest(store: Path) -> dict:
     return json.loads((store / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tmp_path_factory, smollm2_dir) -> dict:
+    """Random-weight OPT and GQA-Llama stores (magnitude, 50%) carrying SmolLM2's tokenizer."""
+    from endor_ray.convert import ConvertConfig, convert
+
+    root = tmp_path_factory.mktemp("tiny-stores")
+    stores = {}
+    for family in ("opt", "llama-gqa"):
+        checkpoint = make_checkpoint(root / f"{family}-ckpt", family, vocab_size=49152)
+        for path in smollm2_dir.iterdir():
+            if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+                shutil.copy(path, checkpoint / path.name)
+        stores[family] = convert(str(checkpoint), root / family,
+                                 ConvertConfig(method="magnitude", block_size=256), progress=False)
+    return stores
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(smollm2_dir, tmp_path_factory):
+    """SmolLM2 pruned to 50% by magnitude, fp32."""
+    from endor_ray.convert import ConvertConfig, convert
+
+    return convert(str(smollm2_dir), tmp_path_factory.mktemp("smollm2-store") / "store",
+                   ConvertConfig(method="magnitude"), progress=False)

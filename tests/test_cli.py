@@ -18,8 +18,9 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 
 def assert_clean_error(code, err, *needles) -> None:
+    """Exit 1 and one error line (after any progress bars): no traceback."""
     assert code == 1
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("load:", "convert:"))]
     assert len(lines) == 1 and lines[0].startswith("endor "), err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
@@ -108,3 +109,42 @@ def test_console_script_is_installed(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("endor inspect: error:")
     assert "Traceback" not in result.stderr
+
+
+def test_generate_json_and_verify(tiny_stores, capsys):
+    store = str(tiny_stores["llama-gqa"])
+    code, stdout, _ = run(["generate", store, "--prompt", "Hello there", "--prompt", "A",
+                           "--max-new-tokens", "4", "--gpu-memory", "1", "--json"], capsys)
+    assert code == 0
+    result = json.loads(stdout)
+    assert [c["prompt"] for c in result["completions"]] == ["Hello there", "A"]
+    assert all(0 < len(c["token_ids"]) <= 4 for c in result["completions"])
+    assert {"tokens_per_s", "bytes_to_device_per_step", "time_s", "tier_hits"} <= set(result["stats"])
+    assert result["stats"]["tier_hits"]["device"] > 0 and result["stats"]["tier_hits"]["host"] > 0
+    code, stdout, _ = run(["verify", store, "--prompt", "Hello there", "--prompt", "A", "--max-new-tokens", "5",
+                           "--gpu-memory", "0", "--host-memory", "0"], capsys)
+    assert code == 0 and "identical to transformers" in stdout
+
+
+def test_generate_prints_text_as_it_comes(tiny_stores, capsys):
+    code, stdout, err = run(["generate", str(tiny_stores["opt"]), "--prompt", "Hello", "--max-new-tokens", "3"], capsys)
+    assert code == 0 and stdout.startswith("Hello")
+    assert "tokens/s" in err and "layer hits per tier" in err
+
+
+def test_generate_bad_input(tiny_stores, tmp_path, capsys):
+    store = str(tiny_stores["opt"])
+    cases = [
+        ([], "at least one --prompt"),
+        (["--prompt", "x", "--gpu-memory", "huge"], "neither a layer count"),
+        (["--prompt", "x", "--gpu-memory", "1KB", "--device", "cpu"], "below the minimum"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+        (["--prompt", "x", "--top-p", "0"], "top_p"),
+        (["--prompt", "word " * 300], "exceeds the model's context"),
+        (["--prompt", "x", "--prefetch", "-1"], "prefetch depth"),
+    ]
+    for extra, needle in cases:
+        code, _, err = run(["generate", store, *extra], capsys)
+        assert_clean_error(code, err, needle)
+    code, _, err = run(["generate", str(tmp_path), "--prompt", "x"], capsys)
+    assert_clean_error(code, err, "not an endor store")

@@ -5,19 +5,19 @@ with grouped-query attention; batch 1 and a batch of 4 prompts of different leng
 streamed, split between resident and streamed, and streamed from host memory and from disk.
 """
 
+import json
 import shutil
 import threading
 
 import pytest
 import torch
 
-from endor_ray.convert import ConvertConfig, convert
 from endor_ray.engine import Engine, EngineConfig, parse_budget, reference_greedy
 from endor_ray.errors import ConfigError, StoreError
 from endor_ray.layer_source import plan_tiers
 from endor_ray.sampling import SamplingParams
 
-from conftest import make_checkpoint, read_manifest
+from conftest import read_manifest
 
 PROMPTS = [
     "The capital of France is",
@@ -31,27 +31,6 @@ PLACEMENTS = {  # name -> EngineConfig fields
     "disk": dict(gpu_memory=0, host_memory="0", prefetch_depth=3),
     "host-and-disk": dict(gpu_memory=1, host_memory="1MB", prefetch_depth=2),
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_stores(tmp_path_factory, smollm2_dir) -> dict:
-    """Random-weight OPT and GQA-Llama stores that carry SmolLM2's tokenizer (vocab 49152)."""
-    root = tmp_path_factory.mktemp("engine")
-    stores = {}
-    for family in ("opt", "llama-gqa"):
-        checkpoint = make_checkpoint(root / f"{family}-ckpt", family, vocab_size=49152)
-        for path in smollm2_dir.iterdir():
-            if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
-                shutil.copy(path, checkpoint / path.name)
-        stores[family] = convert(str(checkpoint), root / family,
-                                 ConvertConfig(method="magnitude", block_size=256), progress=False)
-    return stores
-
-
-@pytest.fixture(scope="session")
-def smollm2_store(smollm2_dir, tmp_path_factory):
-    return convert(str(smollm2_dir), tmp_path_factory.mktemp("engine") / "smollm2",
-                   ConvertConfig(method="magnitude"), progress=False)
 
 
 def check_against_transformers(store, placement: str, prompts: list[str], max_new_tokens: int = 6) -> None:
@@ -126,7 +105,7 @@ def test_bad_input(tiny_stores, tmp_path):
     old = shutil.copytree(store, tmp_path / "old")
     manifest = read_manifest(old)
     manifest["format_version"] = 0
-    (old / "manifest.json").write_text(__import__("json").dumps(manifest))
+    (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="format version 0"):
         Engine(str(old), progress=False)
 

@@ -1,0 +1,345 @@
+"""Offloaded decoding of Llama-2-70B-shaped layers: Accelerate vs this engine, dense vs Endor weights.
+
+Workload: --layers random-weight fp16 decoder layers of Llama-2-70B's shape (hidden 8192,
+intermediate 28672, 64 heads, 8 KV heads; vocab 32000), prompts of --prompt-len random tokens,
+greedy decoding at each --batches size, every layer but the first --gpu-layers streamed from host
+memory each step. Systems, all in one process on the same pruned weights:
+
+- (a) Hugging Face Accelerate: ``from_pretrained(..., device_map=...)`` with the decoder layers on
+  "cpu", the rest on the GPU (accelerate's hooks copy each layer in before it runs);
+- (b) this engine with the 50%-pruned weights stored dense;
+- (c) this engine with Endor (bitmap) weights at each --sparsities value.
+
+Setup (once per --workdir; stores are reused): a random checkpoint is converted by magnitude
+pruning to the 50% Endor store, exported to a dense HF checkpoint (what (a) loads and the dense
+store is converted from, so (a), (b), (c)-50% hold identical weights), and 60/70% stores are
+pruned further from it (magnitude pruning is nested: identical to pruning the original).
+
+Per row: median over --repeats (after one warm-up) of seconds per decode step, i.e. per token of
+each sequence (prefill excluded); tokens/s = batch / that; per-layer time; bytes streamed per
+step; achieved GB/s; the ideal time (streamed bytes / pinned host-to-GPU GB/s measured here); and
+the ratios (c)/(a), (c)/(b), (c)/ideal. Greedy tokens of (a), (b), (c)-50% must agree.
+
+GPU: ``python benchmarks/offload_bench.py [--layers 8] [--gpu-layers 0] [--batches 1 16]``
+writes benchmarks/results/offload_bench-<gpu>.json and .png (plot needs matplotlib). Setup
+converts ~7 GB of weights per 4 layers on the CPU: several minutes for 8 layers.
+Without CUDA it runs a tiny model on the CPU (``"mode": "cpu-smoke"``): it checks the pipeline
+end to end in about a minute; its timings mean nothing, and (a) is plain transformers on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernel_bench import CUDA, H2D_NBYTES, machine_info, pinned_h2d_gbps  # same folder
+
+from endor_ray.atomic import staged_directory
+from endor_ray.convert import ConvertConfig, convert
+from endor_ray.engine import Engine, EngineConfig, GenerationStats
+from endor_ray.export import export_checkpoint
+from endor_ray.sampling import SamplingParams
+from endor_ray.store import Store
+
+GPU_SHAPE = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                 vocab_size=32000)  # Llama-2-70B
+SMOKE_SHAPE = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=1024)
+BASE_SPARSITY = 0.5  # (a), (b) and the first Endor store share these pruned weights
+SEED = 0
+WARMUP = 1
+TARGETS = {"speedup_vs_accelerate": 2.0, "vs_ideal": 1.15, "speedup_vs_dense_engine": 1.7}  # 50%, fp16, H100
+
+
+def write_random_checkpoint(directory: Path, shape: dict[str, int], num_layers: int) -> None:
+    """A random-weight fp16 LlamaForCausalLM with a word-level tokenizer ("t<id>" per token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(**shape, num_hidden_layers=num_layers, max_position_embeddings=4096,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float16)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{token}": token for token in range(3, shape["vocab_size"])}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    with staged_directory(directory, force=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+def prepare(root: Path, shape: dict[str, int], num_layers: int, sparsities: list[float], progress: bool) -> dict[str, Path]:
+    """Checkpoints and stores under `root` (reused when present): 'hf', 'dense', 'endor-<pct>'."""
+    paths = {"hf": root / "hf-pruned-50", "dense": root / "store-dense-50",
+             **{f"endor-{round(s * 100)}": root / f"store-endor-{round(s * 100)}" for s in sparsities}}
+    base, random_ckpt = paths[f"endor-{round(BASE_SPARSITY * 100)}"], root / "hf-random"
+    if not (paths["hf"] / "config.json").is_file():
+        if not (base / "manifest.json").is_file():
+            write_random_checkpoint(random_ckpt, shape, num_layers)
+            convert(str(random_ckpt), base, ConvertConfig(BASE_SPARSITY, "magnitude", dtype="float16", force=True), progress)
+        export_checkpoint(Store(str(base)), paths["hf"], force=True, progress=progress)
+        shutil.rmtree(random_ckpt, ignore_errors=True)  # 2 bytes per weight of disk we need for the stores
+    for name, sparsity, store_format in [("dense", 0.0, "dense")] + [(f"endor-{round(s * 100)}", s, "endor") for s in sparsities]:
+        if not (paths[name] / "manifest.json").is_file():
+            config = ConvertConfig(sparsity, "magnitude", store_format, dtype="float16", force=True)
+            convert(str(paths["hf"]), paths[name], config, progress)
+    return paths
+
+
+def prompt_ids(batch: int, prompt_len: int, vocab_size: int) -> list[list[int]]:
+    """[batch][prompt_len] random token ids (fixed seed), no specials: every row the same length."""
+    generator = torch.Generator().manual_seed(SEED + batch)
+    return torch.randint(3, vocab_size, (batch, prompt_len), generator=generator).tolist()
+
+
+def synchronize() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> tuple[dict[str, Any], list[list[int]]]:
+    """One greedy generation; stats of its decode steps only (the prefill step is run, then reset)."""
+    prompts = [" ".join(f"t{token}" for token in row) for row in ids]
+    batch = engine.start(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    if [seq.prompt_ids for seq in batch.sequences] != ids:
+        raise RuntimeError("the store's tokenizer does not map 't<id>' to <id>: rebuild the --workdir")
+    engine.step(batch)  # prefill
+    engine.source.reset_stats()
+    started = time.perf_counter()
+    while not batch.done:
+        engine.step(batch)
+    synchronize()
+    wall = time.perf_counter() - started
+    steps = new_tokens - 1
+    stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, engine.source.reset_stats())
+    return stats.to_dict(), [seq.output_ids for seq in batch.sequences]
+
+
+@torch.inference_mode()
+def model_decode(model, ids: list[list[int]], new_tokens: int, device: torch.device) -> tuple[float, list[list[int]]]:
+    """Greedy decoding with transformers' KV cache, as generate() does: (s per decode step, tokens)."""
+    from transformers import DynamicCache
+
+    input_ids = torch.tensor(ids, device=device)  # [batch, prompt_len] int64
+    mask = torch.ones_like(input_ids)
+    cache = DynamicCache(config=model.config)
+    tokens = []
+    for step in range(new_tokens):
+        if step == 1:  # the prefill (step 0) is not timed
+            synchronize()
+            started = time.perf_counter()
+        logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        input_ids = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # [batch, 1]
+        mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)
+        tokens.append(input_ids)
+    synchronize()
+    return (time.perf_counter() - started) / (new_tokens - 1), torch.cat(tokens, dim=1).tolist()
+
+
+def make_row(label: str, batch: int, s_per_token: float, streamed_nbytes: int, num_layers: int,
+             h2d_gbps: float | None, **extra: Any) -> dict[str, Any]:
+    ideal = streamed_nbytes / (h2d_gbps * 1e9) if h2d_gbps else None
+    return {"system": label, "batch": batch, "s_per_token": s_per_token, "tokens_per_s": batch / s_per_token,
+            "s_per_layer": s_per_token / num_layers, "streamed_bytes_per_token": streamed_nbytes,
+            "achieved_GBps": streamed_nbytes / s_per_token / 1e9, "ideal_s_per_token": ideal,
+            "vs_ideal": s_per_token / ideal if ideal else None, **extra}
+
+
+def bench_accelerate(path: Path, args: argparse.Namespace, device: torch.device, dense_layer_nbytes: list[int],
+                     h2d_gbps: float | None) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
+    """(a): the checkpoint loaded the way an Accelerate user offloads: from_pretrained with a device_map."""
+    from transformers import AutoModelForCausalLM
+
+    offload = "cpu" if device.type == "cuda" else str(device)  # on a CPU-only machine nothing offloads
+    device_map = {name: str(device) for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    device_map |= {f"model.layers.{idx}": str(device) if idx < args.gpu_layers else offload for idx in range(args.layers)}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map=device_map).eval()
+    streamed = sum(dense_layer_nbytes[args.gpu_layers:]) if offload == "cpu" else 0
+    rows, tokens = [], {}
+    for batch in args.batches:
+        ids = prompt_ids(batch, args.prompt_len, args.vocab)
+        runs = [model_decode(model, ids, args.new_tokens, device) for _ in range(WARMUP + args.repeats)][WARMUP:]
+        tokens[batch] = runs[0][1]
+        rows.append(make_row("accelerate", batch, statistics.median(s for s, _ in runs), streamed, args.layers, h2d_gbps,
+                             format="dense", sparsity=BASE_SPARSITY))
+    del model
+    return rows, tokens
+
+
+def bench_engine(label: str, path: Path, args: argparse.Namespace, device: torch.device,
+                 h2d_gbps: float | None) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
+    """(b) or (c): this engine streaming one store."""
+    store = Store(str(path))
+    summary = store.summary()
+    config = EngineConfig(device=str(device), gpu_memory=args.gpu_layers, prefetch_depth=args.prefetch)
+    rows, tokens = [], {}
+    with Engine(store, config, progress=False) as engine:
+        streamed = sum(store.layer_entry(idx)["nbytes"] for idx in engine.plan.streamed)
+        for batch in args.batches:
+            ids = prompt_ids(batch, args.prompt_len, args.vocab)
+            runs = [engine_decode(engine, ids, args.new_tokens) for _ in range(WARMUP + args.repeats)][WARMUP:]
+            tokens[batch] = runs[0][1]
+            median_run = sorted(runs, key=lambda run: run[0]["s_per_step"])[len(runs) // 2][0]
+            rows.append(make_row(label, batch, statistics.median(run[0]["s_per_step"] for run in runs), streamed,
+                                 args.layers, h2d_gbps, format=summary["compression"]["format"],
+                                 sparsity=round(summary["layers_sparsity"], 4), size_ratio=summary["layers_ratio"],
+                                 engine_stats=median_run))
+    return rows, tokens
+
+
+def ratios(rows: list[dict[str, Any]], sparsities: list[float], batches: list[int], cuda: bool) -> list[dict[str, Any]]:
+    """(c) against (a), (b) and the ideal, per batch and sparsity; targets are checked at 50% on CUDA."""
+    by_key = {(row["system"], row["batch"]): row for row in rows}
+    out = []
+    for batch in batches:
+        accelerate, dense = by_key[("accelerate", batch)], by_key[("engine-dense", batch)]
+        for sparsity in sparsities:
+            endor = by_key[(f"engine-endor-{round(sparsity * 100)}", batch)]
+            entry = {"batch": batch, "sparsity": sparsity,
+                     "speedup_vs_accelerate": accelerate["s_per_token"] / endor["s_per_token"],
+                     "speedup_vs_dense_engine": dense["s_per_token"] / endor["s_per_token"],
+                     "vs_ideal": endor["vs_ideal"]}
+            if cuda and sparsity == BASE_SPARSITY:
+                entry["meets_targets"] = {name: entry[name] is not None and (entry[name] <= target if name == "vs_ideal"
+                                                                             else entry[name] >= target)
+                                          for name, target in TARGETS.items()}
+            out.append(entry)
+    return out
+
+
+def print_table(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> None:
+    header = (f"{'system':>18} {'batch':>5} {'s/token':>9} {'tok/s':>8} {'ms/layer':>9} {'MB/token':>9} "
+              f"{'GB/s':>6} {'ideal s':>9} {'vs ideal':>8}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ideal = f"{row['ideal_s_per_token']:>9.4f} {row['vs_ideal']:>8.2f}" if row["ideal_s_per_token"] else f"{'n/a':>9} {'n/a':>8}"
+        print(f"{row['system']:>18} {row['batch']:>5} {row['s_per_token']:>9.4f} {row['tokens_per_s']:>8.1f} "
+              f"{row['s_per_layer'] * 1e3:>9.2f} {row['streamed_bytes_per_token'] / 1e6:>9.1f} "
+              f"{row['achieved_GBps']:>6.1f} {ideal}")
+    for entry in ratio_rows:
+        vs_ideal = f"{entry['vs_ideal']:.2f}x" if entry["vs_ideal"] else "n/a"
+        print(f"batch {entry['batch']:>3}, Endor {entry['sparsity']:.0%}: {entry['speedup_vs_accelerate']:.2f}x vs "
+              f"Accelerate, {entry['speedup_vs_dense_engine']:.2f}x vs engine-dense, {vs_ideal} of ideal"
+              + (f"  targets met: {entry['meets_targets']}" if "meets_targets" in entry else ""))
+
+
+def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Seconds per token per system and batch, with the ideal marked; skipped without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(row["system"] for row in rows))
+    batches = sorted({row["batch"] for row in rows})
+    width = 0.8 / len(batches)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for offset, batch in enumerate(batches):
+        chosen = {row["system"]: row for row in rows if row["batch"] == batch}
+        xs = [idx + offset * width for idx in range(len(systems))]
+        ax.bar(xs, [chosen[name]["s_per_token"] for name in systems], width, label=f"batch {batch}")
+        ideal = [chosen[name]["ideal_s_per_token"] for name in systems]
+        if all(ideal):
+            ax.scatter(xs, ideal, marker="_", s=300, color="black", label=None if offset else "ideal (bytes / pinned H2D)")
+    ax.set_xticks([idx + width * (len(batches) - 1) / 2 for idx in range(len(systems))], systems)
+    ax.set_ylabel("seconds per decode step (per token)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/offload_bench-<device>.json)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "endor-offload-bench",
+                        help="where checkpoints and stores are built (and reused)")
+    parser.add_argument("--layers", type=int, default=8 if CUDA else 4, help="decoder layers")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="layers resident on the GPU (the rest stream)")
+    parser.add_argument("--prefetch", type=int, default=2, help="engine prefetch depth (layers)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens per sequence (the first is the prefill)")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, after one warm-up")
+    args = parser.parse_args()
+    if args.new_tokens < 2 or args.repeats < 1 or not 0 <= args.gpu_layers <= args.layers:
+        parser.error("need --new-tokens >= 2, --repeats >= 1 and 0 <= --gpu-layers <= --layers")
+    sparsities = sorted({BASE_SPARSITY, *args.sparsities})
+
+    mode = "cuda" if CUDA else "cpu-smoke"
+    device = torch.device("cuda" if CUDA else "cpu")
+    shape = GPU_SHAPE if CUDA else SMOKE_SHAPE
+    args.vocab = shape["vocab_size"]
+    device_name = torch.cuda.get_device_name() if CUDA else "cpu"
+    device_slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    out_path = args.out or Path(__file__).parent / "results" / f"offload_bench-{device_slug}.json"
+    if not CUDA:
+        print("No CUDA device: tiny CPU smoke run (checks the pipeline; timings are meaningless)")
+
+    started = time.perf_counter()
+    root = args.workdir / f"llama-h{shape['hidden_size']}-i{shape['intermediate_size']}-v{args.vocab}-{args.layers}L"
+    paths = prepare(root, shape, args.layers, sparsities, progress=CUDA)
+    setup_s = time.perf_counter() - started
+    h2d_gbps = pinned_h2d_gbps(reps=20)
+
+    dense_layer_nbytes = [layer["dense_nbytes"] for layer in Store(str(paths["dense"])).summary()["layers"]]
+    rows, tokens = bench_accelerate(paths["hf"], args, device, dense_layer_nbytes, h2d_gbps)
+    tokens = {"accelerate": tokens}
+    for name in ["dense"] + [f"endor-{round(s * 100)}" for s in sparsities]:
+        gc.collect()
+        if CUDA:
+            torch.cuda.empty_cache()
+        engine_rows, tokens[f"engine-{name}"] = bench_engine(f"engine-{name}", paths[name], args, device, h2d_gbps)
+        rows += engine_rows
+    base = f"engine-endor-{round(BASE_SPARSITY * 100)}"
+    agree = {str(batch): {"accelerate_vs_dense": tokens["accelerate"][batch] == tokens["engine-dense"][batch],
+                          "dense_vs_endor_50": tokens["engine-dense"][batch] == tokens[base][batch]}
+             for batch in args.batches}
+    ratio_rows = ratios(rows, sparsities, args.batches, CUDA)
+
+    print(f"mode: {mode}   device: {device_name}   layers: {args.layers} ({args.gpu_layers} resident)   pinned H2D: "
+          + (f"{h2d_gbps:.1f} GB/s" if h2d_gbps is not None else "n/a"))
+    print_table(rows, ratio_rows)
+    tokens_agree = all(all(pair.values()) for pair in agree.values())
+    print(f"greedy tokens of accelerate, engine-dense and {base} agree: {tokens_agree}")
+
+    result = {
+        "benchmark": "offload_bench", "mode": mode, "machine": machine_info(),
+        "settings": {"model": {**shape, "num_hidden_layers": args.layers, "dtype": "float16"},
+                     "gpu_layers": args.gpu_layers, "prefetch_depth": args.prefetch, "batches": args.batches,
+                     "sparsities": sparsities, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+                     "repeats": args.repeats, "warmup": WARMUP, "seed": SEED, "statistic": "median", "GB": 1e9,
+                     "timing": "decode steps only (prefill excluded); s_per_token = s per step of the whole batch",
+                     "pruning": "magnitude, per row", "workdir": str(root)},
+        "accelerate": {"api": "transformers from_pretrained(device_map=...) -> accelerate.dispatch_model",
+                       "offloaded": CUDA, "note": None if CUDA else "no GPU: plain transformers on the CPU"},
+        "pinned_h2d_GBps": h2d_gbps, "pinned_h2d_nbytes": H2D_NBYTES if CUDA else None, "setup_s": setup_s,
+        "rows": rows, "ratios": ratio_rows, "targets": {**TARGETS, "at": "50% sparsity, fp16, H100"},
+        "tokens_agree": tokens_agree, "tokens_agree_detail": agree,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out_path}")
+    save_plot(rows, out_path.with_suffix(".png"), f"{args.layers} Llama-2-70B-shaped layers, {device_name}, {mode}")
+
+
+if __name__ == "__main__":
+    main()
