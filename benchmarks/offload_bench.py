@@ -44,10 +44,12 @@ import torch
 
 from kernel_bench import CUDA, H2D_NBYTES, machine_info, pinned_h2d_gbps  # same folder
 
+from endor_ray.architecture import is_prunable
 from endor_ray.atomic import staged_directory
 from endor_ray.convert import ConvertConfig, convert
 from endor_ray.engine import Engine, EngineConfig, GenerationStats
-from endor_ray.export import export_checkpoint
+from endor_ray.export import load_dense_model
+from endor_ray.prune import prune_weight
 from endor_ray.sampling import SamplingParams
 from endor_ray.store import Store
 
@@ -61,39 +63,62 @@ WARMUP = 1
 TARGETS = {"speedup_vs_accelerate": 2.0, "vs_ideal": 1.15, "speedup_vs_dense_engine": 1.7}  # 50%, fp16, H100
 
 
-def write_random_checkpoint(directory: Path, shape: dict[str, int], num_layers: int) -> None:
-    """A random-weight fp16 LlamaForCausalLM with a word-level tokenizer ("t<id>" per token)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def random_model(shape: dict[str, int], num_layers: int):
+    """A random-weight fp16 LlamaForCausalLM on the CPU (fixed seed)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**shape, num_hidden_layers=num_layers, max_position_embeddings=4096,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.float16)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{token}": token for token in range(3, shape["vocab_size"])}}
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer mapping the word "t<id>" to token <id> (ids 0-2 are unk, bos, eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{token}": token for token in range(3, vocab_size)}}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    with staged_directory(directory, force=True) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def prepare(root: Path, shape: dict[str, int], num_layers: int, sparsities: list[float], progress: bool) -> dict[str, Path]:
-    """Checkpoints and stores under `root` (reused when present): 'hf', 'dense', 'endor-<pct>'."""
-    paths = {"hf": root / "hf-pruned-50", "dense": root / "store-dense-50",
-             **{f"endor-{round(s * 100)}": root / f"store-endor-{round(s * 100)}" for s in sparsities}}
-    base, random_ckpt = paths[f"endor-{round(BASE_SPARSITY * 100)}"], root / "hf-random"
-    if not (paths["hf"] / "config.json").is_file():
-        if not (base / "manifest.json").is_file():
-            write_random_checkpoint(random_ckpt, shape, num_layers)
-            convert(str(random_ckpt), base, ConvertConfig(BASE_SPARSITY, "magnitude", dtype="float16", force=True), progress)
-        export_checkpoint(Store(str(base)), paths["hf"], force=True, progress=progress)
-        shutil.rmtree(random_ckpt, ignore_errors=True)  # 2 bytes per weight of disk we need for the stores
-    for name, sparsity, store_format in [("dense", 0.0, "dense")] + [(f"endor-{round(s * 100)}", s, "endor") for s in sparsities]:
-        if not (paths[name] / "manifest.json").is_file():
-            config = ConvertConfig(sparsity, "magnitude", store_format, dtype="float16", force=True)
-            convert(str(paths["hf"]), paths[name], config, progress)
+@torch.no_grad()
+def prune_layers(model, sparsity: float, device: torch.device) -> None:
+    """Magnitude-prune every decoder-layer Linear weight in place, sorting on `device` (GPU: fast)."""
+    for name, param in model.model.layers.named_parameters():
+        if is_prunable(name, param):
+            param.copy_(prune_weight(param.to(device), sparsity, "magnitude").cpu())
+
+
+def store_name(sparsity: float) -> str:
+    return f"endor-{round(sparsity * 100)}"
+
+
+def prepare(root: Path, shape: dict[str, int], num_layers: int, sparsities: list[float], device: torch.device,
+            progress: bool) -> dict[str, Path]:
+    """The stores under `root`, built if missing: 'dense' (50% pruned, stored dense) and 'endor-<pct>'."""
+    paths = {"dense": root / "store-dense-50", **{store_name(s): root / f"store-{store_name(s)}" for s in sparsities}}
+    missing = {name for name, path in paths.items() if not (path / "manifest.json").is_file()}
+    if not missing:
+        return paths
+    model, tokenizer, checkpoint = random_model(shape, num_layers), word_tokenizer(shape["vocab_size"]), root / "hf-pruned"
+    for sparsity in sparsities:  # ascending: pruning pruned weights further = pruning the originals (nested)
+        prune_layers(model, sparsity, device)
+        names = (["dense"] if sparsity == BASE_SPARSITY else []) + [store_name(sparsity)]
+        if missing.isdisjoint(names):
+            continue
+        shutil.rmtree(checkpoint, ignore_errors=True)  # one checkpoint at a time: disk holds 2 bytes/weight once
+        with staged_directory(checkpoint) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        for name in missing.intersection(names):
+            # Already pruned: sparsity 0 skips convert's CPU sort (~30 s per 8192x28672 weight) and keeps
+            # every weight; "endor" then stores each Linear as a bitmap, "dense" stores it dense.
+            config = ConvertConfig(0.0, "magnitude", "dense" if name == "dense" else "endor", dtype="float16", force=True)
+            convert(str(checkpoint), paths[name], config, progress)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return paths
 
 
@@ -108,18 +133,29 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def settle(engine: Engine) -> None:
+    """Wait for the prefetches in flight, then the device: reset_stats() races the I/O thread otherwise."""
+    for fetch in list(engine.source._in_flight.values()):  # private: LayerSource offers no public wait
+        fetch.future.result(timeout=engine.config.fetch_timeout_s)
+    synchronize()
+
+
 def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> tuple[dict[str, Any], list[list[int]]]:
-    """One greedy generation; stats of its decode steps only (the prefill step is run, then reset)."""
+    """One greedy generation; stats of its decode steps only (the prefill step runs before the clock).
+
+    The window starts with the next step's first layers prefetched and ends after the prefetch for the
+    step after it (the cyclic prefetch of steady-state decoding), so it moves one pass per step."""
     prompts = [" ".join(f"t{token}" for token in row) for row in ids]
     batch = engine.start(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     if [seq.prompt_ids for seq in batch.sequences] != ids:
-        raise RuntimeError("the store's tokenizer does not map 't<id>' to <id>: rebuild the --workdir")
+        raise RuntimeError("the store's tokenizer does not map 't<id>' to <id>: delete the --workdir")
     engine.step(batch)  # prefill
+    settle(engine)
     engine.source.reset_stats()
     started = time.perf_counter()
     while not batch.done:
         engine.step(batch)
-    synchronize()
+    settle(engine)
     wall = time.perf_counter() - started
     steps = new_tokens - 1
     stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, engine.source.reset_stats())
@@ -156,16 +192,19 @@ def make_row(label: str, batch: int, s_per_token: float, streamed_nbytes: int, n
             "vs_ideal": s_per_token / ideal if ideal else None, **extra}
 
 
-def bench_accelerate(path: Path, args: argparse.Namespace, device: torch.device, dense_layer_nbytes: list[int],
+def bench_accelerate(store: Store, args: argparse.Namespace, device: torch.device,
                      h2d_gbps: float | None) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
-    """(a): the checkpoint loaded the way an Accelerate user offloads: from_pretrained with a device_map."""
-    from transformers import AutoModelForCausalLM
+    """(a): the dense store's weights in a transformers model, offloaded by accelerate.dispatch_model
+    with decoder layers on "cpu" (what from_pretrained(device_map=...) does after loading)."""
+    from accelerate import dispatch_model
 
-    offload = "cpu" if device.type == "cuda" else str(device)  # on a CPU-only machine nothing offloads
-    device_map = {name: str(device) for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
-    device_map |= {f"model.layers.{idx}": str(device) if idx < args.gpu_layers else offload for idx in range(args.layers)}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map=device_map).eval()
-    streamed = sum(dense_layer_nbytes[args.gpu_layers:]) if offload == "cpu" else 0
+    model = load_dense_model(store, device="cpu").eval()
+    streamed = 0
+    if device.type == "cuda":  # on a CPU-only machine nothing offloads: (a) is plain transformers
+        device_map = {name: str(device) for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+        device_map |= {f"model.layers.{idx}": str(device) if idx < args.gpu_layers else "cpu" for idx in range(args.layers)}
+        model = dispatch_model(model, device_map=device_map, main_device=device)
+        streamed = sum(layer["dense_nbytes"] for layer in store.summary()["layers"][args.gpu_layers:])
     rows, tokens = [], {}
     for batch in args.batches:
         ids = prompt_ids(batch, args.prompt_len, args.vocab)
@@ -173,7 +212,6 @@ def bench_accelerate(path: Path, args: argparse.Namespace, device: torch.device,
         tokens[batch] = runs[0][1]
         rows.append(make_row("accelerate", batch, statistics.median(s for s, _ in runs), streamed, args.layers, h2d_gbps,
                              format="dense", sparsity=BASE_SPARSITY))
-    del model
     return rows, tokens
 
 
@@ -205,7 +243,7 @@ def ratios(rows: list[dict[str, Any]], sparsities: list[float], batches: list[in
     for batch in batches:
         accelerate, dense = by_key[("accelerate", batch)], by_key[("engine-dense", batch)]
         for sparsity in sparsities:
-            endor = by_key[(f"engine-endor-{round(sparsity * 100)}", batch)]
+            endor = by_key[(f"engine-{store_name(sparsity)}", batch)]
             entry = {"batch": batch, "sparsity": sparsity,
                      "speedup_vs_accelerate": accelerate["s_per_token"] / endor["s_per_token"],
                      "speedup_vs_dense_engine": dense["s_per_token"] / endor["s_per_token"],
@@ -285,7 +323,7 @@ def main() -> None:
     sparsities = sorted({BASE_SPARSITY, *args.sparsities})
 
     mode = "cuda" if CUDA else "cpu-smoke"
-    device = torch.device("cuda" if CUDA else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     shape = GPU_SHAPE if CUDA else SMOKE_SHAPE
     args.vocab = shape["vocab_size"]
     device_name = torch.cuda.get_device_name() if CUDA else "cpu"
@@ -296,20 +334,19 @@ def main() -> None:
 
     started = time.perf_counter()
     root = args.workdir / f"llama-h{shape['hidden_size']}-i{shape['intermediate_size']}-v{args.vocab}-{args.layers}L"
-    paths = prepare(root, shape, args.layers, sparsities, progress=CUDA)
+    paths = prepare(root, shape, args.layers, sparsities, device, progress=CUDA)
     setup_s = time.perf_counter() - started
     h2d_gbps = pinned_h2d_gbps(reps=20)
 
-    dense_layer_nbytes = [layer["dense_nbytes"] for layer in Store(str(paths["dense"])).summary()["layers"]]
-    rows, tokens = bench_accelerate(paths["hf"], args, device, dense_layer_nbytes, h2d_gbps)
-    tokens = {"accelerate": tokens}
-    for name in ["dense"] + [f"endor-{round(s * 100)}" for s in sparsities]:
+    rows, accelerate_tokens = bench_accelerate(Store(str(paths["dense"])), args, device, h2d_gbps)
+    tokens = {"accelerate": accelerate_tokens}
+    for name in paths:
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()
         engine_rows, tokens[f"engine-{name}"] = bench_engine(f"engine-{name}", paths[name], args, device, h2d_gbps)
         rows += engine_rows
-    base = f"engine-endor-{round(BASE_SPARSITY * 100)}"
+    base = f"engine-{store_name(BASE_SPARSITY)}"
     agree = {str(batch): {"accelerate_vs_dense": tokens["accelerate"][batch] == tokens["engine-dense"][batch],
                           "dense_vs_endor_50": tokens["engine-dense"][batch] == tokens[base][batch]}
              for batch in args.batches}
@@ -328,8 +365,10 @@ def main() -> None:
                      "sparsities": sparsities, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
                      "repeats": args.repeats, "warmup": WARMUP, "seed": SEED, "statistic": "median", "GB": 1e9,
                      "timing": "decode steps only (prefill excluded); s_per_token = s per step of the whole batch",
-                     "pruning": "magnitude, per row", "workdir": str(root)},
-        "accelerate": {"api": "transformers from_pretrained(device_map=...) -> accelerate.dispatch_model",
+                     "pruning": "magnitude per row (prune_weight on the compute device), nested 50 -> 60 -> 70%; "
+                                "stores converted from the pruned checkpoints with sparsity 0", "workdir": str(root)},
+        "accelerate": {"api": "accelerate.dispatch_model(model, device_map) with decoder layers on 'cpu' "
+                              "(the hooks from_pretrained(device_map=...) installs)",
                        "offloaded": CUDA, "note": None if CUDA else "no GPU: plain transformers on the CPU"},
         "pinned_h2d_GBps": h2d_gbps, "pinned_h2d_nbytes": H2D_NBYTES if CUDA else None, "setup_s": setup_s,
         "rows": rows, "ratios": ratio_rows, "targets": {**TARGETS, "at": "50% sparsity, fp16, H100"},
@@ -338,7 +377,8 @@ def main() -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out_path}")
-    save_plot(rows, out_path.with_suffix(".png"), f"{args.layers} Llama-2-70B-shaped layers, {device_name}, {mode}")
+    save_plot(rows, out_path.with_suffix(".png"), f"{args.layers} layers of hidden {shape['hidden_size']}, "
+              f"{args.gpu_layers} resident, {device_name} ({mode})")
 
 
 if __name__ == "__main__":

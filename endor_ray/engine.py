@@ -24,7 +24,7 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.format import decode
-from endor_ray.layer_source import LayerSource, SourceStats, plan_tiers
+from endor_ray.layer_source import LayerSource, SourceStats, StoreReader, plan_tiers
 from endor_ray.sampling import SamplingParams, make_generator, select_token
 from endor_ray.sequence import Sequence
 from endor_ray.store import Store
@@ -127,7 +127,7 @@ class GenerationStats:
             "s_per_step": self.wall_s / self.steps if self.steps else 0.0,
             "bytes_to_device_per_step": source.bytes_to_device / self.steps if self.steps else 0,
             "link_GBps": source.bytes_to_device / source.transfer_s / 1e9 if source.transfer_s else None,
-            "time_s": {"transfer": source.transfer_s, "disk_read": source.disk_read_s,
+            "time_s": {"transfer": source.transfer_s, "read": source.read_s,
                        "decompress": source.decompress_s, "compute_streamed": source.compute_s,
                        "stall": source.stall_s},
             "tier_hits": dict(source.hits),
@@ -150,7 +150,8 @@ class _Batch:
 class Engine:
     """Generates from an Endor store with layers streamed to the compute device."""
 
-    def __init__(self, store: Store | str, config: EngineConfig | None = None, progress: bool = True):
+    def __init__(self, store: Store | str, config: EngineConfig | None = None, progress: bool = True, reader=None):
+        """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`)."""
         self.store = store if isinstance(store, Store) else Store(store)
         self.config = config or EngineConfig()
         self.device = self.config.resolve_device()
@@ -160,10 +161,11 @@ class Engine:
         dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
         self.model = build_skeleton(self.store.config, dense, dtype=self.store.dtype, device=self.device)
         self.plan = self._plan()
-        self.source = LayerSource(
-            self.store, self.plan, self.device, self.config.prefetch_depth,
-            self.config.verify_disk_reads, self.config.fetch_timeout_s, progress,
-        )
+        if reader is None:
+            reader = StoreReader(self.store, self.plan.host, pin=self.device.type == "cuda",
+                                 verify_disk_reads=self.config.verify_disk_reads, progress=progress)
+        self.source = LayerSource(reader, self.plan, self.device, self.config.prefetch_depth,
+                                  self.config.fetch_timeout_s, progress)
         layers = decoder_layers(self.model, self.store.architecture)
         for layer_idx, weights in self.source.resident.items():
             materialize_layer(layers[layer_idx], weights)

@@ -14,6 +14,11 @@ to device on a side CUDA stream and decompressed there by the Triton kernel. The
 waits for a layer on a CUDA event, never on the host; a slot is refilled only after an event
 recorded when the compute that used it finished.
 
+Where the compressed bytes come from is a *reader*'s business: `StoreReader` holds the host tier
+and reads the disk tier of a local store; the Ray service's reader asks shard servers. A reader's
+`request` is issued when a fetch is scheduled (so several can be in flight, e.g. over the
+network) and `resolve`d on the I/O thread.
+
 On CPU the same slots and thread run; decompression uses the format's torch path.
 """
 
@@ -32,7 +37,7 @@ from endor_ray.errors import ConfigError, EndorError
 from endor_ray.format import EncodedTensor, decode
 from endor_ray.store import Store, tensors_from_buffer
 
-TIERS = ("device", "host", "disk")
+TIERS = ("device", "host", "disk", "remote")
 
 
 @dataclass(frozen=True)
@@ -95,13 +100,47 @@ def plan_tiers(
     return TierPlan(device=tuple(range(resident)), host=tuple(host), disk=tuple(disk))
 
 
+class StoreReader:
+    """Layer bytes from a local store: the host tier held in memory, the disk tier read on demand."""
+
+    def __init__(self, store: Store, host_layers: tuple[int, ...], pin: bool, verify_disk_reads: bool = True,
+                 progress: bool = True):
+        self.store, self.verify_disk_reads = store, verify_disk_reads
+        self._host: dict[int, torch.Tensor] = {}  # layer -> [nbytes] uint8, verified (pinned on CUDA)
+        for layer_idx in tqdm(host_layers, desc="load", unit="layer", disable=not progress):
+            data = self.read(layer_idx, verify=True)
+            self._host[layer_idx] = data.pin_memory() if pin else data
+
+    def entry(self, layer_idx: int) -> dict:
+        return self.store.layer_entry(layer_idx)
+
+    def read(self, layer_idx: int, verify: bool = True) -> torch.Tensor:
+        """A layer file from the store: [nbytes] uint8 on the host, checksum-verified if asked."""
+        data = torch.from_numpy(self.store.layer_bytes(layer_idx, mmap=not verify))
+        if verify:
+            tensors_from_buffer(data, self.entry(layer_idx), verify=True)
+        return data
+
+    def request(self, layer_idx: int) -> int:
+        return layer_idx
+
+    def resolve(self, layer_idx: int) -> tuple[torch.Tensor, str]:
+        """(bytes, tier) for a requested layer."""
+        if layer_idx in self._host:
+            return self._host[layer_idx], "host"
+        return self.read(layer_idx, verify=self.verify_disk_reads), "disk"
+
+    def close(self) -> None:
+        self._host.clear()
+
+
 @dataclass
 class SourceStats:
     """What the layer source did; times in seconds."""
 
     hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     bytes_to_device: int = 0  # compressed bytes copied host -> device (CUDA), or decoded (CPU)
-    disk_read_s: float = 0.0
+    read_s: float = 0.0  # obtaining layer bytes on the I/O thread (disk reads, network)
     transfer_s: float = 0.0  # host -> device copies (CUDA events)
     decompress_s: float = 0.0
     compute_s: float = 0.0  # between a layer's acquire and release
@@ -128,7 +167,7 @@ class _Slot:
 @dataclass
 class _Fetch:
     slot: _Slot
-    future: Future
+    future: Future  # result: the tier the layer came from
     acquired_at: float = 0.0
     compute_start: object = None
 
@@ -138,35 +177,27 @@ class LayerSource:
 
     def __init__(
         self,
-        store: Store,
+        reader,
         plan: TierPlan,
         device: torch.device,
         prefetch_depth: int = 2,
-        verify_disk_reads: bool = True,
         timeout_s: float = 600.0,
         progress: bool = True,
     ):
         if prefetch_depth < 0:
             raise ConfigError(f"prefetch depth must be >= 0, got {prefetch_depth}")
-        self.store, self.plan, self.device = store, plan, device
+        self.reader, self.plan, self.device = reader, plan, device
         self.cuda = device.type == "cuda"
-        self.verify_disk_reads, self.timeout_s = verify_disk_reads, timeout_s
+        self.timeout_s = timeout_s
         self.prefetch_depth = prefetch_depth
         self.stats = SourceStats()
-        self._host: dict[int, torch.Tensor] = {}  # layer -> [nbytes] uint8 (pinned on CUDA)
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
-        loading = tqdm(total=len(plan.device) + len(plan.host), desc="load", unit="layer", disable=not progress)
-        for layer_idx in plan.device:
-            self.resident[layer_idx] = self._decompress_all(self._read(layer_idx).to(device), layer_idx)
-            loading.update(1)
-        for layer_idx in plan.host:
-            data = self._read(layer_idx)
-            self._host[layer_idx] = data.pin_memory() if self.cuda else data
-            loading.update(1)
-        loading.close()
+        for layer_idx in tqdm(plan.device, desc="resident", unit="layer", disable=not progress or not plan.device):
+            data, _ = reader.resolve(reader.request(layer_idx))
+            self.resident[layer_idx] = self._decompress_all(data.to(device), layer_idx)
 
         self._streamed = plan.streamed
-        max_nbytes = max((store.layer_entry(i)["nbytes"] for i in self._streamed), default=0)
+        max_nbytes = max((reader.entry(i)["nbytes"] for i in self._streamed), default=0)
         self._free_slots: deque[_Slot] = deque(
             self._new_slot(max_nbytes) for _ in range(min(prefetch_depth + 1, len(self._streamed)))
         )
@@ -176,16 +207,10 @@ class LayerSource:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def _read(self, layer_idx: int) -> torch.Tensor:
-        """A layer file from the store, checksum-verified: [nbytes] uint8 on the host."""
-        data = torch.from_numpy(self.store.layer_bytes(layer_idx))
-        tensors_from_buffer(data, self.store.layer_entry(layer_idx), verify=True)
-        return data
-
     def _decompress_all(self, data: torch.Tensor, layer_idx: int, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Dense weights of a layer from its file bytes (on the compute device), into `out` if given."""
         out = {} if out is None else out
-        for name, enc in tensors_from_buffer(data, self.store.layer_entry(layer_idx), verify=False).items():
+        for name, enc in tensors_from_buffer(data, self.reader.entry(layer_idx), verify=False).items():
             buffer = out.get(name)
             if buffer is None or buffer.shape != torch.Size(enc.shape) or buffer.dtype != enc.dtype:
                 buffer = out[name] = torch.empty(enc.shape, dtype=enc.dtype, device=self.device)
@@ -197,49 +222,46 @@ class LayerSource:
             return _Slot()
         return _Slot(
             compressed=torch.empty(max_nbytes, dtype=torch.uint8, device=self.device),
-            staging=torch.empty(max_nbytes, dtype=torch.uint8, pin_memory=True) if self.plan.disk else None,
+            staging=torch.empty(max_nbytes, dtype=torch.uint8, pin_memory=True),
             ready=torch.cuda.Event(enable_timing=False), free=torch.cuda.Event(), staged=torch.cuda.Event(),
         )
 
     # -- the I/O thread ----------------------------------------------------------------------------
 
-    def _fetch(self, layer_idx: int, slot: _Slot) -> None:
-        """Bring one streamed layer into `slot` (runs on the I/O thread)."""
-        nbytes = self.store.layer_entry(layer_idx)["nbytes"]
-        source = self._host.get(layer_idx)
-        if source is None:  # disk tier
-            started = time.perf_counter()
-            data = torch.from_numpy(self.store.layer_bytes(layer_idx, mmap=True))
-            if self.verify_disk_reads:
-                tensors_from_buffer(data, self.store.layer_entry(layer_idx), verify=True)
-            if self.cuda:
-                slot.staged.synchronize()  # the previous copy out of the staging buffer is done
-                source = slot.staging[:nbytes].copy_(data)
-            else:
-                source = data
-            self.stats.disk_read_s += time.perf_counter() - started
+    def _fetch(self, layer_idx: int, request, slot: _Slot) -> str:
+        """Bring one streamed layer into `slot` (runs on the I/O thread); return its tier."""
+        started = time.perf_counter()
+        source, tier = self.reader.resolve(request)
+        self.stats.read_s += time.perf_counter() - started
+        nbytes = source.numel()
         self.stats.bytes_to_device += nbytes
         if not self.cuda:
             started = time.perf_counter()
             self._decompress_all(source, layer_idx, slot.weights)
             self.stats.decompress_s += time.perf_counter() - started
-            return
-        copied, started, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            return tier
+        staged = not source.is_pinned()
+        if staged:  # pageable memory (disk, network): through the slot's pinned staging buffer
+            slot.staged.synchronize()  # the previous copy out of it is done
+            source = slot.staging[:nbytes].copy_(source)
+        copied, started_event, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(slot.free)  # compute is done with the slot's last layer
-            started.record()
+            started_event.record()
             slot.compressed[:nbytes].copy_(source, non_blocking=True)
             copied.record()
-            if layer_idx not in self._host:
+            if staged:
                 slot.staged.record()
             self._decompress_all(slot.compressed[:nbytes], layer_idx, slot.weights)
             done.record()
             slot.ready.record()
-        self.stats._events += [("transfer", started, copied), ("decompress", copied, done)]
+        self.stats._events += [("transfer", started_event, copied), ("decompress", copied, done)]
+        return tier
 
     def _schedule(self, layer_idx: int) -> _Fetch:
         slot = self._free_slots.popleft()
-        fetch = _Fetch(slot, self._io.submit(self._fetch, layer_idx, slot))
+        request = self.reader.request(layer_idx)  # issued now: several can be in flight
+        fetch = _Fetch(slot, self._io.submit(self._fetch, layer_idx, request, slot))
         self._in_flight[layer_idx] = fetch
         return fetch
 
@@ -268,14 +290,14 @@ class LayerSource:
             fetch = self._schedule(layer_idx)
         waited = time.perf_counter()
         try:
-            fetch.future.result(timeout=self.timeout_s)
+            tier = fetch.future.result(timeout=self.timeout_s)
         except FutureTimeout:
             raise EndorError(
                 f"layer {layer_idx} did not arrive within {self.timeout_s:.0f} s; check the store's "
-                "storage (a slow or hung disk or object store)"
+                "storage (a slow or hung disk, object store or shard server)"
             ) from None
         self.stats.stall_s += time.perf_counter() - waited
-        self.stats.hits["host" if layer_idx in self._host else "disk"] += 1
+        self.stats.hits[tier] += 1
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
             wait_start = torch.cuda.Event(enable_timing=True)
@@ -327,7 +349,7 @@ class LayerSource:
             self._io.shutdown(wait=True, cancel_futures=True)
             self._io = None
         self._in_flight.clear()
-        self._host.clear()
+        self.reader.close()
         self.resident.clear()
 
 
