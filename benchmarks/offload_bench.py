@@ -1,30 +1,23 @@
 """Offloaded decoding of Llama-2-70B-shaped layers: Accelerate vs this engine, dense vs Endor weights.
 
-Workload: --layers random-weight fp16 decoder layers of Llama-2-70B's shape (hidden 8192,
-intermediate 28672, 64 heads, 8 KV heads; vocab 32000), prompts of --prompt-len random tokens,
-greedy decoding at each --batches size, every layer but the first --gpu-layers streamed from host
-memory each step. Systems, all in one process on the same pruned weights:
+Workload: --layers random fp16 decoder layers of Llama-2-70B's shape (hidden 8192, intermediate
+28672, 64 heads, 8 KV heads, vocab 32000), magnitude-pruned per row; greedy decoding of random
+--prompt-len token prompts at each --batches size, every layer past the first --gpu-layers streamed
+from host memory each step. In one process, on the same 50%-pruned weights: (a) Hugging Face
+Accelerate (``dispatch_model``, decoder layers on "cpu": the hooks ``from_pretrained(device_map=...)``
+installs); (b) this engine, weights stored dense; (c) this engine, Endor weights at each --sparsities.
 
-- (a) Hugging Face Accelerate: ``from_pretrained(..., device_map=...)`` with the decoder layers on
-  "cpu", the rest on the GPU (accelerate's hooks copy each layer in before it runs);
-- (b) this engine with the 50%-pruned weights stored dense;
-- (c) this engine with Endor (bitmap) weights at each --sparsities value.
+Per row: median over --repeats (after a warm-up) of seconds per decode step, i.e. per token of each
+sequence (prefill excluded); tokens/s; per-layer time; bytes streamed per step; achieved GB/s; the
+ideal time = streamed bytes / pinned host-to-GPU GB/s measured in the same run. Ratios, targets at
+50% fp16 on H100: (a)/(c) >= 2.0, (b)/(c) >= 1.7, (c)/ideal <= 1.15. Greedy tokens of (a), (b) and
+(c)-50% must agree ("tokens_agree").
 
-Setup (once per --workdir; stores are reused): a random checkpoint is converted by magnitude
-pruning to the 50% Endor store, exported to a dense HF checkpoint (what (a) loads and the dense
-store is converted from, so (a), (b), (c)-50% hold identical weights), and 60/70% stores are
-pruned further from it (magnitude pruning is nested: identical to pruning the original).
-
-Per row: median over --repeats (after one warm-up) of seconds per decode step, i.e. per token of
-each sequence (prefill excluded); tokens/s = batch / that; per-layer time; bytes streamed per
-step; achieved GB/s; the ideal time (streamed bytes / pinned host-to-GPU GB/s measured here); and
-the ratios (c)/(a), (c)/(b), (c)/ideal. Greedy tokens of (a), (b), (c)-50% must agree.
-
-GPU: ``python benchmarks/offload_bench.py [--layers 8] [--gpu-layers 0] [--batches 1 16]``
-writes benchmarks/results/offload_bench-<gpu>.json and .png (plot needs matplotlib). Setup
-converts ~7 GB of weights per 4 layers on the CPU: several minutes for 8 layers.
-Without CUDA it runs a tiny model on the CPU (``"mode": "cpu-smoke"``): it checks the pipeline
-end to end in about a minute; its timings mean nothing, and (a) is plain transformers on the CPU.
+GPU: ``python benchmarks/offload_bench.py [--layers 8] [--gpu-layers 0] [--batches 1 16]`` writes
+benchmarks/results/offload_bench-<gpu>.json and .png (plot only with matplotlib). The stores are
+built once under --workdir (8 layers: ~33 GB, minutes of CPU) and reused. Without CUDA the same
+run uses a tiny model on the CPU (``"mode": "cpu-smoke"``, under a minute): it checks the pipeline
+end to end; its timings mean nothing and (a) is plain transformers (nothing to offload to).
 """
 
 from __future__ import annotations
@@ -37,12 +30,13 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kernel_bench import CUDA, H2D_NBYTES, machine_info, pinned_h2d_gbps  # same folder
+from kernel_bench import CUDA, H2D_NBYTES, machine_info, pinned_h2d_gbps  # this folder
 
 from endor_ray.architecture import is_prunable
 from endor_ray.atomic import staged_directory
@@ -57,10 +51,12 @@ GPU_SHAPE = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=
                  vocab_size=32000)  # Llama-2-70B
 SMOKE_SHAPE = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
                    vocab_size=1024)
-BASE_SPARSITY = 0.5  # (a), (b) and the first Endor store share these pruned weights
+BASE_SPARSITY = 0.5  # (a), (b) and the first Endor store hold these weights
 SEED = 0
 WARMUP = 1
-TARGETS = {"speedup_vs_accelerate": 2.0, "vs_ideal": 1.15, "speedup_vs_dense_engine": 1.7}  # 50%, fp16, H100
+TARGETS = {"speedup_vs_accelerate": 2.0, "speedup_vs_dense_engine": 1.7, "vs_ideal": 1.15}
+Run = tuple[float, list[list[int]], dict[str, Any] | None]  # (s per decode step, tokens, engine stats)
+Rows = tuple[list[dict[str, Any]], dict[int, list[list[int]]]]  # (table rows, greedy tokens per batch size)
 
 
 def random_model(shape: dict[str, int], num_layers: int):
@@ -74,7 +70,7 @@ def random_model(shape: dict[str, int], num_layers: int):
 
 
 def word_tokenizer(vocab_size: int):
-    """A tokenizer mapping the word "t<id>" to token <id> (ids 0-2 are unk, bos, eos)."""
+    """A tokenizer mapping the word "t<id>" to token <id> (ids 0-2: unk, bos, eos)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,7 +82,7 @@ def word_tokenizer(vocab_size: int):
 
 @torch.no_grad()
 def prune_layers(model, sparsity: float, device: torch.device) -> None:
-    """Magnitude-prune every decoder-layer Linear weight in place, sorting on `device` (GPU: fast)."""
+    """Magnitude-prune every decoder-layer Linear weight in place, sorting on `device` (fast on a GPU)."""
     for name, param in model.model.layers.named_parameters():
         if is_prunable(name, param):
             param.copy_(prune_weight(param.to(device), sparsity, "magnitude").cpu())
@@ -98,24 +94,24 @@ def store_name(sparsity: float) -> str:
 
 def prepare(root: Path, shape: dict[str, int], num_layers: int, sparsities: list[float], device: torch.device,
             progress: bool) -> dict[str, Path]:
-    """The stores under `root`, built if missing: 'dense' (50% pruned, stored dense) and 'endor-<pct>'."""
+    """The stores under `root`, built when missing: 'dense' (50% pruned, stored dense), 'endor-<pct>'."""
     paths = {"dense": root / "store-dense-50", **{store_name(s): root / f"store-{store_name(s)}" for s in sparsities}}
     missing = {name for name, path in paths.items() if not (path / "manifest.json").is_file()}
     if not missing:
         return paths
     model, tokenizer, checkpoint = random_model(shape, num_layers), word_tokenizer(shape["vocab_size"]), root / "hf-pruned"
-    for sparsity in sparsities:  # ascending: pruning pruned weights further = pruning the originals (nested)
+    for sparsity in sparsities:  # ascending: pruning pruned weights further = pruning the originals
         prune_layers(model, sparsity, device)
         names = (["dense"] if sparsity == BASE_SPARSITY else []) + [store_name(sparsity)]
         if missing.isdisjoint(names):
             continue
-        shutil.rmtree(checkpoint, ignore_errors=True)  # one checkpoint at a time: disk holds 2 bytes/weight once
+        shutil.rmtree(checkpoint, ignore_errors=True)  # one checkpoint on disk at a time
         with staged_directory(checkpoint) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         for name in missing.intersection(names):
-            # Already pruned: sparsity 0 skips convert's CPU sort (~30 s per 8192x28672 weight) and keeps
-            # every weight; "endor" then stores each Linear as a bitmap, "dense" stores it dense.
+            # Already pruned, so sparsity 0: convert's CPU sort (~30 s per 8192x28672 weight) is skipped,
+            # every weight is kept, and "endor" stores each Linear as a bitmap where "dense" stores it dense.
             config = ConvertConfig(0.0, "magnitude", "dense" if name == "dense" else "endor", dtype="float16", force=True)
             convert(str(checkpoint), paths[name], config, progress)
     shutil.rmtree(checkpoint, ignore_errors=True)
@@ -123,7 +119,7 @@ def prepare(root: Path, shape: dict[str, int], num_layers: int, sparsities: list
 
 
 def prompt_ids(batch: int, prompt_len: int, vocab_size: int) -> list[list[int]]:
-    """[batch][prompt_len] random token ids (fixed seed), no specials: every row the same length."""
+    """[batch][prompt_len] random token ids (fixed seed, no specials, so no padding)."""
     generator = torch.Generator().manual_seed(SEED + batch)
     return torch.randint(3, vocab_size, (batch, prompt_len), generator=generator).tolist()
 
@@ -140,11 +136,11 @@ def settle(engine: Engine) -> None:
     synchronize()
 
 
-def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> tuple[dict[str, Any], list[list[int]]]:
-    """One greedy generation; stats of its decode steps only (the prefill step runs before the clock).
+def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> Run:
+    """Greedy generation through the engine, timing the decode steps only.
 
-    The window starts with the next step's first layers prefetched and ends after the prefetch for the
-    step after it (the cyclic prefetch of steady-state decoding), so it moves one pass per step."""
+    The window opens with the first layers of the next step prefetched and closes after the prefetch
+    for the step after the last (steady-state cyclic prefetch): one pass over the layers per step."""
     prompts = [" ".join(f"t{token}" for token in row) for row in ids]
     batch = engine.start(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     if [seq.prompt_ids for seq in batch.sequences] != ids:
@@ -156,23 +152,21 @@ def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> tupl
     while not batch.done:
         engine.step(batch)
     settle(engine)
-    wall = time.perf_counter() - started
-    steps = new_tokens - 1
-    stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, engine.source.reset_stats())
-    return stats.to_dict(), [seq.output_ids for seq in batch.sequences]
+    wall, steps = time.perf_counter() - started, new_tokens - 1
+    stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, engine.source.reset_stats()).to_dict()
+    return stats["s_per_step"], [seq.output_ids for seq in batch.sequences], stats
 
 
 @torch.inference_mode()
-def model_decode(model, ids: list[list[int]], new_tokens: int, device: torch.device) -> tuple[float, list[list[int]]]:
-    """Greedy decoding with transformers' KV cache, as generate() does: (s per decode step, tokens)."""
+def model_decode(model, ids: list[list[int]], new_tokens: int, device: torch.device) -> Run:
+    """Greedy decoding of a transformers model with its KV cache, timing the decode steps only."""
     from transformers import DynamicCache
 
     input_ids = torch.tensor(ids, device=device)  # [batch, prompt_len] int64
     mask = torch.ones_like(input_ids)
-    cache = DynamicCache(config=model.config)
-    tokens = []
+    cache, tokens, started = DynamicCache(config=model.config), [], 0.0
     for step in range(new_tokens):
-        if step == 1:  # the prefill (step 0) is not timed
+        if step == 1:  # after the prefill
             synchronize()
             started = time.perf_counter()
         logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
@@ -180,101 +174,89 @@ def model_decode(model, ids: list[list[int]], new_tokens: int, device: torch.dev
         mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)
         tokens.append(input_ids)
     synchronize()
-    return (time.perf_counter() - started) / (new_tokens - 1), torch.cat(tokens, dim=1).tolist()
+    return (time.perf_counter() - started) / (new_tokens - 1), torch.cat(tokens, dim=1).tolist(), None
 
 
-def make_row(label: str, batch: int, s_per_token: float, streamed_nbytes: int, num_layers: int,
-             h2d_gbps: float | None, **extra: Any) -> dict[str, Any]:
-    ideal = streamed_nbytes / (h2d_gbps * 1e9) if h2d_gbps else None
-    return {"system": label, "batch": batch, "s_per_token": s_per_token, "tokens_per_s": batch / s_per_token,
-            "s_per_layer": s_per_token / num_layers, "streamed_bytes_per_token": streamed_nbytes,
-            "achieved_GBps": streamed_nbytes / s_per_token / 1e9, "ideal_s_per_token": ideal,
-            "vs_ideal": s_per_token / ideal if ideal else None, **extra}
+def bench(label: str, decode: Callable[[list[list[int]]], Run], streamed_nbytes: int, args: argparse.Namespace,
+          h2d_gbps: float | None, **extra: Any) -> Rows:
+    """One system at every batch size: median of the timed runs after the warm-up, and its tokens."""
+    rows, tokens = [], {}
+    for batch in args.batches:
+        runs = [decode(prompt_ids(batch, args.prompt_len, args.vocab)) for _ in range(WARMUP + args.repeats)][WARMUP:]
+        s_per_token = statistics.median(run[0] for run in runs)
+        median_run = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+        ideal = streamed_nbytes / (h2d_gbps * 1e9) if h2d_gbps else None
+        tokens[batch] = runs[0][1]
+        rows.append({"system": label, "batch": batch, "s_per_token": s_per_token, "tokens_per_s": batch / s_per_token,
+                     "s_per_layer": s_per_token / args.layers, "streamed_bytes_per_token": streamed_nbytes,
+                     "achieved_GBps": streamed_nbytes / s_per_token / 1e9, "ideal_s_per_token": ideal,
+                     "vs_ideal": s_per_token / ideal if ideal else None, **extra, "engine_stats": median_run[2]})
+    return rows, tokens
 
 
-def bench_accelerate(store: Store, args: argparse.Namespace, device: torch.device,
-                     h2d_gbps: float | None) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
-    """(a): the dense store's weights in a transformers model, offloaded by accelerate.dispatch_model
-    with decoder layers on "cpu" (what from_pretrained(device_map=...) does after loading)."""
+def bench_accelerate(store: Store, args: argparse.Namespace, device: torch.device, h2d_gbps: float | None) -> Rows:
+    """(a): the dense store's weights in a transformers model, decoder layers offloaded by Accelerate."""
     from accelerate import dispatch_model
 
-    model = load_dense_model(store, device="cpu").eval()
-    streamed = 0
-    if device.type == "cuda":  # on a CPU-only machine nothing offloads: (a) is plain transformers
+    model, streamed = load_dense_model(store, device="cpu").eval(), 0
+    if device.type == "cuda":  # without a GPU nothing offloads: (a) is plain transformers on the CPU
         device_map = {name: str(device) for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
         device_map |= {f"model.layers.{idx}": str(device) if idx < args.gpu_layers else "cpu" for idx in range(args.layers)}
         model = dispatch_model(model, device_map=device_map, main_device=device)
         streamed = sum(layer["dense_nbytes"] for layer in store.summary()["layers"][args.gpu_layers:])
-    rows, tokens = [], {}
-    for batch in args.batches:
-        ids = prompt_ids(batch, args.prompt_len, args.vocab)
-        runs = [model_decode(model, ids, args.new_tokens, device) for _ in range(WARMUP + args.repeats)][WARMUP:]
-        tokens[batch] = runs[0][1]
-        rows.append(make_row("accelerate", batch, statistics.median(s for s, _ in runs), streamed, args.layers, h2d_gbps,
-                             format="dense", sparsity=BASE_SPARSITY))
-    return rows, tokens
+    return bench("accelerate", lambda ids: model_decode(model, ids, args.new_tokens, device), streamed, args, h2d_gbps,
+                 format="dense", sparsity=BASE_SPARSITY)
 
 
-def bench_engine(label: str, path: Path, args: argparse.Namespace, device: torch.device,
-                 h2d_gbps: float | None) -> tuple[list[dict[str, Any]], dict[int, list[list[int]]]]:
+def bench_engine(name: str, store: Store, args: argparse.Namespace, device: torch.device,
+                 h2d_gbps: float | None) -> Rows:
     """(b) or (c): this engine streaming one store."""
-    store = Store(str(path))
     summary = store.summary()
     config = EngineConfig(device=str(device), gpu_memory=args.gpu_layers, prefetch_depth=args.prefetch)
-    rows, tokens = [], {}
     with Engine(store, config, progress=False) as engine:
         streamed = sum(store.layer_entry(idx)["nbytes"] for idx in engine.plan.streamed)
-        for batch in args.batches:
-            ids = prompt_ids(batch, args.prompt_len, args.vocab)
-            runs = [engine_decode(engine, ids, args.new_tokens) for _ in range(WARMUP + args.repeats)][WARMUP:]
-            tokens[batch] = runs[0][1]
-            median_run = sorted(runs, key=lambda run: run[0]["s_per_step"])[len(runs) // 2][0]
-            rows.append(make_row(label, batch, statistics.median(run[0]["s_per_step"] for run in runs), streamed,
-                                 args.layers, h2d_gbps, format=summary["compression"]["format"],
-                                 sparsity=round(summary["layers_sparsity"], 4), size_ratio=summary["layers_ratio"],
-                                 engine_stats=median_run))
-    return rows, tokens
+        return bench(f"engine-{name}", lambda ids: engine_decode(engine, ids, args.new_tokens), streamed, args,
+                     h2d_gbps, format=summary["compression"]["format"], sparsity=round(summary["layers_sparsity"], 4),
+                     size_ratio=summary["layers_ratio"])
 
 
-def ratios(rows: list[dict[str, Any]], sparsities: list[float], batches: list[int], cuda: bool) -> list[dict[str, Any]]:
+def ratios(rows: list[dict[str, Any]], sparsities: list[float], batches: list[int]) -> list[dict[str, Any]]:
     """(c) against (a), (b) and the ideal, per batch and sparsity; targets are checked at 50% on CUDA."""
     by_key = {(row["system"], row["batch"]): row for row in rows}
     out = []
-    for batch in batches:
-        accelerate, dense = by_key[("accelerate", batch)], by_key[("engine-dense", batch)]
-        for sparsity in sparsities:
-            endor = by_key[(f"engine-{store_name(sparsity)}", batch)]
-            entry = {"batch": batch, "sparsity": sparsity,
-                     "speedup_vs_accelerate": accelerate["s_per_token"] / endor["s_per_token"],
-                     "speedup_vs_dense_engine": dense["s_per_token"] / endor["s_per_token"],
-                     "vs_ideal": endor["vs_ideal"]}
-            if cuda and sparsity == BASE_SPARSITY:
-                entry["meets_targets"] = {name: entry[name] is not None and (entry[name] <= target if name == "vs_ideal"
-                                                                             else entry[name] >= target)
-                                          for name, target in TARGETS.items()}
-            out.append(entry)
+    for batch, sparsity in ((b, s) for b in batches for s in sparsities):
+        endor = by_key[(f"engine-{store_name(sparsity)}", batch)]
+        entry = {"batch": batch, "sparsity": sparsity, "vs_ideal": endor["vs_ideal"],
+                 "speedup_vs_accelerate": by_key[("accelerate", batch)]["s_per_token"] / endor["s_per_token"],
+                 "speedup_vs_dense_engine": by_key[("engine-dense", batch)]["s_per_token"] / endor["s_per_token"]}
+        if CUDA and sparsity == BASE_SPARSITY:
+            entry["meets_targets"] = {
+                "speedup_vs_accelerate": entry["speedup_vs_accelerate"] >= TARGETS["speedup_vs_accelerate"],
+                "speedup_vs_dense_engine": entry["speedup_vs_dense_engine"] >= TARGETS["speedup_vs_dense_engine"],
+                "vs_ideal": entry["vs_ideal"] is not None and entry["vs_ideal"] <= TARGETS["vs_ideal"],
+            }
+        out.append(entry)
     return out
 
 
 def print_table(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> None:
-    header = (f"{'system':>18} {'batch':>5} {'s/token':>9} {'tok/s':>8} {'ms/layer':>9} {'MB/token':>9} "
+    header = (f"{'system':>16} {'batch':>5} {'s/token':>9} {'tok/s':>8} {'ms/layer':>9} {'MB/token':>9} "
               f"{'GB/s':>6} {'ideal s':>9} {'vs ideal':>8}")
-    print(header)
-    print("-" * len(header))
+    print(header + "\n" + "-" * len(header))
     for row in rows:
-        ideal = f"{row['ideal_s_per_token']:>9.4f} {row['vs_ideal']:>8.2f}" if row["ideal_s_per_token"] else f"{'n/a':>9} {'n/a':>8}"
-        print(f"{row['system']:>18} {row['batch']:>5} {row['s_per_token']:>9.4f} {row['tokens_per_s']:>8.1f} "
+        ideal = f"{row['ideal_s_per_token']:>9.4f} {row['vs_ideal']:>8.2f}" if row["ideal_s_per_token"] else f"{'n/a':>18}"
+        print(f"{row['system']:>16} {row['batch']:>5} {row['s_per_token']:>9.4f} {row['tokens_per_s']:>8.1f} "
               f"{row['s_per_layer'] * 1e3:>9.2f} {row['streamed_bytes_per_token'] / 1e6:>9.1f} "
               f"{row['achieved_GBps']:>6.1f} {ideal}")
     for entry in ratio_rows:
         vs_ideal = f"{entry['vs_ideal']:.2f}x" if entry["vs_ideal"] else "n/a"
-        print(f"batch {entry['batch']:>3}, Endor {entry['sparsity']:.0%}: {entry['speedup_vs_accelerate']:.2f}x vs "
-              f"Accelerate, {entry['speedup_vs_dense_engine']:.2f}x vs engine-dense, {vs_ideal} of ideal"
-              + (f"  targets met: {entry['meets_targets']}" if "meets_targets" in entry else ""))
+        print(f"batch {entry['batch']:>3}, Endor {entry['sparsity']:.0%}: speedup {entry['speedup_vs_accelerate']:.2f}x "
+              f"vs accelerate, {entry['speedup_vs_dense_engine']:.2f}x vs engine-dense; time {vs_ideal} the ideal"
+              + (f"; targets met: {entry['meets_targets']}" if "meets_targets" in entry else ""))
 
 
 def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Seconds per token per system and batch, with the ideal marked; skipped without matplotlib."""
+    """Seconds per token per system and batch, the ideal marked; skipped without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -283,8 +265,7 @@ def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = list(dict.fromkeys(row["system"] for row in rows))
-    batches = sorted({row["batch"] for row in rows})
+    systems, batches = list(dict.fromkeys(row["system"] for row in rows)), sorted({row["batch"] for row in rows})
     width = 0.8 / len(batches)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for offset, batch in enumerate(batches):
@@ -295,9 +276,7 @@ def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         if all(ideal):
             ax.scatter(xs, ideal, marker="_", s=300, color="black", label=None if offset else "ideal (bytes / pinned H2D)")
     ax.set_xticks([idx + width * (len(batches) - 1) / 2 for idx in range(len(systems))], systems)
-    ax.set_ylabel("seconds per decode step (per token)")
-    ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set(ylabel="seconds per decode step (per token)", yscale="log", title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -308,13 +287,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/offload_bench-<device>.json)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "endor-offload-bench",
-                        help="where checkpoints and stores are built (and reused)")
+                        help="where the stores are built and reused")
     parser.add_argument("--layers", type=int, default=8 if CUDA else 4, help="decoder layers")
-    parser.add_argument("--gpu-layers", type=int, default=0, help="layers resident on the GPU (the rest stream)")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="layers resident on the GPU; the rest stream")
     parser.add_argument("--prefetch", type=int, default=2, help="engine prefetch depth (layers)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7])
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens per sequence (the first is the prefill)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7], help="Endor stores (0.5 always)")
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens per sequence; the first (prefill) is not timed")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, after one warm-up")
     args = parser.parse_args()
@@ -322,13 +301,12 @@ def main() -> None:
         parser.error("need --new-tokens >= 2, --repeats >= 1 and 0 <= --gpu-layers <= --layers")
     sparsities = sorted({BASE_SPARSITY, *args.sparsities})
 
-    mode = "cuda" if CUDA else "cpu-smoke"
+    mode, shape = ("cuda", GPU_SHAPE) if CUDA else ("cpu-smoke", SMOKE_SHAPE)
     device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
-    shape = GPU_SHAPE if CUDA else SMOKE_SHAPE
-    args.vocab = shape["vocab_size"]
     device_name = torch.cuda.get_device_name() if CUDA else "cpu"
-    device_slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out_path = args.out or Path(__file__).parent / "results" / f"offload_bench-{device_slug}.json"
+    out_path = args.out or (Path(__file__).parent / "results" /
+                            f"offload_bench-{re.sub(r'[^a-z0-9]+', '-', device_name.lower()).strip('-')}.json")
+    args.vocab = shape["vocab_size"]
     if not CUDA:
         print("No CUDA device: tiny CPU smoke run (checks the pipeline; timings are meaningless)")
 
@@ -340,30 +318,29 @@ def main() -> None:
 
     rows, accelerate_tokens = bench_accelerate(Store(str(paths["dense"])), args, device, h2d_gbps)
     tokens = {"accelerate": accelerate_tokens}
-    for name in paths:
-        gc.collect()
+    for name, path in paths.items():
+        gc.collect()  # the previous system's buffers
         if CUDA:
             torch.cuda.empty_cache()
-        engine_rows, tokens[f"engine-{name}"] = bench_engine(f"engine-{name}", paths[name], args, device, h2d_gbps)
+        engine_rows, tokens[f"engine-{name}"] = bench_engine(name, Store(str(path)), args, device, h2d_gbps)
         rows += engine_rows
     base = f"engine-{store_name(BASE_SPARSITY)}"
-    agree = {str(batch): {"accelerate_vs_dense": tokens["accelerate"][batch] == tokens["engine-dense"][batch],
-                          "dense_vs_endor_50": tokens["engine-dense"][batch] == tokens[base][batch]}
+    agree = {str(batch): {"accelerate_vs_engine_dense": tokens["accelerate"][batch] == tokens["engine-dense"][batch],
+                          f"engine_dense_vs_{base}": tokens["engine-dense"][batch] == tokens[base][batch]}
              for batch in args.batches}
-    ratio_rows = ratios(rows, sparsities, args.batches, CUDA)
+    tokens_agree = all(all(pair.values()) for pair in agree.values())
+    ratio_rows = ratios(rows, sparsities, args.batches)
 
     print(f"mode: {mode}   device: {device_name}   layers: {args.layers} ({args.gpu_layers} resident)   pinned H2D: "
           + (f"{h2d_gbps:.1f} GB/s" if h2d_gbps is not None else "n/a"))
     print_table(rows, ratio_rows)
-    tokens_agree = all(all(pair.values()) for pair in agree.values())
     print(f"greedy tokens of accelerate, engine-dense and {base} agree: {tokens_agree}")
 
     result = {
         "benchmark": "offload_bench", "mode": mode, "machine": machine_info(),
-        "settings": {"model": {**shape, "num_hidden_layers": args.layers, "dtype": "float16"},
-                     "gpu_layers": args.gpu_layers, "prefetch_depth": args.prefetch, "batches": args.batches,
-                     "sparsities": sparsities, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
-                     "repeats": args.repeats, "warmup": WARMUP, "seed": SEED, "statistic": "median", "GB": 1e9,
+        "settings": {**{key: value for key, value in vars(args).items() if key not in ("out", "workdir", "vocab")},
+                     "model": {**shape, "num_hidden_layers": args.layers, "dtype": "float16"}, "sparsities": sparsities,
+                     "warmup": WARMUP, "seed": SEED, "statistic": "median", "GB": 1e9,
                      "timing": "decode steps only (prefill excluded); s_per_token = s per step of the whole batch",
                      "pruning": "magnitude per row (prune_weight on the compute device), nested 50 -> 60 -> 70%; "
                                 "stores converted from the pruned checkpoints with sparsity 0", "workdir": str(root)},

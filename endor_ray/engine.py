@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -134,6 +134,17 @@ class GenerationStats:
         }
 
 
+class TokenEvent(NamedTuple):
+    index: int  # which prompt of the batch
+    token_id: int
+    text: str  # text that became final with this token (may be empty)
+
+
+class GenerationResult(NamedTuple):
+    completions: list[Completion]
+    stats: GenerationStats
+
+
 @dataclass
 class _Batch:
     sequences: list[Sequence]
@@ -208,15 +219,28 @@ class Engine:
         prompts: list[str],
         params: SamplingParams | list[SamplingParams] | None = None,
         on_token: TokenCallback | None = None,
-    ) -> tuple[list[Completion], GenerationStats]:
+    ) -> GenerationResult:
         """Complete every prompt in one batch; `on_token` sees text as it becomes final."""
+        for event in self.stream(prompts, params):
+            if isinstance(event, GenerationResult):
+                return event
+            if on_token is not None:
+                on_token(event.index, event.token_id, event.text)
+        raise AssertionError("stream() ended without a result")
+
+    def stream(
+        self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> Iterator[TokenEvent | GenerationResult]:
+        """Yield a TokenEvent as each sequence's text becomes final, then one GenerationResult."""
         batch = self.start(prompts, params)
         self.source.reset_stats()
         started = time.perf_counter()
         steps = 0
         while not batch.done:
-            self.step(batch, on_token)
+            events: list[TokenEvent] = []
+            self.step(batch, lambda index, token_id, text: events.append(TokenEvent(index, token_id, text)))
             steps += 1
+            yield from events
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - started
@@ -224,8 +248,8 @@ class Engine:
                        for seq in batch.sequences]
         source_stats = self.source.reset_stats()
         source_stats.hits["device"] = steps * len(self.plan.device)  # resident layers run unhooked
-        stats = GenerationStats(len(prompts), steps, sum(len(c.token_ids) for c in completions), wall, source_stats)
-        return completions, stats
+        yield GenerationResult(completions, GenerationStats(
+            len(prompts), steps, sum(len(c.token_ids) for c in completions), wall, source_stats))
 
     def start(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> _Batch:
         """Tokenize and left-pad the prompts into a batch ready for its first step."""

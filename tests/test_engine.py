@@ -115,16 +115,24 @@ def io_threads() -> list[threading.Thread]:
 
 
 def test_interrupt_leaves_no_threads_and_engine_recovers(tiny_stores):
+    from endor_ray.skeleton import decoder_layers
+
     params = SamplingParams(max_new_tokens=8)
     with Engine(str(tiny_stores["opt"]), EngineConfig(gpu_memory=0, prefetch_depth=2), progress=False) as engine:
         expected, _ = engine.generate(PROMPTS[:2], params)
+        calls = []
 
-        def interrupt(index: int, token_id: int, text: str) -> None:
-            raise KeyboardInterrupt
+        def ctrl_c_in_second_pass(module, args, kwargs):  # as if Ctrl-C arrived mid-pass
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
 
+        middle = decoder_layers(engine.model, engine.store.architecture)[1]
+        handle = middle.register_forward_pre_hook(ctrl_c_in_second_pass, with_kwargs=True)
         with pytest.raises(KeyboardInterrupt):
-            engine.generate(PROMPTS[:2], params, on_token=interrupt)
-        again, _ = engine.generate(PROMPTS[:2], params)  # prefetches of the broken pass are dropped
+            engine.generate(PROMPTS[:2], params)
+        handle.remove()
+        again, _ = engine.generate(PROMPTS[:2], params)  # the broken pass's prefetches are dropped
         assert [c.token_ids for c in again] == [c.token_ids for c in expected]
     assert io_threads() == []
 

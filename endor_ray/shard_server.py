@@ -1,0 +1,60 @@
+"""Weight-shard server: owns some layers of a store and serves their compressed, verified bytes.
+
+A plain class: the Ray actor in `endor_ray.service` wraps it and puts each memory-tier layer into
+the object store once. Memory-tier layers are read and checksum-verified at start; disk-tier
+layers are read (and verified) from the store, local or object storage, each time one is asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from endor_ray.errors import StoreError
+from endor_ray.store import Store, tensors_from_buffer
+
+
+@dataclass
+class ShardStats:
+    bytes_served: int = 0
+    hits: dict[str, int] = field(default_factory=lambda: {"memory": 0, "disk": 0})
+    disk_read_s: float = 0.0
+    load_s: float = 0.0
+
+
+class ShardServer:
+    """Holds `memory_layers` of the store in host memory and reads `disk_layers` on demand."""
+
+    def __init__(self, store_location: str, memory_layers: list[int], disk_layers: list[int] = ()):
+        started = time.perf_counter()
+        self.store = Store(store_location)
+        self.disk_layers = frozenset(disk_layers)
+        self.stats = ShardStats()
+        self.memory: dict[int, np.ndarray] = {idx: self._read(idx) for idx in memory_layers}
+        self.stats.load_s = time.perf_counter() - started
+
+    def _read(self, layer_idx: int) -> np.ndarray:
+        data = self.store.layer_bytes(layer_idx)  # [nbytes] uint8
+        tensors_from_buffer(torch.from_numpy(data), self.store.layer_entry(layer_idx), verify=True)
+        return data
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.memory) | self.disk_layers)
+
+    def layer(self, layer_idx: int) -> tuple[np.ndarray, str]:
+        """(verified bytes, tier) of a layer this server owns."""
+        if layer_idx in self.memory:
+            data, tier = self.memory[layer_idx], "memory"
+        elif layer_idx in self.disk_layers:
+            started = time.perf_counter()
+            data, tier = self._read(layer_idx), "disk"
+            self.stats.disk_read_s += time.perf_counter() - started
+        else:
+            raise StoreError(f"layer {layer_idx} is not served by this shard server (it has {self.layers})")
+        self.stats.hits[tier] += 1
+        self.stats.bytes_served += data.size
+        return data, tier
