@@ -1,23 +1,21 @@
 """Offloaded decoding of Llama-2-70B-shaped layers: Accelerate vs this engine, dense vs Endor weights.
 
-Workload: --layers random fp16 decoder layers of Llama-2-70B's shape (hidden 8192, intermediate
-28672, 64 heads, 8 KV heads, vocab 32000), magnitude-pruned per row; greedy decoding of random
---prompt-len token prompts at each --batches size, every layer past the first --gpu-layers streamed
-from host memory each step. In one process, on the same 50%-pruned weights: (a) Hugging Face
-Accelerate (``dispatch_model``, decoder layers on "cpu": the hooks ``from_pretrained(device_map=...)``
-installs); (b) this engine, weights stored dense; (c) this engine, Endor weights at each --sparsities.
+Random fp16 layers of Llama-2-70B's shape (hidden 8192, intermediate 28672, 64 heads, 8 KV heads),
+magnitude-pruned per row; greedy decoding at each --batches size with every layer past the first
+--gpu-layers streamed from host memory each step. One process, the same 50%-pruned weights in
+(a) Hugging Face Accelerate offloading (``dispatch_model`` with decoder layers on "cpu", as
+``from_pretrained(device_map=...)`` does), (b) this engine with dense weights, (c) this engine with
+Endor weights at each --sparsities value. Per row: median over --repeats (after a warm-up) of
+seconds per decode step = per token of each sequence (prefill excluded), tokens/s, per-layer time,
+bytes streamed per step, achieved GB/s, and the ideal time: streamed bytes / pinned host-to-GPU
+GB/s measured in the run. Ratios (targets at 50%, fp16, H100): (a)/(c) >= 2.0, (b)/(c) >= 1.7,
+(c)/ideal <= 1.15. Greedy tokens of (a), (b), (c)-50% must agree ("tokens_agree").
 
-Per row: median over --repeats (after a warm-up) of seconds per decode step, i.e. per token of each
-sequence (prefill excluded); tokens/s; per-layer time; bytes streamed per step; achieved GB/s; the
-ideal time = streamed bytes / pinned host-to-GPU GB/s measured in the same run. Ratios, targets at
-50% fp16 on H100: (a)/(c) >= 2.0, (b)/(c) >= 1.7, (c)/ideal <= 1.15. Greedy tokens of (a), (b) and
-(c)-50% must agree ("tokens_agree").
-
-GPU: ``python benchmarks/offload_bench.py [--layers 8] [--gpu-layers 0] [--batches 1 16]`` writes
-benchmarks/results/offload_bench-<gpu>.json and .png (plot only with matplotlib). The stores are
-built once under --workdir (8 layers: ~33 GB, minutes of CPU) and reused. Without CUDA the same
-run uses a tiny model on the CPU (``"mode": "cpu-smoke"``, under a minute): it checks the pipeline
-end to end; its timings mean nothing and (a) is plain transformers (nothing to offload to).
+GPU: ``python benchmarks/offload_bench.py [--layers 8] [--gpu-layers 0] [--batches 1 16]`` ->
+benchmarks/results/offload_bench-<gpu>.json and .png (with matplotlib). Stores are built once per
+--workdir (8 layers: ~33 GB) and reused. Without CUDA it runs a tiny model on the CPU
+(``"mode": "cpu-smoke"``, under a minute): pipeline check only, timings mean nothing, (a) is plain
+transformers.
 """
 
 from __future__ import annotations
@@ -59,25 +57,19 @@ Run = tuple[float, list[list[int]], dict[str, Any] | None]  # (s per decode step
 Rows = tuple[list[dict[str, Any]], dict[int, list[list[int]]]]  # (table rows, greedy tokens per batch size)
 
 
-def random_model(shape: dict[str, int], num_layers: int):
-    """A random-weight fp16 LlamaForCausalLM on the CPU (fixed seed)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def random_checkpoint(shape: dict[str, int], num_layers: int):
+    """A random-weight fp16 LlamaForCausalLM on the CPU (fixed seed), and a tokenizer mapping "t<id>" to <id>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     config = LlamaConfig(**shape, num_hidden_layers=num_layers, max_position_embeddings=4096,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(SEED)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
-
-
-def word_tokenizer(vocab_size: int):
-    """A tokenizer mapping the word "t<id>" to token <id> (ids 0-2: unk, bos, eos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{token}": token for token in range(3, vocab_size)}}
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{token}": token for token in range(3, shape["vocab_size"])}}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return model, PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 @torch.no_grad()
@@ -99,7 +91,7 @@ def prepare(root: Path, shape: dict[str, int], num_layers: int, sparsities: list
     missing = {name for name, path in paths.items() if not (path / "manifest.json").is_file()}
     if not missing:
         return paths
-    model, tokenizer, checkpoint = random_model(shape, num_layers), word_tokenizer(shape["vocab_size"]), root / "hf-pruned"
+    (model, tokenizer), checkpoint = random_checkpoint(shape, num_layers), root / "hf-pruned"
     for sparsity in sparsities:  # ascending: pruning pruned weights further = pruning the originals
         prune_layers(model, sparsity, device)
         names = (["dense"] if sparsity == BASE_SPARSITY else []) + [store_name(sparsity)]
@@ -130,9 +122,8 @@ def synchronize() -> None:
 
 
 def settle(engine: Engine) -> None:
-    """Wait for the prefetches in flight, then the device: reset_stats() races the I/O thread otherwise."""
-    for fetch in list(engine.source._in_flight.values()):  # private: LayerSource offers no public wait
-        fetch.future.result(timeout=engine.config.fetch_timeout_s)
+    """Wait for the prefetches in flight, then the device, so a timing window closes cleanly."""
+    engine.source.wait_idle()
     synchronize()
 
 
@@ -153,7 +144,7 @@ def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> Run:
         engine.step(batch)
     settle(engine)
     wall, steps = time.perf_counter() - started, new_tokens - 1
-    stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, engine.source.reset_stats()).to_dict()
+    stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, 0.0, engine.source.reset_stats()).to_dict()
     return stats["s_per_step"], [seq.output_ids for seq in batch.sequences], stats
 
 
@@ -265,17 +256,13 @@ def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems, batches = list(dict.fromkeys(row["system"] for row in rows)), sorted({row["batch"] for row in rows})
-    width = 0.8 / len(batches)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for offset, batch in enumerate(batches):
-        chosen = {row["system"]: row for row in rows if row["batch"] == batch}
-        xs = [idx + offset * width for idx in range(len(systems))]
-        ax.bar(xs, [chosen[name]["s_per_token"] for name in systems], width, label=f"batch {batch}")
-        ideal = [chosen[name]["ideal_s_per_token"] for name in systems]
-        if all(ideal):
-            ax.scatter(xs, ideal, marker="_", s=300, color="black", label=None if offset else "ideal (bytes / pinned H2D)")
-    ax.set_xticks([idx + width * (len(batches) - 1) / 2 for idx in range(len(systems))], systems)
+    for batch in sorted({row["batch"] for row in rows}):
+        chosen = [row for row in rows if row["batch"] == batch]
+        ax.plot([row["system"] for row in chosen], [row["s_per_token"] for row in chosen], "o-", label=f"batch {batch}")
+    if all(row["ideal_s_per_token"] for row in chosen):  # bytes / bandwidth: the same for every batch size
+        ax.plot([row["system"] for row in chosen], [row["ideal_s_per_token"] for row in chosen], "k_--",
+                label="ideal: streamed bytes / pinned H2D")
     ax.set(ylabel="seconds per decode step (per token)", yscale="log", title=title)
     ax.legend()
     fig.tight_layout()

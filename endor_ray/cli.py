@@ -6,7 +6,10 @@
     endor export STORE OUT [--force]
     endor generate STORE --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
                    [--top-p P] [--seed S] [--stop S] [--chat] [--gpu-memory SIZE] [--host-memory SIZE]
-                   [--prefetch D] [--device DEV] [--json]
+                   [--prefetch D] [--device DEV] [--json] [--address ADDR | --in-process]
+
+`endor generate` runs on Ray: shard servers hold the layers, a GPU worker streams them. Without
+--address a local single-node Ray is started and stopped; --in-process skips Ray altogether.
     endor verify STORE --prompt TEXT [--max-new-tokens N]   (exit 0 iff identical to transformers)
 
 SRC is a local Hugging Face checkpoint directory or ``smollm2-135m`` (the embedded default
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from endor_ray.default_model import DEFAULT_MODEL_NAME
@@ -87,14 +91,19 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _engine_config(args: argparse.Namespace):
+    from endor_ray.engine import EngineConfig
+
+    return EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
+                        prefetch_depth=args.prefetch)
+
+
 def _engine(args: argparse.Namespace):
-    from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine import Engine
 
     if not args.prompt:  # before the (slow) engine start
         raise ConfigError("give at least one --prompt")
-    config = EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
-                          prefetch_depth=args.prefetch)
-    return Engine(_open_store(args.store), config, progress=not getattr(args, "json", False))
+    return Engine(_open_store(args.store), _engine_config(args), progress=not getattr(args, "json", False))
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
@@ -109,30 +118,53 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    with _engine(args) as engine:
-        prompts = _prompts(args, engine.tokenizer)
-        single = len(prompts) == 1 and not args.json
-
-        def on_token(index: int, token_id: int, text: str) -> None:
-            if single:
-                print(text, end="", flush=True)
-
-        if single:
-            print(args.prompt[0], end="" if args.chat is False else "\n", flush=True)
-        completions, stats = engine.generate(prompts, params, on_token=on_token)
+    if not args.prompt:  # before the (slow) start
+        raise ConfigError("give at least one --prompt")
+    single = len(args.prompt) == 1 and not args.json
+    if single:
+        print(args.prompt[0], end="\n" if args.chat else "", flush=True)
+    events = _generate_in_process(args, params) if args.in_process else _generate_on_ray(args, params)
+    result = None
+    for event in events:
+        if "completions" in event:
+            result = event
+        elif single:
+            print(event["text"], end="", flush=True)
     if args.json:
-        print(json.dumps({
-            "completions": [{"prompt": user, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
-                            for user, c in zip(args.prompt, completions)],
-            "stats": stats.to_dict(),
-        }, indent=1))
+        for user, completion in zip(args.prompt, result["completions"]):
+            completion["prompt"] = user
+        print(json.dumps(result, indent=1))
         return
     if single:
         print()
     else:
-        for index, (user, completion) in enumerate(zip(args.prompt, completions)):
-            print(f"[{index}] {user}{completion.text}")
-    print_stats(stats.to_dict(), file=sys.stderr)
+        for index, (user, completion) in enumerate(zip(args.prompt, result["completions"])):
+            print(f"[{index}] {user}{completion['text']}")
+    print_stats(result["stats"], file=sys.stderr)
+
+
+def _generate_in_process(args: argparse.Namespace, params) -> Iterator[dict]:
+    """Token events, then the result dict, from an engine in this process."""
+    from endor_ray.engine import GenerationResult
+
+    with _engine(args) as engine:
+        for event in engine.stream(_prompts(args, engine.tokenizer), params):
+            if isinstance(event, GenerationResult):
+                yield event.to_dict()
+            else:
+                yield {"index": event.index, "token_id": event.token_id, "text": event.text}
+
+
+def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
+    """The same events from the Ray service (a local single-node Ray unless --address is given)."""
+    from endor_ray.driver import ClusterConfig, connect
+    from endor_ray.engine import load_tokenizer
+
+    store = _open_store(args.store)
+    prompts = _prompts(args, load_tokenizer(store)) if args.chat else args.prompt
+    cluster = ClusterConfig(address=args.address, num_workers=args.workers, shard_memory=args.shard_memory)
+    with connect(args.store, _engine_config(args), cluster) as service:
+        yield from service.stream(prompts, params)
 
 
 def print_stats(stats: dict, file=sys.stdout) -> None:
@@ -217,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--json", action="store_true", help="print one JSON object with completions and stats")
+    generate.add_argument("--address", default=None,
+                          help="Ray cluster to use: auto, ray://host:port or host:port (default: start a local Ray)")
+    generate.add_argument("--in-process", action="store_true", help="run the engine in this process, without Ray")
+    generate.add_argument("--workers", type=int, default=1, help="GPU worker replicas (Ray mode)")
+    generate.add_argument("--shard-memory", default=None,
+                          help="host memory per node for shard servers (Ray mode; default 70%% of its object store)")
     generate.set_defaults(func=cmd_generate)
 
     verify = sub.add_parser("verify", help="check greedy tokens against plain transformers on the same weights")

@@ -114,6 +114,7 @@ class GenerationStats:
     steps: int  # forward passes (each one pass over all layers)
     new_tokens: int
     wall_s: float
+    prefill_s: float  # the first step: the whole prompts through every layer
     source: SourceStats = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +126,9 @@ class GenerationStats:
             "wall_s": self.wall_s,
             "tokens_per_s": self.new_tokens / self.wall_s if self.wall_s else 0.0,
             "s_per_step": self.wall_s / self.steps if self.steps else 0.0,
+            "prefill_s": self.prefill_s,
+            # decode steps only: one token per sequence per pass over the weights
+            "decode_s_per_step": (self.wall_s - self.prefill_s) / (self.steps - 1) if self.steps > 1 else None,
             "bytes_to_device_per_step": source.bytes_to_device / self.steps if self.steps else 0,
             "link_GBps": source.bytes_to_device / source.transfer_s / 1e9 if source.transfer_s else None,
             "time_s": {"transfer": source.transfer_s, "read": source.read_s,
@@ -143,6 +147,10 @@ class TokenEvent(NamedTuple):
 class GenerationResult(NamedTuple):
     completions: list[Completion]
     stats: GenerationStats
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: {"completions": [{prompt, text, token_ids, finish_reason}], "stats": {...}}."""
+        return {"completions": [vars(c).copy() for c in self.completions], "stats": self.stats.to_dict()}
 
 
 @dataclass
@@ -235,11 +243,13 @@ class Engine:
         batch = self.start(prompts, params)
         self.source.reset_stats()
         started = time.perf_counter()
-        steps = 0
+        steps, prefill_s = 0, 0.0
         while not batch.done:
             events: list[TokenEvent] = []
             self.step(batch, lambda index, token_id, text: events.append(TokenEvent(index, token_id, text)))
             steps += 1
+            if steps == 1:  # step() read the logits back: the prefill has finished on the device
+                prefill_s = time.perf_counter() - started
             yield from events
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -249,7 +259,7 @@ class Engine:
         source_stats = self.source.reset_stats()
         source_stats.hits["device"] = steps * len(self.plan.device)  # resident layers run unhooked
         yield GenerationResult(completions, GenerationStats(
-            len(prompts), steps, sum(len(c.token_ids) for c in completions), wall, source_stats))
+            len(prompts), steps, sum(len(c.token_ids) for c in completions), wall, prefill_s, source_stats))
 
     def start(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> _Batch:
         """Tokenize and left-pad the prompts into a batch ready for its first step."""

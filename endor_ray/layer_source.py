@@ -107,9 +107,19 @@ class StoreReader:
                  progress: bool = True):
         self.store, self.verify_disk_reads = store, verify_disk_reads
         self._host: dict[int, torch.Tensor] = {}  # layer -> [nbytes] uint8, verified (pinned on CUDA)
+        self._registered: list[torch.Tensor] = []
         for layer_idx in tqdm(host_layers, desc="load", unit="layer", disable=not progress):
             data = self.read(layer_idx, verify=True)
-            self._host[layer_idx] = data.pin_memory() if pin else data
+            self._host[layer_idx] = self._pin(data) if pin else data
+
+    def _pin(self, data: torch.Tensor) -> torch.Tensor:
+        """Page-lock `data` where it lies. (Tensor.pin_memory() would copy it into the caching host
+        allocator, which rounds every block up to a power of two: up to 2x the host budget.)"""
+        result = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel(), 1)  # portable
+        if int(result) != 0:  # e.g. registration unsupported: fall back to a pinned copy
+            return data.pin_memory()
+        self._registered.append(data)
+        return data
 
     def entry(self, layer_idx: int) -> dict:
         return self.store.layer_entry(layer_idx)
@@ -131,6 +141,9 @@ class StoreReader:
         return self.read(layer_idx, verify=self.verify_disk_reads), "disk"
 
     def close(self) -> None:
+        for data in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(data.data_ptr())
+        self._registered.clear()
         self._host.clear()
 
 
@@ -158,7 +171,7 @@ class SourceStats:
 class _Slot:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # dense, on the compute device
     compressed: torch.Tensor | None = None  # [max layer nbytes] uint8 on the GPU (CUDA only)
-    staging: torch.Tensor | None = None  # [max layer nbytes] pinned uint8 for disk reads (CUDA only)
+    staging: torch.Tensor | None = None  # [max layer nbytes] pinned uint8 for pageable sources, on first use
     ready: torch.cuda.Event | None = None  # decompressed (copy stream)
     free: torch.cuda.Event | None = None  # compute finished reading `weights`
     staged: torch.cuda.Event | None = None  # the copy out of `staging` finished
@@ -197,9 +210,9 @@ class LayerSource:
             self.resident[layer_idx] = self._decompress_all(data.to(device), layer_idx)
 
         self._streamed = plan.streamed
-        max_nbytes = max((reader.entry(i)["nbytes"] for i in self._streamed), default=0)
+        self._max_nbytes = max((reader.entry(i)["nbytes"] for i in self._streamed), default=0)
         self._free_slots: deque[_Slot] = deque(
-            self._new_slot(max_nbytes) for _ in range(min(prefetch_depth + 1, len(self._streamed)))
+            self._new_slot(self._max_nbytes) for _ in range(min(prefetch_depth + 1, len(self._streamed)))
         )
         self._in_flight: dict[int, _Fetch] = {}
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-io") if self._streamed else None
@@ -222,7 +235,6 @@ class LayerSource:
             return _Slot()
         return _Slot(
             compressed=torch.empty(max_nbytes, dtype=torch.uint8, device=self.device),
-            staging=torch.empty(max_nbytes, dtype=torch.uint8, pin_memory=True),
             ready=torch.cuda.Event(enable_timing=False), free=torch.cuda.Event(), staged=torch.cuda.Event(),
         )
 
@@ -242,6 +254,8 @@ class LayerSource:
             return tier
         staged = not source.is_pinned()
         if staged:  # pageable memory (disk, network): through the slot's pinned staging buffer
+            if slot.staging is None:
+                slot.staging = torch.empty(self._max_nbytes, dtype=torch.uint8, pin_memory=True)
             slot.staged.synchronize()  # the previous copy out of it is done
             source = slot.staging[:nbytes].copy_(source)
         copied, started_event, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
@@ -267,11 +281,8 @@ class LayerSource:
 
     def _drain(self) -> None:
         """Forget prefetches (the layers were asked for out of order, e.g. after an error)."""
+        self.wait_idle()
         for fetch in self._in_flight.values():
-            try:
-                fetch.future.result(timeout=self.timeout_s)
-            except Exception:  # noqa: BLE001 - the fetch is discarded; a new one reports its own error
-                pass
             self._free_slots.append(fetch.slot)
         self._in_flight.clear()
         if self.cuda:
@@ -335,8 +346,17 @@ class LayerSource:
             self.stats.compute_s += time.perf_counter() - fetch.acquired_at
         self._free_slots.append(fetch.slot)
 
+    def wait_idle(self) -> None:
+        """Wait until every scheduled fetch has been issued (their stats are then complete)."""
+        for fetch in list(self._in_flight.values()):
+            try:
+                fetch.future.result(timeout=self.timeout_s)
+            except Exception:  # noqa: BLE001 - a failed prefetch reports itself when acquired
+                pass
+
     def reset_stats(self) -> SourceStats:
         """Return the stats so far (CUDA events resolved) and start new ones."""
+        self.wait_idle()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.stats.resolve_events()

@@ -39,9 +39,13 @@ def prune_rows(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> to
     pruned = weight.clone()
     if num_pruned == 0:
         return pruned
-    order = torch.sort(score, dim=1, stable=True).indices  # [out, in] ascending score
-    drop = torch.zeros_like(weight, dtype=torch.bool)
-    drop.scatter_(1, order[:, :num_pruned], True)
+    # The same choice as a stable ascending sort, in linear time: everything below each row's
+    # k-th smallest score, then the leftmost of the entries tied with it until k are dropped.
+    kth = torch.kthvalue(score, num_pruned, dim=1, keepdim=True).values  # [out, 1]
+    below = score < kth
+    tied = score == kth
+    still_needed = num_pruned - below.sum(dim=1, keepdim=True)
+    drop = below | (tied & (torch.cumsum(tied, dim=1) <= still_needed))
     return pruned.masked_fill_(drop, 0)
 
 

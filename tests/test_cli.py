@@ -113,7 +113,7 @@ def test_console_script_is_installed(tmp_path):
 
 def test_generate_json_and_verify(tiny_stores, capsys):
     store = str(tiny_stores["llama-gqa"])
-    code, stdout, _ = run(["generate", store, "--prompt", "Hello there", "--prompt", "A",
+    code, stdout, _ = run(["generate", store, "--in-process", "--prompt", "Hello there", "--prompt", "A",
                            "--max-new-tokens", "4", "--gpu-memory", "1", "--json"], capsys)
     assert code == 0
     result = json.loads(stdout)
@@ -127,7 +127,7 @@ def test_generate_json_and_verify(tiny_stores, capsys):
 
 
 def test_generate_prints_text_as_it_comes(tiny_stores, capsys):
-    code, stdout, err = run(["generate", str(tiny_stores["opt"]), "--prompt", "Hello", "--max-new-tokens", "3"], capsys)
+    code, stdout, err = run(["generate", str(tiny_stores["opt"]), "--in-process", "--prompt", "Hello", "--max-new-tokens", "3"], capsys)
     assert code == 0 and stdout.startswith("Hello")
     assert "tokens/s" in err and "layer hits per tier" in err
 
@@ -144,7 +144,7 @@ def test_generate_bad_input(tiny_stores, tmp_path, capsys):
         (["--prompt", "x", "--prefetch", "-1"], "prefetch depth"),
     ]
     for extra, needle in cases:
-        code, _, err = run(["generate", store, *extra], capsys)
+        code, _, err = run(["generate", store, "--in-process", *extra], capsys)
         assert_clean_error(code, err, needle)
     code, _, err = run(["generate", str(tmp_path), "--prompt", "x"], capsys)
     assert_clean_error(code, err, "not an endor store")

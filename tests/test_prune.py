@@ -75,3 +75,14 @@ def test_collector_sums_squared_inputs_per_feature():
     hidden = [torch.relu(block[0](x)).reshape(-1, 3) for x in inputs]
     assert torch.allclose(collector.input_sq_sum("2.weight"), sum((h**2).sum(dim=0) for h in hidden))
     assert collector.input_sq_sum("1.weight") is None
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.73])
+def test_same_choice_as_a_stable_sort_with_many_ties(sparsity):
+    generator = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 4, (16, 50), generator=generator).float()  # heavy ties
+    weight = torch.randn(16, 50, generator=generator)
+    order = torch.sort(score, dim=1, stable=True).indices
+    expected = weight.clone()
+    expected.scatter_(1, order[:, : int(50 * sparsity)], 0.0)
+    assert torch.equal(prune_rows(weight, score, sparsity), expected)

@@ -1,0 +1,223 @@
+"""The driver: connect to (or start) Ray, place the layers, create the actors, run generation.
+
+    service = endor_ray.connect("stores/model", address="auto")
+    completions, stats = service.generate(["Hello"], SamplingParams(max_new_tokens=16))
+    for event in service.stream(["Hello"]): ...
+    service.close()
+
+Shard servers are created on the nodes the placement chooses (`NodeAffinitySchedulingStrategy`,
+hard), GPU workers on a node with the worker resource, else one with a GPU, else the driver's
+node. Several workers share one set of shard servers; requests go round-robin. Every wait on Ray
+has a timeout; a failed start kills what it created.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from endor_ray import errors
+from endor_ray.engine import EngineConfig, parse_budget
+from endor_ray.errors import ConfigError, EndorError
+from endor_ray.placement import NodeInfo, Placement, plan_placement
+from endor_ray.sampling import SamplingParams
+from endor_ray.store import Store
+
+SHARD_RESOURCE = "endor_shard"  # nodes with this custom resource host shard servers (if any has it)
+WORKER_RESOURCE = "endor_worker"  # nodes with this custom resource host GPU workers (if any has it)
+
+
+@dataclass
+class ClusterConfig:
+    """Where the service runs and how it places layers."""
+
+    address: str | None = None  # None: start a local Ray; "auto", "ray://host:port" or "host:port"
+    shard_memory: str | None = None  # per-node budget for shard servers; None: 70% of its object store
+    spill_to_disk: bool = True  # layers beyond the budgets are read from the store on demand
+    num_workers: int = 1  # GPU worker replicas sharing the shard servers
+    max_restarts: int = 3  # shard server restarts (each reloads its layers from the store)
+    timeout_s: float = 300.0  # start-up and per-request limit; a fetch retry window
+    node_budgets: dict[str, int] = field(default_factory=dict)  # node id -> bytes, overrides the above
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.shard_memory is not None and parse_budget(self.shard_memory, "shard memory")[0] is None:
+            raise ConfigError(f"shard memory must be a size such as 8GiB, got {self.shard_memory!r}")
+
+    @property
+    def shard_memory_bytes(self) -> int | None:
+        return None if self.shard_memory is None else parse_budget(self.shard_memory, "shard memory")[0]
+
+
+def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
+    """Connect to `address` or start a local single-node Ray on 127.0.0.1; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        return True
+    if address != "auto" and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=min(timeout_s, 10)).close()
+        except (OSError, ValueError) as exc:
+            raise EndorError(f"no Ray cluster answers at {address} ({exc}); check the address and that "
+                             "`ray start --head` runs there") from None
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise EndorError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    return False
+
+
+def cluster_nodes(config: ClusterConfig, layer_nbytes: list[int]) -> tuple[list[NodeInfo], str, bool]:
+    """(shard nodes with budgets, worker node id, cluster has GPUs) from the live cluster."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    has_shard_resource = any(SHARD_RESOURCE in node["Resources"] for node in alive)
+    shard_nodes = []
+    for node in alive:
+        if has_shard_resource and SHARD_RESOURCE not in node["Resources"]:
+            continue
+        budget = config.node_budgets.get(node["NodeID"])
+        if budget is None:
+            object_store = int(node["Resources"].get("object_store_memory", 0))
+            budget = config.shard_memory_bytes if config.shard_memory_bytes is not None else int(0.7 * object_store)
+        shard_nodes.append(NodeInfo(node["NodeID"], budget))
+    has_gpus = any(node["Resources"].get("GPU", 0) > 0 for node in alive)
+    for wanted in (WORKER_RESOURCE, "GPU"):
+        candidates = [node["NodeID"] for node in alive if node["Resources"].get(wanted, 0) > 0]
+        if candidates:
+            return shard_nodes, candidates[0], has_gpus
+    return shard_nodes, ray.get_runtime_context().get_node_id(), has_gpus
+
+
+class Service:
+    """A running endor-ray service: shard servers plus GPU workers. Use `connect()` to make one."""
+
+    def __init__(self, store: Store, placement: Placement, shards: dict[str, Any], workers: list[Any],
+                 timeout_s: float, started_ray: bool):
+        self.store, self.placement, self.timeout_s = store, placement, timeout_s
+        self.shards, self.workers, self._started_ray = shards, workers, started_ray
+        self._next_worker = itertools.cycle(range(len(workers)))
+
+    def _params(self, prompts: list[str], params) -> list[SamplingParams]:
+        if not prompts:
+            raise ConfigError("no prompts given")
+        if params is None or isinstance(params, SamplingParams):
+            return [params or SamplingParams()] * len(prompts)
+        return list(params)
+
+    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> dict[str, Any]:
+        """{"completions": [...], "stats": {...}} for a batch of prompts."""
+        worker = self.workers[next(self._next_worker)]
+        ref = worker.generate.remote(list(prompts), self._params(prompts, params))
+        return _get(ref, self.timeout_s, "generation")
+
+    def stream(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[dict]:
+        """Token events {"index", "token_id", "text"} as they come, then the result dict."""
+        worker = self.workers[next(self._next_worker)]
+        events = worker.stream.options(num_returns="streaming").remote(list(prompts), self._params(prompts, params))
+        for ref in events:
+            yield _get(ref, self.timeout_s, "generation")
+
+    def shard_stats(self) -> dict[str, Any]:
+        return {node: _get(actor.stats.remote(), self.timeout_s, "shard stats") for node, actor in self.shards.items()}
+
+    def close(self) -> None:
+        """Kill the actors (and stop Ray if connect() started it)."""
+        import ray
+
+        for actor in [*self.workers, *self.shards.values()]:
+            ray.kill(actor, no_restart=True)
+        self.workers, self.shards = [], {}
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _get(ref, timeout_s: float, what: str):
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        raise EndorError(f"{what} did not finish within {timeout_s:.0f} s; check the cluster's nodes") from None
+    except RayActorError as exc:
+        # An actor whose constructor raised one of our errors (e.g. a store it cannot read) dies
+        # with that error's text in the message: surface it as itself.
+        found = re.findall(r"endor_ray\.errors\.(\w+): (.+)", str(exc))
+        if found:
+            name, message = found[-1]
+            raise getattr(errors, name, EndorError)(f"{what} failed: {message}") from None
+        raise EndorError(f"{what} failed: an endor-ray actor died ({str(exc).splitlines()[0]})") from None
+    except RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, EndorError) else None
+        if cause is not None:
+            raise type(cause)(str(cause)) from None
+        raise
+
+
+def connect(store_location: str, engine_config: EngineConfig | None = None,
+            cluster: ClusterConfig | None = None) -> Service:
+    """Start the service for a store: place layers, create shard servers and workers, wait until ready."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from endor_ray.service import ShardActor, WorkerActor
+
+    cluster = cluster or ClusterConfig()
+    engine_config = engine_config or EngineConfig()
+    store = Store(store_location)  # the driver reads the manifest: fail early on a bad store
+    layer_nbytes = [entry["nbytes"] for entry in store.manifest["layers"]]
+    started_ray = init_ray(cluster.address, cluster.timeout_s)
+    created: list[Any] = []
+    try:
+        shard_nodes, worker_node, has_gpus = cluster_nodes(cluster, layer_nbytes)
+        placement = plan_placement(layer_nbytes, shard_nodes, worker_node, cluster.spill_to_disk)
+        shards = {}
+        for node_id in placement.nodes:
+            actor = ray.remote(ShardActor).options(
+                num_cpus=0, max_restarts=cluster.max_restarts,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(store_location, list(placement.memory.get(node_id, ())), list(placement.disk.get(node_id, ())))
+            shards[node_id] = actor
+            created.append(actor)
+        _get([actor.ready.remote() for actor in shards.values()], cluster.timeout_s, "shard server start")
+        shard_of_layer = {idx: shards[node] for node in placement.nodes for idx in placement.layers_of(node)}
+        if has_gpus and engine_config.device == "auto":
+            engine_config = EngineConfig(**{**engine_config.__dict__, "device": "cuda"})
+        workers = []
+        for _ in range(cluster.num_workers):
+            worker = ray.remote(WorkerActor).options(
+                num_gpus=1 if has_gpus else 0, num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(worker_node, soft=False),
+            ).remote(store_location, engine_config, shard_of_layer, cluster.timeout_s)
+            workers.append(worker)
+            created.append(worker)
+        _get([worker.ready.remote() for worker in workers], cluster.timeout_s, "GPU worker start")
+        return Service(store, placement, shards, workers, cluster.timeout_s, started_ray)
+    except BaseException:
+        for actor in created:
+            ray.kill(actor, no_restart=True)
+        if started_ray:
+            ray.shutdown()
+        raise

@@ -1,0 +1,134 @@
+"""The Ray layer: thin actors over the shard server and the engine, and the reader that joins them.
+
+- `ShardActor` wraps `ShardServer`: each memory-tier layer is put into the object store once,
+  as a numpy buffer, so a worker on the same node reads it zero-copy (torch tensors never go
+  through Ray: they are always copied). Disk-tier layers are put on demand.
+- `RayShardReader` is the GPU worker's layer reader: `request` asks the owning shard server for
+  the layer's object reference (non-blocking, so several fetches are in flight), `resolve` gets
+  the bytes. A fetch that fails because a shard server died is retried until the server has
+  restarted (it reloads its layers from the store), within a deadline.
+- `WorkerActor` wraps the engine, with a `RayShardReader` as its layer source.
+
+Actors are made remote where they are created (`endor_ray.driver`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
+
+from endor_ray.engine import Engine, EngineConfig, GenerationResult
+from endor_ray.errors import EndorError
+from endor_ray.sampling import SamplingParams
+from endor_ray.shard_server import ShardServer
+from endor_ray.store import Store
+
+RETRYABLE = (RayActorError, ObjectLostError, OwnerDiedError)
+
+
+class ShardActor:
+    """Serves a ShardServer's layers as object references."""
+
+    def __init__(self, store_location: str, memory_layers: list[int], disk_layers: list[int]):
+        self.server = ShardServer(store_location, memory_layers, disk_layers)
+        self.layers = self.server.layers
+        self._refs = {idx: ray.put(data) for idx, data in self.server.memory.items()}  # put once
+        self.server.memory.clear()  # the object store holds the bytes now
+
+    def ready(self) -> list[int]:
+        return self.layers
+
+    def layer_ref(self, layer_idx: int) -> list[ray.ObjectRef]:
+        """[ref to the layer's verified bytes] (wrapped in a list so Ray hands over the ref itself)."""
+        ref = self._refs.get(layer_idx)
+        if ref is not None:
+            self.server.stats.hits["memory"] += 1
+            self.server.stats.bytes_served += self.server.store.layer_entry(layer_idx)["nbytes"]
+            return [ref]
+        data, _ = self.server.layer(layer_idx)
+        return [ray.put(data)]
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.server.stats
+        return {"layers": self.layers, "memory_layers": sorted(self._refs), "bytes_served": stats.bytes_served, "hits": dict(stats.hits),
+                "disk_read_s": stats.disk_read_s, "load_s": stats.load_s}
+
+
+class RayShardReader:
+    """Layer bytes from shard servers, several requests in flight, retried across restarts."""
+
+    def __init__(self, store: Store, shard_of_layer: dict[int, Any], timeout_s: float = 120.0):
+        self.store, self.shard_of_layer, self.timeout_s = store, shard_of_layer, timeout_s
+        self.retries = 0
+
+    def entry(self, layer_idx: int) -> dict:
+        return self.store.layer_entry(layer_idx)
+
+    def request(self, layer_idx: int) -> tuple[int, ray.ObjectRef]:
+        return layer_idx, self.shard_of_layer[layer_idx].layer_ref.remote(layer_idx)
+
+    def resolve(self, request: tuple[int, ray.ObjectRef]) -> tuple[torch.Tensor, str]:
+        layer_idx, pending = request
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                [ref] = ray.get(pending, timeout=max(deadline - time.monotonic(), 0.001))
+                data = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
+                break
+            except RETRYABLE as exc:
+                if time.monotonic() >= deadline:
+                    raise EndorError(f"layer {layer_idx}: its shard server did not come back within "
+                                     f"{self.timeout_s:.0f} s ({type(exc).__name__})") from exc
+                self.retries += 1
+                time.sleep(0.2)
+                pending = self.shard_of_layer[layer_idx].layer_ref.remote(layer_idx)
+            except GetTimeoutError:
+                raise EndorError(f"layer {layer_idx} did not arrive from its shard server within "
+                                 f"{self.timeout_s:.0f} s; check the shard node") from None
+        with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(data), "remote"
+
+    def close(self) -> None:
+        pass
+
+
+class WorkerActor:
+    """The engine on a GPU (or CPU) worker, its streamed layers coming from shard servers."""
+
+    def __init__(self, store_location: str, engine_config: EngineConfig, shard_of_layer: dict[int, Any],
+                 timeout_s: float):
+        store = Store(store_location)
+        self.reader = RayShardReader(store, shard_of_layer, timeout_s)
+        self.engine = Engine(store, engine_config, progress=False, reader=self.reader)
+
+    def ready(self) -> dict[str, Any]:
+        plan = self.engine.plan
+        return {"device": str(self.engine.device), "resident_layers": list(plan.device),
+                "streamed_layers": list(plan.streamed), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, prompts: list[str], params: list[SamplingParams]) -> dict[str, Any]:
+        return result_dict(self.engine.generate(prompts, params), self.reader.retries)
+
+    def stream(self, prompts: list[str], params: list[SamplingParams]) -> Iterator[dict[str, Any]]:
+        for event in self.engine.stream(prompts, params):
+            if isinstance(event, GenerationResult):
+                yield result_dict(event, self.reader.retries)
+            else:
+                yield {"index": event.index, "token_id": event.token_id, "text": event.text}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        return {"max_context": self.engine.max_context}
+
+
+def result_dict(result: GenerationResult, retries: int) -> dict[str, Any]:
+    """A generate() result as plain data (what crosses Ray), with the fetch retries counted."""
+    data = result.to_dict()
+    data["stats"]["fetch_retries"] = retries
+    return data
