@@ -28,14 +28,7 @@ from pathlib import Path
 from endor_ray.default_model import DEFAULT_MODEL_NAME
 from endor_ray.errors import ConfigError, EndorError
 from endor_ray.format import DEFAULT_BLOCK_SIZE, DTYPES
-
-
-def human_bytes(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
+from endor_ray.units import human_bytes
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

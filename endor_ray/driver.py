@@ -17,12 +17,14 @@ import itertools
 import os
 import re
 import socket
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from endor_ray import errors
-from endor_ray.engine import EngineConfig, parse_budget
+from endor_ray.engine import EngineConfig
+from endor_ray.units import parse_budget
 from endor_ray.errors import ConfigError, EndorError
 from endor_ray.placement import NodeInfo, Placement, plan_placement
 from endor_ray.sampling import SamplingParams
@@ -189,14 +191,15 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
     store = Store(store_location)  # the driver reads the manifest: fail early on a bad store
     layer_nbytes = [entry["nbytes"] for entry in store.manifest["layers"]]
     started_ray = init_ray(cluster.address, cluster.timeout_s)
+    service_id = uuid.uuid4().hex[:8]  # actors are named endor-<id>-...: listable, never orphaned unseen
     created: list[Any] = []
     try:
         shard_nodes, worker_node, has_gpus = cluster_nodes(cluster, layer_nbytes)
         placement = plan_placement(layer_nbytes, shard_nodes, worker_node, cluster.spill_to_disk)
         shards = {}
-        for node_id in placement.nodes:
+        for shard_idx, node_id in enumerate(placement.nodes):
             actor = ray.remote(ShardActor).options(
-                num_cpus=0, max_restarts=cluster.max_restarts,
+                name=f"endor-{service_id}-shard-{shard_idx}", num_cpus=0, max_restarts=cluster.max_restarts,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(store_location, list(placement.memory.get(node_id, ())), list(placement.disk.get(node_id, ())))
             shards[node_id] = actor
@@ -206,9 +209,9 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
         if has_gpus and engine_config.device == "auto":
             engine_config = EngineConfig(**{**engine_config.__dict__, "device": "cuda"})
         workers = []
-        for _ in range(cluster.num_workers):
+        for worker_idx in range(cluster.num_workers):
             worker = ray.remote(WorkerActor).options(
-                num_gpus=1 if has_gpus else 0, num_cpus=0,
+                name=f"endor-{service_id}-worker-{worker_idx}", num_gpus=1 if has_gpus else 0, num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(worker_node, soft=False),
             ).remote(store_location, engine_config, shard_of_layer, cluster.timeout_s)
             workers.append(worker)

@@ -28,34 +28,10 @@ from endor_ray.layer_source import LayerSource, SourceStats, StoreReader, plan_t
 from endor_ray.sampling import SamplingParams, make_generator, select_token
 from endor_ray.sequence import Sequence
 from endor_ray.store import Store
+from endor_ray.units import parse_budget
 
 # (sequence index, token id, newly final text) -> None
 TokenCallback = Callable[[int, int, str], None]
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_budget(value: str | int | None, what: str) -> tuple[int | None, int | None]:
-    """'8GiB' -> (bytes, None); '12' or 12 -> (None, 12 layers); None -> (None, None)."""
-    if value is None:
-        return None, None
-    if isinstance(value, int):
-        layers = value
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-        if match is None or match.group(2).lower() not in _UNITS:
-            raise ConfigError(f"{what} {value!r} is neither a layer count (12) nor a size (8GiB, 500MB)")
-        number, unit = match.groups()
-        if unit:
-            return int(float(number) * _UNITS[unit.lower()]), None
-        if "." in number:
-            raise ConfigError(f"{what} {value!r}: a layer count must be a whole number")
-        layers = int(number)
-    if layers < 0:
-        raise ConfigError(f"{what} must not be negative, got {value!r}")
-    return None, layers
-
 
 @dataclass
 class EngineConfig:

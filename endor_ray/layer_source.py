@@ -36,6 +36,7 @@ from tqdm import tqdm
 from endor_ray.errors import ConfigError, EndorError
 from endor_ray.format import EncodedTensor, decode
 from endor_ray.store import Store, tensors_from_buffer
+from endor_ray.units import human_bytes
 
 TIERS = ("device", "host", "disk", "remote")
 
@@ -80,9 +81,9 @@ def plan_tiers(
         streaming_nbytes = (prefetch_depth + 1) * slot_nbytes
         if device_budget_bytes < streaming_nbytes:
             raise ConfigError(
-                f"GPU memory budget {device_budget_bytes / 2**20:.1f} MiB is below the minimum "
-                f"{streaming_nbytes / 2**20:.1f} MiB for streaming with prefetch depth {prefetch_depth} "
-                f"({prefetch_depth + 1} slots of {slot_nbytes / 2**20:.1f} MiB: one compressed and one dense "
+                f"GPU memory budget {human_bytes(device_budget_bytes)} ({device_budget_bytes} bytes) is below the "
+                f"minimum {human_bytes(streaming_nbytes)} ({streaming_nbytes} bytes) for streaming with prefetch depth {prefetch_depth} "
+                f"({prefetch_depth + 1} slots of {human_bytes(slot_nbytes)}: one compressed and one dense "
                 "layer each); raise --gpu-memory or lower --prefetch"
             )
         resident, used = 0, streaming_nbytes

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from endor_ray.errors import EndorError
+from endor_ray.units import human_bytes
 
 
 class PlacementError(EndorError):
@@ -73,8 +74,8 @@ def plan_placement(
         if not spill_to_disk:
             total = sum(node.budget_bytes for node in shard_nodes)
             raise PlacementError(
-                f"the shard nodes' memory budgets ({total / 2**30:.2f} GiB over {len(shard_nodes)} nodes) cannot "
-                f"hold the model's {sum(layer_nbytes) / 2**30:.2f} GiB of layers: {missing / 2**30:.2f} GiB "
+                f"the shard nodes' memory budgets ({human_bytes(total)} over {len(shard_nodes)} nodes) cannot "
+                f"hold the model's {human_bytes(sum(layer_nbytes))} of layers: {human_bytes(missing)} "
                 f"({len(remaining)} layers) missing; add nodes, raise the shard memory, or allow spilling to disk"
             )
         # The node with the fewest memory layers reads the rest from storage, keeping work spread.

@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-from endor_ray.engine import Engine, EngineConfig, parse_budget, reference_greedy
+from endor_ray.engine import Engine, EngineConfig, reference_greedy
+from endor_ray.units import parse_budget
 from endor_ray.errors import ConfigError, StoreError
 from endor_ray.layer_source import plan_tiers
 from endor_ray.sampling import SamplingParams
@@ -70,7 +71,7 @@ def test_tier_plan():
     plan = plan_tiers(compressed, dense, prefetch_depth=1, device_layers=2, host_budget_bytes=250)
     assert plan.device == (0, 1) and plan.host == (2, 3) and plan.disk == (4, 5)
     assert plan_tiers(compressed, dense, prefetch_depth=1, device_layers=99).device == tuple(range(6))
-    with pytest.raises(ConfigError, match=r"minimum 0.0 MiB for streaming with prefetch depth 2 \(3 slots"):
+    with pytest.raises(ConfigError, match=r"\(1499 bytes\) is below the minimum 1.5 KiB \(1500 bytes\) for streaming with prefetch depth 2 \(3 slots of 500 B"):
         plan_tiers(compressed, dense, prefetch_depth=2, device_budget_bytes=1499)
 
 
