@@ -3,8 +3,9 @@
 __version__ = "0.1.0"
 
 
-def connect(store_location: str, engine_config=None, cluster=None):
-    """Start (or join) the Ray service for a store; see `endor_ray.driver.connect`."""
+def connect(store_location: str, engine_config=None, cluster=None, address: str | None = None):
+    """Start (or join, with address="auto" / "ray://host:port" / "host:port") the Ray service for a
+    store; returns a handle with generate() and stream(). See `endor_ray.driver.connect`."""
     from endor_ray.driver import connect as _connect
 
-    return _connect(store_location, engine_config, cluster)
+    return _connect(store_location, engine_config, cluster, address)

@@ -179,8 +179,15 @@ def _get(ref, timeout_s: float, what: str):
 
 
 def connect(store_location: str, engine_config: EngineConfig | None = None,
-            cluster: ClusterConfig | None = None) -> Service:
-    """Start the service for a store: place layers, create shard servers and workers, wait until ready."""
+            cluster: ClusterConfig | None = None, address: str | None = None) -> Service:
+    """Start the service for a store: place layers, create shard servers and workers, wait until ready.
+
+    `address` is a shorthand for `ClusterConfig(address=...)` (give one or the other).
+    """
+    if address is not None:
+        if cluster is not None:
+            raise ConfigError("give the address in the ClusterConfig or as address=, not both")
+        cluster = ClusterConfig(address=address)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
