@@ -11,6 +11,7 @@
 `endor generate` runs on Ray: shard servers hold the layers, a GPU worker streams them. Without
 --address a local single-node Ray is started and stopped; --in-process skips Ray altogether.
     endor verify STORE --prompt TEXT [--max-new-tokens N]   (exit 0 iff identical to transformers)
+    endor serve STORE [--host 127.0.0.1] [--port 8000] [--address ADDR]   (OpenAI-compatible API)
 
 SRC is a local Hugging Face checkpoint directory or ``smollm2-135m`` (the embedded default
 model). STORE is a local path or a pyarrow.fs URI (file://, s3://, gs://, hdfs://). Errors caused
@@ -138,14 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _generate_in_process(args: argparse.Namespace, params) -> Iterator[dict]:
     """Token events, then the result dict, from an engine in this process."""
-    from endor_ray.engine import GenerationResult
-
     with _engine(args) as engine:
-        for event in engine.stream(_prompts(args, engine.tokenizer), params):
-            if isinstance(event, GenerationResult):
-                yield event.to_dict()
-            else:
-                yield {"index": event.index, "token_id": event.token_id, "text": event.text}
+        yield from engine.stream_data(_prompts(args, engine.tokenizer), params)
 
 
 def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
@@ -187,6 +182,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"[{index}] DIFFERENT\n  engine:       {completion.token_ids}\n  transformers: {reference_ids}")
     print("verify: token ids identical to transformers" if identical else "verify: MISMATCH")
     return 0 if identical else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from endor_ray.serve import ServeConfig, run_server
+
+    _open_store(args.store)  # a bad store fails here, before Ray and Serve start
+    config = ServeConfig(store=args.store, model_name=args.model_name, address=args.address, device=args.device,
+                         gpu_memory=args.gpu_memory, prefetch=args.prefetch, num_workers=args.workers,
+                         shard_memory=args.shard_memory, max_batch_size=args.max_batch_size,
+                         batch_wait_ms=args.batch_wait_ms)
+    run_server(config, args.host, args.port)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check greedy tokens against plain transformers on the same weights")
     _add_engine_arguments(verify)
     verify.set_defaults(func=cmd_verify)
+
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API with Ray Serve")
+    serve.add_argument("store", help="store path or URI (readable from every node)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--address", default=None, help="Ray cluster (default: start a local Ray)")
+    serve.add_argument("--model-name", default=None, help="model id clients use (default: the store's folder name)")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--gpu-memory", default=None, help="device tier: a size (8GiB) or a layer count (12)")
+    serve.add_argument("--prefetch", type=int, default=2)
+    serve.add_argument("--workers", type=int, default=1, help="GPU worker replicas")
+    serve.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="sequences per pass over the weights")
+    serve.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

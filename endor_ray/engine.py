@@ -237,6 +237,14 @@ class Engine:
         yield GenerationResult(completions, GenerationStats(
             len(prompts), steps, sum(len(c.token_ids) for c in completions), wall, prefill_s, source_stats))
 
+    def stream_data(
+        self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """`stream()` as plain data (what crosses Ray and HTTP): {"index", "token_id", "text"}
+        events, then {"completions", "stats"}."""
+        for event in self.stream(prompts, params):
+            yield event.to_dict() if isinstance(event, GenerationResult) else event._asdict()
+
     def start(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> _Batch:
         """Tokenize and left-pad the prompts into a batch ready for its first step."""
         if not prompts:

@@ -23,7 +23,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
 
-from endor_ray.engine import Engine, EngineConfig, GenerationResult
+from endor_ray.engine import Engine, EngineConfig
 from endor_ray.errors import EndorError
 from endor_ray.sampling import SamplingParams
 from endor_ray.shard_server import ShardServer
@@ -114,21 +114,15 @@ class WorkerActor:
                 "streamed_layers": list(plan.streamed), "node_id": ray.get_runtime_context().get_node_id()}
 
     def generate(self, prompts: list[str], params: list[SamplingParams]) -> dict[str, Any]:
-        return result_dict(self.engine.generate(prompts, params), self.reader.retries)
+        return self._with_retries(self.engine.generate(prompts, params).to_dict())
 
     def stream(self, prompts: list[str], params: list[SamplingParams]) -> Iterator[dict[str, Any]]:
-        for event in self.engine.stream(prompts, params):
-            if isinstance(event, GenerationResult):
-                yield result_dict(event, self.reader.retries)
-            else:
-                yield {"index": event.index, "token_id": event.token_id, "text": event.text}
+        for event in self.engine.stream_data(prompts, params):
+            yield self._with_retries(event) if "completions" in event else event
+
+    def _with_retries(self, result: dict[str, Any]) -> dict[str, Any]:
+        result["stats"]["fetch_retries"] = self.reader.retries  # how often a shard server failed a fetch
+        return result
 
     def tokenizer_info(self) -> dict[str, Any]:
         return {"max_context": self.engine.max_context}
-
-
-def result_dict(result: GenerationResult, retries: int) -> dict[str, Any]:
-    """A generate() result as plain data (what crosses Ray), with the fetch retries counted."""
-    data = result.to_dict()
-    data["stats"]["fetch_retries"] = retries
-    return data

@@ -1,0 +1,193 @@
+"""Batch generation job: prompts in (JSONL or Parquet), completions out (Parquet), resumable.
+
+    ray job submit --working-dir . -- python -m endor_ray.jobs.generate \\
+        --store s3://bucket/stores/llama-2-70b-w50 --input prompts.jsonl --output /data/out.parquet \\
+        [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--seed S] [--batch-size 16] \\
+        [--address ADDR] [--gpu-memory SIZE] [--workers N] [--prompt-column prompt] [--id-column id]
+
+Input: JSONL (one object per line: {"prompt": "...", "id": "..."}) or Parquet (by suffix .parquet/.pq).
+A row without an id gets its row number (from 0) as id. Ids must be unique.
+
+Output: Parquet with columns id, prompt, text, token_ids (list<int64>), finish_reason, num_tokens.
+If OUT exists, its ids are skipped and new rows appended. After each batch the whole table is
+written to a temporary file next to OUT and renamed onto it, so OUT is always a complete file.
+
+Inside a Ray job (RAY_ADDRESS set) the job joins that cluster; with --address it joins that one;
+otherwise a local single-node Ray is started and stopped. One pass over the weights serves a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from endor_ray.errors import ConfigError, EndorError
+
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("text", pa.string()),
+    ("token_ids", pa.list_(pa.int64())), ("finish_reason", pa.string()), ("num_tokens", pa.int64()),
+])
+
+
+def read_prompts(path: Path, prompt_column: str = "prompt", id_column: str = "id") -> list[tuple[str, str]]:
+    """[(id, prompt)] from a JSONL or Parquet file, validated (unique ids, string prompts)."""
+    if not path.is_file():
+        raise ConfigError(f"input file {path} does not exist")
+    if path.suffix in (".parquet", ".pq"):
+        try:
+            records = pq.read_table(path).to_pylist()
+        except pa.ArrowException as exc:
+            raise ConfigError(f"{path} is not a readable Parquet file ({exc})") from None
+        where = [f"row {row_idx}" for row_idx in range(len(records))]
+    else:
+        records, where = [], []
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+            where.append(f"line {line_no}")
+    if not records:
+        raise ConfigError(f"{path} holds no prompts")
+    prompts, seen = [], {}
+    for row_idx, (record, place) in enumerate(zip(records, where)):
+        prompt, given_id = record.get(prompt_column), record.get(id_column)
+        if prompt_column not in record:
+            raise ConfigError(f"{path} {place}: no {prompt_column!r} field")
+        if not isinstance(prompt, str):
+            raise ConfigError(f"{path} {place}: {prompt_column!r} must be a string, got {prompt!r}")
+        if given_id is not None and (isinstance(given_id, bool) or not isinstance(given_id, (str, int))):
+            raise ConfigError(f"{path} {place}: {id_column!r} must be a string or an integer, got {given_id!r}")
+        prompt_id = str(row_idx if given_id is None else given_id)
+        if prompt_id in seen:
+            raise ConfigError(f"{path} {place}: duplicate id {prompt_id!r} (first at {seen[prompt_id]})")
+        seen[prompt_id] = place
+        prompts.append((prompt_id, prompt))
+    return prompts
+
+
+def read_done(output: Path) -> pa.Table:
+    """The rows already in OUT (an empty table when it does not exist)."""
+    if not output.exists():
+        return OUTPUT_SCHEMA.empty_table()
+    try:
+        table = pq.read_table(output)
+        return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+    except (pa.ArrowException, KeyError) as exc:
+        raise ConfigError(f"{output} exists but is not this job's output ({exc}); move it away or pick "
+                          "another --output") from None
+
+
+def write_atomically(table: pa.Table, output: Path) -> None:
+    """Write `table` to a temporary file next to `output`, then rename it onto `output`."""
+    fd, staging = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes it private; OUT is an ordinary file
+        pq.write_table(table, staging)
+        os.replace(staging, output)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def run(args: argparse.Namespace) -> None:
+    prompts = read_prompts(Path(args.input), args.prompt_column, args.id_column)
+    output = Path(args.output).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table = read_done(output)
+    done_ids = set(table.column("id").to_pylist())
+    todo = [(prompt_id, prompt) for prompt_id, prompt in prompts if prompt_id not in done_ids]
+    print(f"endor-job: {len(prompts)} prompts, {len(prompts) - len(todo)} already in {output}, "
+          f"{len(todo)} to generate", file=sys.stderr, flush=True)
+    if not todo:
+        return
+
+    from endor_ray.driver import ClusterConfig, connect
+    from endor_ray.engine import EngineConfig
+    from endor_ray.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    engine_config = EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
+                                 prefetch_depth=args.prefetch)
+    address = args.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    cluster = ClusterConfig(address=address, num_workers=args.workers, shard_memory=args.shard_memory,
+                            timeout_s=args.timeout)
+    start, new_tokens, generate_s = time.monotonic(), 0, 0.0
+    with connect(args.store, engine_config, cluster) as service:
+        for batch_start in range(0, len(todo), args.batch_size):
+            batch = todo[batch_start:batch_start + args.batch_size]
+            result = service.generate([prompt for _, prompt in batch], params)
+            rows = [{"id": prompt_id, "prompt": prompt, "text": completion["text"],
+                     "token_ids": completion["token_ids"], "finish_reason": completion["finish_reason"],
+                     "num_tokens": len(completion["token_ids"])}
+                    for (prompt_id, prompt), completion in zip(batch, result["completions"])]
+            table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)])
+            write_atomically(table, output)
+            new_tokens += result["stats"]["new_tokens"]
+            generate_s += result["stats"]["wall_s"]
+            rows_done = len(prompts) - len(todo) + batch_start + len(batch)
+            print(f"endor-job: {rows_done}/{len(prompts)} rows done, batch of {len(batch)} at "
+                  f"{result['stats']['tokens_per_s']:.2f} tokens/s", file=sys.stderr, flush=True)
+    print(f"endor-job: done: generated {len(todo)} new rows, {new_tokens} tokens at "
+          f"{new_tokens / max(generate_s, 1e-9):.2f} tokens/s ({time.monotonic() - start:.1f} s with start-up); "
+          f"{table.num_rows} rows in {output}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m endor_ray.jobs.generate",
+                                     description="Generate completions for a file of prompts (resumable).")
+    parser.add_argument("--store", required=True, help="store path or URI")
+    parser.add_argument("--input", required=True, help="prompts: JSONL, or Parquet (.parquet/.pq)")
+    parser.add_argument("--output", required=True, help="Parquet file to create or resume")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per pass over the weights")
+    parser.add_argument("--address", default=None, help="Ray cluster (default: the job's, else a local Ray)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    parser.add_argument("--gpu-memory", default=None, help="device tier: a size (8GiB) or a layer count (12)")
+    parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB)")
+    parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead")
+    parser.add_argument("--workers", type=int, default=1, help="GPU worker replicas")
+    parser.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per batch and for start-up")
+    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--id-column", default="id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        run(args)
+    except EndorError as exc:
+        print(f"endor-job: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"endor-job: interrupted; the rows finished so far are in {args.output}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The Ray Serve deployment: an OpenAI-compatible HTTP API over the endor-ray service.
+
+    endor serve STORE [--host 127.0.0.1] [--port 8000] [--address ADDR]
+    serve run endor_ray.serve:build_app store=stores/model        (or a config YAML, KubeRay)
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (which also
+reports how many sequences each pass over the weights served). The deployment starts the
+shard servers and GPU workers (`endor_ray.driver.connect`) on the cluster it runs in; concurrent
+requests are batched by `endor_ray.batcher.Batcher`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from endor_ray import openai_api as api
+from endor_ray.batcher import Batcher
+from endor_ray.errors import ConfigError, EndorError
+
+
+@dataclass
+class ServeConfig:
+    """What `build_app` accepts (also the `args` of a serve config YAML)."""
+
+    store: str  # store path or URI, readable from every node
+    model_name: str | None = None  # the model id clients ask for; default: the store's folder name
+    address: str | None = None  # only for `endor serve`: the cluster to start Serve on
+    device: str = "auto"
+    gpu_memory: str | int | None = None  # device tier, as for `endor generate`
+    prefetch: int = 2
+    num_workers: int = 1  # GPU worker replicas
+    shard_memory: str | None = None  # per-node budget for shard servers
+    max_batch_size: int = 16  # sequences per pass over the weights
+    batch_wait_ms: float = 20.0  # how long a batch waits for more requests to join
+    default_max_tokens: int = 256  # for chat requests that give no max_tokens
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            raise ConfigError("the Serve app needs a store (args: store=PATH_OR_URI)")
+        if self.max_batch_size < 1 or self.batch_wait_ms < 0:
+            raise ConfigError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or PurePosixPath(self.store.rstrip("/")).name
+
+
+APP_ARGS = frozenset(field.name for field in dataclasses.fields(ServeConfig))
+
+app = FastAPI(title="endor-ray", description="OpenAI-compatible API for offloaded inference")
+
+
+def _error(exc: api.APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(app)
+class EndorServer:
+    """HTTP front: validates requests, feeds the batcher, shapes OpenAI responses."""
+
+    def __init__(self, config: ServeConfig):
+        from endor_ray.driver import ClusterConfig, connect
+        from endor_ray.engine import EngineConfig, load_tokenizer
+        from endor_ray.store import Store
+
+        self.config = config
+        store = Store(config.store)
+        engine_config = EngineConfig(device=config.device, gpu_memory=config.gpu_memory,
+                                     prefetch_depth=config.prefetch)
+        self.service = connect(config.store, engine_config,
+                               ClusterConfig(num_workers=config.num_workers, shard_memory=config.shard_memory))
+        context = int(store.config.get("max_position_embeddings") or 2**31)
+        self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context, config.default_max_tokens)
+        self.batcher = Batcher(self.service.stream, config.max_batch_size, config.batch_wait_ms / 1e3)
+        self.started = int(time.time())
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.config.served_name, "batching": self.batcher.stats()}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.config.served_name, "object": "model",
+                                            "created": self.started, "owned_by": "endor-ray"}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, api.CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, api.ChatRequest, chat=True)
+
+    async def _handle(self, request: Request, kind: type, chat: bool):
+        try:
+            parsed = api.parse(await request.body(), kind)
+            choices = self.frontend.requests(parsed)
+        except api.APIError as exc:
+            return _error(exc)
+        request_id = api.new_id("chatcmpl" if chat else "cmpl")
+        prompt_tokens = sum(tokens for _, _, tokens in choices)
+        if parsed.stream:
+            return StreamingResponse(self._stream(request_id, choices, chat, prompt_tokens),
+                                     media_type="text/event-stream")
+        try:
+            finals = [await self._collect(prompt, params) for prompt, params, _ in choices]
+        except EndorError as exc:
+            return _error(api.APIError(503, f"generation failed: {exc}"))
+        if chat:
+            return api.chat_response(request_id, self.frontend.model_name, finals[0], prompt_tokens)
+        return api.completion_response(request_id, self.frontend.model_name, finals, prompt_tokens)
+
+    async def _collect(self, prompt: str, params) -> dict:
+        async for event in self.batcher.submit(prompt, params):
+            if event.get("final"):
+                return event["completion"]
+        raise EndorError("the batch ended without a result")
+
+    async def _stream(self, request_id: str, choices: list, chat: bool, prompt_tokens: int):
+        model = self.frontend.model_name
+        completion_tokens = 0
+        try:
+            for index, (prompt, params, _) in enumerate(choices):
+                if chat:
+                    yield api.stream_chunk(request_id, model, chat, index, None, role=True)
+                async for event in self.batcher.submit(prompt, params):
+                    if event.get("final"):
+                        completion = event["completion"]
+                        completion_tokens += len(completion["token_ids"])
+                        yield api.stream_chunk(request_id, model, chat, index, None, completion["finish_reason"])
+                    elif event["text"]:
+                        yield api.stream_chunk(request_id, model, chat, index, event["text"])
+            yield api.usage_chunk(request_id, model, chat, api.usage(prompt_tokens, completion_tokens))
+        except EndorError as exc:
+            yield api.error_chunk(api.APIError(503, f"generation failed: {exc}"))
+        yield api.STREAM_END
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for `serve run endor_ray.serve:build_app store=...` or a config YAML."""
+    unknown = set(args) - APP_ARGS
+    if unknown:
+        raise ConfigError(f"unknown Serve app arguments {sorted(unknown)}; accepted: {sorted(APP_ARGS)}")
+    return EndorServer.bind(ServeConfig(**args))
+
+
+def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Start Serve on the cluster (a local Ray unless config.address is set) and block until Ctrl-C."""
+    import ray
+
+    from endor_ray.driver import init_ray
+
+    started_ray = init_ray(config.address)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app({k: v for k, v in dataclasses.asdict(config).items() if k != "address"}),
+                  name="endor", route_prefix="/", blocking=False)
+        print(f"serving {config.served_name!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
