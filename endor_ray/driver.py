@@ -65,7 +65,9 @@ def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
         return False
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+        # "local": always a new instance, even if a `ray start` cluster runs on this machine
+        # (use --address auto to join that one)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         return True
     if address != "auto" and not address.startswith("ray://"):

@@ -7,9 +7,10 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /he
 reports how many sequences each pass over the weights served). The deployment starts the
 shard servers and GPU workers (`endor_ray.driver.connect`) on the cluster it runs in; concurrent
 requests are batched by `endor_ray.batcher.Batcher`.
-"""
 
-from __future__ import annotations
+FastAPI reads the endpoint signatures at import time, so this module does not use
+`from __future__ import annotations` (string annotations are not resolved for Serve's class views).
+"""
 
 import dataclasses
 import time

@@ -79,7 +79,7 @@ def tiny_stores(tmp_path_factory, smollm2_dir) -> dict:
     for family in ("opt", "llama-gqa"):
         checkpoint = make_checkpoint(root / f"{family}-ckpt", family, vocab_size=49152)
         for path in smollm2_dir.iterdir():
-            if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+            if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
                 shutil.copy(path, checkpoint / path.name)
         stores[family] = convert(str(checkpoint), root / family,
                                  ConvertConfig(method="magnitude", block_size=256), progress=False)
