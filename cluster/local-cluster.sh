@@ -23,7 +23,8 @@
 #
 # Settings (environment): RAY (the ray command; default the repo's .venv/bin/ray, else `ray`),
 # PORT (GCS, 6379), DASHBOARD_PORT (8265), CLIENT_PORT (Ray client server, 10001),
-# AGENT_PORT (dashboard agent of the head, 52365; shard node k uses AGENT_PORT + k),
+# AGENT_PORT (dashboard agent of the head, 52365; shard node k uses AGENT_PORT + k) -- pick ports
+# outside Ray's worker port range 10002-19999,
 # OBJECT_STORE_MEMORY (bytes per node, default 1 GiB), STATE_DIR (/tmp/endor-local-cluster-$PORT).
 set -euo pipefail
 
@@ -37,7 +38,7 @@ CLIENT_PORT="${CLIENT_PORT:-10001}"
 AGENT_PORT="${AGENT_PORT:-52365}"
 OBJECT_STORE_MEMORY="${OBJECT_STORE_MEMORY:-1073741824}"
 STATE_DIR="${STATE_DIR:-${TMPDIR:-/tmp}/endor-local-cluster-$PORT}"
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # without it a cluster on 127.0.0.1 can hang at start
+unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # =0 makes `ray start --address` refuse to join
 
 usage() {
     sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
@@ -74,7 +75,13 @@ cmd_start() {
     start_node head --head --port="$PORT" --num-cpus=1 --resources='{"endor_worker": 1}' \
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
         --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_PORT"
-    for _ in $(seq 60); do port_open "$PORT" && break; sleep 1; done
+    local head_pid
+    head_pid="$(head -n 1 "$STATE_DIR/pids")"
+    for _ in $(seq 60); do
+        port_open "$PORT" && break
+        kill -0 "$head_pid" 2>/dev/null || break  # it failed: its log says why
+        sleep 1
+    done
     port_open "$PORT" || { echo "the head did not start; see $STATE_DIR/head.log" >&2; cmd_stop; exit 1; }
     # Nodes on one machine need their own dashboard-agent port; the other ports are picked free.
     for node_idx in $(seq 1 "$num_shard_nodes"); do
@@ -82,7 +89,7 @@ cmd_start() {
             --resources='{"endor_shard": 1}' --dashboard-agent-listen-port=$((AGENT_PORT + node_idx))
     done
     local want=$((num_shard_nodes + 1)) have=0
-    for _ in $(seq 90); do
+    for _ in $(seq 30); do
         have="$(alive_nodes)"
         [[ "$have" -ge "$want" ]] && break
         sleep 1

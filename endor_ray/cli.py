@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"endor {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"endor {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        print(f"endor {args.command}: interrupted (stores and checkpoints are written whole or not at all)", file=sys.stderr)
         return 130
     return code or 0
 

@@ -13,6 +13,7 @@ FastAPI reads the endpoint signatures at import time, so this module does not us
 """
 
 import dataclasses
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -160,11 +161,15 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
 
     from endor_ray.driver import init_ray
 
+    def stop(signum, frame):  # SIGTERM (kill, Kubernetes) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
     started_ray = init_ray(config.address)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app({k: v for k, v in dataclasses.asdict(config).items() if k != "address"}),
                   name="endor", route_prefix="/", blocking=False)
+        signal.signal(signal.SIGTERM, stop)  # after Ray's start, which installs its own handler
         print(f"serving {config.served_name!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
