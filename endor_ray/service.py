@@ -14,6 +14,7 @@ Actors are made remote where they are created (`endor_ray.driver`).
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -104,6 +105,10 @@ class WorkerActor:
 
     def __init__(self, store_location: str, engine_config: EngineConfig, shard_of_layer: dict[int, Any],
                  timeout_s: float):
+        if engine_config.resolve_device().type == "cpu":
+            # Ray gives a num_cpus=0 actor one OpenMP thread; a CPU worker computes with the node's
+            # cores, one left for its layer-fetch thread.
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         store = Store(store_location)
         self.reader = RayShardReader(store, shard_of_layer, timeout_s)
         self.engine = Engine(store, engine_config, progress=False, reader=self.reader)
