@@ -1,9 +1,18 @@
-"""Shared fixtures. Triton kernels run under the interpreter when there is no GPU: the variable
-must be set before any @triton.jit decorator runs, so it is set here, first."""
+"""Shared fixtures. Environment first, before anything imports Triton or Ray:
+
+- Triton kernels run under the interpreter when there is no GPU (the variable must be set before
+  any @triton.jit decorator runs);
+- every Ray cluster a test starts lives on 127.0.0.1 with token authentication off. Ray reads
+  the auth mode once per process: set later, after some test has imported Ray, a driver would
+  wait forever on a cluster started with the other mode. (Real clusters keep token auth on.)
+"""
 
 import os
 
-import torch
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # without it a loopback cluster hangs
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,7 +1,6 @@
 """The Serve app on 127.0.0.1, driven by the real `openai` client and by raw HTTP."""
 
 import json
-import os
 import threading
 import urllib.error
 import urllib.request
@@ -18,8 +17,6 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "Hi
 
 @pytest.fixture(scope="module")
 def server(tiny_stores):
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only
     import ray
     from ray import serve
 

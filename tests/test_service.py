@@ -3,7 +3,6 @@ nodes for shard servers (one cluster for this module, shut down at the end, noth
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,8 +24,6 @@ PARAMS = SamplingParams(max_new_tokens=8)
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # without it a loopback cluster hangs
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only; real clusters keep token auth on
     import ray
     from ray.cluster_utils import Cluster
 

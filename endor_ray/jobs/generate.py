@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,11 @@ def read_prompts(path: Path, prompt_column: str = "prompt", id_column: str = "id
         where = [f"row {row_idx}" for row_idx in range(len(records))]
     else:
         records, where = [], []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is neither UTF-8 JSONL nor .parquet ({exc})") from None
+        for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -93,17 +96,12 @@ def read_done(output: Path) -> pa.Table:
 
 def write_atomically(table: pa.Table, output: Path) -> None:
     """Write `table` to a temporary file next to `output`, then rename it onto `output`."""
-    fd, staging = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")  # same folder: the rename is atomic
     try:
-        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes it private; OUT is an ordinary file
         pq.write_table(table, staging)
         os.replace(staging, output)
     finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+        staging.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> None:
