@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "address", "given") is None and not getattr(args, "in_process", False):
+        from endor_ray.driver import use_loopback_ray
+
+        use_loopback_ray()  # the local Ray this command starts stays on 127.0.0.1
     try:
         code = args.func(args)
     except EndorError as exc:

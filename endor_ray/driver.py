@@ -13,6 +13,7 @@ has a timeout; a failed start kills what it created.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -57,6 +58,11 @@ class ClusterConfig:
         return None if self.shard_memory is None else parse_budget(self.shard_memory, "shard memory")[0]
 
 
+def use_loopback_ray() -> None:
+    """Make a local Ray started by this process bind 127.0.0.1 (call before Ray is imported)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
     """Connect to `address` or start a local single-node Ray on 127.0.0.1; True if started here."""
     import ray
@@ -64,7 +70,9 @@ def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Keeps a local Ray on 127.0.0.1 only if set before Ray is first imported: the CLI and
+        # the batch job set it at start (`use_loopback_ray`); here it is a last chance.
+        use_loopback_ray()
         # "local": always a new instance, even if a `ray start` cluster runs on this machine
         # (use --address auto to join that one)
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
@@ -84,8 +92,12 @@ def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
     return False
 
 
-def cluster_nodes(config: ClusterConfig, layer_nbytes: list[int]) -> tuple[list[NodeInfo], str, bool]:
-    """(shard nodes with budgets, worker node id, cluster has GPUs) from the live cluster."""
+def cluster_nodes(config: ClusterConfig) -> tuple[list[NodeInfo], list[tuple[str, bool]]]:
+    """(shard nodes with budgets, [(worker node id, it has a GPU)]) from the live cluster.
+
+    Workers go to the nodes with the worker resource, else to the nodes with GPUs, else to the
+    driver's node; several workers are spread over those nodes in turn.
+    """
     import ray
 
     alive = [node for node in ray.nodes() if node.get("Alive")]
@@ -99,12 +111,14 @@ def cluster_nodes(config: ClusterConfig, layer_nbytes: list[int]) -> tuple[list[
             object_store = int(node["Resources"].get("object_store_memory", 0))
             budget = config.shard_memory_bytes if config.shard_memory_bytes is not None else int(0.7 * object_store)
         shard_nodes.append(NodeInfo(node["NodeID"], budget))
-    has_gpus = any(node["Resources"].get("GPU", 0) > 0 for node in alive)
     for wanted in (WORKER_RESOURCE, "GPU"):
-        candidates = [node["NodeID"] for node in alive if node["Resources"].get(wanted, 0) > 0]
+        candidates = [(node["NodeID"], node["Resources"].get("GPU", 0) > 0)
+                      for node in alive if node["Resources"].get(wanted, 0) > 0]
         if candidates:
-            return shard_nodes, candidates[0], has_gpus
-    return shard_nodes, ray.get_runtime_context().get_node_id(), has_gpus
+            return shard_nodes, candidates
+    own = ray.get_runtime_context().get_node_id()
+    own_gpus = next(node["Resources"].get("GPU", 0) for node in alive if node["NodeID"] == own)
+    return shard_nodes, [(own, own_gpus > 0)]
 
 
 class Service:
@@ -131,9 +145,18 @@ class Service:
 
     def stream(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[dict]:
         """Token events {"index", "token_id", "text"} as they come, then the result dict."""
+        import ray
+
         worker = self.workers[next(self._next_worker)]
         events = worker.stream.options(num_returns="streaming").remote(list(prompts), self._params(prompts, params))
-        for ref in events:
+        while True:
+            ready, _ = ray.wait([events], timeout=self.timeout_s)  # no event for that long: an error
+            if not ready:
+                raise EndorError(f"no progress from the GPU worker within {self.timeout_s:.0f} s; check its node")
+            try:
+                ref = next(events)
+            except StopIteration:
+                return
             yield _get(ref, self.timeout_s, "generation")
 
     def shard_stats(self) -> dict[str, Any]:
@@ -203,8 +226,8 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
     service_id = uuid.uuid4().hex[:8]  # actors are named endor-<id>-...: listable, never orphaned unseen
     created: list[Any] = []
     try:
-        shard_nodes, worker_node, has_gpus = cluster_nodes(cluster, layer_nbytes)
-        placement = plan_placement(layer_nbytes, shard_nodes, worker_node, cluster.spill_to_disk)
+        shard_nodes, worker_nodes = cluster_nodes(cluster)
+        placement = plan_placement(layer_nbytes, shard_nodes, worker_nodes[0][0], cluster.spill_to_disk)
         shards = {}
         for shard_idx, node_id in enumerate(placement.nodes):
             actor = ray.remote(ShardActor).options(
@@ -215,14 +238,16 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
             created.append(actor)
         _get([actor.ready.remote() for actor in shards.values()], cluster.timeout_s, "shard server start")
         shard_of_layer = {idx: shards[node] for node in placement.nodes for idx in placement.layers_of(node)}
-        if has_gpus and engine_config.device == "auto":
-            engine_config = EngineConfig(**{**engine_config.__dict__, "device": "cuda"})
         workers = []
         for worker_idx in range(cluster.num_workers):
+            node_id, has_gpu = worker_nodes[worker_idx % len(worker_nodes)]
+            config = engine_config
+            if has_gpu and config.device == "auto":  # the driver's own machine may have no GPU
+                config = dataclasses.replace(config, device="cuda")
             worker = ray.remote(WorkerActor).options(
-                name=f"endor-{service_id}-worker-{worker_idx}", num_gpus=1 if has_gpus else 0, num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(worker_node, soft=False),
-            ).remote(store_location, engine_config, shard_of_layer, cluster.timeout_s)
+                name=f"endor-{service_id}-worker-{worker_idx}", num_gpus=1 if has_gpu else 0, num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(store_location, config, shard_of_layer, cluster.timeout_s)
             workers.append(worker)
             created.append(worker)
         _get([worker.ready.remote() for worker in workers], cluster.timeout_s, "GPU worker start")

@@ -143,8 +143,7 @@ def ray_head(tmp_path_factory):
         # would stop every Ray on the machine).
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-             f"--temp-dir={temp_dir}",
-             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--temp-dir={temp_dir}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
              f"--ray-client-server-port={client_port}", "--disable-usage-stats"],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -167,12 +166,16 @@ def ray_head(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
-        deadline = time.monotonic() + 20  # every process of this cluster names its temp dir
+        # The node's processes name its temp dir (workers do not, but they end with their raylet).
+        deadline = time.monotonic() + 20
         while processes_mentioning(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
         leftovers = processes_mentioning(temp_dir)
         for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftovers, f"processes of the test's Ray cluster outlived it: {leftovers}"
 

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.address is None and not os.environ.get("RAY_ADDRESS"):
+        from endor_ray.driver import use_loopback_ray
+
+        use_loopback_ray()  # the local Ray this job starts stays on 127.0.0.1
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
