@@ -40,7 +40,7 @@ from endor_ray.architecture import is_prunable
 from endor_ray.atomic import staged_directory
 from endor_ray.convert import ConvertConfig, convert
 from endor_ray.engine import Engine, EngineConfig, GenerationStats
-from endor_ray.export import load_dense_model
+from endor_ray.verify import load_dense_model
 from endor_ray.prune import prune_weight
 from endor_ray.sampling import SamplingParams
 from endor_ray.store import Store

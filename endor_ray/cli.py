@@ -166,7 +166,7 @@ def print_stats(stats: dict, file=sys.stdout) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from endor_ray.engine import reference_greedy
+    from endor_ray.verify import reference_greedy
     from endor_ray.sampling import SamplingParams
 
     with _engine(args) as engine:

@@ -24,7 +24,8 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.format import decode
-from endor_ray.layer_source import LayerSource, SourceStats, StoreReader, plan_tiers
+from endor_ray.layer_source import LayerSource, SourceStats, StoreReader
+from endor_ray.tiers import plan_tiers
 from endor_ray.sampling import SamplingParams, make_generator, select_token
 from endor_ray.sequence import Sequence
 from endor_ray.store import Store
@@ -316,25 +317,6 @@ class Engine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def reference_greedy(engine: Engine, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy token ids from plain transformers (its own generate) on the store's decoded weights.
-
-    The independent reference for `endor verify` and the tests: rows are cut at the first EOS,
-    as the engine never includes EOS in its output.
-    """
-    from endor_ray.export import load_dense_model
-
-    model = load_dense_model(engine.store, device=str(engine.device))
-    inputs = engine.tokenizer(prompts, return_tensors="pt", padding=True).to(engine.device)
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=engine.pad_id)
-    rows = []
-    for row in output[:, inputs.input_ids.shape[1]:].tolist():
-        cut = next((i for i, token in enumerate(row) if token in engine.eos_ids), len(row))
-        rows.append(row[:cut])
-    return rows
 
 
 def load_tokenizer(store: Store):

@@ -47,14 +47,3 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
         index = {"metadata": {"total_size": total_nbytes}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return Path(out)
-
-
-def load_dense_model(store: Store, device: str = "cpu"):
-    """The store's pruned weights, decoded, in a plain transformers model (all layers in memory)."""
-    from endor_ray.skeleton import build_skeleton, decoder_layers, materialize_layer
-
-    dense = {name: decode(enc).to(device) for name, enc in store.dense_tensors().items()}
-    model = build_skeleton(store.config, dense, dtype=store.dtype, device=device)
-    for layer_idx, layer in enumerate(decoder_layers(model, store.architecture)):
-        materialize_layer(layer, {name: decode(enc).to(device) for name, enc in store.layer_tensors(layer_idx).items()})
-    return model

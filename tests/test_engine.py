@@ -12,10 +12,11 @@ import threading
 import pytest
 import torch
 
-from endor_ray.engine import Engine, EngineConfig, reference_greedy
+from endor_ray.engine import Engine, EngineConfig
 from endor_ray.units import parse_budget
 from endor_ray.errors import ConfigError, StoreError
-from endor_ray.layer_source import plan_tiers
+from endor_ray.tiers import plan_tiers
+from endor_ray.verify import reference_greedy
 from endor_ray.sampling import SamplingParams
 
 from conftest import read_manifest
