@@ -103,6 +103,8 @@ def _engine(args: argparse.Namespace):
 def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
     if not args.chat:
         return args.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this store's tokenizer has no chat template; drop --chat")
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in args.prompt]
 
@@ -115,11 +117,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not args.prompt:  # before the (slow) start
         raise ConfigError("give at least one --prompt")
     single = len(args.prompt) == 1 and not args.json
-    if single:
-        print(args.prompt[0], end="\n" if args.chat else "", flush=True)
     events = _generate_in_process(args, params) if args.in_process else _generate_on_ray(args, params)
-    result = None
+    result, echoed = None, False
     for event in events:
+        if single and not echoed:  # once generation runs: a start-up error prints alone
+            print(args.prompt[0], end="\n" if args.chat else "", flush=True)
+            echoed = True
         if "completions" in event:
             result = event
         elif single:

@@ -138,10 +138,11 @@ class Service:
         return list(params)
 
     def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> dict[str, Any]:
-        """{"completions": [...], "stats": {...}} for a batch of prompts."""
-        worker = self.workers[next(self._next_worker)]
-        ref = worker.generate.remote(list(prompts), self._params(prompts, params))
-        return _get(ref, self.timeout_s, "generation")
+        """{"completions": [...], "stats": {...}} for a batch of prompts (the end of `stream`)."""
+        for event in self.stream(prompts, params):
+            if "completions" in event:
+                return event
+        raise EndorError("the GPU worker's stream ended without a result")
 
     def stream(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[dict]:
         """Token events {"index", "token_id", "text"} as they come, then the result dict."""
@@ -149,15 +150,18 @@ class Service:
 
         worker = self.workers[next(self._next_worker)]
         events = worker.stream.options(num_returns="streaming").remote(list(prompts), self._params(prompts, params))
-        while True:
-            ready, _ = ray.wait([events], timeout=self.timeout_s)  # no event for that long: an error
-            if not ready:
-                raise EndorError(f"no progress from the GPU worker within {self.timeout_s:.0f} s; check its node")
-            try:
-                ref = next(events)
-            except StopIteration:
-                return
-            yield _get(ref, self.timeout_s, "generation")
+        try:
+            while True:
+                ready, _ = ray.wait([events], timeout=self.timeout_s)  # the limit is per token, not per batch
+                if not ready:
+                    raise EndorError(f"no token from the GPU worker within {self.timeout_s:.0f} s; check its node")
+                try:
+                    ref = next(events)
+                except StopIteration:
+                    return
+                yield _get(ref, self.timeout_s, "generation")
+        finally:
+            ray.cancel(events)  # a consumer that stops early (a client gone, an error) frees the worker
 
     def shard_stats(self) -> dict[str, Any]:
         return {node: _get(actor.stats.remote(), self.timeout_s, "shard stats") for node, actor in self.shards.items()}

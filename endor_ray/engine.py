@@ -160,8 +160,12 @@ class Engine:
         if reader is None:
             reader = StoreReader(self.store, self.plan.host, pin=self.device.type == "cuda",
                                  verify_disk_reads=self.config.verify_disk_reads, progress=progress)
-        self.source = LayerSource(reader, self.plan, self.device, self.config.prefetch_depth,
-                                  self.config.fetch_timeout_s, progress)
+        try:
+            self.source = LayerSource(reader, self.plan, self.device, self.config.prefetch_depth,
+                                      self.config.fetch_timeout_s, progress)
+        except BaseException:
+            reader.close()  # unpin the host tier
+            raise
         layers = decoder_layers(self.model, self.store.architecture)
         for layer_idx, weights in self.source.resident.items():
             materialize_layer(layers[layer_idx], weights)

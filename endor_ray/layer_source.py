@@ -148,6 +148,7 @@ class LayerSource:
             self.resident[layer_idx] = self._decompress_all(data.to(device), layer_idx)
 
         self._streamed = plan.streamed
+        self._position = {layer_idx: position for position, layer_idx in enumerate(self._streamed)}
         self._max_nbytes = max((reader.entry(i)["nbytes"] for i in self._streamed), default=0)
         self._free_slots: deque[_Slot] = deque(
             self._new_slot(self._max_nbytes) for _ in range(min(prefetch_depth + 1, len(self._streamed)))
@@ -218,7 +219,8 @@ class LayerSource:
         return fetch
 
     def _drain(self) -> None:
-        """Forget prefetches (the layers were asked for out of order, e.g. after an error)."""
+        """Forget prefetches (asked for out of order, or after an error). Slots go back to the free
+        list after their fetch ended: safe because one I/O thread runs fetches in order."""
         self.wait_idle()
         for fetch in self._in_flight.values():
             self._free_slots.append(fetch.slot)
@@ -231,7 +233,6 @@ class LayerSource:
     def acquire(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """The layer's dense weights, ready for the compute stream; prefetches what follows."""
         if layer_idx in self.resident:
-            self.stats.hits["device"] += 1
             return self.resident[layer_idx]
         fetch = self._in_flight.get(layer_idx)
         if fetch is None:
@@ -241,10 +242,14 @@ class LayerSource:
         try:
             tier = fetch.future.result(timeout=self.timeout_s)
         except FutureTimeout:
+            self._drain()
             raise EndorError(
                 f"layer {layer_idx} did not arrive within {self.timeout_s:.0f} s; check the store's "
                 "storage (a slow or hung disk, object store or shard server)"
             ) from None
+        except BaseException:
+            self._drain()  # forget the failed fetch: the next request for the layer reads it anew
+            raise
         self.stats.stall_s += time.perf_counter() - waited
         self.stats.hits[tier] += 1
         if self.cuda:
@@ -260,7 +265,7 @@ class LayerSource:
         return fetch.slot.weights
 
     def _prefetch_after(self, layer_idx: int) -> None:
-        position = self._streamed.index(layer_idx)
+        position = self._position[layer_idx]
         for ahead in range(1, self.prefetch_depth + 1):
             upcoming = self._streamed[(position + ahead) % len(self._streamed)]
             if upcoming in self._in_flight:
@@ -306,6 +311,8 @@ class LayerSource:
         if self._io is not None:
             self._io.shutdown(wait=True, cancel_futures=True)
             self._io = None
+        if self.cuda:  # prefetches may still be copying into the buffers released below
+            torch.cuda.synchronize(self.device)
         self._in_flight.clear()
         self.reader.close()
         self.resident.clear()

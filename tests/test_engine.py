@@ -164,3 +164,31 @@ def test_streaming_text_and_stop_strings(smollm2_store):
     assert stop not in stopped[0].text and text.startswith(stopped[0].text)
     assert "".join(pieces) == stopped[0].text
     assert stats.source.hits["device"] == stats.steps * 30  # everything resident: nothing streams
+
+
+def test_a_failed_layer_read_is_retried_by_the_next_request(tiny_stores):
+    from endor_ray.layer_source import StoreReader
+
+    class FlakyReader(StoreReader):
+        """Fails the first read of the last layer, as a hiccup of a disk or shard server would."""
+
+        failures_left = 1
+
+        def resolve(self, request):
+            if request == 2 and self.failures_left:
+                self.failures_left -= 1
+                raise OSError("transient read error")
+            return super().resolve(request)
+
+    store = str(tiny_stores["llama-gqa"])
+    with Engine(store, EngineConfig(gpu_memory=0, prefetch_depth=2), progress=False) as reference:
+        expected = reference.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4)).completions
+    from endor_ray.store import Store
+
+    opened = Store(store)
+    with Engine(opened, EngineConfig(gpu_memory=0, prefetch_depth=2), progress=False,
+                reader=FlakyReader(opened, (), pin=False)) as engine:
+        with pytest.raises(OSError, match="transient"):
+            engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4))
+        again = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4)).completions
+    assert [c.token_ids for c in again] == [c.token_ids for c in expected]

@@ -40,7 +40,8 @@ def prompt_lines(count: int) -> list[str]:
     (['{"prompt": "a"}', '{"prompt": '], "line 2: not valid JSON"),
     (['{"prompt": "a"}', "", '[1, 2]'], "line 3: expected a JSON object"),
     (['{"id": "x"}'], "line 1: no 'prompt' field"),
-    (['{"prompt": 3}'], "line 1: 'prompt' must be a string"),
+    (['{"prompt": 3}'], "line 1: 'prompt' must be a non-empty string"),
+    (['{"prompt": "ok"}', '{"prompt": ""}'], "line 2: 'prompt' must be a non-empty string"),
     (['{"prompt": "a", "id": "x"}', '{"prompt": "b", "id": "x"}'], "line 2: duplicate id 'x' (first at line 1)"),
     (['{"prompt": "a"}', '{"prompt": "b", "id": 0}'], "duplicate id '0'"),  # a given id meets a row number
     (['{"prompt": "a", "id": [1]}'], "'id' must be a string or an integer"),
@@ -69,7 +70,7 @@ def test_parquet_input_with_chosen_columns(tmp_path):
     pq.write_table(pa.table({"text": ["x", "y"], "key": [None, "k"]}), path)
     assert read_prompts(path, prompt_column="text", id_column="key") == [("0", "x"), ("k", "y")]
     pq.write_table(pa.table({"text": ["x", None]}), path)
-    with pytest.raises(Exception, match="row 1: 'text' must be a string"):
+    with pytest.raises(Exception, match="row 1: 'text' must be a non-empty string"):
         read_prompts(path, prompt_column="text")
 
 

@@ -70,8 +70,8 @@ def read_prompts(path: Path, prompt_column: str = "prompt", id_column: str = "id
         prompt, given_id = record.get(prompt_column), record.get(id_column)
         if prompt_column not in record:
             raise ConfigError(f"{path} {place}: no {prompt_column!r} field")
-        if not isinstance(prompt, str):
-            raise ConfigError(f"{path} {place}: {prompt_column!r} must be a string, got {prompt!r}")
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f"{path} {place}: {prompt_column!r} must be a non-empty string, got {prompt!r}")
         if given_id is not None and (isinstance(given_id, bool) or not isinstance(given_id, (str, int))):
             raise ConfigError(f"{path} {place}: {id_column!r} must be a string or an integer, got {given_id!r}")
         prompt_id = str(row_idx if given_id is None else given_id)
