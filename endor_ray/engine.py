@@ -12,6 +12,7 @@ the batch and picks each sequence's next token; `generate()` loops it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
@@ -196,9 +197,9 @@ class Engine:
             self.source.release(layer_idx)
             return output
 
-        hooks = stream_layers(self.model, self.store.architecture, self.source.acquire, release,
-                              layer_indices=list(self.plan.streamed))
-        hooks.__enter__()
+        hooks = contextlib.ExitStack()  # closed by close(): removes the hooks
+        hooks.enter_context(stream_layers(self.model, self.store.architecture, self.source.acquire, release,
+                                          layer_indices=list(self.plan.streamed)))
         return hooks
 
     # -- generation ------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ class Engine:
     def close(self) -> None:
         """Stop the prefetch thread and free the buffers."""
         if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
+            self._hooks.close()
             self._hooks = None
         self.source.close()
 

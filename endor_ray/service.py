@@ -38,26 +38,21 @@ class ShardActor:
 
     def __init__(self, store_location: str, memory_layers: list[int], disk_layers: list[int]):
         self.server = ShardServer(store_location, memory_layers, disk_layers)
-        self.layers = self.server.layers
-        self._refs = {idx: ray.put(data) for idx, data in self.server.memory.items()}  # put once
-        self.server.memory.clear()  # the object store holds the bytes now
+        # Put once: the object store holds the memory tier's bytes, the server keeps the refs.
+        self.server.memory = {idx: ray.put(data) for idx, data in self.server.memory.items()}
 
     def ready(self) -> list[int]:
-        return self.layers
+        return self.server.layers
 
     def layer_ref(self, layer_idx: int) -> list[ray.ObjectRef]:
         """[ref to the layer's verified bytes] (wrapped in a list so Ray hands over the ref itself)."""
-        ref = self._refs.get(layer_idx)
-        if ref is not None:
-            self.server.stats.hits["memory"] += 1
-            self.server.stats.bytes_served += self.server.store.layer_entry(layer_idx)["nbytes"]
-            return [ref]
-        data, _ = self.server.layer(layer_idx)
-        return [ray.put(data)]
+        data, tier = self.server.layer(layer_idx)
+        return [data if tier == "memory" else ray.put(data)]
 
     def stats(self) -> dict[str, Any]:
         stats = self.server.stats
-        return {"layers": self.layers, "memory_layers": sorted(self._refs), "bytes_served": stats.bytes_served, "hits": dict(stats.hits),
+        return {"layers": self.server.layers, "memory_layers": sorted(self.server.memory),
+                "bytes_served": stats.bytes_served, "hits": dict(stats.hits),
                 "disk_read_s": stats.disk_read_s, "load_s": stats.load_s}
 
 

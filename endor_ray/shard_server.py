@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ class ShardServer:
         self.store = Store(store_location)
         self.disk_layers = frozenset(disk_layers)
         self.stats = ShardStats()
-        self.memory: dict[int, np.ndarray] = {idx: self._read(idx) for idx in memory_layers}
+        self.memory: dict[int, Any] = {idx: self._read(idx) for idx in memory_layers}  # [nbytes] uint8
         self.stats.load_s = time.perf_counter() - started
 
     def _read(self, layer_idx: int) -> np.ndarray:
@@ -45,8 +46,9 @@ class ShardServer:
     def layers(self) -> list[int]:
         return sorted(set(self.memory) | self.disk_layers)
 
-    def layer(self, layer_idx: int) -> tuple[np.ndarray, str]:
-        """(verified bytes, tier) of a layer this server owns."""
+    def layer(self, layer_idx: int) -> tuple[Any, str]:
+        """(verified bytes, tier) of a layer this server owns. The memory tier holds whatever was
+        put there: numpy buffers, or (in the Ray actor) object refs to them."""
         if layer_idx in self.memory:
             data, tier = self.memory[layer_idx], "memory"
         elif layer_idx in self.disk_layers:
@@ -56,5 +58,5 @@ class ShardServer:
         else:
             raise StoreError(f"layer {layer_idx} is not served by this shard server (it has {self.layers})")
         self.stats.hits[tier] += 1
-        self.stats.bytes_served += data.size
+        self.stats.bytes_served += self.store.layer_entry(layer_idx)["nbytes"]
         return data, tier
