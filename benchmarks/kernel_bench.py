@@ -39,7 +39,7 @@ if not CUDA:
 
 import triton  # noqa: E402
 
-from endor_ray.format import BITS_DTYPES, DEFAULT_BLOCK_SIZE, encode  # noqa: E402
+from endor_ray.format.tensor import BITS_DTYPES, DEFAULT_BLOCK_SIZE, encode  # noqa: E402
 from endor_ray.kernels.decompress import decompress  # noqa: E402
 
 GPU_SHAPES = [(8192, 8192), (8192, 28672), (28672, 8192)]  # Llama-2-70B q/o, gate/up, down

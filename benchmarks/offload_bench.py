@@ -36,14 +36,14 @@ import torch
 
 from kernel_bench import CUDA, H2D_NBYTES, machine_info, pinned_h2d_gbps  # this folder
 
-from endor_ray.architecture import is_prunable
-from endor_ray.atomic import staged_directory
-from endor_ray.convert import ConvertConfig, convert
-from endor_ray.engine import Engine, EngineConfig, GenerationStats
-from endor_ray.verify import load_dense_model
-from endor_ray.prune import prune_weight
-from endor_ray.sampling import SamplingParams
-from endor_ray.store import Store
+from endor_ray.models.architecture import is_prunable
+from endor_ray.utils.atomic import staged_directory
+from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.engine.engine import Engine, EngineConfig, GenerationStats
+from endor_ray.engine.reference import load_dense_model
+from endor_ray.store.prune import prune_weight
+from endor_ray.engine.sampling import SamplingParams
+from endor_ray.store.store import Store
 
 GPU_SHAPE = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                  vocab_size=32000)  # Llama-2-70B

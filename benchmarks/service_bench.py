@@ -44,13 +44,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 from kernel_bench import CUDA, machine_info  # noqa: E402  (this folder)
 from offload_bench import prompt_ids, random_checkpoint  # noqa: E402
 
-from endor_ray.atomic import staged_directory  # noqa: E402
-from endor_ray.convert import ConvertConfig, convert  # noqa: E402
-from endor_ray.driver import ClusterConfig, connect  # noqa: E402
-from endor_ray.engine import Engine, EngineConfig  # noqa: E402
-from endor_ray.sampling import SamplingParams  # noqa: E402
-from endor_ray.service import RayShardReader, ShardActor  # noqa: E402
-from endor_ray.store import Store  # noqa: E402
+from endor_ray.utils.atomic import staged_directory  # noqa: E402
+from endor_ray.store.convert import ConvertConfig, convert  # noqa: E402
+from endor_ray.service.driver import ClusterConfig, connect  # noqa: E402
+from endor_ray.engine.engine import Engine, EngineConfig  # noqa: E402
+from endor_ray.engine.sampling import SamplingParams  # noqa: E402
+from endor_ray.service.actors import RayShardReader, ShardActor  # noqa: E402
+from endor_ray.store.store import Store  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=8, vocab_size=4096)
 SPARSITY = 0.5

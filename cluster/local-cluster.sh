@@ -6,7 +6,7 @@
 #   cluster/local-cluster.sh status      ray status of that cluster
 #   cluster/local-cluster.sh stop        stop the nodes this script started (and nothing else)
 #
-# endor_ray.driver places shard servers only on nodes with the custom resource "endor_shard"
+# endor_ray.service.driver places shard servers only on nodes with the custom resource "endor_shard"
 # (SHARD_RESOURCE) and GPU workers on a node with "endor_worker" (WORKER_RESOURCE), so even on one
 # machine layers travel between Ray nodes the way they would between machines.
 #

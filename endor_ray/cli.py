@@ -26,14 +26,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from endor_ray.default_model import DEFAULT_MODEL_NAME
+from endor_ray.store.default_model import DEFAULT_MODEL_NAME
 from endor_ray.errors import ConfigError, EndorError
-from endor_ray.format import DEFAULT_BLOCK_SIZE, DTYPES
-from endor_ray.units import human_bytes
+from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES
+from endor_ray.utils.units import human_bytes
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from endor_ray.convert import ConvertConfig, convert
+    from endor_ray.store.convert import ConvertConfig, convert
 
     config = ConvertConfig(
         sparsity=args.sparsity, method=args.method, store_format=args.format, dtype=args.dtype,
@@ -47,7 +47,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _open_store(location: str):
-    from endor_ray.store import Store
+    from endor_ray.store.store import Store
 
     return Store(location)
 
@@ -78,7 +78,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from endor_ray.export import export_checkpoint
+    from endor_ray.store.export import export_checkpoint
 
     out = export_checkpoint(_open_store(args.store), args.out, force=args.force, progress=not args.quiet)
     if not args.quiet:
@@ -86,14 +86,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _engine_config(args: argparse.Namespace):
-    from endor_ray.engine import EngineConfig
+    from endor_ray.engine.engine import EngineConfig
 
     return EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
                         prefetch_depth=args.prefetch)
 
 
 def _engine(args: argparse.Namespace):
-    from endor_ray.engine import Engine
+    from endor_ray.engine.engine import Engine
 
     if not args.prompt:  # before the (slow) engine start
         raise ConfigError("give at least one --prompt")
@@ -110,7 +110,7 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from endor_ray.sampling import SamplingParams
+    from endor_ray.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
@@ -148,8 +148,8 @@ def _generate_in_process(args: argparse.Namespace, params) -> Iterator[dict]:
 
 def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
     """The same events from the Ray service (a local single-node Ray unless --address is given)."""
-    from endor_ray.driver import ClusterConfig, connect
-    from endor_ray.engine import load_tokenizer
+    from endor_ray.service.driver import ClusterConfig, connect
+    from endor_ray.engine.engine import load_tokenizer
 
     store = _open_store(args.store)
     prompts = _prompts(args, load_tokenizer(store)) if args.chat else args.prompt
@@ -169,8 +169,8 @@ def print_stats(stats: dict, file=sys.stdout) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from endor_ray.verify import reference_greedy
-    from endor_ray.sampling import SamplingParams
+    from endor_ray.engine.reference import reference_greedy
+    from endor_ray.engine.sampling import SamplingParams
 
     with _engine(args) as engine:
         prompts = _prompts(args, engine.tokenizer)
@@ -188,7 +188,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from endor_ray.serve import ServeConfig, run_server
+    from endor_ray.serve.app import ServeConfig, run_server
 
     _open_store(args.store)  # a bad store fails here, before Ray and Serve start
     config = ServeConfig(store=args.store, model_name=args.model_name, address=args.address, device=args.device,
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "address", "given") is None and not getattr(args, "in_process", False):
-        from endor_ray.driver import use_loopback_ray
+        from endor_ray.service.driver import use_loopback_ray
 
         use_loopback_ray()  # the local Ray this command starts stays on 127.0.0.1
     try:

@@ -13,7 +13,7 @@ import sys
 
 from endor_ray.engine import Engine, EngineConfig
 from endor_ray.errors import EndorError
-from endor_ray.sampling import SamplingParams
+from endor_ray.engine.sampling import SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from endor_ray.errors import FormatError
-from endor_ray.format import BITS_DTYPES, EncodedTensor, validate, validate_contents
+from endor_ray.format.tensor import BITS_DTYPES, EncodedTensor, validate, validate_contents
 
 
 @triton.jit

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from endor_ray.driver import SHARD_RESOURCE, WORKER_RESOURCE
+from endor_ray.service.driver import SHARD_RESOURCE, WORKER_RESOURCE
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 KUBERAY_MANIFESTS = ["rayservice.yaml", "rayjob.yaml"]

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from endor_ray.engine import Engine, EngineConfig
-from endor_ray.units import parse_budget
+from endor_ray.utils.units import parse_budget
 from endor_ray.errors import ConfigError, StoreError
-from endor_ray.tiers import plan_tiers
-from endor_ray.verify import reference_greedy
-from endor_ray.sampling import SamplingParams
+from endor_ray.engine.tiers import plan_tiers
+from endor_ray.engine.reference import reference_greedy
+from endor_ray.engine.sampling import SamplingParams
 
 from conftest import read_manifest
 
@@ -117,7 +117,7 @@ def io_threads() -> list[threading.Thread]:
 
 
 def test_interrupt_leaves_no_threads_and_engine_recovers(tiny_stores):
-    from endor_ray.skeleton import decoder_layers
+    from endor_ray.models.skeleton import decoder_layers
 
     params = SamplingParams(max_new_tokens=8)
     with Engine(str(tiny_stores["opt"]), EngineConfig(gpu_memory=0, prefetch_depth=2), progress=False) as engine:
@@ -167,7 +167,7 @@ def test_streaming_text_and_stop_strings(smollm2_store):
 
 
 def test_a_failed_layer_read_is_retried_by_the_next_request(tiny_stores):
-    from endor_ray.layer_source import StoreReader
+    from endor_ray.engine.layer_source import StoreReader
 
     class FlakyReader(StoreReader):
         """Fails the first read of the last layer, as a hiccup of a disk or shard server would."""

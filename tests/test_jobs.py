@@ -197,7 +197,7 @@ def submit(url: str, env: dict, workdir: Path, *job_args: str) -> str:
 def test_job_submit_generates_then_resumes(ray_head, tiny_stores, tmp_path):
     """Greedy completions equal the in-process engine's; a second run adds only the new ids."""
     from endor_ray.engine import Engine, EngineConfig
-    from endor_ray.sampling import SamplingParams
+    from endor_ray.engine.sampling import SamplingParams
 
     url, env = ray_head
     store = str(tiny_stores["llama-gqa"])

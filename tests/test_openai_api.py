@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from endor_ray import openai_api as api
-from endor_ray.batcher import Batcher
+from endor_ray.serve import openai_api as api
+from endor_ray.serve.batcher import Batcher
 from endor_ray.engine import Engine, EngineConfig
-from endor_ray.sampling import SamplingParams
+from endor_ray.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from endor_ray.placement import NodeInfo, PlacementError, plan_placement
+from endor_ray.service.placement import NodeInfo, PlacementError, plan_placement
 
 
 def test_worker_node_first_then_largest_budget():

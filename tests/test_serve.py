@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from endor_ray.engine import Engine, EngineConfig
-from endor_ray.sampling import SamplingParams
+from endor_ray.engine.sampling import SamplingParams
 
 PORT = 8123
 BASE = f"http://127.0.0.1:{PORT}"

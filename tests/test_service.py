@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from endor_ray.driver import ClusterConfig, connect
+from endor_ray.service.driver import ClusterConfig, connect
 from endor_ray.engine import Engine, EngineConfig
 from endor_ray.errors import ChecksumError, EndorError
-from endor_ray.placement import PlacementError
-from endor_ray.sampling import SamplingParams
+from endor_ray.service.placement import PlacementError
+from endor_ray.engine.sampling import SamplingParams
 
 from conftest import read_manifest
 

@@ -116,9 +116,9 @@ def run(args: argparse.Namespace) -> None:
     if not todo:
         return
 
-    from endor_ray.driver import ClusterConfig, connect
-    from endor_ray.engine import EngineConfig
-    from endor_ray.sampling import SamplingParams
+    from endor_ray.service.driver import ClusterConfig, connect
+    from endor_ray.engine.engine import EngineConfig
+    from endor_ray.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.address is None and not os.environ.get("RAY_ADDRESS"):
-        from endor_ray.driver import use_loopback_ray
+        from endor_ray.service.driver import use_loopback_ray
 
         use_loopback_ray()  # the local Ray this job starts stays on 127.0.0.1
     try:

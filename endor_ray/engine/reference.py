@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from endor_ray.format import decode
-from endor_ray.store import Store
+from endor_ray.format.tensor import decode
+from endor_ray.store.store import Store
 
 
 def load_dense_model(store: Store, device: str = "cpu"):
     """The store's pruned weights, decoded, in a plain transformers model (all layers in memory)."""
-    from endor_ray.skeleton import build_skeleton, decoder_layers, materialize_layer
+    from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer
 
     dense = {name: decode(enc).to(device) for name, enc in store.dense_tensors().items()}
     model = build_skeleton(store.config, dense, dtype=store.dtype, device=device)

@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from endor_ray.errors import ConfigError, EndorError
-from endor_ray.format import EncodedTensor, decode
-from endor_ray.store import Store, tensors_from_buffer
-from endor_ray.tiers import TIERS, TierPlan
+from endor_ray.format.tensor import EncodedTensor, decode
+from endor_ray.store.store import Store, tensors_from_buffer
+from endor_ray.engine.tiers import TIERS, TierPlan
 
 class StoreReader:
     """Layer bytes from a local store: the host tier held in memory, the disk tier read on demand."""

@@ -1,13 +1,13 @@
 """Which decoder layers live in which tier on one worker: resident on the device, in host memory,
 or read from disk. A plain function from sizes and budgets to a plan (the cluster-wide layout
-of shard servers is `endor_ray.placement`)."""
+of shard servers is `endor_ray.service.placement`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from endor_ray.errors import ConfigError
-from endor_ray.units import human_bytes
+from endor_ray.utils.units import human_bytes
 
 TIERS = ("device", "host", "disk", "remote")  # "remote": from a shard server (Ray service)
 

@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from endor_ray import __version__
-from endor_ray.architecture import is_prunable
-from endor_ray.atomic import staged_directory
-from endor_ray.checkpoint import Checkpoint
-from endor_ray.default_model import resolve_source
+from endor_ray._version import __version__
+from endor_ray.models.architecture import is_prunable
+from endor_ray.utils.atomic import staged_directory
+from endor_ray.store.checkpoint import Checkpoint
+from endor_ray.store.default_model import resolve_source
 from endor_ray.errors import ConfigError, StoreError
-from endor_ray.format import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
-from endor_ray.prune import METHODS, InputNormCollector, check_sparsity, prune_weight
-from endor_ray.store import (
+from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
+from endor_ray.store.prune import METHODS, InputNormCollector, check_sparsity, prune_weight
+from endor_ray.store.store import (
     DENSE_FILE, MANIFEST_NAME, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name, write_tensor_file,
 )
 
@@ -164,8 +164,8 @@ def _write_store(checkpoint: Checkpoint, staging: Path, config: ConvertConfig, d
 @torch.no_grad()
 def _wanda_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
     """Run calibration tokens through the model once, pruning and writing each layer as it finishes."""
-    from endor_ray.calibration import self_calibration_ids, text_calibration_ids
-    from endor_ray.skeleton import build_skeleton, decoder_layers, materialize_layer, stream_layers
+    from endor_ray.store.calibration import self_calibration_ids, text_calibration_ids
+    from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer, stream_layers
 
     architecture = checkpoint.architecture
     compute_dtype = torch.float32  # scores and activations in fp32 whatever is stored

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from endor_ray.architecture import Architecture, architecture_from_config
+from endor_ray.models.architecture import Architecture, architecture_from_config
 from endor_ray.errors import ChecksumError, FormatError, StoreError
-from endor_ray.format import EncodedTensor, checksum, dtype_from_name, dtype_name, validate, validate_contents
+from endor_ray.format.tensor import EncodedTensor, checksum, dtype_from_name, dtype_name, validate, validate_contents
 
 STORE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from endor_ray.sampling import SamplingParams
+from endor_ray.engine.sampling import SamplingParams
 
 
 @dataclass

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from endor_ray import errors
-from endor_ray.engine import EngineConfig
-from endor_ray.units import parse_budget
+from endor_ray.engine.engine import EngineConfig
+from endor_ray.utils.units import parse_budget
 from endor_ray.errors import ConfigError, EndorError
-from endor_ray.placement import NodeInfo, Placement, plan_placement
-from endor_ray.sampling import SamplingParams
-from endor_ray.store import Store
+from endor_ray.service.placement import NodeInfo, Placement, plan_placement
+from endor_ray.engine.sampling import SamplingParams
+from endor_ray.store.store import Store
 
 SHARD_RESOURCE = "endor_shard"  # nodes with this custom resource host shard servers (if any has it)
 WORKER_RESOURCE = "endor_worker"  # nodes with this custom resource host GPU workers (if any has it)
@@ -220,7 +220,7 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from endor_ray.service import ShardActor, WorkerActor
+    from endor_ray.service.actors import ShardActor, WorkerActor
 
     cluster = cluster or ClusterConfig()
     engine_config = engine_config or EngineConfig()

@@ -14,9 +14,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from endor_ray.atomic import staged_directory
-from endor_ray.format import decode
-from endor_ray.store import Store
+from endor_ray.utils.atomic import staged_directory
+from endor_ray.format.tensor import decode
+from endor_ray.store.store import Store
 
 
 def export_checkpoint(store: Store, out: str | Path, force: bool = False, progress: bool = True) -> Path:

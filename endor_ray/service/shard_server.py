@@ -1,6 +1,6 @@
 """Weight-shard server: owns some layers of a store and serves their compressed, verified bytes.
 
-A plain class: the Ray actor in `endor_ray.service` wraps it and puts each memory-tier layer into
+A plain class: the Ray actor in `endor_ray.service.actors` wraps it and puts each memory-tier layer into
 the object store once. Memory-tier layers are read and checksum-verified at start; disk-tier
 layers are read (and verified) from the store, local or object storage, each time one is asked for.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from endor_ray.errors import StoreError
-from endor_ray.store import Store, tensors_from_buffer
+from endor_ray.store.store import Store, tensors_from_buffer
 
 
 @dataclass

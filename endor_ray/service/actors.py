@@ -9,7 +9,7 @@
   restarted (it reloads its layers from the store), within a deadline.
 - `WorkerActor` wraps the engine, with a `RayShardReader` as its layer source.
 
-Actors are made remote where they are created (`endor_ray.driver`).
+Actors are made remote where they are created (`endor_ray.service.driver`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
 
-from endor_ray.engine import Engine, EngineConfig
+from endor_ray.engine.engine import Engine, EngineConfig
 from endor_ray.errors import EndorError
-from endor_ray.sampling import SamplingParams
-from endor_ray.shard_server import ShardServer
-from endor_ray.store import Store
+from endor_ray.engine.sampling import SamplingParams
+from endor_ray.service.shard_server import ShardServer
+from endor_ray.store.store import Store
 
 RETRYABLE = (RayActorError, ObjectLostError, OwnerDiedError)
 

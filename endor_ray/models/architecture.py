@@ -4,7 +4,7 @@ A checkpoint tensor is either a *layer tensor* (``model.layers.3.mlp.up_proj.wei
 ``mlp.up_proj.weight``) or a *dense tensor* (embeddings, final norm, LM head). Only the 2-D
 weights of layer tensors (the Linear weights) are pruned and stored sparse.
 
-This module imports neither transformers nor Ray; `endor_ray.skeleton` builds the modules.
+This module imports neither transformers nor Ray; `endor_ray.models.skeleton` builds the modules.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from endor_ray.errors import ConfigError
-from endor_ray.sampling import SamplingParams
+from endor_ray.engine.sampling import SamplingParams
 
 
 class APIError(Exception):

@@ -13,7 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from endor_ray.atomic import staged_directory
+from endor_ray.utils.atomic import staged_directory
 from endor_ray.errors import StoreError
 
 DEFAULT_MODEL_NAME = "smollm2-135m"

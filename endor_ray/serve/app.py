@@ -5,8 +5,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (which also
 reports how many sequences each pass over the weights served). The deployment starts the
-shard servers and GPU workers (`endor_ray.driver.connect`) on the cluster it runs in; concurrent
-requests are batched by `endor_ray.batcher.Batcher`.
+shard servers and GPU workers (`endor_ray.service.driver.connect`) on the cluster it runs in; concurrent
+requests are batched by `endor_ray.serve.batcher.Batcher`.
 
 FastAPI reads the endpoint signatures at import time, so this module does not use
 `from __future__ import annotations` (string annotations are not resolved for Serve's class views).
@@ -23,8 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from endor_ray import openai_api as api
-from endor_ray.batcher import Batcher
+from endor_ray.serve import openai_api as api
+from endor_ray.serve.batcher import Batcher
 from endor_ray.errors import ConfigError, EndorError
 
 
@@ -70,9 +70,9 @@ class EndorServer:
     """HTTP front: validates requests, feeds the batcher, shapes OpenAI responses."""
 
     def __init__(self, config: ServeConfig):
-        from endor_ray.driver import ClusterConfig, connect
-        from endor_ray.engine import EngineConfig, load_tokenizer
-        from endor_ray.store import Store
+        from endor_ray.service.driver import ClusterConfig, connect
+        from endor_ray.engine.engine import EngineConfig, load_tokenizer
+        from endor_ray.store.store import Store
 
         self.config = config
         store = Store(config.store)
@@ -159,7 +159,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
     """Start Serve on the cluster (a local Ray unless config.address is set) and block until Ctrl-C."""
     import ray
 
-    from endor_ray.driver import init_ray
+    from endor_ray.service.driver import init_ray
 
     def stop(signum, frame):  # SIGTERM (kill, Kubernetes) shuts down like Ctrl-C
         raise KeyboardInterrupt

@@ -3,7 +3,7 @@
 Without a ``--calib-text`` file (and with no dataset to download) the model calibrates on text it
 writes itself: each sample starts from a random vocabulary token and is continued by sampling from
 the unpruned model (the data-free recipe of LLM-QAT, Liu et al. 2023). The model runs through
-`transformers`' own ``generate`` with decoder layers streamed in (`endor_ray.skeleton`), so this
+`transformers`' own ``generate`` with decoder layers streamed in (`endor_ray.models.skeleton`), so this
 works for models larger than memory, at one pass over the weights per generated token.
 """
 

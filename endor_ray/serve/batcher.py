@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from endor_ray.sampling import SamplingParams
+from endor_ray.engine.sampling import SamplingParams
 
 RunBatch = Callable[[list[str], list[SamplingParams]], Iterator[dict]]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from endor_ray.architecture import Architecture, architecture_from_config
+from endor_ray.models.architecture import Architecture, architecture_from_config
 from endor_ray.errors import UnsupportedModelError
 
 LoadLayer = Callable[[int], dict[str, torch.Tensor]]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from endor_ray.architecture import Architecture, architecture_from_config
+from endor_ray.models.architecture import Architecture, architecture_from_config
 from endor_ray.errors import StoreError, UnsupportedModelError
 
 TOKENIZER_FILES = (

@@ -24,13 +24,13 @@ from typing import Any, NamedTuple
 import torch
 
 from endor_ray.errors import ConfigError
-from endor_ray.format import decode
-from endor_ray.layer_source import LayerSource, SourceStats, StoreReader
-from endor_ray.tiers import plan_tiers
-from endor_ray.sampling import SamplingParams, make_generator, select_token
-from endor_ray.sequence import Sequence
-from endor_ray.store import Store
-from endor_ray.units import parse_budget
+from endor_ray.format.tensor import decode
+from endor_ray.engine.layer_source import LayerSource, SourceStats, StoreReader
+from endor_ray.engine.tiers import plan_tiers
+from endor_ray.engine.sampling import SamplingParams, make_generator, select_token
+from endor_ray.engine.sequence import Sequence
+from endor_ray.store.store import Store
+from endor_ray.utils.units import parse_budget
 
 # (sequence index, token id, newly final text) -> None
 TokenCallback = Callable[[int, int, str], None]
@@ -153,7 +153,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.device = self.config.resolve_device()
         self.tokenizer = load_tokenizer(self.store)
-        from endor_ray.skeleton import build_skeleton, decoder_layers, materialize_layer
+        from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer
 
         dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
         self.model = build_skeleton(self.store.config, dense, dtype=self.store.dtype, device=self.device)
@@ -191,7 +191,7 @@ class Engine:
                           self.config.host_budget_bytes)
 
     def _install_hooks(self):
-        from endor_ray.skeleton import stream_layers
+        from endor_ray.models.skeleton import stream_layers
 
         def release(layer_idx: int, module, args, kwargs, output):
             self.source.release(layer_idx)

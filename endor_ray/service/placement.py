@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from endor_ray.errors import EndorError
-from endor_ray.units import human_bytes
+from endor_ray.utils.units import human_bytes
 
 
 class PlacementError(EndorError):

@@ -1,0 +1,3 @@
+"""The version of endor-ray (one place; the package root and the store manifest read it)."""
+
+__version__ = "0.1.0"

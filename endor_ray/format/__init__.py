@@ -1,0 +1,12 @@
+"""The Endor format: how one weight tensor is encoded (stage 1 of the data's path).
+
+Owns the encoding spec and its torch reference (`tensor`), and the fast CPU decoder. Pure
+tensor code: imports torch, numpy and `endor_ray.errors` / `endor_ray.utils` only, never Ray,
+Triton or transformers, so it works anywhere. The GPU kernel lives beside its reference in the
+top-level `kernels/` folder (`endor_ray.kernels`).
+"""
+
+from endor_ray.format.tensor import (  # noqa: F401  (the format's public API)
+    BITS_DTYPES, DEFAULT_BLOCK_SIZE, DTYPES, FORMAT_VERSION, EncodedTensor, bitmap_nbytes, checksum,
+    decode, dtype_from_name, dtype_name, encode, validate, validate_contents,
+)
