@@ -8,7 +8,7 @@ STORE  ?= stores/smollm2-135m-wanda50
 
 .PHONY: setup demo test clean-stores
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py endor_ray/format/_expand.c Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# A bare torch requirement would pull a multi-GB CUDA build: take the CPU build first unless a

@@ -7,6 +7,6 @@ top-level `kernels/` folder (`endor_ray.kernels`).
 """
 
 from endor_ray.format.tensor import (  # noqa: F401  (the format's public API)
-    BITS_DTYPES, DEFAULT_BLOCK_SIZE, DTYPES, FORMAT_VERSION, EncodedTensor, bitmap_nbytes, checksum,
+    BITS_DTYPES, DEFAULT_BLOCK_SIZE, DTYPES, FORMAT_VERSION, EncodedTensor, bitmap_nbytes, checksum, crc32,
     decode, dtype_from_name, dtype_name, encode, validate, validate_contents,
 )
