@@ -141,3 +141,49 @@ def test_force_replaces_only_on_success(tiny_checkpoints, pristine_store, tmp_pa
     convert(str(tiny_checkpoints["opt"]), destination, ConvertConfig(method="magnitude", force=True), progress=False)
     assert Store(str(destination)).architecture.model_type == "opt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_version_2_parts_are_aligned_and_files_stay_safetensors(pristine_store):
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(pristine_store)
+    assert manifest["format_version"] == 2
+    store = Store(str(pristine_store))
+    for entry in [manifest["dense"], *manifest["layers"]]:
+        ranges = [r for tensor in entry["tensors"] for r in tensor["parts"].values()]
+        assert all(begin % 64 == 0 for begin, _ in ranges), entry["file"]
+        loaded = load_file(str(pristine_store / entry["file"]))  # the safetensors library reads it
+        tensors = store.dense_tensors() if entry is manifest["dense"] else store.layer_tensors(entry["index"])
+        for name, enc in tensors.items():
+            for part, data in enc.parts().items():
+                assert torch.equal(loaded[f"{name}/{part}"].view(torch.uint8), data.view(torch.uint8))
+        pads = [key for key in loaded if key.startswith("__pad__/")]
+        assert all(loaded[key].dtype == torch.uint8 and not loaded[key].any() for key in pads)
+
+
+def test_version_1_stores_are_still_read(pristine_store, tmp_path):
+    """A store written by endor-ray 0.1 (safetensors' own layout, parts unaligned) decodes the same."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    old = shutil.copytree(pristine_store, tmp_path / "v1")
+    manifest = read_manifest(old)
+    new = Store(str(pristine_store))
+    for entry in [manifest["dense"], *manifest["layers"]]:
+        tensors = new.dense_tensors() if entry is manifest["dense"] else new.layer_tensors(entry["index"])
+        save_file({f"{name}/{part}": data.clone() for name, enc in tensors.items()
+                   for part, data in enc.parts().items()}, str(old / entry["file"]))
+        raw = (old / entry["file"]).read_bytes()
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + header_len])
+        for tensor in entry["tensors"]:
+            tensor["parts"] = {part: [8 + header_len + offset for offset in header[f"{tensor['name']}/{part}"]["data_offsets"]]
+                               for part in tensor["parts"]}
+        entry["nbytes"] = len(raw)
+    write_manifest(old, {**manifest, "format_version": 1})
+    assert any(begin % 64 for t in read_manifest(old)["layers"][0]["tensors"] for begin, _ in t["parts"].values())
+    v1 = Store(str(old))
+    for layer_idx in range(v1.num_layers):
+        a, b = v1.layer_tensors(layer_idx), new.layer_tensors(layer_idx)
+        assert all(torch.equal(decode(a[name]), decode(b[name])) for name in b)

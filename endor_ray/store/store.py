@@ -1,6 +1,6 @@
 """The compressed model store: where Endor-encoded layers live on disk or in object storage.
 
-Layout of a store (format version 1)::
+Layout of a store (format version 2; version 1 differs only in part alignment, below)::
 
     STORE/manifest.json                    written last: a store without it is incomplete
     STORE/tokenizer/...                    the source checkpoint's tokenizer files
@@ -9,9 +9,14 @@ Layout of a store (format version 1)::
 
 Each tensor file is a valid safetensors file whose keys are ``"<tensor name>/<part>"`` with part
 one of ``bitmap``, ``block_offsets``, ``values`` (see `endor_ray.format`), so a whole layer is
-one sequential read and can be memory-mapped (safetensors orders the parts by dtype, so readers
-use the byte ranges in the manifest). The manifest holds the model config and, per file,
-its byte size and one entry per tensor::
+one sequential read and can be memory-mapped. In version 2 every part starts at a multiple of
+``PART_ALIGNMENT`` (64) bytes from the start of the file: the header is padded with spaces (as
+safetensors allows) and ``uint8`` tensors named ``"__pad__/<n>"`` fill the gaps between parts
+(safetensors allows no holes). A file read into a 64-byte aligned buffer therefore hands the
+GPU kernel and the CPU decoder aligned arrays (wide loads, one kernel specialisation). Version 1
+files (parts wherever safetensors put them) are read the same way: readers only ever use the
+byte ranges in the manifest. The manifest holds the model config and, per file, its byte size
+and one entry per tensor::
 
     {"name": "self_attn.q_proj.weight", "shape": [576, 576], "dtype": "float32",
      "layout": "bitmap", "values_encoding": "raw", "block_size": 4096, "nnz": 165888,
@@ -26,8 +31,6 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import struct
-import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,9 +41,13 @@ import torch
 
 from endor_ray.models.architecture import Architecture, architecture_from_config
 from endor_ray.errors import ChecksumError, FormatError, StoreError
-from endor_ray.format.tensor import EncodedTensor, checksum, dtype_from_name, dtype_name, validate, validate_contents
+from endor_ray.format.tensor import (
+    EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
+)
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PART_ALIGNMENT = 64  # bytes; version 2 starts every part of a tensor file at a multiple of it
 MANIFEST_NAME = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -54,29 +61,48 @@ def layer_file_name(layer_idx: int) -> str:
 # -- writing (always to a local directory) -------------------------------------------------------
 
 
-def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor]) -> dict[str, Any]:
-    """Write `tensors` into one safetensors file; return its manifest entry (file name excluded)."""
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float32: "F32"}
 
-    flat = {f"{name}/{part}": data.contiguous().cpu() for name, enc in tensors.items()
-            for part, data in enc.parts().items()}
+
+def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor]) -> dict[str, Any]:
+    """Write `tensors` into one safetensors file with every part aligned to PART_ALIGNMENT bytes;
+    return its manifest entry (file name excluded)."""
+    parts = [(f"{name}/{part}", data.detach().contiguous().cpu().view(-1))
+             for name, enc in tensors.items() for part, data in enc.parts().items()]
+    header: dict[str, Any] = {}
+    layout: list[tuple[str, torch.Tensor | int]] = []  # what goes into the data section, in order
+    offset = 0
+    for key, data in parts:
+        gap = -offset % PART_ALIGNMENT  # relative to the data start, itself aligned below
+        if gap:
+            layout.append((f"__pad__/{len(layout)}", gap))
+            header[layout[-1][0]] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            offset += gap
+        nbytes = data.numel() * data.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[data.dtype], "shape": [data.numel()],
+                       "data_offsets": [offset, offset + nbytes]}
+        layout.append((key, data))
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-(8 + len(header_bytes)) % PART_ALIGNMENT)  # data starts aligned
+    data_start = 8 + len(header_bytes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(flat, str(path))
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data_start = 8 + header_len
+    with open(path, "wb") as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for _, data in layout:
+            f.write(bytes(data) if isinstance(data, int) else tensor_bytes(data))
     entries = []
     for name, enc in tensors.items():
-        parts = {part: [data_start + header[f"{name}/{part}"]["data_offsets"][0],
-                        data_start + header[f"{name}/{part}"]["data_offsets"][1]]
-                 for part in enc.parts()}
+        ranges = {part: [data_start + begin, data_start + end] for part in enc.parts()
+                  for begin, end in [header[f"{name}/{part}"]["data_offsets"]]}
         entries.append({
             "name": name, "shape": list(enc.shape), "dtype": dtype_name(enc.dtype),
             "layout": enc.layout, "values_encoding": enc.values_encoding,
-            "block_size": enc.block_size, "nnz": enc.nnz, "crc32": checksum(enc), "parts": parts,
+            "block_size": enc.block_size, "nnz": enc.nnz, "crc32": checksum(enc), "parts": ranges,
         })
-    return {"nbytes": path.stat().st_size, "tensors": entries}
+    return {"nbytes": data_start + offset, "tensors": entries}
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -117,7 +143,7 @@ def tensors_from_buffer(
                     raise StoreError(f"{file_name}: {name}/{part} lies outside the file ({begin}..{end})")
                 raw = buffer[begin:end]
                 if verify:
-                    crc = zlib.crc32(raw.numpy(), crc)
+                    crc = crc32(raw.numpy(), crc)
                 parts[part] = raw.view(PART_DTYPES.get(part, dtype))
             if verify and crc != entry["crc32"]:
                 raise ChecksumError(
@@ -183,10 +209,10 @@ class Store:
             config = manifest["model"]["config"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise StoreError(f"{self.location}/{MANIFEST_NAME} is malformed ({exc}); re-run endor convert") from exc
-        if version != STORE_FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{self.location} has store format version {version}; this endor-ray reads version "
-                f"{STORE_FORMAT_VERSION}: convert the model again with this version"
+                f"{self.location} has store format version {version}; this endor-ray reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: convert the model again with this version"
             )
         architecture = architecture_from_config(config)
         if len(layers) != architecture.num_layers:
