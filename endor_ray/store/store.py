@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from endor_ray.models.architecture import Architecture, architecture_from_config
+from endor_ray.store import files
 from endor_ray.errors import ChecksumError, FormatError, StoreError
 from endor_ray.format.tensor import (
     EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
@@ -242,6 +243,17 @@ class Store:
             return buffer
         except (OSError, pyarrow.ArrowException, ValueError) as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def read_into(self, name: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False) -> None:
+        """Read a whole file of `nbytes` bytes into `buffer[:nbytes]` (see `endor_ray.store.files`)."""
+        if self.fs.type_name == "local":
+            files.read_local(self._path(name), buffer, nbytes, direct=direct)
+        else:
+            files.read_remote(self.fs, self._path(name), buffer, nbytes)
+
+    def local_path(self, name: str) -> str | None:
+        """The file's path on this machine, or None for an object-store location."""
+        return self._path(name) if self.fs.type_name == "local" else None
 
     @cached_property
     def architecture(self) -> Architecture:

@@ -1,0 +1,107 @@
+"""Reading a store file into a buffer the caller owns: the disk tier's only pass over the bytes.
+
+Local files are read with `preadv` straight into the caller's buffer (no allocation, no extra
+copy), in chunks so the kernel's readahead keeps the disk busy. With ``direct=True`` they are
+opened with O_DIRECT: the disk DMAs into the buffer, the CPU copies nothing and the page cache
+is left alone (what a model larger than memory wants; the buffer and the read size must be
+aligned, which `DIRECT_ALIGNMENT` and the caller's buffer capacity guarantee). A file system
+that refuses O_DIRECT (tmpfs) is read buffered instead, with one warning. Other locations
+(``s3://``, ``gs://``, ``hdfs://``) go through pyarrow's `readinto`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from endor_ray.errors import StoreError
+
+log = logging.getLogger(__name__)
+DIRECT_ALIGNMENT = 4096  # O_DIRECT wants the buffer address and the read size aligned to a block
+CHUNK_BYTES = 8 << 20  # one preadv per 8 MiB: big enough for full-speed reads, small enough for readahead
+_direct_refused: set[str] = set()  # devices (st_dev) where O_DIRECT failed: read those buffered
+
+
+def direct_capacity(nbytes: int) -> int:
+    """The buffer size a direct read of `nbytes` needs (rounded up to DIRECT_ALIGNMENT)."""
+    return -(-nbytes // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+
+
+def _as_array(buffer: torch.Tensor | np.ndarray) -> np.ndarray:
+    return buffer.numpy() if isinstance(buffer, torch.Tensor) else buffer
+
+
+def read_local(path: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False) -> None:
+    """Read the whole local file `path`, which must be `nbytes` long, into `buffer[:nbytes]`."""
+    array = _as_array(buffer)
+    flags = os.O_RDONLY
+    if direct and hasattr(os, "O_DIRECT") and _direct_allowed(path, array, nbytes):
+        flags |= os.O_DIRECT
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if flags & getattr(os, "O_DIRECT", 0) and exc.errno == 22:  # EINVAL: the file system refuses it
+            _refuse_direct(path, exc)
+            return read_local(path, buffer, nbytes, direct=False)
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size != nbytes:
+            raise StoreError(f"{path} has {size} bytes but the manifest says {nbytes}: the file is truncated "
+                             "or was replaced; re-run endor convert")
+        view = memoryview(array)
+        limit = direct_capacity(nbytes) if flags & getattr(os, "O_DIRECT", 0) else nbytes
+        position = 0
+        while position < nbytes:
+            try:
+                got = os.preadv(fd, [view[position:min(position + CHUNK_BYTES, limit)]], position)
+            except OSError as exc:
+                if flags & getattr(os, "O_DIRECT", 0) and exc.errno == 22:
+                    _refuse_direct(path, exc)
+                    return read_local(path, buffer, nbytes, direct=False)
+                raise StoreError(f"cannot read {path}: {exc}") from exc
+            if got <= 0:
+                raise StoreError(f"short read from {path}: {position} of {nbytes} bytes; the file shrank")
+            position += got
+    finally:
+        os.close(fd)
+
+
+def _direct_allowed(path: str, array: np.ndarray, nbytes: int) -> bool:
+    aligned = array.ctypes.data % DIRECT_ALIGNMENT == 0 and array.nbytes >= direct_capacity(nbytes)
+    return aligned and str(os.stat(path).st_dev) not in _direct_refused
+
+
+def _refuse_direct(path: str, exc: OSError) -> None:
+    device = str(os.stat(path).st_dev)
+    if device not in _direct_refused:
+        _direct_refused.add(device)
+        log.warning("the file system of %s refuses O_DIRECT (%s): reading it through the page cache", path, exc)
+
+
+def read_remote(fs: Any, path: str, buffer: torch.Tensor | np.ndarray, nbytes: int) -> None:
+    """Read a file from a pyarrow file system into `buffer[:nbytes]`."""
+    import pyarrow
+
+    try:
+        with fs.open_input_file(path) as f:
+            if f.size() != nbytes:
+                raise StoreError(f"{path} has {f.size()} bytes but the manifest says {nbytes}: the file is "
+                                 "truncated or was replaced; re-run endor convert")
+            if nbytes and f.readinto(_as_array(buffer)[:nbytes]) != nbytes:
+                raise StoreError(f"short read from {path}")
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+
+
+def evict(path: str) -> None:
+    """Drop a local file's pages from the page cache (benchmarks start cold with it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
