@@ -5,7 +5,7 @@ node stands for another machine), with a random fp16 Llama store (hidden 1024, i
 50% magnitude sparsity, built once in --workdir) or ``--store``; fixed seeds, a warm-up, medians:
 
 1. Layer fetch, shard server -> worker: probe actors (``num_cpus=0``, as the worker) on the shard
-   node and on the other node read every layer in turn with ``RayShardReader.resolve(request(i))``,
+   node and on the other node read every layer in turn with ``RayShardReader.resolve(request(i), None)``,
    against a raw Ray transfer of the same bytes (numpy arrays ``ray.put`` on the shard node). Each
    repeat uses a fresh shard server and arrays, so a "cold" read across nodes moves the bytes; a
    "warm" second read may find the copy Ray keeps on the reader's node. GB/s and layer / raw.
@@ -71,7 +71,7 @@ class FetchProbe:
         reader = RayShardReader(self.store, dict.fromkeys(range(num_layers), shard), TIMEOUT_S)
         started = time.perf_counter()
         for layer_idx in range(num_layers):
-            reader.resolve(reader.request(layer_idx))  # [nbytes] uint8 view of the object store
+            reader.resolve(reader.request(layer_idx), None)  # [nbytes] uint8 view of the object store
         return time.perf_counter() - started
 
     def read_refs(self, refs: list[ray.ObjectRef]) -> float:

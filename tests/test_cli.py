@@ -20,7 +20,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
 def assert_clean_error(code, err, *needles) -> None:
     """Exit 1 and one error line (after any progress bars): no traceback."""
     assert code == 1
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("load:", "convert:"))]
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("load:", "load host tier:", "convert:"))]
     assert len(lines) == 1 and lines[0].startswith("endor "), err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])

@@ -113,7 +113,7 @@ def test_bad_input(tiny_stores, tmp_path):
 
 
 def io_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("endor-io") and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith(("endor-read", "endor-transfer")) and t.is_alive()]
 
 
 def test_interrupt_leaves_no_threads_and_engine_recovers(tiny_stores):
@@ -167,18 +167,18 @@ def test_streaming_text_and_stop_strings(smollm2_store):
 
 
 def test_a_failed_layer_read_is_retried_by_the_next_request(tiny_stores):
-    from endor_ray.engine.layer_source import StoreReader
+    from endor_ray.engine.readers import StoreReader
 
     class FlakyReader(StoreReader):
         """Fails the first read of the last layer, as a hiccup of a disk or shard server would."""
 
         failures_left = 1
 
-        def resolve(self, request):
+        def resolve(self, request, buffer):
             if request == 2 and self.failures_left:
                 self.failures_left -= 1
                 raise OSError("transient read error")
-            return super().resolve(request)
+            return super().resolve(request, buffer)
 
     store = str(tiny_stores["llama-gqa"])
     with Engine(store, EngineConfig(gpu_memory=0, prefetch_depth=2), progress=False) as reference:
@@ -187,8 +187,18 @@ def test_a_failed_layer_read_is_retried_by_the_next_request(tiny_stores):
 
     opened = Store(store)
     with Engine(opened, EngineConfig(gpu_memory=0, prefetch_depth=2), progress=False,
-                reader=FlakyReader(opened, (), pin=False)) as engine:
+                reader=FlakyReader(opened, ())) as engine:
         with pytest.raises(OSError, match="transient"):
             engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4))
         again = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4)).completions
     assert [c.token_ids for c in again] == [c.token_ids for c in expected]
+
+
+def test_a_failure_after_the_layer_source_started_leaks_no_threads(tiny_stores, monkeypatch):
+    def broken_hooks(self):
+        raise RuntimeError("hooks could not be installed")
+
+    monkeypatch.setattr(Engine, "_install_hooks", broken_hooks)
+    with pytest.raises(RuntimeError, match="hooks"):
+        Engine(str(tiny_stores["opt"]), EngineConfig(gpu_memory=0), progress=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("endor-read", "endor-transfer"))]

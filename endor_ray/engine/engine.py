@@ -13,6 +13,7 @@ the batch and picks each sequence's next token; `generate()` loops it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import tempfile
 import time
@@ -25,7 +26,10 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.format.tensor import decode
-from endor_ray.engine.layer_source import LayerSource, SourceStats, StoreReader
+from endor_ray.engine.device import CudaOps
+from endor_ray.engine.layer_source import LayerSource
+from endor_ray.engine.readers import StoreReader
+from endor_ray.engine.source_stats import SourceStats
 from endor_ray.engine.tiers import plan_tiers
 from endor_ray.engine.sampling import SamplingParams, make_generator, select_token
 from endor_ray.engine.sequence import Sequence
@@ -46,6 +50,10 @@ class EngineConfig:
     host_memory: str | int | None = None  # compressed layers kept in host memory (size); None: all
     prefetch_depth: int = 2  # layers fetched ahead of the one computing
     verify_disk_reads: bool = True  # checksum every disk-tier read (host tier is checked at load)
+    # Disk-tier reads: "buffered" (through the page cache, which may keep layers in spare RAM) or
+    # "direct" (O_DIRECT: DMA into the read buffer, no CPU copy, the page cache left alone).
+    disk_io: str = "buffered"
+    decode_threads: int | None = None  # CPU decoding: threads a layer's decode splits over; None: all cores
     fetch_timeout_s: float = 600.0  # a layer fetch slower than this is an error, not a hang
 
     def __post_init__(self) -> None:
@@ -53,6 +61,10 @@ class EngineConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.prefetch_depth < 0:
             raise ConfigError(f"prefetch depth must be >= 0, got {self.prefetch_depth}")
+        if self.disk_io not in ("buffered", "direct"):
+            raise ConfigError(f"disk_io must be buffered or direct, got {self.disk_io!r}")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ConfigError(f"decode threads must be >= 1, got {self.decode_threads}")
         self.gpu_budget  # parse now: a bad value fails at construction
         if parse_budget(self.host_memory, "host memory")[1] not in (None, 0):
             raise ConfigError("host memory is a size (for example 64GiB), not a layer count")
@@ -158,22 +170,30 @@ class Engine:
         dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
         self.model = build_skeleton(self.store.config, dense, dtype=self.store.dtype, device=self.device)
         self.plan = self._plan()
+        self.source: LayerSource | None = None
+        self._hooks: contextlib.ExitStack | None = None
+        ops = CudaOps(self.device) if self.device.type == "cuda" else None
         if reader is None:
-            reader = StoreReader(self.store, self.plan.host, pin=self.device.type == "cuda",
-                                 verify_disk_reads=self.config.verify_disk_reads, progress=progress)
+            reader = StoreReader(self.store, self.plan.host, ops, verify_disk_reads=self.config.verify_disk_reads,
+                                 direct_io=self.config.disk_io == "direct", progress=progress)
         try:
             self.source = LayerSource(reader, self.plan, self.device, self.config.prefetch_depth,
-                                      self.config.fetch_timeout_s, progress)
+                                      self.config.fetch_timeout_s, progress, self.config.decode_threads, ops)
+            layers = decoder_layers(self.model, self.store.architecture)
+            for layer_idx, weights in self.source.resident.items():
+                materialize_layer(layers[layer_idx], weights)
+            self._hooks = self._install_hooks()
+            self.eos_ids = eos_token_ids(self.store.config, self.tokenizer)
+            self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                           else min(self.eos_ids, default=0))
+            self.max_context = int(self.store.config.get("max_position_embeddings") or 2**31)
+            # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
+            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         except BaseException:
-            reader.close()  # unpin the host tier
+            self.close()  # the prefetch threads, pinned pages and slots of what was built so far
+            if self.source is None:
+                reader.close()
             raise
-        layers = decoder_layers(self.model, self.store.architecture)
-        for layer_idx, weights in self.source.resident.items():
-            materialize_layer(layers[layer_idx], weights)
-        self._hooks = self._install_hooks()
-        self.eos_ids = eos_token_ids(self.store.config, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
-        self.max_context = int(self.store.config.get("max_position_embeddings") or 2**31)
 
     def _plan(self):
         entries = self.store.manifest["layers"]
@@ -288,7 +308,8 @@ class Engine:
         """One forward pass over all layers for the whole batch, and one new token per live sequence."""
         logits = self.model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids, past_key_values=batch.cache, use_cache=True,
+            position_ids=batch.position_ids, use_cache=True, logits_to_keep=1,  # the LM head on the last position only
+            **{self._cache_arg: batch.cache},
         ).logits[:, -1, :]  # [batch, vocab]
         if all(seq.params.greedy for seq in batch.sequences):
             chosen = logits.argmax(dim=-1).tolist()
@@ -311,11 +332,12 @@ class Engine:
         batch.position_ids = batch.position_ids[:, -1:] + 1
 
     def close(self) -> None:
-        """Stop the prefetch thread and free the buffers."""
+        """Stop the prefetch threads and free the buffers (safe to call twice)."""
         if self._hooks is not None:
             self._hooks.close()
             self._hooks = None
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -1,29 +1,39 @@
-"""Where decoder layers come from while the model runs: three tiers and a prefetcher.
+"""Where decoder layers come from while the model runs: three tiers and a two-stage prefetcher.
 
 Tiers (as in M2Cache):
 
 - device: the first layers that fit the GPU budget, decompressed once and kept resident;
-- host:   compressed layer files held in host memory (pinned on CUDA), up to the host budget;
-- disk:   the remaining layers, read from the store (memory-mapped) each time they run.
+- host:   compressed layer files held in host memory (page-locked on CUDA), up to the host budget;
+- disk:   the remaining layers, read from the store each time they run.
 
-Streamed layers pass through ``prefetch_depth + 1`` slots. A slot owns a device buffer for one
-compressed layer file and the dense tensors it decompresses into, so nothing is allocated per
-layer per token. While layer i computes, the next d streamed layers (cyclically: after the last
-layer come the first streamed layers of the next token) are read by one I/O thread, copied host
-to device on a side CUDA stream and decompressed there by the Triton kernel. The compute stream
-waits for a layer on a CUDA event, never on the host; a slot is refilled only after an event
-recorded when the compute that used it finished.
+Streamed layers pass through ``prefetch_depth + 1`` slots. A slot owns everything one layer
+needs on its way in, allocated once and reused: a host buffer the reader reads into (pinned on
+CUDA), on CUDA a device buffer for the compressed file, and the dense weights. While layer i
+computes, the next d streamed layers (cyclically: after the last come the first streamed layers
+of the next token) move through two stages, each on its own thread:
 
-Where the compressed bytes come from is a *reader*'s business: `StoreReader` holds the host tier
-and reads the disk tier of a local store; the Ray service's reader asks shard servers. A reader's
-`request` is issued when a fetch is scheduled (so several can be in flight, e.g. over the
-network) and `resolve`d on the I/O thread.
+1. read (I/O thread): the reader fills the slot's host buffer (disk, network) or hands over
+   memory it holds (host tier);
+2. transfer (transfer thread): on CPU the fast decoder expands the layer into the slot's dense
+   weights; on CUDA the layer is copied host to device on the *copy* stream and decompressed by
+   the Triton kernel on the *decompress* stream, so the copy engine moves layer i+1 while the
+   SMs decompress layer i.
 
-On CPU the same slots and thread run; decompression uses the format's torch path.
+So a disk read, a decode and the compute of three different layers overlap. On CUDA nothing
+waits on the host except the reuse of a slot's host buffer; the order is kept by events:
+
+    copy stream:        wait ready(prev use)  -> copy host->compressed -> record copied, host_free
+    decompress stream:  wait copied, wait free -> decompress -> record ready
+    compute stream:     wait ready -> run the layer -> record free          (engine, via hooks)
+    I/O thread:         host_free.synchronize() before the reader writes the host buffer again
+
+`tests/test_stream_order.py` runs this code under a model of CUDA's streams and events and
+checks every slot access against happens-before.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,202 +43,177 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from endor_ray.engine.device import CudaOps, aligned_empty
+from endor_ray.engine.source_stats import SlotTiming, SourceStats
+from endor_ray.engine.tiers import TierPlan
 from endor_ray.errors import ConfigError, EndorError
-from endor_ray.format.tensor import EncodedTensor, decode
-from endor_ray.store.store import Store, tensors_from_buffer
-from endor_ray.engine.tiers import TIERS, TierPlan
-
-class StoreReader:
-    """Layer bytes from a local store: the host tier held in memory, the disk tier read on demand."""
-
-    def __init__(self, store: Store, host_layers: tuple[int, ...], pin: bool, verify_disk_reads: bool = True,
-                 progress: bool = True):
-        self.store, self.verify_disk_reads = store, verify_disk_reads
-        self._host: dict[int, torch.Tensor] = {}  # layer -> [nbytes] uint8, verified (pinned on CUDA)
-        self._registered: list[torch.Tensor] = []
-        for layer_idx in tqdm(host_layers, desc="load", unit="layer", disable=not progress):
-            data = self.read(layer_idx, verify=True)
-            self._host[layer_idx] = self._pin(data) if pin else data
-
-    def _pin(self, data: torch.Tensor) -> torch.Tensor:
-        """Page-lock `data` where it lies. (Tensor.pin_memory() would copy it into the caching host
-        allocator, which rounds every block up to a power of two: up to 2x the host budget.)"""
-        result = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), data.numel(), 1)  # portable
-        if int(result) != 0:  # e.g. registration unsupported: fall back to a pinned copy
-            return data.pin_memory()
-        self._registered.append(data)
-        return data
-
-    def entry(self, layer_idx: int) -> dict:
-        return self.store.layer_entry(layer_idx)
-
-    def read(self, layer_idx: int, verify: bool = True) -> torch.Tensor:
-        """A layer file from the store: [nbytes] uint8 on the host, checksum-verified if asked."""
-        data = torch.from_numpy(self.store.layer_bytes(layer_idx, mmap=not verify))
-        if verify:
-            tensors_from_buffer(data, self.entry(layer_idx), verify=True)
-        return data
-
-    def request(self, layer_idx: int) -> int:
-        return layer_idx
-
-    def resolve(self, layer_idx: int) -> tuple[torch.Tensor, str]:
-        """(bytes, tier) for a requested layer."""
-        if layer_idx in self._host:
-            return self._host[layer_idx], "host"
-        return self.read(layer_idx, verify=self.verify_disk_reads), "disk"
-
-    def close(self) -> None:
-        for data in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(data.data_ptr())
-        self._registered.clear()
-        self._host.clear()
-
-
-@dataclass
-class SourceStats:
-    """What the layer source did; times in seconds."""
-
-    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
-    bytes_to_device: int = 0  # compressed bytes copied host -> device (CUDA), or decoded (CPU)
-    read_s: float = 0.0  # obtaining layer bytes on the I/O thread (disk reads, network)
-    transfer_s: float = 0.0  # host -> device copies (CUDA events)
-    decompress_s: float = 0.0
-    compute_s: float = 0.0  # between a layer's acquire and release
-    stall_s: float = 0.0  # compute waiting for weights (host wait + GPU-side wait)
-    _events: list[tuple[str, object, object]] = field(default_factory=list, repr=False)
-
-    def resolve_events(self) -> None:
-        """Fold recorded CUDA event pairs into the totals (call after a synchronize)."""
-        for kind, start, end in self._events:
-            setattr(self, f"{kind}_s", getattr(self, f"{kind}_s") + start.elapsed_time(end) / 1e3)
-        self._events.clear()
+from endor_ray.format.cpu_decode import decode_into
+from endor_ray.store.store import tensors_from_buffer
 
 
 @dataclass
 class _Slot:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # dense, on the compute device
+    host: torch.Tensor | None = None  # [buffer nbytes] uint8 host buffer for reads, pinned on CUDA
     compressed: torch.Tensor | None = None  # [max layer nbytes] uint8 on the GPU (CUDA only)
-    staging: torch.Tensor | None = None  # [max layer nbytes] pinned uint8 for pageable sources, on first use
-    ready: torch.cuda.Event | None = None  # decompressed (copy stream)
-    free: torch.cuda.Event | None = None  # compute finished reading `weights`
-    staged: torch.cuda.Event | None = None  # the copy out of `staging` finished
+    copied: object = None  # CUDA events: the compressed file is on the device (copy stream)
+    ready: object = None  # the dense weights are written (decompress stream)
+    free: object = None  # the compute reading the weights finished (compute stream)
+    host_free: object = None  # the copy out of `host` finished (copy stream)
+    timing: SlotTiming | None = None
 
 
 @dataclass
 class _Fetch:
     slot: _Slot
-    future: Future  # result: the tier the layer came from
+    done: Future  # result: the tier the layer came from
     acquired_at: float = 0.0
-    compute_start: object = None
 
 
 class LayerSource:
     """Serves each decoder layer's dense weights on the compute device, prefetching ahead."""
 
-    def __init__(
-        self,
-        reader,
-        plan: TierPlan,
-        device: torch.device,
-        prefetch_depth: int = 2,
-        timeout_s: float = 600.0,
-        progress: bool = True,
-    ):
+    def __init__(self, reader, plan: TierPlan, device: torch.device, prefetch_depth: int = 2,
+                 timeout_s: float = 600.0, progress: bool = True, decode_threads: int | None = None,
+                 ops: CudaOps | None = None):
+        """`ops` replaces the CUDA operations (tests pass a model of CUDA); `decode_threads` is
+        how many threads a CPU decode splits over (None: every core)."""
         if prefetch_depth < 0:
             raise ConfigError(f"prefetch depth must be >= 0, got {prefetch_depth}")
         self.reader, self.plan, self.device = reader, plan, device
-        self.cuda = device.type == "cuda"
-        self.timeout_s = timeout_s
-        self.prefetch_depth = prefetch_depth
+        self.ops = ops if ops is not None else CudaOps(device) if device.type == "cuda" else None
+        self.timeout_s, self.prefetch_depth = timeout_s, prefetch_depth
+        self.decode_threads = decode_threads or os.cpu_count() or 1
         self.stats = SourceStats()
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
-        for layer_idx in tqdm(plan.device, desc="resident", unit="layer", disable=not progress or not plan.device):
-            data, _ = reader.resolve(reader.request(layer_idx))
-            self.resident[layer_idx] = self._decompress_all(data.to(device), layer_idx)
-
         self._streamed = plan.streamed
         self._position = {layer_idx: position for position, layer_idx in enumerate(self._streamed)}
-        self._max_nbytes = max((reader.entry(i)["nbytes"] for i in self._streamed), default=0)
-        self._free_slots: deque[_Slot] = deque(
-            self._new_slot(self._max_nbytes) for _ in range(min(prefetch_depth + 1, len(self._streamed)))
-        )
         self._in_flight: dict[int, _Fetch] = {}
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-io") if self._streamed else None
-        self._copy_stream = torch.cuda.Stream(device) if self.cuda and self._streamed else None
+        self._free_slots: deque[_Slot] = deque()
+        self._io = self._transfer = None
+        try:
+            for layer_idx in tqdm(plan.device, desc="resident", unit="layer", disable=not progress or not plan.device):
+                self.resident[layer_idx] = self._load_resident(layer_idx)
+            self._buffer_nbytes = max((reader.buffer_nbytes(i) for i in self._streamed), default=0)
+            self._free_slots.extend(self._new_slot() for _ in range(min(prefetch_depth + 1, len(self._streamed))))
+            if self._streamed:
+                self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-read")
+                self._transfer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-transfer")
+                if self.ops is not None:
+                    self._copy_stream, self._decompress_stream = self.ops.stream("copy"), self.ops.stream("decompress")
+        except BaseException:
+            self.close()
+            raise
 
-    # -- loading ---------------------------------------------------------------------------------
+    # -- set-up ------------------------------------------------------------------------------------
 
-    def _decompress_all(self, data: torch.Tensor, layer_idx: int, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Dense weights of a layer from its file bytes (on the compute device), into `out` if given."""
-        out = {} if out is None else out
+    def _load_resident(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        data, _ = self.reader.resolve(self.reader.request(layer_idx), aligned_empty(self.reader.buffer_nbytes(layer_idx)))
+        weights: dict[str, torch.Tensor] = {}
+        if self.ops is None:
+            self._decode(data, layer_idx, weights)
+            return weights
+        compressed = torch.empty(data.numel(), dtype=torch.uint8, device=self.device)
+        self.ops.copy(compressed, data)
+        self._decode(compressed, layer_idx, weights)
+        self.ops.synchronize()  # `data` may be a buffer that is gone after this call
+        return weights
+
+    def _new_slot(self) -> _Slot:
+        if self.ops is None:
+            return _Slot()
+        max_nbytes = max(self.reader.entry(i)["nbytes"] for i in self._streamed)
+        return _Slot(compressed=torch.empty(max_nbytes, dtype=torch.uint8, device=self.device),
+                     copied=self.ops.event("copied"), ready=self.ops.event("ready"), free=self.ops.event("free"),
+                     host_free=self.ops.event("host_free"), timing=SlotTiming(self.ops))
+
+    def _decode(self, data: torch.Tensor, layer_idx: int, out: dict[str, torch.Tensor]) -> None:
+        """Dense weights of a layer from its file bytes (on the compute device) into `out`."""
         for name, enc in tensors_from_buffer(data, self.reader.entry(layer_idx), verify=False).items():
             buffer = out.get(name)
             if buffer is None or buffer.shape != torch.Size(enc.shape) or buffer.dtype != enc.dtype:
                 buffer = out[name] = torch.empty(enc.shape, dtype=enc.dtype, device=self.device)
-            _decompress(enc, buffer)
-        return out
+            if self.ops is None:
+                decode_into(enc, buffer, threads=self.decode_threads)
+            else:
+                self.ops.decompress(enc, buffer)
 
-    def _new_slot(self, max_nbytes: int) -> _Slot:
-        if not self.cuda:
-            return _Slot()
-        return _Slot(
-            compressed=torch.empty(max_nbytes, dtype=torch.uint8, device=self.device),
-            ready=torch.cuda.Event(enable_timing=False), free=torch.cuda.Event(), staged=torch.cuda.Event(),
-        )
+    # -- the two stages ------------------------------------------------------------------------------
 
-    # -- the I/O thread ----------------------------------------------------------------------------
-
-    def _fetch(self, layer_idx: int, request, slot: _Slot) -> str:
-        """Bring one streamed layer into `slot` (runs on the I/O thread); return its tier."""
-        started = time.perf_counter()
-        source, tier = self.reader.resolve(request)
-        self.stats.read_s += time.perf_counter() - started
-        nbytes = source.numel()
-        self.stats.bytes_to_device += nbytes
-        if not self.cuda:
+    def _read(self, layer_idx: int, request, fetch: _Fetch) -> None:
+        """Stage 1, on the I/O thread: the layer's bytes, then hand over to the transfer stage."""
+        try:
+            slot = fetch.slot
+            if slot.host is None:
+                slot.host = self.ops.pinned_empty(self._buffer_nbytes) if self.ops else aligned_empty(self._buffer_nbytes)
+            elif self.ops is not None:
+                slot.host_free.synchronize()  # the last copy out of the host buffer is done
             started = time.perf_counter()
-            self._decompress_all(source, layer_idx, slot.weights)
-            self.stats.decompress_s += time.perf_counter() - started
-            return tier
-        staged = not source.is_pinned()
-        if staged:  # pageable memory (disk, network): through the slot's pinned staging buffer
-            if slot.staging is None:
-                slot.staging = torch.empty(self._max_nbytes, dtype=torch.uint8, pin_memory=True)
-            slot.staged.synchronize()  # the previous copy out of it is done
-            source = slot.staging[:nbytes].copy_(source)
-        copied, started_event, done = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(slot.free)  # compute is done with the slot's last layer
-            started_event.record()
-            slot.compressed[:nbytes].copy_(source, non_blocking=True)
-            copied.record()
-            if staged:
-                slot.staged.record()
-            self._decompress_all(slot.compressed[:nbytes], layer_idx, slot.weights)
-            done.record()
-            slot.ready.record()
-        self.stats._events += [("transfer", started_event, copied), ("decompress", copied, done)]
-        return tier
+            data, tier = self.reader.resolve(request, slot.host)
+            self.stats.read_s += time.perf_counter() - started
+            self._transfer.submit(self._transfer_stage, layer_idx, data, tier, fetch)
+        except BaseException as exc:  # noqa: BLE001 - reported to whoever acquires the layer
+            fetch.done.set_exception(exc)
+
+    def _transfer_stage(self, layer_idx: int, data: torch.Tensor, tier: str, fetch: _Fetch) -> None:
+        """Stage 2, on the transfer thread: decode (CPU), or copy and decompress (CUDA streams)."""
+        try:
+            slot, nbytes = fetch.slot, data.numel()
+            self.stats.bytes_to_device += nbytes
+            if self.ops is None:
+                started = time.perf_counter()
+                self._decode(data, layer_idx, slot.weights)
+                self.stats.decompress_s += time.perf_counter() - started
+            else:
+                self._issue_copy_and_decompress(layer_idx, data, slot)
+            fetch.done.set_result(tier)
+        except BaseException as exc:  # noqa: BLE001
+            fetch.done.set_exception(exc)
+
+    def _issue_copy_and_decompress(self, layer_idx: int, data: torch.Tensor, slot: _Slot) -> None:
+        nbytes, ops = data.numel(), self.ops
+        staged = data.data_ptr() != slot.host.data_ptr() and not ops.is_pinned(data)
+        if staged:  # pageable memory the reader owns (an object-store buffer): through the pinned buffer
+            slot.host_free.synchronize()
+            ops.stage(slot.host[:nbytes], data)
+            data = slot.host[:nbytes]
+        events = slot.timing.current
+        with ops.use(self._copy_stream):
+            self._copy_stream.wait_event(slot.ready)  # the last decompression read `compressed`
+            events["copy_start"].record(self._copy_stream)
+            ops.copy(slot.compressed[:nbytes], data)
+            events["copy_end"].record(self._copy_stream)
+            slot.copied.record(self._copy_stream)
+            if data.data_ptr() == slot.host.data_ptr():
+                slot.host_free.record(self._copy_stream)
+        with ops.use(self._decompress_stream):
+            self._decompress_stream.wait_event(slot.copied)
+            self._decompress_stream.wait_event(slot.free)  # the compute is done with the last weights
+            events["decompress_start"].record(self._decompress_stream)
+            self._decode(slot.compressed[:nbytes], layer_idx, slot.weights)
+            events["decompress_end"].record(self._decompress_stream)
+            slot.ready.record(self._decompress_stream)
 
     def _schedule(self, layer_idx: int) -> _Fetch:
-        slot = self._free_slots.popleft()
+        fetch = _Fetch(self._free_slots.popleft(), Future())
+        if fetch.slot.timing is not None:  # on this thread: only the compute thread touches those stats
+            fetch.slot.timing.begin_use(self.stats)
         request = self.reader.request(layer_idx)  # issued now: several can be in flight
-        fetch = _Fetch(slot, self._io.submit(self._fetch, layer_idx, request, slot))
         self._in_flight[layer_idx] = fetch
+        self._io.submit(self._read, layer_idx, request, fetch)
         return fetch
 
     def _drain(self) -> None:
         """Forget prefetches (asked for out of order, or after an error). Slots go back to the free
-        list after their fetch ended: safe because one I/O thread runs fetches in order."""
+        list once their fetch ended: the stages run fetches in order, so none is still writing."""
         self.wait_idle()
         for fetch in self._in_flight.values():
             self._free_slots.append(fetch.slot)
         self._in_flight.clear()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        if self.ops is not None:
+            self.ops.synchronize()
 
-    # -- the compute side --------------------------------------------------------------------------
+    # -- the compute side ------------------------------------------------------------------------------
 
     def acquire(self, layer_idx: int) -> dict[str, torch.Tensor]:
         """The layer's dense weights, ready for the compute stream; prefetches what follows."""
@@ -240,7 +225,7 @@ class LayerSource:
             fetch = self._schedule(layer_idx)
         waited = time.perf_counter()
         try:
-            tier = fetch.future.result(timeout=self.timeout_s)
+            tier = fetch.done.result(timeout=self.timeout_s)
         except FutureTimeout:
             self._drain()
             raise EndorError(
@@ -252,14 +237,11 @@ class LayerSource:
             raise
         self.stats.stall_s += time.perf_counter() - waited
         self.stats.hits[tier] += 1
-        if self.cuda:
-            stream = torch.cuda.current_stream(self.device)
-            wait_start = torch.cuda.Event(enable_timing=True)
-            wait_start.record(stream)
+        if self.ops is not None:
+            stream, events = self.ops.current_stream(), fetch.slot.timing.current
+            events["stall_start"].record(stream)
             stream.wait_event(fetch.slot.ready)
-            fetch.compute_start = torch.cuda.Event(enable_timing=True)
-            fetch.compute_start.record(stream)
-            self.stats._events.append(("stall", wait_start, fetch.compute_start))
+            events["compute_start"].record(stream)
         fetch.acquired_at = time.perf_counter()
         self._prefetch_after(layer_idx)
         return fetch.slot.weights
@@ -279,49 +261,43 @@ class LayerSource:
         if layer_idx in self.resident:
             return
         fetch = self._in_flight.pop(layer_idx)
-        if self.cuda:
-            stream = torch.cuda.current_stream(self.device)
-            fetch.slot.free.record(stream)
-            end = torch.cuda.Event(enable_timing=True)
-            end.record(stream)
-            self.stats._events.append(("compute", fetch.compute_start, end))
+        if self.ops is not None:
+            stream, slot = self.ops.current_stream(), fetch.slot
+            slot.free.record(stream)
+            slot.timing.current["compute_end"].record(stream)
+            slot.timing.end_use()
         else:
             self.stats.compute_s += time.perf_counter() - fetch.acquired_at
         self._free_slots.append(fetch.slot)
 
     def wait_idle(self) -> None:
-        """Wait until every scheduled fetch has been issued (their stats are then complete)."""
+        """Wait (within one timeout in all) until every scheduled fetch has been issued."""
+        deadline = time.monotonic() + self.timeout_s
         for fetch in list(self._in_flight.values()):
             try:
-                fetch.future.result(timeout=self.timeout_s)
+                fetch.done.result(timeout=max(deadline - time.monotonic(), 0.0))
             except Exception:  # noqa: BLE001 - a failed prefetch reports itself when acquired
                 pass
 
     def reset_stats(self) -> SourceStats:
-        """Return the stats so far (CUDA events resolved) and start new ones."""
+        """Return the stats so far (CUDA timings folded in) and start new ones."""
         self.wait_idle()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.stats.resolve_events()
+        if self.ops is not None:
+            self.ops.synchronize()
+            for slot in list(self._free_slots) + [fetch.slot for fetch in self._in_flight.values()]:
+                slot.timing.fold_all(self.stats)
         stats, self.stats = self.stats, SourceStats()
         return stats
 
     def close(self) -> None:
-        """Stop the I/O thread (waiting for the fetch it runs) and drop the buffers."""
-        if self._io is not None:
-            self._io.shutdown(wait=True, cancel_futures=True)
-            self._io = None
-        if self.cuda:  # prefetches may still be copying into the buffers released below
-            torch.cuda.synchronize(self.device)
+        """Stop both stages (waiting for the fetches they run) and free every buffer."""
+        for pool in (self._io, self._transfer):  # in stage order: a read may still submit a transfer
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._io = self._transfer = None
+        if self.ops is not None:  # prefetches may still be copying into the buffers released below
+            self.ops.synchronize()
         self._in_flight.clear()
-        self.reader.close()
+        self._free_slots.clear()  # the slots' device buffers, pinned buffers and dense weights
         self.resident.clear()
-
-
-def _decompress(enc: EncodedTensor, out: torch.Tensor) -> None:
-    if out.device.type == "cuda":
-        from endor_ray.kernels.decompress import decompress
-
-        decompress(enc, out=out)
-    else:
-        decode(enc, out=out)
+        self.reader.close()

@@ -66,10 +66,15 @@ class RayShardReader:
     def entry(self, layer_idx: int) -> dict:
         return self.store.layer_entry(layer_idx)
 
+    def buffer_nbytes(self, layer_idx: int) -> int:
+        return self.entry(layer_idx)["nbytes"]
+
     def request(self, layer_idx: int) -> tuple[int, ray.ObjectRef]:
         return layer_idx, self.shard_of_layer[layer_idx].layer_ref.remote(layer_idx)
 
-    def resolve(self, request: tuple[int, ray.ObjectRef]) -> tuple[torch.Tensor, str]:
+    def resolve(self, request: tuple[int, ray.ObjectRef], buffer: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+        """(bytes, "remote"): a read-only view of the object store's copy (zero-copy on this node);
+        `buffer` is not needed: the layer source stages the bytes itself where CUDA wants pinned memory."""
         layer_idx, pending = request
         deadline = time.monotonic() + self.timeout_s
         while True:
