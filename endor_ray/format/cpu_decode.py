@@ -8,8 +8,9 @@ bit-identical to `endor_ray.format.tensor.decode`, the torch reference, which te
 against.
 
 Which implementation runs is measured, not assumed: where the CPU has both AVX-512 and AVX2, the
-first decode times each on a small tensor and keeps the faster (on the AMD EPYC development
-machine the AVX2 table beats the AVX-512 expand, 22 vs 14 GB/s of dense output on one core).
+first decode times each on a layer-sized random bitmap (about 0.1 s, once per process and element
+size) and keeps the faster: on the AMD EPYC development machine the AVX2 table beats the AVX-512
+expand once the output streams to memory (about 17 against 13 GB/s of dense output on one core).
 
 Where the extension was not built (no C compiler at install), `decode_into` falls back to the
 torch reference and says so once.
@@ -72,26 +73,31 @@ def backend(itemsize: int = 2) -> str:
     return next(name for name, code in ISAS.items() if code == _isa_for(itemsize))
 
 
+_CALIBRATION_NUMEL = 1 << 25  # 64 MiB of fp16 output: past the caches, as a layer's weights are
+
+
 def _isa_for(itemsize: int) -> int:
-    """The fastest supported implementation for `itemsize`, timed once on 2^20 elements at 50%."""
+    """The fastest supported implementation for `itemsize`, timed once on a random 50% bitmap of
+    2^25 elements (which one wins depends on the CPU and on the size: AVX-512 leads in cache,
+    the AVX2 table on the development machine's EPYC once the output streams to memory)."""
     if itemsize not in _chosen:
         candidates = [ISAS[name] for name in supported_isas(itemsize) if name != "scalar"] or [ISAS["scalar"]]
         if len(candidates) > 1:
             import time
 
-            from endor_ray.format.tensor import encode
-
             generator = torch.Generator().manual_seed(0)
-            dtype = {2: torch.float16, 4: torch.float32}[itemsize]
-            weight = torch.randn(1 << 20, generator=generator).to(dtype)
-            weight[torch.rand(weight.shape, generator=generator) < 0.5] = 0
-            enc, out = encode(weight), torch.empty_like(weight)
+            bitmap = torch.randint(0, 256, (_CALIBRATION_NUMEL // 8,), dtype=torch.uint8, generator=generator)
+            values = torch.empty(_CALIBRATION_NUMEL * itemsize, dtype=torch.uint8)  # room for every bit set
+            out = torch.empty(_CALIBRATION_NUMEL * itemsize, dtype=torch.uint8)
+            values.fill_(1)
+            out.fill_(0)  # touch the pages before timing
             timings = {}
             for code in candidates:
                 runs = []
                 for _ in range(3):
                     started = time.perf_counter()
-                    _expand(enc, out, 0, enc.num_blocks, code)
+                    _lib.endor_expand(bitmap.data_ptr(), values.data_ptr(), _CALIBRATION_NUMEL, out.data_ptr(),
+                                      0, _CALIBRATION_NUMEL, itemsize, code)
                     runs.append(time.perf_counter() - started)
                 timings[code] = min(runs)
             candidates = [min(timings, key=timings.get)]

@@ -102,6 +102,7 @@ def evict(path: str) -> None:
     """Drop a local file's pages from the page cache (benchmarks start cold with it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fdatasync(fd)  # dirty pages (a store just written) are not dropped: write them out first
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
