@@ -13,9 +13,12 @@ GB/s measured in the run. Ratios (targets at 50%, fp16, H100): (a)/(c) >= 2.0, (
 
 GPU: ``python benchmarks/offload_bench.py [--layers 8] [--gpu-layers 0] [--batches 1 16]`` ->
 benchmarks/results/offload_bench-<gpu>.json and .png (with matplotlib). Stores are built once per
---workdir (8 layers: ~33 GB) and reused. Without CUDA it runs a tiny model on the CPU
-(``"mode": "cpu-smoke"``, under a minute): pipeline check only, timings mean nothing, (a) is plain
-transformers.
+--workdir (8 layers: ~33 GB) and reused.
+
+Without CUDA (or with ``--mode cpu``) it runs the CPU mode of `offload_cpu.py`: the links this
+machine has (a cold disk, host memory), Accelerate's disk offload against the engine on dense
+and Endor stores, arms interleaved over rounds -> benchmarks/results/offload_bench-cpu.json/.png.
+The network arm is `offload_net.py`.
 """
 
 from __future__ import annotations
@@ -47,8 +50,6 @@ from endor_ray.store.store import Store
 
 GPU_SHAPE = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                  vocab_size=32000)  # Llama-2-70B
-SMOKE_SHAPE = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
-                   vocab_size=1024)
 BASE_SPARSITY = 0.5  # (a), (b) and the first Endor store hold these weights
 SEED = 0
 WARMUP = 1
@@ -57,15 +58,15 @@ Run = tuple[float, list[list[int]], dict[str, Any] | None]  # (s per decode step
 Rows = tuple[list[dict[str, Any]], dict[int, list[list[int]]]]  # (table rows, greedy tokens per batch size)
 
 
-def random_checkpoint(shape: dict[str, int], num_layers: int):
-    """A random-weight fp16 LlamaForCausalLM on the CPU (fixed seed), and a tokenizer mapping "t<id>" to <id>."""
+def random_checkpoint(shape: dict[str, int], num_layers: int, dtype: torch.dtype = torch.float16):
+    """A random-weight LlamaForCausalLM on the CPU (fixed seed), and a tokenizer mapping "t<id>" to <id>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     config = LlamaConfig(**shape, num_hidden_layers=num_layers, max_position_embeddings=4096,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{token}": token for token in range(3, shape["vocab_size"])}}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -270,33 +271,81 @@ def save_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     print(f"wrote {path}")
 
 
+def save_cpu_plot(result: dict[str, Any], path: Path) -> None:
+    """Seconds per decode step per arm (median, min-max bars), the disk arms' ideal marked."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [row["arm"] for row in rows]
+    medians = [row["s_per_step_median"] for row in rows]
+    errors = [[m - row["s_per_step_min"] for m, row in zip(medians, rows)],
+              [row["s_per_step_max"] - m for m, row in zip(medians, rows)]]
+    ax.bar(names, medians, yerr=errors, capsize=4, color=["#999" if "accelerate" in n else "#4c72b0" if "dense" in n
+                                                          else "#dd8452" for n in names])
+    for index, row in enumerate(rows):
+        if row["ideal_s_per_step"]:
+            ax.plot([index - 0.4, index + 0.4], [row["ideal_s_per_step"]] * 2, "k--")
+    settings = result["settings"]["model"]
+    ax.set(ylabel="seconds per decode step (batch 1)", title=f"{settings['num_hidden_layers']} layers of Llama-7B shape, "
+           f"bf16, 50% pruned; CPU (dashed: bytes / the dense arm's read bandwidth)")
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/offload_bench-<device>.json)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "endor-offload-bench",
                         help="where the stores are built and reused")
-    parser.add_argument("--layers", type=int, default=8 if CUDA else 4, help="decoder layers")
+    parser.add_argument("--mode", choices=["cuda", "cpu"], default="cuda" if CUDA else "cpu")
+    parser.add_argument("--arms", nargs="+", default=["accelerate-disk", "dense-disk", "endor-disk", "dense-host", "endor-host"],
+                        help="CPU mode: which arms, in the order each round runs them")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers")
     parser.add_argument("--gpu-layers", type=int, default=0, help="layers resident on the GPU; the rest stream")
     parser.add_argument("--prefetch", type=int, default=2, help="engine prefetch depth (layers)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.6, 0.7], help="Endor stores (0.5 always)")
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens per sequence; the first (prefill) is not timed")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens per sequence; the first (prefill) is not timed (default 8 on CUDA, 5 on CPU)")
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, after one warm-up")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (rounds on CPU) after one warm-up "
+                        "(default 3 on CUDA, 5 on CPU)")
     args = parser.parse_args()
+    cpu = args.mode == "cpu"
+    args.new_tokens = args.new_tokens or (5 if cpu else 8)
+    args.repeats = args.repeats or (5 if cpu else 3)
     if args.new_tokens < 2 or args.repeats < 1 or not 0 <= args.gpu_layers <= args.layers:
         parser.error("need --new-tokens >= 2, --repeats >= 1 and 0 <= --gpu-layers <= --layers")
     sparsities = sorted({BASE_SPARSITY, *args.sparsities})
+    if cpu:
+        from offload_cpu import print_cpu, run_cpu
 
-    mode, shape = ("cuda", GPU_SHAPE) if CUDA else ("cpu-smoke", SMOKE_SHAPE)
+        out_path = args.out or Path(__file__).parent / "results" / "offload_bench-cpu.json"
+        result = run_cpu(args, out_path, machine_info())
+        print_cpu(result)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out_path}")
+        save_cpu_plot(result, out_path.with_suffix(".png"))
+        return
+    if not CUDA:
+        parser.error("--mode cuda needs a CUDA device")
+
+    mode, shape = "cuda", GPU_SHAPE
     device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     device_name = torch.cuda.get_device_name() if CUDA else "cpu"
     out_path = args.out or (Path(__file__).parent / "results" /
                             f"offload_bench-{re.sub(r'[^a-z0-9]+', '-', device_name.lower()).strip('-')}.json")
     args.vocab = shape["vocab_size"]
-    if not CUDA:
-        print("No CUDA device: tiny CPU smoke run (checks the pipeline; timings are meaningless)")
-
     started = time.perf_counter()
     root = args.workdir / f"llama-h{shape['hidden_size']}-i{shape['intermediate_size']}-v{args.vocab}-{args.layers}L"
     paths = prepare(root, shape, args.layers, sparsities, device, progress=CUDA)
