@@ -8,6 +8,7 @@ is read before it is asked for, so a checkpoint larger than RAM can be converted
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,16 @@ class Checkpoint:
                 f"in {self.directory}; is the checkpoint complete?"
             )
         return names
+
+    def layer_nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes all decoder layers take in `dtype` (from the shapes: nothing is read)."""
+        numel = 0
+        for names in self.layer_names().values():
+            for name in names:
+                handle = self._open(self._file_of[name])
+                shape = handle.get_slice(name).get_shape() if hasattr(handle, "get_slice") else handle[name].shape
+                numel += math.prod(shape)
+        return numel * dtype.itemsize
 
     def dense_names(self) -> list[str]:
         """Names of the tensors outside the decoder layers (embeddings, final norm, LM head)."""

@@ -8,6 +8,7 @@ at the end: an interrupted or failed conversion never leaves something that look
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,18 @@ class ConvertConfig:
             raise ConfigError("calibration needs at least 1 sample of at least 2 tokens")
         if self.calib_text is not None and not Path(self.calib_text).is_file():
             raise ConfigError(f"calibration text file {self.calib_text} does not exist")
+
+
+def available_memory_bytes() -> int:
+    """Memory the system could give this process now (Linux: MemAvailable), else physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def source_dtype(config: dict[str, Any]) -> str:
@@ -182,17 +195,25 @@ def _wanda_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerW
         ids = text_calibration_ids(tokenizer, config.calib_text, config.calib_samples, config.calib_seq_len)
         record = {"source": "file", "file": Path(config.calib_text).name}
     else:
-        # One pass over all layers per generated token: show the passes, they are the slow part.
-        passes = tqdm(total=config.calib_seq_len - 1, desc="calibrate", unit="token", disable=writer.bar.disable)
+        # One pass over all layers per generated token. A model that fits in memory is read once and
+        # kept (seconds for the embedded model); a larger one is streamed from the checkpoint each pass.
+        layer_bytes = checkpoint.layer_nbytes(torch.float32)
+        resident = layer_bytes < 0.5 * available_memory_bytes()
+        loaded = ({idx: load_compute(idx) for idx in tqdm(range(architecture.num_layers), desc="load for calibration",
+                                                          unit="layer", disable=writer.bar.disable)}
+                  if resident else None)
+        passes = tqdm(total=config.calib_seq_len - 1, desc="write calibration text", unit="token",
+                      disable=writer.bar.disable)
 
         def load_counting(layer_idx: int) -> dict[str, torch.Tensor]:
             if layer_idx == 0:
                 passes.update(1)
-            return load_compute(layer_idx)
+            return loaded[layer_idx] if loaded is not None else load_compute(layer_idx)
 
         with stream_layers(model, architecture, load_counting):
             ids = self_calibration_ids(model, config.calib_samples, config.calib_seq_len, config.seed)
         passes.close()
+        del loaded
         record = {"source": "self-generated", "seed": config.seed}
     record.update(num_samples=ids.shape[0], seq_len=ids.shape[1])
 
