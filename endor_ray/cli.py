@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def _engine_config(args: argparse.Namespace):
     from endor_ray.engine.engine import EngineConfig
 
     return EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
-                        prefetch_depth=args.prefetch)
+                        prefetch_depth=args.prefetch, disk_io=getattr(args, "disk_io", "buffered"))
 
 
 def _engine(args: argparse.Namespace):
@@ -154,7 +155,12 @@ def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
     store = _open_store(args.store)
     prompts = _prompts(args, load_tokenizer(store)) if args.chat else args.prompt
     cluster = ClusterConfig(address=args.address, num_workers=args.workers, shard_memory=args.shard_memory)
+    started = time.perf_counter()
     with connect(args.store, _engine_config(args), cluster) as service:
+        if service.started_ray and not args.json:
+            print(f"(started a local Ray for this command: {time.perf_counter() - started:.0f} s with the service; "
+                  "`ray start --head --node-ip-address=127.0.0.1` keeps one running for the next commands)",
+                  file=sys.stderr)
         yield from service.stream(prompts, params)
 
 
@@ -209,6 +215,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "memory, or 0 layers on CPU")
     parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB); default: all")
     parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead (default 2)")
+    parser.add_argument("--disk-io", choices=["buffered", "direct"], default="buffered",
+                        help="disk-tier reads through the page cache (default) or with O_DIRECT, leaving it alone")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,3 +43,20 @@ def test_spill_to_disk_or_say_what_is_missing():
 def test_no_nodes():
     with pytest.raises(PlacementError, match="no node"):
         plan_placement([1], [], None)
+
+
+def test_running_local_cluster_is_found_only_when_it_answers(tmp_path, monkeypatch):
+    import socket
+
+    from endor_ray.service.driver import running_local_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert running_local_cluster() is None  # no `ray start` ever ran here
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    (tmp_path / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    assert running_local_cluster() == f"127.0.0.1:{port}"
+    listener.close()  # the cluster stopped, its file stayed behind
+    assert running_local_cluster() is None

@@ -59,22 +59,38 @@ class ClusterConfig:
 
 
 def use_loopback_ray() -> None:
-    """Make a local Ray started by this process bind 127.0.0.1 (call before Ray is imported)."""
+    """Make a local Ray started by this process bind 127.0.0.1, with token authentication on and
+    without Ray's notice about it (call before Ray is imported: Ray reads both once)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # set explicitly, Ray enables it without a warning
+
+
+def running_local_cluster() -> str | None:
+    """The GCS address of a cluster `ray start --head` runs on this machine, if it answers."""
+    temp_dir = os.environ.get("RAY_TMPDIR", "/tmp/ray")
+    try:
+        with open(os.path.join(temp_dir, "ray_current_cluster")) as f:
+            address = f.read().strip()
+        host, _, port = address.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return None
+    return address
 
 
 def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
-    """Connect to `address` or start a local single-node Ray on 127.0.0.1; True if started here."""
+    """Connect to `address`, or without one to the cluster `ray start` runs on this machine, or
+    start a local single-node Ray on 127.0.0.1 for this process; True if started here."""
     import ray
 
     if ray.is_initialized():
         return False
     if address is None:
+        address = running_local_cluster()
+    if address is None:
         # Keeps a local Ray on 127.0.0.1 only if set before Ray is first imported: the CLI and
         # the batch job set it at start (`use_loopback_ray`); here it is a last chance.
         use_loopback_ray()
-        # "local": always a new instance, even if a `ray start` cluster runs on this machine
-        # (use --address auto to join that one)
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         return True
@@ -162,6 +178,11 @@ class Service:
                 yield _get(ref, self.timeout_s, "generation")
         finally:
             ray.cancel(events)  # a consumer that stops early (a client gone, an error) frees the worker
+
+    @property
+    def started_ray(self) -> bool:
+        """Whether connect() started the Ray it runs on (stopped again by close())."""
+        return self._started_ray
 
     def shard_stats(self) -> dict[str, Any]:
         return {node: _get(actor.stats.remote(), self.timeout_s, "shard stats") for node, actor in self.shards.items()}
