@@ -80,6 +80,16 @@ wait_for_nodes() {
     return 1
 }
 
+wait_for_port() {
+    local deadline=$((SECONDS + $2))
+    while (( SECONDS < deadline )); do
+        port_open "$1" && return 0
+        grep -qs "failed to bind" "$STATE_DIR/head.log" && return 1
+        sleep 1
+    done
+    return 1
+}
+
 fail() {
     echo "$1; see the logs in $STATE_DIR" >&2
     cmd_stop >/dev/null
@@ -93,10 +103,14 @@ cmd_start() {
         echo "a cluster from this script seems to run already ($STATE_DIR/pids); run '$0 stop' first" >&2
         exit 1
     fi
-    if port_open "$PORT"; then
-        echo "port $PORT is taken (another Ray?); pick another with PORT=..." >&2
-        exit 1
-    fi
+    local name port
+    for name in PORT DASHBOARD_PORT CLIENT_PORT AGENT_PORT; do
+        port="${!name}"
+        if port_open "$port"; then
+            echo "port $port ($name) is taken (another Ray?); pick another with $name=..." >&2
+            exit 1
+        fi
+    done
     # One auth mode for every node (a joining node does not pick up token mode by itself).
     export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
     if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]]; then
@@ -109,6 +123,10 @@ cmd_start() {
         --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
         --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_PORT"
     wait_for_nodes 1 90 "$(tail -n 1 "$STATE_DIR/pids")" || fail "the head did not start"
+    # `ray job submit` needs the dashboard and the head's job agent: a node can be up without them
+    # (e.g. "Agent port #52365 failed to bind"), so wait for both to listen.
+    wait_for_port "$DASHBOARD_PORT" 60 || fail "the dashboard did not come up on port $DASHBOARD_PORT"
+    wait_for_port "$AGENT_PORT" 60 || fail "the head's job agent did not come up on port $AGENT_PORT (taken?)"
     # One node at a time: nodes starting together on a busy machine can time out registering.
     # Nodes on one machine need their own dashboard-agent port; the other ports are picked free.
     for node_idx in $(seq 1 "$num_shard_nodes"); do

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -93,12 +94,34 @@ def _engine_config(args: argparse.Namespace):
                         prefetch_depth=args.prefetch, disk_io=getattr(args, "disk_io", "buffered"))
 
 
+def _check_prompts(args: argparse.Namespace, store) -> list[str]:
+    """The prompts to run (chat-templated with --chat), checked before any engine or cluster starts:
+    none empty, none too long for the model's context."""
+    from endor_ray.engine.engine import load_tokenizer
+
+    if not args.prompt:
+        raise ConfigError("give at least one --prompt")
+    if any(not prompt.strip() for prompt in args.prompt):
+        raise ConfigError("every --prompt must have some text")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {args.max_new_tokens}")
+    tokenizer = load_tokenizer(store)
+    prompts = _prompts(args, tokenizer)
+    context = int(store.config.get("max_position_embeddings") or 2**31)
+    for index, prompt in enumerate(prompts):
+        length = len(tokenizer(prompt).input_ids)
+        if length + args.max_new_tokens > context:
+            raise ConfigError(f"prompt {index} has {length} tokens; with max_new_tokens={args.max_new_tokens} it "
+                              f"exceeds the model's context of {context} tokens; shorten it or lower --max-new-tokens")
+    return prompts
+
+
 def _engine(args: argparse.Namespace):
     from endor_ray.engine.engine import Engine
 
-    if not args.prompt:  # before the (slow) engine start
-        raise ConfigError("give at least one --prompt")
-    return Engine(_open_store(args.store), _engine_config(args), progress=not getattr(args, "json", False))
+    store = _open_store(args.store)
+    _check_prompts(args, store)  # before the (slow) engine start
+    return Engine(store, _engine_config(args), progress=not getattr(args, "json", False))
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
@@ -150,10 +173,8 @@ def _generate_in_process(args: argparse.Namespace, params) -> Iterator[dict]:
 def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
     """The same events from the Ray service (a local single-node Ray unless --address is given)."""
     from endor_ray.service.driver import ClusterConfig, connect
-    from endor_ray.engine.engine import load_tokenizer
 
-    store = _open_store(args.store)
-    prompts = _prompts(args, load_tokenizer(store)) if args.chat else args.prompt
+    prompts = _check_prompts(args, _open_store(args.store))  # before Ray starts
     cluster = ClusterConfig(address=args.address, num_workers=args.workers, shard_memory=args.shard_memory)
     started = time.perf_counter()
     with connect(args.store, _engine_config(args), cluster) as service:
@@ -212,7 +233,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
     parser.add_argument("--gpu-memory", default=None,
                         help="device tier: a size (8GiB) or a layer count (12); default: 90%% of free GPU "
-                             "memory, or 0 layers on CPU")
+                             "memory, or on CPU half the available memory")
     parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB); default: all")
     parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead (default 2)")
     parser.add_argument("--disk-io", choices=["buffered", "direct"], default="buffered",
@@ -220,8 +241,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from endor_ray._version import __version__
+
     parser = argparse.ArgumentParser(prog="endor", description="Offloaded LLM inference with Endor sparse weights.")
+    parser.add_argument("--version", action="version", version=f"endor-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = sub.choices  # name -> its parser, for errors in the subcommand's words
 
     convert = sub.add_parser("convert", help="prune a checkpoint and write a compressed store")
     convert.add_argument("src", help=f"local HF checkpoint directory, or {DEFAULT_MODEL_NAME!r} (embedded)")
@@ -288,8 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITES_FILES = ("convert", "export")  # commands whose Ctrl-C message says nothing was half written
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand, with its usage (argparse would show the top-level one)
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "address", "given") is None and not getattr(args, "in_process", False):
         from endor_ray.service.driver import use_loopback_ray
 
@@ -300,8 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"endor {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"endor {args.command}: interrupted (stores and checkpoints are written whole or not at all)", file=sys.stderr)
+        written = " (stores and checkpoints are written whole or not at all)" if args.command in WRITES_FILES else ""
+        print(f"endor {args.command}: interrupted{written}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `endor inspect STORE | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     return code or 0
 
 

@@ -24,7 +24,8 @@ if [ -z "$dashboard" ]; then
     "$python" -m endor_ray.jobs.generate "${args[@]}"
 else
     # The job's driver runs on the head, with the python that started Ray there: name it.
-    ray job submit --address "$dashboard" --working-dir "$work" -- "$python" -m endor_ray.jobs.generate "${args[@]}"
+    "$(dirname "$python")/ray" job submit --address "$dashboard" --working-dir "$work" -- \
+        "$python" -m endor_ray.jobs.generate "${args[@]}"
 fi
 "$python" - "$work/completions.parquet" <<'SHOW'
 import sys

@@ -3,7 +3,7 @@
     python examples/generate.py STORE [--gpu-memory 0] [--max-new-tokens 32]
 
 Every decoder layer not resident on the device is fetched from the store's host (or disk) tier,
-decompressed (the Triton kernel on a GPU, the torch path on CPU) and dropped after use; one pass
+decompressed (the Triton kernel on a GPU, the C decoder on CPU) and dropped after use; one pass
 over the weights serves all prompts of the batch.
 """
 

@@ -1,14 +1,18 @@
 """An OpenAI client against `endor serve`: a chat answer streamed token by token, then several
 completions sent at once (they share passes over the weights).
 
-    endor serve stores/smollm2-135m-wanda50 --gpu-memory 10      # in one terminal
-    python examples/openai_client.py [--base-url http://127.0.0.1:8000/v1]
+    endor serve stores/smollm2-135m-wanda50 &           # in one terminal, or in the background
+    python examples/openai_client.py [--base-url http://127.0.0.1:8000/v1] [--wait 120]
+
+--wait waits that many seconds for the server to come up (Ray and Serve take 10-30 s to start).
 """
 
 import argparse
 import concurrent.futures
 import json
 import sys
+import time
+import urllib.error
 import urllib.request
 
 from openai import OpenAI
@@ -17,7 +21,20 @@ from openai import OpenAI
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--wait", type=float, default=0, help="seconds to wait for the server to answer")
     args = parser.parse_args()
+    health_url = args.base_url.rsplit("/v1", 1)[0] + "/health"
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            urllib.request.urlopen(health_url, timeout=10).close()
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                print(f"no endor server answers at {health_url} ({exc}); start one with `endor serve STORE`",
+                      file=sys.stderr)
+                return 1
+            time.sleep(1)
     client = OpenAI(base_url=args.base_url, api_key="not-needed", timeout=300, max_retries=0)
     model = client.models.list().data[0].id
     print(f"model: {model}\n")
@@ -37,7 +54,6 @@ def main() -> int:
         for prompt, answer in zip(prompts, answers):
             print(f"{prompt}{answer.choices[0].text!r}  ({answer.usage.completion_tokens} tokens)")
 
-    health_url = args.base_url.rsplit("/v1", 1)[0] + "/health"
     with urllib.request.urlopen(health_url, timeout=30) as response:
         print("\nbatching:", json.dumps(json.load(response)["batching"]))
     return 0

@@ -148,3 +148,62 @@ def test_generate_bad_input(tiny_stores, tmp_path, capsys):
         assert_clean_error(code, err, needle)
     code, _, err = run(["generate", str(tmp_path), "--prompt", "x"], capsys)
     assert_clean_error(code, err, "not an endor store")
+
+
+def test_unknown_flag_shows_the_subcommand_usage_and_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "some/store", "--promt", "x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: endor generate" in err and "unrecognized arguments: --promt" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("endor-ray ")
+
+
+def test_blank_prompt_is_refused_before_the_engine_starts(tiny_stores, capsys, monkeypatch):
+    from endor_ray.engine import engine as engine_module
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine must not start for a bad prompt")
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", no_engine)
+    code, _, err = run(["generate", str(tiny_stores["opt"]), "--in-process", "--prompt", "   "], capsys)
+    assert_clean_error(code, err, "must have some text")
+    code, _, err = run(["generate", str(tiny_stores["opt"]), "--prompt", "word " * 300], capsys)  # Ray not started
+    assert_clean_error(code, err, "exceeds the model's context")
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(tiny_stores):
+    endor = Path(sys.executable).with_name("endor")
+    done = subprocess.run(f"'{endor}' inspect '{tiny_stores['opt']}' | head -n 1", shell=True, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.startswith("store") and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_stores_are_readable_by_other_users(checkpoint, tmp_path, capsys):
+    """Other users' Ray nodes read the store: permissions follow the umask, not mkdtemp's 0700."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        code, _, _ = run(["convert", str(checkpoint), str(tmp_path / "store"), "--method", "magnitude", "--quiet"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0
+    for path in [tmp_path / "store", *(tmp_path / "store").rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_serve_run_with_a_bad_store_is_one_line_and_exit_1(tmp_path):
+    import os
+
+    serve = Path(sys.executable).with_name("serve")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([serve, "run", "endor_ray.serve:build_app", f"store={tmp_path / 'nope'}"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "not an endor store" in errors[0]

@@ -104,3 +104,50 @@ def test_local_cluster_script():
     assert usage.returncode == 0 and "start [N]" in usage.stdout and "stop" in usage.stdout
     text = script.read_text()
     assert f'{{"{WORKER_RESOURCE}": 1}}' in text and f'{{"{SHARD_RESOURCE}": 1}}' in text
+
+
+@pytest.fixture
+def state_dir():
+    """Short (Ray's socket paths under it must stay below 108 bytes), removed afterwards."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="ec-", dir="/tmp")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _script_env(state_dir: str, base_port: int) -> dict:
+    import os
+
+    return {**os.environ, "PORT": str(base_port), "DASHBOARD_PORT": str(base_port + 1),
+            "CLIENT_PORT": str(base_port + 2), "AGENT_PORT": str(base_port + 3),
+            "STATE_DIR": state_dir, "RAY_AUTH_MODE": "disabled", "OBJECT_STORE_MEMORY": str(200 << 20)}
+
+
+def test_local_cluster_refuses_a_taken_port(state_dir):
+    """A taken agent port used to give a 'started' cluster on which `ray job submit` then failed."""
+    import socket
+
+    env = _script_env(state_dir, 46100)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 46103))
+        taken.listen()
+        done = subprocess.run(["bash", CLUSTER / "local-cluster.sh", "start", "1"], capture_output=True, text=True,
+                              env=env, timeout=60)
+    assert done.returncode == 1 and "port 46103 (AGENT_PORT) is taken" in done.stderr
+
+
+@pytest.mark.slow
+def test_local_cluster_starts_serves_and_stops(state_dir):
+    env = _script_env(state_dir, 46200)
+    script = CLUSTER / "local-cluster.sh"
+    try:
+        started = subprocess.run(["bash", script, "start", "1"], capture_output=True, text=True, env=env, timeout=300)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "a head (endor_worker) + 1 shard nodes" in started.stdout
+        status = subprocess.run(["bash", script, "status"], capture_output=True, text=True, env=env, timeout=60)
+        assert "endor_shard" in status.stdout and "endor_worker" in status.stdout
+    finally:
+        stopped = subprocess.run(["bash", script, "stop"], capture_output=True, text=True, env=env, timeout=120)
+    assert "stopped 2 nodes" in stopped.stdout and "still running" not in stopped.stderr

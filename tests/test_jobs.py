@@ -181,7 +181,7 @@ def ray_head(tmp_path_factory):
         assert not leftovers, f"processes of the test's Ray cluster outlived it: {leftovers}"
 
 
-def submit(url: str, env: dict, workdir: Path, *job_args: str) -> str:
+def submit(url: str, env: dict, workdir: Path, *job_args: str, succeed: bool = True) -> str:
     """Run the job through `ray job submit` (it waits for the end); its output (the job's log)."""
     command = [RAY, "job", "submit", "--address", url, "--working-dir", str(workdir), "--",
                sys.executable, "-m", "endor_ray.jobs.generate", *job_args]  # the venv's python: see below
@@ -190,8 +190,8 @@ def submit(url: str, env: dict, workdir: Path, *job_args: str) -> str:
         if "No available agent" not in done.stderr:  # the head's job agent registers a few s late
             break
         time.sleep(2)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    assert (done.returncode == 0) == succeed, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def test_job_submit_generates_then_resumes(ray_head, tiny_stores, tmp_path):
@@ -236,3 +236,12 @@ def test_job_submit_generates_then_resumes(ray_head, tiny_stores, tmp_path):
     assert second.column("token_ids").to_pylist() == expected
     assert second.column("num_tokens").to_pylist() == [len(ids) for ids in expected]
     assert sorted(path.name for path in out.parent.iterdir()) == ["out.parquet"]  # no temporary files left
+
+    # A relative output would land in Ray's temporary copy of the working directory: refused at once
+    relative = [*job_args[:4], "--output", "out.parquet", *job_args[6:]]
+    log = submit(url, env, workdir, *relative, succeed=False)
+    assert "--output out.parquet is relative" in log and "which Ray deletes" in log
+    # so is a store the job's node cannot read, with the reason it may be missing
+    log = submit(url, env, workdir, "--store", "stores/nope", *relative[2:4], "--output", str(tmp_path / "x.parquet"),
+                 succeed=False)
+    assert "not an endor store" in log and ".gitignore" in log

@@ -60,3 +60,22 @@ def test_running_local_cluster_is_found_only_when_it_answers(tmp_path, monkeypat
     assert running_local_cluster() == f"127.0.0.1:{port}"
     listener.close()  # the cluster stopped, its file stayed behind
     assert running_local_cluster() is None
+
+
+def test_another_users_cluster_is_never_joined(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    from endor_ray.service.driver import running_local_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        path = tmp_path / "ray_current_cluster"
+        path.write_text(f"127.0.0.1:{listener.getsockname()[1]}")
+        assert running_local_cluster() is not None
+        if os.getuid() != 0:
+            pytest.skip("changing the file's owner needs root")
+        os.chown(path, 12345, 12345)  # /tmp/ray is shared between users
+        assert running_local_cluster() is None

@@ -34,6 +34,7 @@ from endor_ray.engine.tiers import plan_tiers
 from endor_ray.engine.sampling import SamplingParams, make_generator, select_token
 from endor_ray.engine.sequence import Sequence
 from endor_ray.store.store import Store
+from endor_ray.utils.system import available_memory_bytes
 from endor_ray.utils.units import parse_budget
 
 # (sequence index, token id, newly final text) -> None
@@ -45,7 +46,8 @@ class EngineConfig:
 
     device: str = "auto"  # "cuda", "cuda:N", "cpu", or "auto" (CUDA when available)
     # Device tier: a size ("8GiB": resident layers + streaming slots) or a layer count ("12").
-    # None: on CUDA as many layers as 90% of free memory holds; on CPU none (everything streams).
+    # None: on CUDA as many layers as 90% of free memory holds; on CPU as many as half the
+    # available memory holds (a model that fits is decoded once and never streamed).
     gpu_memory: str | int | None = None
     host_memory: str | int | None = None  # compressed layers kept in host memory (size); None: all
     prefetch_depth: int = 2  # layers fetched ahead of the one computing
@@ -202,8 +204,8 @@ class Engine:
                  for entry in entries]
         budget_bytes, budget_layers = self.config.gpu_budget
         if budget_bytes is None and budget_layers is None:
-            if self.device.type == "cpu":
-                budget_layers = 0
+            if self.device.type == "cpu":  # the "device" is host memory: keep resident what half of it holds
+                budget_bytes = int(0.5 * available_memory_bytes())
             else:
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
                 budget_bytes = int(0.9 * free_bytes)

@@ -104,7 +104,38 @@ def write_atomically(table: pa.Table, output: Path) -> None:
         staging.unlink(missing_ok=True)
 
 
+def in_submitted_job() -> bool:
+    """Whether this process is the entrypoint of a `ray job submit` (its directory is a temporary
+    copy of --working-dir that Ray deletes afterwards)."""
+    return "job_submission_id" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Fail before any work where the output would be lost."""
+    if in_submitted_job() and not Path(args.output).is_absolute():
+        raise ConfigError(
+            f"--output {args.output} is relative: inside a Ray job it would be written into the job's temporary "
+            f"copy of the working directory ({Path.cwd()}), which Ray deletes; give an absolute path on a disk "
+            "the head node keeps")
+
+
+def check_store(args: argparse.Namespace) -> None:
+    """Fail before starting the service where the store cannot be read from this node."""
+    from endor_ray.errors import StoreError
+    from endor_ray.store import Store
+
+    try:
+        Store(args.store)
+    except StoreError as exc:
+        hint = ""
+        if in_submitted_job() and "://" not in args.store and not Path(args.store).is_absolute():
+            hint = (" (inside a Ray job a relative store path is read from the uploaded working directory, which "
+                    "leaves out what .gitignore names, such as stores/: give an absolute path or a URI)")
+        raise StoreError(f"{exc}{hint}") from None
+
+
 def run(args: argparse.Namespace) -> None:
+    check_output(args)
     prompts = read_prompts(Path(args.input), args.prompt_column, args.id_column)
     output = Path(args.output).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +146,7 @@ def run(args: argparse.Namespace) -> None:
           f"{len(todo)} to generate", file=sys.stderr, flush=True)
     if not todo:
         return
+    check_store(args)
 
     from endor_ray.service.driver import ClusterConfig, connect
     from endor_ray.engine.engine import EngineConfig

@@ -14,9 +14,11 @@ FastAPI reads the endpoint signatures at import time, so this module does not us
 
 import dataclasses
 import signal
+import sys
 import time
+import typing
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -147,12 +149,45 @@ class EndorServer:
         yield api.STREAM_END
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """The Serve application for `serve run endor_ray.serve:build_app store=...` or a config YAML."""
+def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """A ServeConfig from app arguments, whose values arrive as strings from `serve run k=v`."""
     unknown = set(args) - APP_ARGS
     if unknown:
         raise ConfigError(f"unknown Serve app arguments {sorted(unknown)}; accepted: {sorted(APP_ARGS)}")
-    return EndorServer.bind(ServeConfig(**args))
+    converted = {}
+    for field in dataclasses.fields(ServeConfig):
+        if field.name not in args:
+            continue
+        value, kind = args[field.name], field.type
+        if isinstance(value, str) and kind in (int, float):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ConfigError(f"app argument {field.name}={value!r} must be a number") from None
+        elif isinstance(value, str) and int in typing.get_args(kind) and value.isdigit():
+            value = int(value)  # gpu_memory=12 is a layer count, as on the command line
+        converted[field.name] = value
+    return ServeConfig(**converted)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for `serve run endor_ray.serve:build_app store=...` or a config YAML.
+
+    The store is opened here, before anything is deployed, so a wrong path fails at once. Under
+    the `serve` command a user's mistake is one line on stderr and exit status 1 (not a traceback
+    from deep inside Serve); elsewhere it raises.
+    """
+    from endor_ray.store import Store
+
+    try:
+        config = serve_config_from_args(args)
+        Store(config.store)
+    except EndorError as exc:
+        if Path(sys.argv[0]).name == "serve":
+            print(f"serve run endor_ray.serve:build_app: error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+    return EndorServer.bind(config)
 
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -161,8 +196,8 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
 
     from endor_ray.service.driver import init_ray
 
-    def stop(signum, frame):  # SIGTERM (kill, Kubernetes) shuts down like Ctrl-C
-        raise KeyboardInterrupt
+    def stop(signum, frame):  # SIGTERM (kill, Kubernetes) is the normal way to stop: shut down, exit 0
+        raise SystemExit(0)
 
     started_ray = init_ray(config.address)
     try:

@@ -68,8 +68,11 @@ def use_loopback_ray() -> None:
 def running_local_cluster() -> str | None:
     """The GCS address of a cluster `ray start --head` runs on this machine, if it answers."""
     temp_dir = os.environ.get("RAY_TMPDIR", "/tmp/ray")
+    path = os.path.join(temp_dir, "ray_current_cluster")
     try:
-        with open(os.path.join(temp_dir, "ray_current_cluster")) as f:
+        if os.stat(path).st_uid != os.getuid():  # /tmp/ray is shared: never join another user's cluster
+            return None
+        with open(path) as f:
             address = f.read().strip()
         host, _, port = address.rpartition(":")
         socket.create_connection((host, int(port)), timeout=2).close()

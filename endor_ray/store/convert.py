@@ -8,7 +8,6 @@ at the end: an interrupted or failed conversion never leaves something that look
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from endor_ray._version import __version__
 from endor_ray.models.architecture import is_prunable
 from endor_ray.utils.atomic import staged_directory
+from endor_ray.utils.system import available_memory_bytes
 from endor_ray.store.checkpoint import Checkpoint
 from endor_ray.store.default_model import resolve_source
 from endor_ray.errors import ConfigError, StoreError
@@ -62,18 +62,6 @@ class ConvertConfig:
             raise ConfigError(f"calibration text file {self.calib_text} does not exist")
 
 
-def available_memory_bytes() -> int:
-    """Memory the system could give this process now (Linux: MemAvailable), else physical memory."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def source_dtype(config: dict[str, Any]) -> str:
     named = config.get("dtype") or config.get("torch_dtype") or "float32"
     return named if named in DTYPES else "float32"
@@ -85,7 +73,14 @@ class _LayerWriter:
     def __init__(self, staging: Path, config: ConvertConfig, dtype: torch.dtype, num_layers: int, progress: bool):
         self.staging, self.config, self.dtype = staging, config, dtype
         self.entries: list[dict[str, Any] | None] = [None] * num_layers
-        self.bar = tqdm(total=num_layers, desc="convert", unit="layer", disable=not progress)
+        self.progress, self._bar = progress, None
+
+    @property
+    def bar(self) -> tqdm:
+        """Made at the first layer written: calibration comes first and has its own bar."""
+        if self._bar is None:
+            self._bar = tqdm(total=len(self.entries), desc="convert", unit="layer", disable=not self.progress)
+        return self._bar
 
     def write(
         self,
@@ -200,10 +195,10 @@ def _wanda_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerW
         layer_bytes = checkpoint.layer_nbytes(torch.float32)
         resident = layer_bytes < 0.5 * available_memory_bytes()
         loaded = ({idx: load_compute(idx) for idx in tqdm(range(architecture.num_layers), desc="load for calibration",
-                                                          unit="layer", disable=writer.bar.disable)}
+                                                          unit="layer", disable=not writer.progress)}
                   if resident else None)
         passes = tqdm(total=config.calib_seq_len - 1, desc="write calibration text", unit="token",
-                      disable=writer.bar.disable)
+                      disable=not writer.progress)
 
         def load_counting(layer_idx: int) -> dict[str, torch.Tensor]:
             if layer_idx == 0:
