@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         from endor_ray.service.driver import use_loopback_ray
 
         use_loopback_ray()  # the local Ray this command starts stays on 127.0.0.1
+    elif getattr(args, "address", None):
+        from endor_ray.service.driver import use_token_if_present
+
+        use_token_if_present()  # a cluster started with Ray's defaults wants a token
     try:
         code = args.func(args)
     except EndorError as exc:

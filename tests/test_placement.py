@@ -79,3 +79,21 @@ def test_another_users_cluster_is_never_joined(tmp_path, monkeypatch):
             pytest.skip("changing the file's owner needs root")
         os.chown(path, 12345, 12345)  # /tmp/ray is shared between users
         assert running_local_cluster() is None
+
+
+def test_a_token_at_hand_turns_token_auth_on(tmp_path, monkeypatch):
+    import os
+
+    from endor_ray.service.driver import use_token_if_present
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "auth_token"))
+    use_token_if_present()
+    assert "RAY_AUTH_MODE" not in os.environ  # no token: leave Ray's own behaviour alone
+    (tmp_path / "auth_token").write_text("secret")
+    use_token_if_present()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    use_token_if_present()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"  # the user's choice stands

@@ -206,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.address is None and not os.environ.get("RAY_ADDRESS"):
-        from endor_ray.service.driver import use_loopback_ray
+    from endor_ray.service.driver import use_loopback_ray, use_token_if_present
 
+    if args.address is None and not os.environ.get("RAY_ADDRESS"):
         use_loopback_ray()  # the local Ray this job starts stays on 127.0.0.1
+    else:
+        use_token_if_present()  # a cluster started with Ray's defaults wants a token
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")

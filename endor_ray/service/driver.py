@@ -65,6 +65,17 @@ def use_loopback_ray() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # set explicitly, Ray enables it without a warning
 
 
+def use_token_if_present() -> None:
+    """Before joining a cluster (call before Ray is imported): where a Ray token is at hand and the
+    user set no mode, use token authentication, as Ray 2.60's clusters do by default. A client
+    without it retries unauthenticated for half a minute and then reports a wrong address."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def running_local_cluster() -> str | None:
     """The GCS address of a cluster `ray start --head` runs on this machine, if it answers."""
     temp_dir = os.environ.get("RAY_TMPDIR", "/tmp/ray")
@@ -107,6 +118,11 @@ def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            raise EndorError(
+                f"cannot connect to the Ray cluster at {address} ({str(exc).splitlines()[0]}); if it uses token "
+                "authentication (Ray's default since 2.60), export RAY_AUTH_MODE=token and give its token in "
+                "~/.ray/auth_token or RAY_AUTH_TOKEN") from None
         raise EndorError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
     return False
 
