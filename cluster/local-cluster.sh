@@ -144,7 +144,7 @@ cmd_start() {
 Ray at 127.0.0.1:$PORT: a head (endor_worker) + $num_shard_nodes shard nodes (endor_shard). Logs: $STATE_DIR
 Token auth: $RAY_AUTH_MODE. Clients need the same: export RAY_AUTH_MODE=$RAY_AUTH_MODE
 Try it:
-  $endor generate STORE --address 127.0.0.1:$PORT --prompt "The capital of France is" --max-new-tokens 16
+  $endor generate STORE --address 127.0.0.1:$PORT --gpu-memory 0 --prompt "The capital of France is" --max-new-tokens 16
   ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- \\
       $python -m endor_ray.jobs.generate --store STORE --input prompts.jsonl --output out.parquet
 Stop it: $0 stop

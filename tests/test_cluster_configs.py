@@ -139,15 +139,26 @@ def test_local_cluster_refuses_a_taken_port(state_dir):
 
 
 @pytest.mark.slow
-def test_local_cluster_starts_serves_and_stops(state_dir):
+def test_local_cluster_starts_serves_and_stops(state_dir, tiny_stores):
+    """cluster/README.md's "Trying it on one machine", with ports of its own."""
+    import sys
+
     env = _script_env(state_dir, 46200)
     script = CLUSTER / "local-cluster.sh"
     try:
-        started = subprocess.run(["bash", script, "start", "1"], capture_output=True, text=True, env=env, timeout=300)
+        started = subprocess.run(["bash", script, "start", "2"], capture_output=True, text=True, env=env, timeout=300)
         assert started.returncode == 0, started.stdout + started.stderr
-        assert "a head (endor_worker) + 1 shard nodes" in started.stdout
+        assert "a head (endor_worker) + 2 shard nodes" in started.stdout
         status = subprocess.run(["bash", script, "status"], capture_output=True, text=True, env=env, timeout=60)
         assert "endor_shard" in status.stdout and "endor_worker" in status.stdout
+        endor = Path(sys.executable).with_name("endor")
+        generated = subprocess.run([endor, "generate", str(tiny_stores["opt"]), "--address", "127.0.0.1:46200",
+                                    "--prompt", "The capital of France is", "--max-new-tokens", "4",
+                                    "--shard-memory", "100KB", "--gpu-memory", "0", "--json"],
+                                   capture_output=True, text=True, env=env, timeout=300)
+        assert generated.returncode == 0, generated.stderr[-3000:]
+        result = json.loads(generated.stdout)
+        assert result["stats"]["tier_hits"]["remote"] > 0 and len(result["completions"][0]["token_ids"]) == 4
     finally:
         stopped = subprocess.run(["bash", script, "stop"], capture_output=True, text=True, env=env, timeout=120)
-    assert "stopped 2 nodes" in stopped.stdout and "still running" not in stopped.stderr
+    assert "stopped 3 nodes" in stopped.stdout and "still running" not in stopped.stderr
