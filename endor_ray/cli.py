@@ -71,12 +71,24 @@ def print_summary(summary: dict, per_layer: bool = True) -> None:
           f"(ratio {summary['total_ratio']:.4f})")
 
 
-def cmd_inspect(args: argparse.Namespace) -> None:
-    summary = _open_store(args.store).summary()
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _open_store(args.store)
+    summary = store.summary()
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print_summary(summary)
+    if not args.verify:
+        return 0
+    from endor_ray.store.audit import audit
+
+    problems = audit(store, progress=not args.json)
+    for problem in problems:
+        print(f"endor inspect: error: {problem}", file=sys.stderr)
+    if not args.json:
+        print("verify: every file, checksum, name and shape checks out" if not problems
+              else f"verify: {len(problems)} problem(s)")
+    return 1 if problems else 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -268,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per-layer sparsity, bytes and compression ratio of a store")
     inspect.add_argument("store", help="store path or URI")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--verify", action="store_true",
+                         help="read every byte: checksums, block offsets, tokenizer, names and shapes (exit 1 on a problem)")
     inspect.set_defaults(func=cmd_inspect)
 
     export = sub.add_parser("export", help="write a store's dense pruned weights as an HF checkpoint")

@@ -14,6 +14,10 @@ loop runs more than twice), so `launch_config` caps registers at 32 and every dt
 100% occupancy on sm_80 and sm_90. `tests/test_kernel_aot.py` compiles the kernel
 ahead of time for both targets and checks registers, spills and occupancy, without a GPU.
 
+A program reads only its block's run `values[block_offsets[b] : block_offsets[b+1]]`: a bitmap
+with more set bits than its block's count yields wrong values, never a read out of bounds (the
+store checks offsets and counts when it verifies a layer).
+
 Values travel as same-width integers (int16 for fp16/bf16, int32 for fp32): the kernel only moves
 bits, so the output is bit-identical to the input, NaN payloads and -0.0 included. Store format
 version 2 aligns every part to 64 bytes, so in a slot buffer all pointers are 16-byte aligned.
@@ -47,21 +51,25 @@ def decompress_kernel(
 ):
     block_idx = tl.program_id(0).to(tl.int64)
     values_start = tl.load(block_offsets_ptr + block_idx)  # first: its latency hides behind the bitmap loads
+    block_count = (tl.load(block_offsets_ptr + block_idx + 1) - values_start).to(tl.int32)
     numel = numel.to(tl.int64)
     num_bytes = (numel + 7) // 8
     block_start = block_idx * BLOCK
-    block_values_ptr = values_ptr + values_start
-    seen = tl.zeros((), dtype=tl.int32)  # non-zeros in the chunks before this one
+    chunk_values_ptr = values_ptr + values_start  # the first value of the current chunk
+    remaining = block_count  # values of this block not yet used by earlier chunks
     for chunk_start in tl.range(0, BLOCK, CHUNK):
         byte_idx = (block_start + chunk_start) // 8 + tl.arange(0, CHUNK // 8)
         packed = tl.load(bitmap_ptr + byte_idx, mask=byte_idx < num_bytes, other=0).to(tl.int32)
         bits = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1  # [CHUNK // 8, 8]
         bits = tl.reshape(bits, (CHUNK,))  # row-major: element = byte * 8 + bit, LSB first
-        slot = seen + tl.cumsum(bits, axis=0) - bits  # exclusive: non-zeros before this element
-        vals = tl.load(block_values_ptr + slot, mask=bits != 0, other=0)
+        slot = tl.cumsum(bits, axis=0) - bits  # exclusive: non-zeros of this chunk before the element
+        # never past the block's own values, whatever the bitmap says (a verified store agrees anyway)
+        vals = tl.load(chunk_values_ptr + slot, mask=(bits != 0) & (slot < remaining), other=0)
         elem_idx = block_start + chunk_start + tl.arange(0, CHUNK)
         tl.store(out_ptr + elem_idx, vals, mask=elem_idx < numel)
-        seen += tl.sum(bits, axis=0)
+        chunk_count = tl.sum(bits, axis=0)
+        chunk_values_ptr += chunk_count
+        remaining -= chunk_count
 
 
 def launch_config(block_size: int) -> dict[str, int]:

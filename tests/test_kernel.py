@@ -68,3 +68,18 @@ def test_reference_handles_all_zero_tensor():
     enc = fmt.encode(torch.zeros(300, dtype=torch.float16), block_size=256, layout="bitmap")
     assert enc.nnz == 0
     assert torch.equal(as_bits(decompress_reference(enc)), as_bits(torch.zeros(300, dtype=torch.float16)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_lying_bitmap_never_reads_past_the_blocks_values(device):
+    """Every bit set but the offsets give each block 3 values: the kernel must stay inside them
+    (under the interpreter a read out of bounds is a segfault)."""
+    weight = random_sparse((4, 256), torch.float16, 0.5)
+    enc = fmt.encode(weight, block_size=256, layout="bitmap")
+    lying = fmt.EncodedTensor(enc.shape, enc.dtype, "bitmap", nnz=12, values=torch.arange(1, 13, dtype=torch.int16).view(torch.float16),
+                              bitmap=torch.full_like(enc.bitmap, 0xFF), block_offsets=torch.arange(0, 13, 3),
+                              block_size=256).to(device)
+    out = decompress(lying).cpu().view(torch.int16).view(4, 256)
+    for block in range(4):
+        assert out[block, :3].tolist() == [3 * block + 1, 3 * block + 2, 3 * block + 3]
+        assert not out[block, 3:].any()

@@ -167,10 +167,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.device = self.config.resolve_device()
         self.tokenizer = load_tokenizer(self.store)
-        from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer
+        from endor_ray.models.skeleton import build_skeleton, check_tensors_match, decoder_layers, materialize_layer
 
         dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
         self.model = build_skeleton(self.store.config, dense, dtype=self.store.dtype, device=self.device)
+        check_tensors_match(self.model, self.store.architecture,  # a store's layers must fit its model
+                            [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in self.store.manifest["layers"]],
+                            self.store.location)
         self.plan = self._plan()
         self.source: LayerSource | None = None
         self._hooks: contextlib.ExitStack | None = None

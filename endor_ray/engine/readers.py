@@ -59,7 +59,7 @@ class StoreReader:
         self.store.read_into(entry["file"], buffer, entry["nbytes"], direct=self.direct_io)
         data = buffer[:entry["nbytes"]]
         if verify:
-            tensors_from_buffer(data, entry, verify=True)
+            tensors_from_buffer(data, entry, verify=True, version=self.store.version)
         return data
 
     def request(self, layer_idx: int) -> int:

@@ -273,9 +273,8 @@ def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().view(-1).view(torch.uint8).numpy()
 
 
-def checksum(enc: EncodedTensor) -> int:
-    """CRC-32 over the tensor's parts in spec order."""
-    crc = 0
+def checksum(enc: EncodedTensor, crc: int = 0) -> int:
+    """CRC-32 over the tensor's parts in spec order, continuing from `crc`."""
     for part in enc.parts().values():
         crc = crc32(tensor_bytes(part.cpu()), crc)
     return crc

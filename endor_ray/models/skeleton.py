@@ -121,3 +121,32 @@ def stream_layers(
             handle.remove()
         for layer_idx in streamed:
             release_layer(layers[layer_idx])
+
+
+def check_tensors_match(model: nn.Module, architecture: Architecture, layer_tensors: list[dict[str, tuple]],
+                        where: str) -> None:
+    """Every decoder layer lists exactly the tensors the model's layer has, with their shapes.
+
+    `layer_tensors`: per layer, tensor name (within the layer) -> shape. The model may be the
+    meta-device skeleton: only names and shapes are compared. StoreError names the first mismatch.
+    """
+    from endor_ray.errors import StoreError
+
+    expected = {name: tuple(tensor.shape) for name, tensor in decoder_layers(model, architecture)[0].state_dict().items()}
+    for layer_idx, tensors in enumerate(layer_tensors):
+        given = {name: tuple(shape) for name, shape in tensors.items()}
+        missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+        if missing or unexpected:
+            raise StoreError(f"{where}: layer {layer_idx} lacks {missing[:3]} / has unexpected {unexpected[:3]} "
+                             f"for a {architecture.model_type} layer; re-run endor convert")
+        wrong = [name for name in expected if given[name] != expected[name]]
+        if wrong:
+            name = wrong[0]
+            raise StoreError(f"{where}: layer {layer_idx} {name} has shape {list(given[name])}, the model's is "
+                             f"{list(expected[name])}; re-run endor convert")
+
+
+def meta_model(config: dict[str, Any]) -> nn.Module:
+    """The architecture's model with every tensor on the meta device (names and shapes only)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config(config))

@@ -48,7 +48,8 @@ class ShardServer:
         buffer = np.empty(nbytes, dtype=np.uint8) if buffer is None else buffer
         self.store.read_into(self.store.layer_entry(layer_idx)["file"], buffer, nbytes)
         data = buffer[:nbytes]
-        tensors_from_buffer(torch.from_numpy(data), self.store.layer_entry(layer_idx), verify=True)
+        tensors_from_buffer(torch.from_numpy(data), self.store.layer_entry(layer_idx), verify=True,
+                            version=self.store.version)
         return data
 
     @property

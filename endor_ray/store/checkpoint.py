@@ -65,15 +65,27 @@ class Checkpoint:
                     weight_map = json.loads(index_path.read_text())["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     raise StoreError(f"{index_path} is malformed ({exc})") from exc
-                return {name: self.directory / file for name, file in weight_map.items()}
+                return {name: self._inside(self.directory / file) for name, file in weight_map.items()}
         for single in ("model.safetensors", "pytorch_model.bin"):
             path = self.directory / single
             if path.is_file():
+                path = self._inside(path)
                 return {name: path for name in self._names_in(path)}
         raise StoreError(
             f"no weights in {self.directory}: expected model.safetensors, "
             "model.safetensors.index.json or pytorch_model.bin"
         )
+
+    def _inside(self, path: Path) -> Path:
+        """`path` if it (its link target included) lies inside the checkpoint; a Hugging Face hub
+        snapshot may link into its repository's cache folder (snapshots/REV/x -> ../../blobs/y)."""
+        real = path.resolve()
+        roots = [self.directory.resolve()]
+        if self.directory.resolve().parent.name == "snapshots":
+            roots.append(self.directory.resolve().parent.parent)
+        if not any(real == root or root in real.parents for root in roots):
+            raise StoreError(f"{path} points outside the checkpoint {self.directory} (to {real}); refusing to read it")
+        return path
 
     def _names_in(self, path: Path) -> list[str]:
         return list(self._open(path).keys())
@@ -132,4 +144,4 @@ class Checkpoint:
         return [name for name in self.tensor_names if self.architecture.split_name(name)[0] is None]
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.directory / name for name in TOKENIZER_FILES if (self.directory / name).is_file()]
+        return [self._inside(self.directory / name) for name in TOKENIZER_FILES if (self.directory / name).is_file()]

@@ -7,6 +7,7 @@ at the end: an interrupted or failed conversion never leaves something that look
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from endor_ray.store.checkpoint import Checkpoint
 from endor_ray.store.default_model import resolve_source
 from endor_ray.errors import ConfigError, StoreError
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
+from endor_ray.store.manifest import seal
 from endor_ray.store.prune import METHODS, InputNormCollector, check_sparsity, prune_weight
 from endor_ray.store.store import (
     DENSE_FILE, MANIFEST_NAME, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name, write_tensor_file,
@@ -100,8 +102,7 @@ class _LayerWriter:
             layout = "dense" if self.config.store_format == "dense" or not is_prunable(name, weight) else None
             encoded[name] = encode(weight.to(self.dtype), self.config.block_size, layout=layout)
         file_name = layer_file_name(layer_idx)
-        entry = write_tensor_file(self.staging / file_name, encoded)
-        self.entries[layer_idx] = {"index": layer_idx, "file": file_name, **entry}
+        self.entries[layer_idx] = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
         sizes = sum(enc.nbytes for enc in encoded.values()), sum(enc.dense_nbytes for enc in encoded.values())
         self.bar.set_postfix(ratio=f"{sizes[0] / sizes[1]:.3f}")
         self.bar.update(1)
@@ -132,11 +133,12 @@ def convert(source: str, destination: str | Path, config: ConvertConfig, progres
                 "sparsity": config.sparsity, "method": config.method if config.sparsity > 0 else "none",
                 "calibration": calibration,
             },
-            "tokenizer_files": sorted(path.name for path in (staging / TOKENIZER_DIR).iterdir()),
-            "dense": {"file": DENSE_FILE, **write_tensor_file(staging / DENSE_FILE, _dense_tensors(checkpoint, dtype))},
+            "tokenizer_files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                                for path in sorted((staging / TOKENIZER_DIR).iterdir())},
+            "dense": write_tensor_file(staging / DENSE_FILE, _dense_tensors(checkpoint, dtype), DENSE_FILE),
             "layers": calibration.pop("_layers"),
         }
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        (staging / MANIFEST_NAME).write_text(json.dumps(seal(manifest), indent=1))
     return destination
 
 

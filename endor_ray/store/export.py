@@ -16,12 +16,23 @@ from tqdm import tqdm
 
 from endor_ray.utils.atomic import staged_directory
 from endor_ray.format.tensor import decode
+from endor_ray.errors import StoreError
 from endor_ray.store.store import Store
 
 
 def export_checkpoint(store: Store, out: str | Path, force: bool = False, progress: bool = True) -> Path:
-    """Write the store's weights, decoded, as an HF checkpoint directory at `out`."""
+    """Write the store's weights, decoded, as an HF checkpoint directory at `out`.
+
+    Every tensor is verified as it is read; the names and shapes are checked against the
+    architecture's model before anything is written, and what was written (config, tokenizer)
+    is loaded back with transformers before the directory appears.
+    """
+    from endor_ray.models.skeleton import check_tensors_match, meta_model
+
     architecture = store.architecture
+    check_tensors_match(meta_model(store.config), architecture,
+                        [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in store.manifest["layers"]],
+                        store.location)
     num_shards = store.num_layers + 1
     weight_map: dict[str, str] = {}
     total_nbytes = 0
@@ -46,4 +57,18 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
 
         index = {"metadata": {"total_size": total_nbytes}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        _check_loadable(staging, has_tokenizer=any(name.startswith("tokenizer") for name in store.tokenizer_files()))
     return Path(out)
+
+
+def _check_loadable(directory: Path, has_tokenizer: bool) -> None:
+    """The written config and tokenizer load with transformers (else StoreError, nothing appears)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(directory)
+        if has_tokenizer:
+            AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"the exported config or tokenizer does not load ({str(exc).splitlines()[0]}); "
+                         "the store's model config or tokenizer files are damaged: re-run endor convert") from None

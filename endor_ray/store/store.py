@@ -28,8 +28,10 @@ where BEGIN/END are absolute byte offsets in the file. Readers take local paths 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import posixpath
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +47,7 @@ from endor_ray.errors import ChecksumError, FormatError, StoreError
 from endor_ray.format.tensor import (
     EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
 )
+from endor_ray.store.manifest import check as check_manifest, tensor_header
 
 STORE_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -66,9 +69,11 @@ _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int64: "I64", torch.float16: "F1
                       torch.float32: "F32"}
 
 
-def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor]) -> dict[str, Any]:
+def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor], file_name: str,
+                      layer_idx: int | None = None) -> dict[str, Any]:
     """Write `tensors` into one safetensors file with every part aligned to PART_ALIGNMENT bytes;
-    return its manifest entry (file name excluded)."""
+    return its manifest entry. `file_name` (its name in the store) and `layer_idx` (None: the
+    non-layer file) are covered by its tensors' checksums."""
     parts = [(f"{name}/{part}", data.detach().contiguous().cpu().view(-1))
              for name, enc in tensors.items() for part, data in enc.parts().items()]
     header: dict[str, Any] = {}
@@ -95,27 +100,29 @@ def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor]) -> dict[str
         for _, data in layout:
             f.write(bytes(data) if isinstance(data, int) else tensor_bytes(data))
     entries = []
-    for name, enc in tensors.items():
+    for position, (name, enc) in enumerate(tensors.items()):
         ranges = {part: [data_start + begin, data_start + end] for part in enc.parts()
                   for begin, end in [header[f"{name}/{part}"]["data_offsets"]]}
-        entries.append({
-            "name": name, "shape": list(enc.shape), "dtype": dtype_name(enc.dtype),
-            "layout": enc.layout, "values_encoding": enc.values_encoding,
-            "block_size": enc.block_size, "nnz": enc.nnz, "crc32": checksum(enc), "parts": ranges,
-        })
-    return {"nbytes": data_start + offset, "tensors": entries}
+        entry = {"name": name, "shape": list(enc.shape), "dtype": dtype_name(enc.dtype), "layout": enc.layout,
+                 "values_encoding": enc.values_encoding, "block_size": enc.block_size, "nnz": enc.nnz}
+        entry["crc32"] = checksum(enc, crc32(tensor_header(file_name, layer_idx, position, entry)))
+        entries.append({**entry, "parts": ranges})
+    located = {"index": layer_idx} if layer_idx is not None else {}
+    return {**located, "file": file_name, "nbytes": data_start + offset, "tensors": entries}
 
 
 # -- reading --------------------------------------------------------------------------------------
 
 
 def tensors_from_buffer(
-    buffer: torch.Tensor, file_entry: dict[str, Any], verify: bool = True
+    buffer: torch.Tensor, file_entry: dict[str, Any], verify: bool = True, version: int = STORE_FORMAT_VERSION,
 ) -> dict[str, EncodedTensor]:
     """The EncodedTensors of one file, as views into `buffer` ([file nbytes] uint8, any device).
 
-    With verify (CPU buffers only) each tensor's CRC-32 and offsets are checked; without, only
-    sizes are, and nothing is read, so a GPU copy of a verified file is never synchronised on.
+    With verify (CPU buffers only) each tensor's CRC-32 (version 2: metadata and position too)
+    and its block offsets are checked (monotone, each block's count equal to its bitmap's set
+    bits), so a kernel given these arrays never reads outside the values; without, only sizes
+    are, and nothing is read, so a GPU copy of a verified file is never synchronised on.
     """
     file_name = file_entry["file"]
     if verify and buffer.device.type != "cpu":
@@ -137,7 +144,7 @@ def tensors_from_buffer(
             if sorted(entry["parts"]) != sorted(part_names):
                 raise StoreError(f"{file_name}: {name} lists parts {sorted(entry['parts'])}, expected {part_names}")
             parts = {}
-            crc = 0
+            crc = crc32(tensor_header(file_name, file_entry.get("index"), position, entry)) if version >= 2 else 0
             for part in part_names:
                 begin, end = entry["parts"][part]
                 if not 0 <= begin <= end <= buffer.numel():
@@ -155,13 +162,38 @@ def tensors_from_buffer(
                 shape=tuple(entry["shape"]), dtype=dtype, layout=entry["layout"], nnz=entry["nnz"],
                 block_size=entry["block_size"], values_encoding=entry["values_encoding"], **parts,
             )
-            validate_contents(enc) if verify else validate(enc)
+            if verify:
+                validate_contents(enc)
+                check_block_counts(enc)
+            else:
+                validate(enc)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise StoreError(f"{file_name}: malformed manifest entry for {name}: {exc!r}") from exc
         except FormatError as exc:
             raise StoreError(f"{file_name}: tensor {name}: {exc}") from exc
         tensors[name] = enc
     return tensors
+
+
+def check_block_counts(enc: EncodedTensor) -> None:
+    """Interior block offsets: non-decreasing, and each block's count equal to the set bits of
+    its part of the bitmap (so no block's values run into another's or past the end)."""
+    if enc.layout != "bitmap" or enc.numel == 0:
+        return
+    offsets = enc.block_offsets.numpy()
+    counts = np.diff(offsets)
+    if (counts < 0).any():
+        raise FormatError(f"block offsets decrease at block {int(np.argmax(counts < 0))}")
+    bits = np.bitwise_count(enc.bitmap.numpy())  # [ceil(numel / 8)] set bits per byte
+    bytes_per_block = enc.block_size // 8
+    padded = np.zeros(enc.num_blocks * bytes_per_block, dtype=np.uint8)
+    padded[: bits.size] = bits
+    per_block = padded.reshape(enc.num_blocks, bytes_per_block).sum(axis=1, dtype=np.int64)
+    wrong = np.flatnonzero(per_block != counts)
+    if wrong.size:
+        block = int(wrong[0])
+        raise FormatError(f"block {block} has {int(per_block[block])} set bits but its offsets give "
+                          f"{int(counts[block])} values")
 
 
 def _filesystem(location: str) -> tuple[Any, str]:
@@ -203,27 +235,35 @@ class Store:
                 f"{self.location} is not an endor store (no readable {MANIFEST_NAME}); "
                 "create one with endor convert"
             ) from exc
+        where = f"{self.location}/{MANIFEST_NAME}"
         try:
             manifest = json.loads(raw.tobytes())
-            version = manifest["format_version"]
-            layers = manifest["layers"]
-            config = manifest["model"]["config"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise StoreError(f"{self.location}/{MANIFEST_NAME} is malformed ({exc}); re-run endor convert") from exc
-        if version not in READABLE_VERSIONS:
-            raise StoreError(
-                f"{self.location} has store format version {version}; this endor-ray reads versions "
-                f"{', '.join(map(str, READABLE_VERSIONS))}: convert the model again with this version"
-            )
-        architecture = architecture_from_config(config)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise StoreError(f"{where} is malformed ({exc}); re-run endor convert") from None
+        check_manifest(manifest, where, READABLE_VERSIONS)
+        layers = manifest["layers"]
+        architecture = architecture_from_config(manifest["model"]["config"])
         if len(layers) != architecture.num_layers:
             raise StoreError(f"{self.location}: manifest lists {len(layers)} layers, config says {architecture.num_layers}")
+        if [entry["index"] for entry in layers] != list(range(len(layers))):
+            raise StoreError(f"{where} lists its layers out of order; re-run endor convert")
         for entry in [manifest["dense"], *layers]:
             _safe_relative(self.location, entry.get("file"))
+        for name in manifest.get("tokenizer_files", []):
+            _safe_relative(self.location, f"{TOKENIZER_DIR}/{name}")
         return manifest
 
+    @property
+    def version(self) -> int:
+        return self.manifest["format_version"]
+
     def _path(self, name: str) -> str:
-        return f"{self.root}/{_safe_relative(self.location, name)}"
+        path = f"{self.root}/{_safe_relative(self.location, name)}"
+        if self.fs.type_name == "local" and os.path.lexists(path) and os.path.realpath(path) != path:
+            # endor convert writes no links: one is a store made to read what lies elsewhere
+            raise StoreError(f"{path} is a symbolic link (or lies under one) to {os.path.realpath(path)}; a store "
+                             "holds only its own files: re-run endor convert")
+        return path
 
     def read_bytes(self, name: str, mmap: bool = False) -> np.ndarray:
         """A whole file of the store as a writable [nbytes] uint8 array (one sequential read)."""
@@ -282,17 +322,24 @@ class Store:
     def layer_tensors(self, layer_idx: int, verify: bool = True, mmap: bool = False) -> dict[str, EncodedTensor]:
         """One decoder layer's encoded tensors, by name within the layer."""
         entry = self.layer_entry(layer_idx)
-        return tensors_from_buffer(torch.from_numpy(self.layer_bytes(layer_idx, mmap=mmap)), entry, verify)
+        return tensors_from_buffer(torch.from_numpy(self.layer_bytes(layer_idx, mmap=mmap)), entry, verify, self.version)
 
     def dense_tensors(self, verify: bool = True) -> dict[str, EncodedTensor]:
         """The non-layer tensors, by full checkpoint name."""
         entry = self.manifest["dense"]
-        return tensors_from_buffer(torch.from_numpy(self.read_bytes(entry["file"])), entry, verify)
+        return tensors_from_buffer(torch.from_numpy(self.read_bytes(entry["file"])), entry, verify, self.version)
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        """Tokenizer file name -> contents."""
-        return {name: self.read_bytes(f"{TOKENIZER_DIR}/{name}").tobytes()
-                for name in self.manifest.get("tokenizer_files", [])}
+        """Tokenizer file name -> contents (version 2: checked against the manifest's SHA-256)."""
+        files = {}
+        listed = self.manifest.get("tokenizer_files", [])
+        for name in listed:
+            contents = self.read_bytes(f"{TOKENIZER_DIR}/{name}").tobytes()
+            if isinstance(listed, dict) and hashlib.sha256(contents).hexdigest() != listed[name]:
+                raise ChecksumError(f"{self.location}/{TOKENIZER_DIR}/{name} does not match its checksum in the "
+                                    "manifest (edited or damaged); re-run endor convert")
+            files[name] = contents
+        return files
 
     def summary(self) -> dict[str, Any]:
         """Per-layer and total sparsity, bytes and compression ratio (what `endor inspect` shows)."""

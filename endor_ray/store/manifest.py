@@ -1,0 +1,120 @@
+"""The store's manifest: its schema, its own checksum, and what each tensor's checksum covers.
+
+A manifest is checked in this order when a store is opened:
+
+1. `format_version` is one this endor-ray reads (so a newer store says so, whatever else changed);
+2. (version 2) ``checksum`` is ``"sha256:<hex>"`` of the manifest's canonical JSON without the
+   ``checksum`` key (keys sorted, no spaces, UTF-8): a manifest edited after it was written, by
+   hand or by damage, is refused;
+3. the schema (`Manifest` below): every field present, of its type and range (one-line errors
+   naming the field), no extra fields inside entries;
+4. the architecture's layer count, and file names that stay inside the store.
+
+Version 2 also lists each tokenizer file with its SHA-256. Its tensor checksums cover what the
+tensor *is*: its ``crc32`` is CRC-32 over
+`tensor_header` (the file it lives in, its layer, its position in the file, name, shape, dtype, layout,
+values encoding, block size, nnz; canonical JSON) followed by its parts' bytes. Swapping two
+tensors' names, two layers' entries, or a shape for its transpose breaks it. Version 1 checksums
+cover the bytes only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from endor_ray.errors import StoreError
+
+CHECKSUM_KEY = "checksum"
+PART_NAMES = ("bitmap", "block_offsets", "values")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Count = Annotated[int, Field(ge=0)]
+
+
+class TensorEntry(_Strict):
+    name: str = Field(min_length=1)
+    shape: list[Count] = Field(max_length=8)
+    dtype: Literal["float16", "bfloat16", "float32"]
+    layout: Literal["bitmap", "dense"]
+    values_encoding: str
+    block_size: int = Field(ge=1)
+    nnz: int = Field(ge=0)
+    crc32: int = Field(ge=0, lt=2**32)
+    parts: dict[Literal["bitmap", "block_offsets", "values"], Annotated[list[Count], Field(min_length=2, max_length=2)]]
+
+
+class FileEntry(_Strict):
+    file: str
+    nbytes: int = Field(ge=0)
+    tensors: list[TensorEntry]
+
+
+class LayerEntry(FileEntry):
+    index: int = Field(ge=0)
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    model_type: str
+    dtype: Literal["float16", "bfloat16", "float32"]
+    config: dict[str, Any]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: Literal["endor-ray store"]
+    format_version: int
+    model: ModelInfo
+    compression: dict[str, Any]
+    tokenizer_files: list[str] | dict[str, str] = []  # version 2: name -> SHA-256 of the file
+    dense: FileEntry
+    layers: list[LayerEntry]
+
+
+def canonical(manifest: dict[str, Any]) -> bytes:
+    body = {key: value for key, value in manifest.items() if key != CHECKSUM_KEY}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its checksum set (the last thing a writer does)."""
+    return {**manifest, CHECKSUM_KEY: "sha256:" + hashlib.sha256(canonical(manifest)).hexdigest()}
+
+
+def check(manifest: Any, where: str, readable_versions: tuple[int, ...]) -> dict[str, Any]:
+    """Steps 1-3 of the module docstring; StoreError (one line, the field named) on any failure."""
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{where} is malformed: a JSON object is expected, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version not in readable_versions:
+        raise StoreError(f"{where} has store format version {version}; this endor-ray reads versions "
+                         f"{', '.join(map(str, readable_versions))}: convert the model again with this version")
+    if version >= 2:
+        expected = "sha256:" + hashlib.sha256(canonical(manifest)).hexdigest()
+        if manifest.get(CHECKSUM_KEY) != expected:
+            raise StoreError(f"{where} does not match its checksum: it was changed after endor convert wrote "
+                             "it (edited or damaged); re-run endor convert")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        raise StoreError(f"{where} is malformed: {field}: {error['msg']} ({exc.error_count()} problem(s) in all); "
+                         "re-run endor convert") from None
+    return manifest
+
+
+def tensor_header(file_name: str, layer_idx: int | None, position: int, entry: dict[str, Any]) -> bytes:
+    """What a version-2 tensor checksum covers besides the bytes: identity and metadata
+    (`layer_idx` None for the non-layer file)."""
+    fields = {key: entry[key] for key in ("name", "shape", "dtype", "layout", "values_encoding", "block_size", "nnz")}
+    return json.dumps({"file": file_name, "layer": layer_idx, "position": position, **fields}, sort_keys=True,
+                      separators=(",", ":")).encode()
