@@ -134,19 +134,20 @@ def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> Run:
     The window opens with the first layers of the next step prefetched and closes after the prefetch
     for the step after the last (steady-state cyclic prefetch): one pass over the layers per step."""
     prompts = [" ".join(f"t{token}" for token in row) for row in ids]
-    batch = engine.start(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    if [seq.prompt_ids for seq in batch.sequences] != ids:
+    sequences = engine.new_sequences(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    if [seq.prompt_ids for seq in sequences] != ids:
         raise RuntimeError("the store's tokenizer does not map 't<id>' to <id>: delete the --workdir")
-    engine.step(batch)  # prefill
+    engine.add(sequences)
+    engine.step()  # prefill
     settle(engine)
     engine.source.reset_stats()
     started = time.perf_counter()
-    while not batch.done:
-        engine.step(batch)
+    while engine.has_work:
+        engine.step()
     settle(engine)
     wall, steps = time.perf_counter() - started, new_tokens - 1
     stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, 0.0, engine.source.reset_stats()).to_dict()
-    return stats["s_per_step"], [seq.output_ids for seq in batch.sequences], stats
+    return stats["s_per_step"], [seq.output_ids for seq in sequences], stats
 
 
 @torch.inference_mode()

@@ -146,17 +146,18 @@ def engine_arm(store: Store, host: bool, threads: int) -> tuple[Engine, Callable
     def run(ids: list[int], new_tokens: int) -> Run:
         torch.set_num_threads(threads)
         prompt = " ".join(f"t{token}" for token in ids)
-        batch = engine.start([prompt], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-        engine.step(batch)  # prefill
+        sequences = engine.new_sequences([prompt], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        engine.add(sequences)
+        engine.step()  # prefill
         engine.source.wait_idle()
         engine.source.reset_stats()
         started = time.perf_counter()
-        while not batch.done:
-            engine.step(batch)
+        while engine.has_work:
+            engine.step()
         engine.source.wait_idle()
         wall, steps = time.perf_counter() - started, new_tokens - 1
         stats = GenerationStats(1, steps, steps, wall, 0.0, engine.source.reset_stats()).to_dict()
-        return stats["s_per_step"], batch.sequences[0].output_ids, stats
+        return stats["s_per_step"], sequences[0].output_ids, stats
 
     return engine, run
 

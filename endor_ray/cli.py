@@ -161,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             echoed = True
         if "completions" in event:
             result = event
-        elif single:
+        elif single and "text" in event:  # (a sequence's "completion" event carries no new text)
             print(event["text"], end="", flush=True)
     if args.json:
         for user, completion in zip(args.prompt, result["completions"]):
@@ -233,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServeConfig(store=args.store, model_name=args.model_name, address=args.address, device=args.device,
                          gpu_memory=args.gpu_memory, prefetch=args.prefetch, num_workers=args.workers,
                          shard_memory=args.shard_memory, max_batch_size=args.max_batch_size,
-                         batch_wait_ms=args.batch_wait_ms)
+                         max_waiting=args.max_waiting)
     run_server(config, args.host, args.port)
 
 
@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefetch", type=int, default=2)
     serve.add_argument("--workers", type=int, default=1, help="GPU worker replicas")
     serve.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
-    serve.add_argument("--max-batch-size", type=int, default=16, help="sequences per pass over the weights")
-    serve.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="sequences per pass over the weights (requests join and leave at every pass)")
+    serve.add_argument("--max-waiting", type=int, default=1024,
+                       help="sequences queued beyond the running batch; more get HTTP 429")
     serve.set_defaults(func=cmd_serve)
     return parser
 

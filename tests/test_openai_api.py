@@ -1,4 +1,4 @@
-"""The OpenAI protocol layer and the batcher, without Ray or HTTP."""
+"""The OpenAI protocol layer, without Ray or HTTP."""
 
 import asyncio
 import json
@@ -6,7 +6,6 @@ import json
 import pytest
 
 from endor_ray.serve import openai_api as api
-from endor_ray.serve.batcher import Batcher
 from endor_ray.engine import Engine, EngineConfig
 from endor_ray.engine.sampling import SamplingParams
 
@@ -35,7 +34,7 @@ def test_bad_requests_get_openai_style_400s(frontend):
         ({"model": "smol", "prompt": "hi", "max_tokens": -3}, api.CompletionRequest, "max_tokens", "max_tokens"),
         ({"model": "smol", "prompt": "hi", "max_tokens": "many"}, api.CompletionRequest, "max_tokens", "max_tokens"),
         ({"model": "smol", "prompt": "hi", "temperature": 7}, api.CompletionRequest, "temperature", "temperature"),
-        ({"model": "smol", "prompt": "hi", "n": 2}, api.CompletionRequest, "'n'", "n"),
+        ({"model": "smol", "prompt": "hi", "n": 17}, api.CompletionRequest, "'n'", "n"),
         ({"model": "smol", "prompt": ""}, api.CompletionRequest, "non-empty", "prompt"),
         ({"model": "smol", "messages": []}, api.ChatRequest, "messages", "messages"),
         ({"model": "smol", "messages": [{"role": "user"}]}, api.ChatRequest, "content", "messages.0.content"),
@@ -67,27 +66,3 @@ def test_valid_requests_become_sampling_params(frontend):
     chat_tokens = len(frontend.tokenizer(chat_prompt).input_ids)
     assert chat_params.max_new_tokens == 64 - chat_tokens  # the room the context leaves
     assert chat_params.temperature == 1.0  # OpenAI's default
-
-
-def test_batcher_groups_concurrent_requests_and_routes_answers(tiny_stores):
-    prompts = ["The capital of France is", "Once upon a time", "def add(a, b):", "Hi"]
-    params = SamplingParams(max_new_tokens=5)
-    with Engine(str(tiny_stores["llama-gqa"]), EngineConfig(gpu_memory=0), progress=False) as engine:
-        alone = [engine.generate([p], params).completions[0].token_ids for p in prompts]
-        batcher = Batcher(engine.stream_data, max_batch_size=8, window_s=0.05)
-
-        async def one(prompt: str) -> tuple[list[int], str, int]:
-            text = ""
-            async for event in batcher.submit(prompt, params):
-                if event.get("final"):
-                    return event["completion"]["token_ids"], text, event["batch_size"]
-                text += event["text"]
-
-        async def everyone():
-            return await asyncio.gather(*(one(p) for p in prompts))
-
-        results = asyncio.run(everyone())
-        batcher.close()
-    assert [ids for ids, _, _ in results] == alone  # each gets exactly its own answer
-    assert [size for _, _, size in results] == [4] * 4  # one pass over the weights served all four
-    assert batcher.stats()["mean_sequences_per_pass"] == 4.0

@@ -26,7 +26,7 @@ def server(tiny_stores):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         app = build_app({"store": str(tiny_stores["llama-gqa"]), "model_name": "tiny", "gpu_memory": 0,
-                         "batch_wait_ms": 200, "max_batch_size": 8})
+                         "max_batch_size": 32})
         serve.run(app, name="endor", route_prefix="/")
         yield str(tiny_stores["llama-gqa"])
     finally:
@@ -94,7 +94,7 @@ def test_concurrent_clients_share_passes_and_get_their_own_answers(client, engin
     assert answers == {index: greedy(engine, prompt, 6) for index, prompt in enumerate(PROMPTS)}
     with urllib.request.urlopen(f"{BASE}/health", timeout=30) as answer:
         batching = json.load(answer)["batching"]
-    assert max(batching["recent_batch_sizes"]) > 1  # some pass over the weights served several clients
+    assert max(batching["recent_sequences_per_pass"]) > 1  # some pass over the weights served several clients
 
 
 def post(path: str, body: bytes) -> tuple[int, dict]:
@@ -124,3 +124,72 @@ def test_a_hundred_bad_requests_then_a_good_one(client):
         assert answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error", answer
     response = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def health() -> dict:
+    with urllib.request.urlopen(f"{BASE}/health", timeout=30) as answer:
+        return json.load(answer)["batching"]
+
+
+def test_a_short_request_joins_a_running_long_one(client):
+    """Continuous batching: the short answer arrives while the long stream is still running (with
+    window batching it had to wait for the long one's end)."""
+    import time
+
+    long_stream = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=60, temperature=0,
+                                            stream=True)
+    chunks = iter(long_stream)
+    next(chunks)  # the long request is running
+    started = time.perf_counter()
+    short = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=1, temperature=0)
+    short_s = time.perf_counter() - started
+    remaining = [chunk for chunk in chunks]  # the long one goes on after the short one is done
+    long_s = time.perf_counter() - started
+    assert short.choices[0].finish_reason in ("length", "stop")
+    assert any(chunk.choices and chunk.choices[0].text for chunk in remaining)
+    assert short_s < long_s
+    print(f"short request {short_s:.2f} s while the long one ran {long_s:.2f} s (ratio {short_s / long_s:.2f})")
+
+
+def test_a_closed_stream_stops_consuming_passes(client):
+    import time
+
+    before = health()["passes"]
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=120, temperature=0, stream=True)
+    for _, _chunk in zip(range(3), stream):
+        pass
+    stream.close()  # the client disconnects
+    deadline = time.monotonic() + 30
+    while health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    settled = health()
+    time.sleep(1.0)
+    assert settled["running"] == 0 and health()["passes"] == settled["passes"]  # no more passes for it
+    assert settled["passes"] - before < 60  # it stopped long before its 120 tokens
+
+
+def test_a_twenty_prompt_request_shares_its_passes(client, engine):
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(20)]
+    before = health()["passes"]
+    response = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0)
+    passes = health()["passes"] - before
+    assert sorted(choice.index for choice in response.choices) == list(range(20))
+    for choice in response.choices:
+        assert choice.text == greedy(engine, prompts[choice.index], 5)
+    assert passes <= 5 + 2  # one wave: as many passes as the longest completion (plus a spare)
+    print(f"20 prompts of 5 tokens in {passes} passes")
+
+
+def test_n_choices_and_their_indexes(client):
+    response = client.completions.create(model="tiny", prompt=["One", "Two"], max_tokens=4, temperature=1.0,
+                                         seed=5, n=2)
+    assert sorted(choice.index for choice in response.choices) == [0, 1, 2, 3]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=1.0, seed=5, n=3)
+    assert sorted(choice.index for choice in chat.choices) == [0, 1, 2]
+    streamed = {}
+    for chunk in client.completions.create(model="tiny", prompt="Three", max_tokens=4, temperature=1.0, seed=5, n=2,
+                                           stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert set(streamed) == {0, 1}

@@ -71,7 +71,7 @@ def test_shards_on_two_nodes_worker_on_the_third(cluster, tiny_stores, expected)
         final = events[-1]
         assert [c["token_ids"] for c in final["completions"]] == expected
         for index, completion in enumerate(final["completions"]):
-            assert "".join(e["text"] for e in events[:-1] if e["index"] == index) == completion["text"]
+            assert "".join(e.get("text", "") for e in events[:-1] if e["index"] == index) == completion["text"]
         stats = service.shard_stats()
         assert sum(s["bytes_served"] for s in stats.values()) > 0
         assert sorted(idx for s in stats.values() for idx in s["layers"]) == [0, 1, 2]

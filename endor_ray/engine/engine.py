@@ -5,9 +5,13 @@ The model skeleton is built from the store's config on the meta device; the non-
 `LayerSource` (resident, host or disk tier, prefetched and decompressed ahead of use) through
 forward hooks. Attention, masks and the KV cache are transformers' own.
 
-Generation is batched: prompts of different lengths are left-padded into one batch, so each pass
-over the weights (the expensive part) serves every sequence. `step()` runs one forward pass for
-the batch and picks each sequence's next token; `generate()` loops it.
+Generation is continuously batched: sequences join and leave the running batch at every pass over
+the weights (the expensive part), so each pass serves every live sequence whatever request it came
+from. `step()` is the one generation loop: the scheduler admits waiting sequences
+(`engine.scheduler`), one forward pass runs the batch (`engine.kv_batch`: the newcomers' prefill
+shares it with the running rows' decode), each row picks its next token (a failure there ends that
+sequence alone), and finished or cancelled rows leave. `generate()`/`stream()` run one request to
+its end; `engine.runner.EngineLoop` serves many requests at once from a thread.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple  # noqa: F401
 
 import torch
 
@@ -29,9 +33,13 @@ from endor_ray.format.tensor import decode
 from endor_ray.engine.device import CudaOps
 from endor_ray.engine.layer_source import LayerSource
 from endor_ray.engine.readers import StoreReader
-from endor_ray.engine.source_stats import SourceStats
 from endor_ray.engine.tiers import plan_tiers
+from endor_ray.engine.kv_batch import RunningBatch
+from endor_ray.engine.results import (  # noqa: F401  (GenerationStats, TokenEvent: re-exported API)
+    Completion, EngineMetrics, GenerationResult, GenerationStats, TokenEvent,
+)
 from endor_ray.engine.sampling import SamplingParams, make_generator, select_token
+from endor_ray.engine.scheduler import Scheduler, SchedulerConfig
 from endor_ray.engine.sequence import Sequence
 from endor_ray.store.store import Store
 from endor_ray.utils.system import available_memory_bytes
@@ -90,79 +98,13 @@ class EngineConfig:
         return device
 
 
-@dataclass
-class Completion:
-    prompt: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-
-
-@dataclass
-class GenerationStats:
-    """Throughput and where the time went, for one generate() call."""
-
-    sequences: int
-    steps: int  # forward passes (each one pass over all layers)
-    new_tokens: int
-    wall_s: float
-    prefill_s: float  # the first step: the whole prompts through every layer
-    source: SourceStats = field(repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        source = self.source
-        return {
-            "sequences": self.sequences,
-            "steps": self.steps,
-            "new_tokens": self.new_tokens,
-            "wall_s": self.wall_s,
-            "tokens_per_s": self.new_tokens / self.wall_s if self.wall_s else 0.0,
-            "s_per_step": self.wall_s / self.steps if self.steps else 0.0,
-            "prefill_s": self.prefill_s,
-            # decode steps only: one token per sequence per pass over the weights
-            "decode_s_per_step": (self.wall_s - self.prefill_s) / (self.steps - 1) if self.steps > 1 else None,
-            "bytes_to_device_per_step": source.bytes_to_device / self.steps if self.steps else 0,
-            "link_GBps": source.bytes_to_device / source.transfer_s / 1e9 if source.transfer_s else None,
-            "time_s": {"transfer": source.transfer_s, "read": source.read_s,
-                       "decompress": source.decompress_s, "compute_streamed": source.compute_s,
-                       "stall": source.stall_s},
-            "tier_hits": dict(source.hits),
-        }
-
-
-class TokenEvent(NamedTuple):
-    index: int  # which prompt of the batch
-    token_id: int
-    text: str  # text that became final with this token (may be empty)
-
-
-class GenerationResult(NamedTuple):
-    completions: list[Completion]
-    stats: GenerationStats
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data: {"completions": [{prompt, text, token_ids, finish_reason}], "stats": {...}}."""
-        return {"completions": [vars(c).copy() for c in self.completions], "stats": self.stats.to_dict()}
-
-
-@dataclass
-class _Batch:
-    sequences: list[Sequence]
-    input_ids: torch.Tensor  # [batch, tokens] int64: the whole padded prompt, then one token each step
-    attention_mask: torch.Tensor  # [batch, all tokens so far] int64, 0 on left padding
-    position_ids: torch.Tensor  # [batch, tokens] int64
-    cache: Any
-
-    @property
-    def done(self) -> bool:
-        return all(seq.finished for seq in self.sequences)
-
-
 class Engine:
     """Generates from an Endor store with layers streamed to the compute device."""
 
-    def __init__(self, store: Store | str, config: EngineConfig | None = None, progress: bool = True, reader=None):
-        """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`)."""
+    def __init__(self, store: Store | str, config: EngineConfig | None = None, progress: bool = True, reader=None,
+                 scheduler: SchedulerConfig | None = None):
+        """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`);
+        `scheduler` bounds what shares a pass (default: SchedulerConfig())."""
         self.store = store if isinstance(store, Store) else Store(store)
         self.config = config or EngineConfig()
         self.device = self.config.resolve_device()
@@ -192,6 +134,12 @@ class Engine:
             self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                            else min(self.eos_ids, default=0))
             self.max_context = int(self.store.config.get("max_position_embeddings") or 2**31)
+            window = self.store.config.get("sliding_window")
+            if isinstance(window, int) and window > 0 and self.store.config.get("use_sliding_window", True):
+                self.max_context = min(self.max_context, window)  # the cache would drop columns past it
+            self.scheduler = Scheduler(scheduler or SchedulerConfig())
+            self.batch = RunningBatch(self.device, self.pad_id, self._new_cache)
+            self.metrics = EngineMetrics()
             # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
             self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         except BaseException:
@@ -229,13 +177,111 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------------------
 
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def new_sequences(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
+                      ) -> list[Sequence]:
+        """Tokenized sequences for a request, checked for size now (ConfigError), not inside a pass."""
+        if not prompts:
+            raise ConfigError("no prompts given")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ConfigError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
+        sequences = []
+        for prompt, seq_params in zip(prompts, params):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ConfigError("every prompt must be a non-empty string")
+                ids = self.tokenizer(prompt).input_ids
+            else:  # token ids
+                ids = list(prompt)
+                prompt = self.tokenizer.decode(ids)
+            if not ids:
+                raise ConfigError("a prompt tokenizes to no tokens; give some text")
+            if len(ids) + seq_params.max_new_tokens > self.max_context:
+                raise ConfigError(
+                    f"prompt of {len(ids)} tokens plus max_new_tokens={seq_params.max_new_tokens} exceeds "
+                    f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_new_tokens"
+                )
+            seq = Sequence(prompt, ids, seq_params, make_generator(seq_params, torch.device("cpu")))
+            self.scheduler.check_fits(seq)
+            sequences.append(seq)
+        return sequences
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Queue sequences for the next passes (QueueFull when the queue is full)."""
+        self.scheduler.add(sequences)
+
+    @staticmethod
+    def cancel(sequences: list[Sequence]) -> None:
+        """Let these sequences go at the next pass (safe from any thread)."""
+        for seq in sequences:
+            seq.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.batch.rows) or len(self.scheduler) > 0
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, int | None, str]]:
+        """One pass over the weights for every live sequence: (sequence, token id or None, text that
+        became final) for each sequence that moved, finished, or was cancelled."""
+        events = [(seq, None, seq.finish("cancelled")) for seq in self.scheduler.take_cancelled()]
+        leaving = [seq for seq in self.batch.rows if seq.cancelled]
+        events += [(seq, None, seq.finish("cancelled")) for seq in leaving]
+        self.batch.remove(leaving)
+        newcomers = self.scheduler.admit(self.batch.rows)
+        if not self.batch.rows and not newcomers:
+            self._finish(seq for seq, _, _ in events)
+            return events
+        inputs = self.batch.inputs(newcomers)
+        logits = self.model(**inputs, use_cache=True, logits_to_keep=1,  # the LM head on the last position only
+                            **{self._cache_arg: self.batch.cache}).logits[:, -1, :]  # [rows, vocab]
+        self.metrics.record_pass(len(self.batch.rows))
+        leaving = []
+        for seq, token_id in zip(self.batch.rows, self._choose(logits)):
+            if token_id is None:  # its sampling failed: this sequence alone ends
+                events.append((seq, None, seq.finish("error", seq.error)))
+            else:
+                events.append((seq, token_id, seq.append(token_id, self.tokenizer, self.eos_ids)))
+            if seq.finished:
+                leaving.append(seq)
+        self.batch.remove(leaving)
+        self.batch.realign()
+        self._finish(seq for seq, _, _ in events)
+        return events
+
+    def _finish(self, sequences) -> None:
+        for seq in sequences:
+            if seq.finished:
+                self.metrics.record_finished(seq)
+
+    def _choose(self, logits: torch.Tensor) -> list[int | None]:
+        """Each row's next token; a row whose sampling fails gets None (and its error)."""
+        rows = self.batch.rows
+        if all(seq.params.greedy for seq in rows):
+            return logits.argmax(dim=-1).tolist()
+        host = logits.float().cpu()
+        chosen: list[int | None] = []
+        for row, seq in enumerate(rows):
+            try:
+                chosen.append(select_token(host[row], seq.params, seq.generator))
+            except (RuntimeError, ValueError) as exc:  # e.g. probabilities that overflow to inf or NaN
+                seq.error = f"sampling failed for this sequence ({str(exc).splitlines()[0]})"
+                chosen.append(None)
+        return chosen
+
     def generate(
         self,
         prompts: list[str],
         params: SamplingParams | list[SamplingParams] | None = None,
         on_token: TokenCallback | None = None,
     ) -> GenerationResult:
-        """Complete every prompt in one batch; `on_token` sees text as it becomes final."""
+        """Complete every prompt; `on_token` sees text as it becomes final."""
         for event in self.stream(prompts, params):
             if isinstance(event, GenerationResult):
                 return event
@@ -246,27 +292,32 @@ class Engine:
     def stream(
         self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
     ) -> Iterator[TokenEvent | GenerationResult]:
-        """Yield a TokenEvent as each sequence's text becomes final, then one GenerationResult."""
-        batch = self.start(prompts, params)
-        self.source.reset_stats()
-        started = time.perf_counter()
-        steps, prefill_s = 0, 0.0
-        while not batch.done:
-            events: list[TokenEvent] = []
-            self.step(batch, lambda index, token_id, text: events.append(TokenEvent(index, token_id, text)))
-            steps += 1
-            if steps == 1:  # step() read the logits back: the prefill has finished on the device
-                prefill_s = time.perf_counter() - started
-            yield from events
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        wall = time.perf_counter() - started
-        completions = [Completion(seq.prompt, seq.text, list(seq.output_ids), seq.finish_reason)
-                       for seq in batch.sequences]
-        source_stats = self.source.reset_stats()
-        source_stats.hits["device"] = steps * len(self.plan.device)  # resident layers run unhooked
-        yield GenerationResult(completions, GenerationStats(
-            len(prompts), steps, sum(len(c.token_ids) for c in completions), wall, prefill_s, source_stats))
+        """Run one request to its end on this thread: a TokenEvent as each sequence's text becomes
+        final, then one GenerationResult. Interrupted (Ctrl-C, a consumer that stops), the request's
+        sequences are cancelled and leave the batch."""
+        sequences = self.new_sequences(prompts, params)
+        index = {id(seq): position for position, seq in enumerate(sequences)}
+        self.add(sequences)
+        tracker = RequestTracker(self, sequences)
+        try:
+            while not all(seq.finished for seq in sequences):
+                for seq, token_id, text in self.step():
+                    if id(seq) in index and token_id is not None and (text or seq.finished):
+                        yield TokenEvent(index[id(seq)], token_id, text)
+                tracker.stepped()
+        except BaseException:
+            self.cancel(sequences)
+            self._drop(sequences)
+            raise
+        yield tracker.result()
+
+    def _drop(self, sequences: list[Sequence]) -> None:
+        """Take cancelled sequences out now (after an interruption there may be no next step)."""
+        try:
+            self.scheduler.take_cancelled()
+            self.batch.remove([seq for seq in self.batch.rows if seq.cancelled])
+        except Exception:  # noqa: BLE001 - the original error matters more
+            self.batch = RunningBatch(self.device, self.pad_id, self._new_cache)
 
     def stream_data(
         self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
@@ -275,66 +326,6 @@ class Engine:
         events, then {"completions", "stats"}."""
         for event in self.stream(prompts, params):
             yield event.to_dict() if isinstance(event, GenerationResult) else event._asdict()
-
-    def start(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> _Batch:
-        """Tokenize and left-pad the prompts into a batch ready for its first step."""
-        if not prompts:
-            raise ConfigError("no prompts given")
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ConfigError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
-        sequences = []
-        for prompt, seq_params in zip(prompts, params):
-            if not isinstance(prompt, str) or not prompt:
-                raise ConfigError("every prompt must be a non-empty string")
-            ids = self.tokenizer(prompt).input_ids
-            if len(ids) + seq_params.max_new_tokens > self.max_context:
-                raise ConfigError(
-                    f"prompt of {len(ids)} tokens plus max_new_tokens={seq_params.max_new_tokens} exceeds "
-                    f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_new_tokens"
-                )
-            sequences.append(Sequence(prompt, ids, seq_params, make_generator(seq_params, torch.device("cpu"))))
-        longest = max(len(seq.prompt_ids) for seq in sequences)
-        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            input_ids[row, longest - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
-            attention_mask[row, longest - len(seq.prompt_ids):] = 1
-        # As transformers' generate: positions count real tokens; padding sits at position 0.
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        from transformers import DynamicCache
-
-        return _Batch(sequences, input_ids.to(self.device), attention_mask.to(self.device),
-                      position_ids.to(self.device), DynamicCache(config=self.model.config))
-
-    @torch.inference_mode()
-    def step(self, batch: _Batch, on_token: TokenCallback | None = None) -> None:
-        """One forward pass over all layers for the whole batch, and one new token per live sequence."""
-        logits = self.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids, use_cache=True, logits_to_keep=1,  # the LM head on the last position only
-            **{self._cache_arg: batch.cache},
-        ).logits[:, -1, :]  # [batch, vocab]
-        if all(seq.params.greedy for seq in batch.sequences):
-            chosen = logits.argmax(dim=-1).tolist()
-        else:
-            rows = logits.float().cpu()
-            chosen = [select_token(rows[i], seq.params, seq.generator) if not seq.finished else self.pad_id
-                      for i, seq in enumerate(batch.sequences)]
-        next_ids = []
-        for index, (seq, token_id) in enumerate(zip(batch.sequences, chosen)):
-            if seq.finished:
-                next_ids.append(self.pad_id)
-                continue
-            delta = seq.append(token_id, self.tokenizer, self.eos_ids)
-            if on_token is not None and (delta or seq.finished):
-                on_token(index, token_id, delta)
-            next_ids.append(token_id)
-        batch.input_ids = torch.tensor(next_ids, dtype=torch.long, device=self.device)[:, None]
-        ones = torch.ones((len(next_ids), 1), dtype=torch.long, device=self.device)
-        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
-        batch.position_ids = batch.position_ids[:, -1:] + 1
 
     def close(self) -> None:
         """Stop the prefetch threads and free the buffers (safe to call twice)."""
@@ -349,6 +340,34 @@ class Engine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class RequestTracker:
+    """Per-request stats while other requests share the passes: passes counted while the
+    request runs, layer-source counters as the difference of two snapshots."""
+
+    def __init__(self, engine: Engine, sequences: list[Sequence]):
+        self.engine, self.sequences = engine, sequences
+        self.started = time.perf_counter()
+        self.source_start = engine.source.snapshot()
+        self.passes_start, self.served_start = engine.metrics.passes, engine.metrics.sequences_served
+        self.first_token_s: float | None = None
+
+    def stepped(self) -> None:
+        if self.first_token_s is None and any(seq.first_token_at is not None for seq in self.sequences):
+            self.first_token_s = time.perf_counter() - self.started
+
+    def result(self) -> GenerationResult:
+        engine = self.engine
+        wall = time.perf_counter() - self.started
+        steps = engine.metrics.passes - self.passes_start
+        served = engine.metrics.sequences_served - self.served_start
+        source = engine.source.snapshot() - self.source_start
+        source.hits["device"] = steps * len(engine.plan.device)  # resident layers run unhooked
+        completions = [Completion.of(seq) for seq in self.sequences]
+        return GenerationResult(completions, GenerationStats(
+            len(self.sequences), steps, sum(len(c.token_ids) for c in completions), wall,
+            self.first_token_s or 0.0, source, served / steps if steps else 0.0))
 
 
 def load_tokenizer(store: Store):

@@ -33,6 +33,7 @@ checks every slot access against happens-before.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections import deque
@@ -278,6 +279,14 @@ class LayerSource:
                 fetch.done.result(timeout=max(deadline - time.monotonic(), 0.0))
             except Exception:  # noqa: BLE001 - a failed prefetch reports itself when acquired
                 pass
+
+    def snapshot(self) -> SourceStats:
+        """A copy of the stats so far (CUDA timings folded in: a device synchronisation)."""
+        if self.ops is not None:
+            self.ops.synchronize()
+            for slot in list(self._free_slots) + [fetch.slot for fetch in self._in_flight.values()]:
+                slot.timing.fold_all(self.stats)
+        return copy.deepcopy(self.stats)
 
     def reset_stats(self) -> SourceStats:
         """Return the stats so far (CUDA timings folded in) and start new ones."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,17 +20,32 @@ class Sequence:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # completion text, cut before a stop string
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    # "stop" (EOS or stop string) | "length" | "cancelled" (its caller left) | "error" (see `error`)
+    finish_reason: str | None = None
+    error: str | None = None  # what went wrong with this sequence alone (finish_reason "error")
+    cancelled: bool = False  # set from any thread; the engine lets it go at the next pass
+    added_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
     _emitted: int = 0  # characters of `text` already handed to the streaming callback
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def finish(self, reason: str, error: str | None = None) -> str:
+        """End the sequence for a reason of its own (cancelled, error); the text so far stands."""
+        self.finish_reason, self.error = reason, error
+        self.finished_at = time.monotonic()
+        return self._flush()
+
     def append(self, token_id: int, tokenizer, eos_ids: set[int]) -> str:
         """Record a new token; return the text that became final with it (for streaming)."""
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
         if token_id in eos_ids and not self.params.ignore_eos:
-            self.finish_reason = "stop"
+            self.finish_reason, self.finished_at = "stop", now
             return self._flush()
         self.output_ids.append(token_id)
         self.text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
@@ -41,6 +57,7 @@ class Sequence:
         if self.finish_reason is None and len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
         if self.finished:
+            self.finished_at = now
             return self._flush()
         # Hold back what may still turn into a stop string, and an incomplete UTF-8 character.
         safe = len(self.text) - self._held_back()

@@ -19,6 +19,13 @@ class SourceStats:
     compute_s: float = 0.0  # between a layer's acquire and release
     stall_s: float = 0.0  # compute waiting for weights (host wait + GPU-side wait)
 
+    def __sub__(self, earlier: SourceStats) -> SourceStats:
+        """What happened between two snapshots."""
+        return SourceStats(
+            hits={tier: count - earlier.hits.get(tier, 0) for tier, count in self.hits.items()},
+            **{name: getattr(self, name) - getattr(earlier, name) for name in
+               ("bytes_to_device", "read_s", "transfer_s", "decompress_s", "compute_s", "stall_s")})
+
 
 class SlotTiming:
     """Timing events of one slot: two sets used in turn, so a slot never holds more than 12.

@@ -9,8 +9,11 @@ Input: JSONL (one object per line: {"prompt": "...", "id": "..."}) or Parquet (b
 A row without an id gets its row number (from 0) as id. Ids must be unique.
 
 Output: Parquet with columns id, prompt, text, token_ids (list<int64>), finish_reason, num_tokens.
-If OUT exists, its ids are skipped and new rows appended. After each batch the whole table is
-written to a temporary file next to OUT and renamed onto it, so OUT is always a complete file.
+If OUT exists, its ids are skipped and new rows appended. Every --batch-size finished rows the
+whole table is written to a temporary file next to OUT and renamed onto it, so OUT is always a
+complete file; rows appear in the order they finish, and an interrupted job keeps the rows that
+had finished. The GPU worker batches continuously: as a sequence finishes, the next prompt takes
+its place in the following pass.
 
 Inside a Ray job (RAY_ADDRESS set) the job joins that cluster; with --address it joins that one;
 otherwise a local single-node Ray is started and stopped. One pass over the weights serves a batch.
@@ -148,9 +151,10 @@ def run(args: argparse.Namespace) -> None:
         return
     check_store(args)
 
-    from endor_ray.service.driver import ClusterConfig, connect
     from endor_ray.engine.engine import EngineConfig
     from endor_ray.engine.sampling import SamplingParams
+    from endor_ray.engine.scheduler import SchedulerConfig
+    from endor_ray.service.driver import ClusterConfig, connect
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
@@ -159,25 +163,43 @@ def run(args: argparse.Namespace) -> None:
     address = args.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     cluster = ClusterConfig(address=address, num_workers=args.workers, shard_memory=args.shard_memory,
                             timeout_s=args.timeout)
-    start, new_tokens, generate_s = time.monotonic(), 0, 0.0
-    with connect(args.store, engine_config, cluster) as service:
-        for batch_start in range(0, len(todo), args.batch_size):
-            batch = todo[batch_start:batch_start + args.batch_size]
-            result = service.generate([prompt for _, prompt in batch], params)
-            rows = [{"id": prompt_id, "prompt": prompt, "text": completion["text"],
-                     "token_ids": completion["token_ids"], "finish_reason": completion["finish_reason"],
-                     "num_tokens": len(completion["token_ids"])}
-                    for (prompt_id, prompt), completion in zip(batch, result["completions"])]
-            table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)])
-            write_atomically(table, output)
-            new_tokens += result["stats"]["new_tokens"]
-            generate_s += result["stats"]["wall_s"]
-            rows_done = len(prompts) - len(todo) + batch_start + len(batch)
-            print(f"endor-job: {rows_done}/{len(prompts)} rows done, batch of {len(batch)} at "
-                  f"{result['stats']['tokens_per_s']:.2f} tokens/s", file=sys.stderr, flush=True)
+    # The worker's scheduler keeps --batch-size sequences in every pass: as one finishes, the next
+    # prompt takes its place, so no pass waits for the slowest sequence of a batch.
+    scheduler = SchedulerConfig(max_num_seqs=args.batch_size)
+    start, new_tokens, finished, pending = time.monotonic(), 0, 0, []
+    chunk = max(4 * args.batch_size, 64)  # prompts per request: enough to keep the batch full
+    with connect(args.store, engine_config, cluster, scheduler=scheduler) as service:
+        try:
+            for chunk_start in range(0, len(todo), chunk):
+                batch = todo[chunk_start:chunk_start + chunk]
+                for event in service.stream([prompt for _, prompt in batch], params):
+                    if "completion" not in event:
+                        continue
+                    (prompt_id, prompt), completion = batch[event["index"]], event["completion"]
+                    pending.append({"id": prompt_id, "prompt": prompt, "text": completion["text"],
+                                    "token_ids": completion["token_ids"],
+                                    "finish_reason": completion["finish_reason"],
+                                    "num_tokens": len(completion["token_ids"])})
+                    new_tokens += len(completion["token_ids"])
+                    if len(pending) >= args.batch_size:
+                        table, finished = _flush(table, pending, output, finished)
+                        pending = []
+                        print(f"endor-job: {len(prompts) - len(todo) + finished}/{len(prompts)} rows done, "
+                              f"{new_tokens / (time.monotonic() - start):.2f} tokens/s", file=sys.stderr, flush=True)
+        finally:  # finished rows are kept, whatever stopped the job
+            if pending:
+                table, finished = _flush(table, pending, output, finished)
+                print(f"endor-job: {len(prompts) - len(todo) + finished}/{len(prompts)} rows done",
+                      file=sys.stderr, flush=True)
     print(f"endor-job: done: generated {len(todo)} new rows, {new_tokens} tokens at "
-          f"{new_tokens / max(generate_s, 1e-9):.2f} tokens/s ({time.monotonic() - start:.1f} s with start-up); "
+          f"{new_tokens / max(time.monotonic() - start, 1e-9):.2f} tokens/s (with start-up); "
           f"{table.num_rows} rows in {output}", file=sys.stderr, flush=True)
+
+
+def _flush(table: pa.Table, rows: list[dict], output: Path, finished: int) -> tuple[pa.Table, int]:
+    table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)])
+    write_atomically(table, output)
+    return table, finished + len(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per pass over the weights")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="sequences per pass over the weights (kept full as sequences finish), and rows per write")
     parser.add_argument("--address", default=None, help="Ray cluster (default: the job's, else a local Ray)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--gpu-memory", default=None, help="device tier: a size (8GiB) or a layer count (12)")

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP service (stage 5, an entry point).
 
-Owns the protocol (`openai_api`: parsing and response shapes), request batching (`batcher`) and
-the Ray Serve application (`app`: `build_app`, `run_server`). May import every stage below it;
+Owns the protocol (`openai_api`: parsing and response shapes) and the Ray Serve application
+(`app`: `build_app`, `run_server`); batching is the engine's (continuous, in the GPU worker). May import every stage below it;
 never jobs or the CLI. `serve run endor_ray.serve:build_app store=...` finds `build_app` here.
 """
 

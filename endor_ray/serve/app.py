@@ -5,8 +5,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (which also
 reports how many sequences each pass over the weights served). The deployment starts the
-shard servers and GPU workers (`endor_ray.service.driver.connect`) on the cluster it runs in; concurrent
-requests are batched by `endor_ray.serve.batcher.Batcher`.
+shard servers and GPU workers (`endor_ray.service.driver.connect`) on the cluster it runs in; each
+request goes straight to a worker, whose engine batches all requests continuously.
 
 FastAPI reads the endpoint signatures at import time, so this module does not use
 `from __future__ import annotations` (string annotations are not resolved for Serve's class views).
@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from endor_ray.serve import openai_api as api
-from endor_ray.serve.batcher import Batcher
 from endor_ray.errors import ConfigError, EndorError
 
 
@@ -42,15 +41,15 @@ class ServeConfig:
     prefetch: int = 2
     num_workers: int = 1  # GPU worker replicas
     shard_memory: str | None = None  # per-node budget for shard servers
-    max_batch_size: int = 16  # sequences per pass over the weights
-    batch_wait_ms: float = 20.0  # how long a batch waits for more requests to join
+    max_batch_size: int = 32  # sequences per pass over the weights (continuous batching)
+    max_waiting: int = 1024  # sequences queued beyond those; more is HTTP 429
     default_max_tokens: int = 256  # for chat requests that give no max_tokens
 
     def __post_init__(self) -> None:
         if not self.store:
             raise ConfigError("the Serve app needs a store (args: store=PATH_OR_URI)")
-        if self.max_batch_size < 1 or self.batch_wait_ms < 0:
-            raise ConfigError("max_batch_size must be >= 1 and batch_wait_ms >= 0")
+        if self.max_batch_size < 1 or self.max_waiting < 0:
+            raise ConfigError("max_batch_size must be >= 1 and max_waiting >= 0")
 
     @property
     def served_name(self) -> str:
@@ -66,30 +65,65 @@ def _error(exc: api.APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+async def _chain(first: list, rest):
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+def _api_error(exc: EndorError) -> api.APIError:
+    from endor_ray.engine.scheduler import QueueFull
+
+    if isinstance(exc, QueueFull):
+        return api.APIError(429, str(exc), code="queue_full")
+    if isinstance(exc, ConfigError):
+        return api.APIError(400, str(exc))
+    return api.APIError(503, f"generation failed: {exc}")
+
+
+def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' figures as one (sums and pass-weighted means)."""
+    passes = sum(w["passes"] for w in workers)
+    return {"passes": passes, "running": sum(w["running"] for w in workers),
+            "waiting": sum(w["waiting"] for w in workers),
+            "mean_sequences_per_pass": (sum(w["mean_sequences_per_pass"] * w["passes"] for w in workers) / passes
+                                        if passes else 0.0),
+            "recent_sequences_per_pass": [rows for w in workers for rows in w["recent_sequences_per_pass"]],
+            "mean_ttft_s": workers[0]["mean_ttft_s"] if len(workers) == 1 else None,
+            "mean_tpot_s": workers[0]["mean_tpot_s"] if len(workers) == 1 else None}
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class EndorServer:
-    """HTTP front: validates requests, feeds the batcher, shapes OpenAI responses."""
+    """HTTP front: validates requests and shapes OpenAI responses. Every request goes straight to
+    a GPU worker, whose engine admits its sequences into the running batch at the next pass; a
+    client that disconnects cancels them (the request's handler is cancelled, and with it the
+    worker's stream)."""
 
     def __init__(self, config: ServeConfig):
-        from endor_ray.service.driver import ClusterConfig, connect
         from endor_ray.engine.engine import EngineConfig, load_tokenizer
+        from endor_ray.engine.scheduler import SchedulerConfig
+        from endor_ray.service.driver import ClusterConfig, connect
         from endor_ray.store.store import Store
 
         self.config = config
         store = Store(config.store)
         engine_config = EngineConfig(device=config.device, gpu_memory=config.gpu_memory,
                                      prefetch_depth=config.prefetch)
+        scheduler = SchedulerConfig(max_num_seqs=config.max_batch_size, max_waiting=config.max_waiting)
         self.service = connect(config.store, engine_config,
-                               ClusterConfig(num_workers=config.num_workers, shard_memory=config.shard_memory))
+                               ClusterConfig(num_workers=config.num_workers, shard_memory=config.shard_memory),
+                               scheduler=scheduler)
         context = int(store.config.get("max_position_embeddings") or 2**31)
         self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context, config.default_max_tokens)
-        self.batcher = Batcher(self.service.stream, config.max_batch_size, config.batch_wait_ms / 1e3)
         self.started = int(time.time())
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.config.served_name, "batching": self.batcher.stats()}
+        workers = await self.service.worker_stats()
+        return {"status": "ok", "model": self.config.served_name, "batching": _merged(workers), "workers": workers}
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -111,41 +145,50 @@ class EndorServer:
         except api.APIError as exc:
             return _error(exc)
         request_id = api.new_id("chatcmpl" if chat else "cmpl")
-        prompt_tokens = sum(tokens for _, _, tokens in choices)
+        prompt_tokens = sum(tokens for _, _, tokens in choices[::parsed.n])  # each prompt once, whatever n
+        prompts, params = [prompt for prompt, _, _ in choices], [p for _, p, _ in choices]
         if parsed.stream:
-            return StreamingResponse(self._stream(request_id, choices, chat, prompt_tokens),
+            events = self.service.astream(prompts, params)
+            try:
+                first = await anext(events)  # a refused request is an HTTP error, not a broken stream
+            except StopAsyncIteration:
+                first = None
+            except EndorError as exc:
+                return _error(_api_error(exc))
+            return StreamingResponse(self._stream(request_id, chat, len(choices), first, events, prompt_tokens),
                                      media_type="text/event-stream")
         try:
-            finals = [await self._collect(prompt, params) for prompt, params, _ in choices]
+            async for event in self.service.astream(prompts, params):
+                if "completions" in event:
+                    completions = event["completions"]
+                    break
+            else:
+                raise EndorError("the request ended without a result")
         except EndorError as exc:
-            return _error(api.APIError(503, f"generation failed: {exc}"))
-        if chat:
-            return api.chat_response(request_id, self.frontend.model_name, finals[0], prompt_tokens)
-        return api.completion_response(request_id, self.frontend.model_name, finals, prompt_tokens)
+            return _error(_api_error(exc))
+        shape = api.chat_response if chat else api.completion_response
+        return shape(request_id, self.frontend.model_name, completions, prompt_tokens)
 
-    async def _collect(self, prompt: str, params) -> dict:
-        async for event in self.batcher.submit(prompt, params):
-            if event.get("final"):
-                return event["completion"]
-        raise EndorError("the batch ended without a result")
-
-    async def _stream(self, request_id: str, choices: list, chat: bool, prompt_tokens: int):
+    async def _stream(self, request_id: str, chat: bool, num_choices: int, first, events, prompt_tokens: int):
         model = self.frontend.model_name
         completion_tokens = 0
         try:
-            for index, (prompt, params, _) in enumerate(choices):
-                if chat:
+            if chat:
+                for index in range(num_choices):
                     yield api.stream_chunk(request_id, model, chat, index, None, role=True)
-                async for event in self.batcher.submit(prompt, params):
-                    if event.get("final"):
-                        completion = event["completion"]
-                        completion_tokens += len(completion["token_ids"])
-                        yield api.stream_chunk(request_id, model, chat, index, None, completion["finish_reason"])
-                    elif event["text"]:
-                        yield api.stream_chunk(request_id, model, chat, index, event["text"])
+            pending = [first] if first is not None else []
+            async for event in _chain(pending, events):
+                if "completion" in event:
+                    completion = event["completion"]
+                    completion_tokens += len(completion["token_ids"])
+                    yield api.stream_chunk(request_id, model, chat, event["index"], None, completion["finish_reason"])
+                elif event.get("text"):
+                    yield api.stream_chunk(request_id, model, chat, event["index"], event["text"])
             yield api.usage_chunk(request_id, model, chat, api.usage(prompt_tokens, completion_tokens))
         except EndorError as exc:
-            yield api.error_chunk(api.APIError(503, f"generation failed: {exc}"))
+            yield api.error_chunk(_api_error(exc))
+        finally:
+            await events.aclose()  # a client gone mid-stream: the worker lets the sequences go
         yield api.STREAM_END
 
 

@@ -42,7 +42,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)  # one choice per prompt
+    n: int = Field(1, ge=1, le=16)  # choices per prompt; all of them share the passes
 
 
 class CompletionRequest(_Sampling):
@@ -112,7 +112,7 @@ class Frontend:
         self.check_model(request)
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         result = []
-        for prompt in self.prompts(request):
+        for prompt in [prompt for prompt in self.prompts(request) for _ in range(request.n)]:
             prompt_tokens = len(self.tokenizer(prompt).input_ids)
             room = self.max_context - prompt_tokens
             # No max_tokens (chat): as much as the context leaves, up to the server's default.
@@ -122,9 +122,10 @@ class Frontend:
                                     f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
                                     f"{max_tokens} for the completion); shorten the prompt or lower max_tokens",
                                param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded")
+            seed = None if request.seed is None else request.seed + len(result)  # n choices must differ
             try:
                 params = SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature,
-                                        top_p=request.top_p, seed=request.seed, stop=stop)
+                                        top_p=request.top_p, seed=seed, stop=stop)
             except ConfigError as exc:
                 raise APIError(400, str(exc)) from None
             result.append((prompt, params, prompt_tokens))
@@ -150,12 +151,12 @@ def completion_response(request_id: str, model: str, choices: list[dict], prompt
     }
 
 
-def chat_response(request_id: str, model: str, choice: dict, prompt_tokens: int) -> dict:
+def chat_response(request_id: str, model: str, choices: list[dict], prompt_tokens: int) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
-                     "finish_reason": choice["finish_reason"]}],
-        "usage": usage(prompt_tokens, len(choice["token_ids"])),
+        "choices": [{"index": index, "message": {"role": "assistant", "content": c["text"]},
+                     "finish_reason": c["finish_reason"]} for index, c in enumerate(choices)],
+        "usage": usage(prompt_tokens, sum(len(c["token_ids"]) for c in choices)),
     }
 
 

@@ -7,17 +7,19 @@
   the layer's object reference (non-blocking, so several fetches are in flight), `resolve` gets
   the bytes. A fetch that fails because a shard server died is retried until the server has
   restarted (it reloads its layers from the store), within a deadline.
-- `WorkerActor` wraps the engine, with a `RayShardReader` as its layer source.
+- `WorkerActor` wraps the engine, with a `RayShardReader` as its layer source, and serves many
+  requests at once through the engine's loop thread (continuous batching).
 
 Actors are made remote where they are created (`endor_ray.service.driver`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -25,6 +27,8 @@ import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
 
 from endor_ray.engine.engine import Engine, EngineConfig
+from endor_ray.engine.runner import EngineLoop
+from endor_ray.engine.scheduler import SchedulerConfig
 from endor_ray.errors import EndorError
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.service.shard_server import ShardServer
@@ -101,33 +105,58 @@ class RayShardReader:
 
 
 class WorkerActor:
-    """The engine on a GPU (or CPU) worker, its streamed layers coming from shard servers."""
+    """The engine on a GPU (or CPU) worker, its streamed layers coming from shard servers.
+
+    An async actor: many requests are in flight at once, and the engine's loop thread
+    (`endor_ray.engine.runner.EngineLoop`) batches them continuously. Cancelling a `stream` call
+    (`ray.cancel`), or its caller going away, lets the request's sequences go at the next pass.
+    """
 
     def __init__(self, store_location: str, engine_config: EngineConfig, shard_of_layer: dict[int, Any],
-                 timeout_s: float):
+                 timeout_s: float, scheduler: SchedulerConfig | None = None):
         if engine_config.resolve_device().type == "cpu":
             # Ray gives a num_cpus=0 actor one OpenMP thread; a CPU worker computes with the node's
             # cores, one left for its layer-fetch thread.
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         store = Store(store_location)
         self.reader = RayShardReader(store, shard_of_layer, timeout_s)
-        self.engine = Engine(store, engine_config, progress=False, reader=self.reader)
+        self.engine = Engine(store, engine_config, progress=False, reader=self.reader, scheduler=scheduler)
+        self.loop = EngineLoop(self.engine)
 
     def ready(self) -> dict[str, Any]:
         plan = self.engine.plan
         return {"device": str(self.engine.device), "resident_layers": list(plan.device),
                 "streamed_layers": list(plan.streamed), "node_id": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, prompts: list[str], params: list[SamplingParams]) -> dict[str, Any]:
-        return self._with_retries(self.engine.generate(prompts, params).to_dict())
+    async def stream(self, prompts: list, params: list[SamplingParams]) -> AsyncIterator[dict[str, Any]]:
+        """The request's events (see `endor_ray.engine.runner`) as the passes produce them."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        request = self.loop.submit(prompts, params, sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            while True:
+                event = await events.get()
+                yield self._with_retries(event) if "completions" in event else event
+                if "completions" in event or "error" in event:
+                    return
+        finally:
+            if not request.done:  # cancelled, or the caller stopped reading
+                self.loop.cancel(request)
 
-    def stream(self, prompts: list[str], params: list[SamplingParams]) -> Iterator[dict[str, Any]]:
-        for event in self.engine.stream_data(prompts, params):
-            yield self._with_retries(event) if "completions" in event else event
+    async def generate(self, prompts: list, params: list[SamplingParams]) -> dict[str, Any]:
+        async for event in self.stream(prompts, params):
+            if "error" in event:
+                raise EndorError(event["error"])
+            if "completions" in event:
+                return event
+        raise EndorError("the request ended without a result")
 
     def _with_retries(self, result: dict[str, Any]) -> dict[str, Any]:
         result["stats"]["fetch_retries"] = self.reader.retries  # how often a shard server failed a fetch
         return result
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.loop.stats(), "fetch_retries": self.reader.retries}
 
     def tokenizer_info(self) -> dict[str, Any]:
         return {"max_context": self.engine.max_context}

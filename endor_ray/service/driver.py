@@ -25,6 +25,7 @@ from typing import Any
 
 from endor_ray import errors
 from endor_ray.engine.engine import EngineConfig
+from endor_ray.engine.scheduler import SchedulerConfig
 from endor_ray.utils.units import parse_budget
 from endor_ray.errors import ConfigError, EndorError
 from endor_ray.service.placement import NodeInfo, Placement, plan_placement
@@ -179,24 +180,60 @@ class Service:
                 return event
         raise EndorError("the GPU worker's stream ended without a result")
 
-    def stream(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[dict]:
-        """Token events {"index", "token_id", "text"} as they come, then the result dict."""
+    def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[dict]:
+        """A request's events as they come (`endor_ray.engine.runner`: token events, a completion
+        per sequence, then the result dict). A consumer that stops early cancels the request."""
         import ray
 
         worker = self.workers[next(self._next_worker)]
         events = worker.stream.options(num_returns="streaming").remote(list(prompts), self._params(prompts, params))
         try:
             while True:
-                ready, _ = ray.wait([events], timeout=self.timeout_s)  # the limit is per token, not per batch
+                ready, _ = ray.wait([events], timeout=self.timeout_s)  # the limit is per event, not per request
                 if not ready:
                     raise EndorError(f"no token from the GPU worker within {self.timeout_s:.0f} s; check its node")
                 try:
                     ref = next(events)
                 except StopIteration:
                     return
-                yield _get(ref, self.timeout_s, "generation")
+                event = _get(ref, self.timeout_s, "generation")
+                if "error" in event:
+                    raise EndorError(event["error"])
+                yield event
         finally:
             ray.cancel(events)  # a consumer that stops early (a client gone, an error) frees the worker
+
+    async def astream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
+        """`stream` for asyncio callers (the Serve app): cancelling the consumer cancels the request."""
+        import asyncio
+
+        import ray
+
+        worker = self.workers[next(self._next_worker)]
+        events = worker.stream.options(num_returns="streaming").remote(list(prompts), self._params(prompts, params))
+        try:
+            while True:
+                try:
+                    ref = await asyncio.wait_for(events.__anext__(), self.timeout_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise EndorError(f"no token from the GPU worker within {self.timeout_s:.0f} s; check its node") from None
+                try:
+                    event = await ref
+                except Exception as exc:  # noqa: BLE001 - Ray's errors, made ours where they are
+                    _raise_as_ours(exc, "generation")
+                if "error" in event:
+                    raise EndorError(event["error"])
+                yield event
+        finally:
+            ray.cancel(events)
+
+    async def worker_stats(self) -> list[dict[str, Any]]:
+        """Each GPU worker's running figures (passes, sequences per pass, queue, TTFT, TPOT)."""
+        import asyncio
+
+        return list(await asyncio.wait_for(asyncio.gather(*[w.stats.remote() for w in self.workers]), self.timeout_s))
 
     @property
     def started_ray(self) -> bool:
@@ -226,13 +263,21 @@ class Service:
 
 def _get(ref, timeout_s: float, what: str):
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import GetTimeoutError
 
     try:
         return ray.get(ref, timeout=timeout_s)
     except GetTimeoutError:
         raise EndorError(f"{what} did not finish within {timeout_s:.0f} s; check the cluster's nodes") from None
-    except RayActorError as exc:
+    except Exception as exc:  # noqa: BLE001 - Ray's errors, made ours where they are
+        _raise_as_ours(exc, what)
+
+
+def _raise_as_ours(exc: BaseException, what: str):
+    """Re-raise a Ray error as the endor-ray error inside it (a ConfigError stays one), once."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(exc, RayActorError):
         # An actor whose constructor raised one of our errors (e.g. a store it cannot read) dies
         # with that error's text in the message: surface it as itself.
         found = re.findall(r"endor_ray\.errors\.(\w+): (.+)", str(exc))
@@ -240,15 +285,16 @@ def _get(ref, timeout_s: float, what: str):
             name, message = found[-1]
             raise getattr(errors, name, EndorError)(f"{what} failed: {message}") from None
         raise EndorError(f"{what} failed: an endor-ray actor died ({str(exc).splitlines()[0]})") from None
-    except RayTaskError as exc:
+    if isinstance(exc, RayTaskError):
         cause = exc.cause if isinstance(exc.cause, EndorError) else None
         if cause is not None:
             raise type(cause)(str(cause)) from None
-        raise
+    raise exc
 
 
 def connect(store_location: str, engine_config: EngineConfig | None = None,
-            cluster: ClusterConfig | None = None, address: str | None = None) -> Service:
+            cluster: ClusterConfig | None = None, address: str | None = None,
+            scheduler: SchedulerConfig | None = None) -> Service:
     """Start the service for a store: place layers, create shard servers and workers, wait until ready.
 
     `address` is a shorthand for `ClusterConfig(address=...)` (give one or the other).
@@ -291,7 +337,7 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
             worker = ray.remote(WorkerActor).options(
                 name=f"endor-{service_id}-worker-{worker_idx}", num_gpus=1 if has_gpu else 0, num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(store_location, config, shard_of_layer, cluster.timeout_s)
+            ).remote(store_location, config, shard_of_layer, cluster.timeout_s, scheduler)
             workers.append(worker)
             created.append(worker)
         _get([worker.ready.remote() for worker in workers], cluster.timeout_s, "GPU worker start")

@@ -1,0 +1,110 @@
+"""What generation hands back: completions, per-request stats, and the engine's running metrics."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from endor_ray.engine.sequence import Sequence
+from endor_ray.engine.source_stats import SourceStats
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    error: str | None = None  # set when this sequence alone failed (finish_reason "error")
+
+    @classmethod
+    def of(cls, seq: Sequence) -> Completion:
+        return cls(seq.prompt, seq.text, list(seq.output_ids), seq.finish_reason, seq.error)
+
+
+@dataclass
+class GenerationStats:
+    """Throughput and where the time went, for one request (one generate() call)."""
+
+    sequences: int
+    steps: int  # passes over the weights while the request was running
+    new_tokens: int
+    wall_s: float
+    prefill_s: float  # until the request's first token: its prompts through every layer
+    source: SourceStats = field(repr=False)
+    sequences_per_step: float = 0.0  # live sequences of all requests per pass, on average
+
+    def to_dict(self) -> dict[str, Any]:
+        source = self.source
+        return {
+            "sequences": self.sequences,
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "wall_s": self.wall_s,
+            "tokens_per_s": self.new_tokens / self.wall_s if self.wall_s else 0.0,
+            "s_per_step": self.wall_s / self.steps if self.steps else 0.0,
+            "prefill_s": self.prefill_s,
+            "ttft_s": self.prefill_s,  # time to the request's first token
+            # time per output token after the first, per sequence
+            "tpot_s": ((self.wall_s - self.prefill_s) / (self.new_tokens / self.sequences - 1)
+                       if self.sequences and self.new_tokens > self.sequences else None),
+            # decode steps only: one token per sequence per pass over the weights
+            "decode_s_per_step": (self.wall_s - self.prefill_s) / (self.steps - 1) if self.steps > 1 else None,
+            "sequences_per_step": self.sequences_per_step,
+            "bytes_to_device_per_step": source.bytes_to_device / self.steps if self.steps else 0,
+            "link_GBps": source.bytes_to_device / source.transfer_s / 1e9 if source.transfer_s else None,
+            "time_s": {"transfer": source.transfer_s, "read": source.read_s,
+                       "decompress": source.decompress_s, "compute_streamed": source.compute_s,
+                       "stall": source.stall_s},
+            "tier_hits": dict(source.hits),
+        }
+
+
+class TokenEvent(NamedTuple):
+    index: int  # which prompt of the request
+    token_id: int
+    text: str  # text that became final with this token (may be empty)
+
+
+class GenerationResult(NamedTuple):
+    completions: list[Completion]
+    stats: GenerationStats
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: {"completions": [{prompt, text, token_ids, finish_reason, error}], "stats": {...}}."""
+        return {"completions": [vars(c).copy() for c in self.completions], "stats": self.stats.to_dict()}
+
+
+class EngineMetrics:
+    """Running figures of the engine (what /health shows): recent passes and finished sequences."""
+
+    def __init__(self, window: int = 1000):
+        self.passes = 0
+        self.sequences_served = 0  # sum over passes of live sequences
+        self.recent_rows: deque[int] = deque(maxlen=window)  # live sequences of recent passes
+        self.ttft_s: deque[float] = deque(maxlen=window)  # time to first token of finished sequences
+        self.tpot_s: deque[float] = deque(maxlen=window)  # time per output token after the first
+        self.finished: dict[str, int] = {}
+
+    def record_pass(self, rows: int) -> None:
+        self.passes += 1
+        self.sequences_served += rows
+        self.recent_rows.append(rows)
+
+    def record_finished(self, seq: Sequence) -> None:
+        self.finished[seq.finish_reason] = self.finished.get(seq.finish_reason, 0) + 1
+        if seq.first_token_at is not None:
+            self.ttft_s.append(seq.first_token_at - seq.added_at)
+            if len(seq.output_ids) > 1 and seq.finished_at is not None:
+                self.tpot_s.append((seq.finished_at - seq.first_token_at) / (len(seq.output_ids) - 1))
+
+    def to_dict(self, waiting: int, running: int) -> dict[str, Any]:
+        def mean(values) -> float | None:
+            return statistics.fmean(values) if values else None
+
+        return {"passes": self.passes, "running": running, "waiting": waiting,
+                "mean_sequences_per_pass": self.sequences_served / self.passes if self.passes else 0.0,
+                "recent_sequences_per_pass": list(self.recent_rows)[-20:],
+                "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s), "finished": dict(self.finished)}
