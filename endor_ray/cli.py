@@ -337,11 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # reported by the subcommand, with its usage (argparse would show the top-level one)
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "address", "given") is None and not getattr(args, "in_process", False):
-        from endor_ray.service.driver import use_loopback_ray
+        from endor_ray.service.ray_session import use_loopback_ray
 
         use_loopback_ray()  # the local Ray this command starts stays on 127.0.0.1
     elif getattr(args, "address", None):
-        from endor_ray.service.driver import use_token_if_present
+        from endor_ray.service.ray_session import use_token_if_present
 
         use_token_if_present()  # a cluster started with Ray's defaults wants a token
     try:

@@ -11,7 +11,7 @@ import torch
 import endor_ray.format
 from endor_ray.errors import FormatError
 from endor_ray.format import cpu_decode, encode
-from endor_ray.format.tensor import BITS_DTYPES, decode
+from endor_ray.format.tensor import decode
 
 from test_format import DTYPES, bits_equal, random_sparse
 

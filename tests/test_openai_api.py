@@ -1,12 +1,10 @@
 """The OpenAI protocol layer, without Ray or HTTP."""
 
-import asyncio
 import json
 
 import pytest
 
 from endor_ray.serve import openai_api as api
-from endor_ray.engine import Engine, EngineConfig
 from endor_ray.engine.sampling import SamplingParams
 
 

@@ -48,7 +48,7 @@ def test_no_nodes():
 def test_running_local_cluster_is_found_only_when_it_answers(tmp_path, monkeypatch):
     import socket
 
-    from endor_ray.service.driver import running_local_cluster
+    from endor_ray.service.ray_session import running_local_cluster
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     assert running_local_cluster() is None  # no `ray start` ever ran here
@@ -66,7 +66,7 @@ def test_another_users_cluster_is_never_joined(tmp_path, monkeypatch):
     import os
     import socket
 
-    from endor_ray.service.driver import running_local_cluster
+    from endor_ray.service.ray_session import running_local_cluster
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     with socket.socket() as listener:
@@ -84,7 +84,7 @@ def test_another_users_cluster_is_never_joined(tmp_path, monkeypatch):
 def test_a_token_at_hand_turns_token_auth_on(tmp_path, monkeypatch):
     import os
 
-    from endor_ray.service.driver import use_token_if_present
+    from endor_ray.service.ray_session import use_token_if_present
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)

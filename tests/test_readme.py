@@ -9,7 +9,6 @@ user cannot act on.
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq

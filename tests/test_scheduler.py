@@ -5,7 +5,6 @@ generate on the same weights, one prompt at a time)."""
 import threading
 
 import pytest
-import torch
 
 from endor_ray.engine import Engine, EngineConfig
 from endor_ray.engine.reference import reference_greedy

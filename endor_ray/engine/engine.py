@@ -18,85 +18,32 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple  # noqa: F401
+from typing import Any
 
 import torch
 
-from endor_ray.errors import ConfigError
-from endor_ray.format.tensor import decode
+from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.device import CudaOps
+from endor_ray.engine.kv_batch import RunningBatch
 from endor_ray.engine.layer_source import LayerSource
 from endor_ray.engine.readers import StoreReader
-from endor_ray.engine.tiers import plan_tiers
-from endor_ray.engine.kv_batch import RunningBatch
-from endor_ray.engine.results import (  # noqa: F401  (GenerationStats, TokenEvent: re-exported API)
-    Completion, EngineMetrics, GenerationResult, GenerationStats, TokenEvent,
+from endor_ray.engine.results import (  # noqa: F401  (GenerationStats: re-exported, the engine's API)
+    EngineMetrics, GenerationResult, GenerationStats, RequestTracker, TokenEvent,
 )
 from endor_ray.engine.sampling import SamplingParams, make_generator, select_token
 from endor_ray.engine.scheduler import Scheduler, SchedulerConfig
 from endor_ray.engine.sequence import Sequence
+from endor_ray.engine.tiers import plan_tiers
+from endor_ray.errors import ConfigError
+from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
 from endor_ray.utils.system import available_memory_bytes
-from endor_ray.utils.units import parse_budget
 
 # (sequence index, token id, newly final text) -> None
 TokenCallback = Callable[[int, int, str], None]
-
-@dataclass
-class EngineConfig:
-    """How the engine places and streams layers."""
-
-    device: str = "auto"  # "cuda", "cuda:N", "cpu", or "auto" (CUDA when available)
-    # Device tier: a size ("8GiB": resident layers + streaming slots) or a layer count ("12").
-    # None: on CUDA as many layers as 90% of free memory holds; on CPU as many as half the
-    # available memory holds (a model that fits is decoded once and never streamed).
-    gpu_memory: str | int | None = None
-    host_memory: str | int | None = None  # compressed layers kept in host memory (size); None: all
-    prefetch_depth: int = 2  # layers fetched ahead of the one computing
-    verify_disk_reads: bool = True  # checksum every disk-tier read (host tier is checked at load)
-    # Disk-tier reads: "buffered" (through the page cache, which may keep layers in spare RAM) or
-    # "direct" (O_DIRECT: DMA into the read buffer, no CPU copy, the page cache left alone).
-    disk_io: str = "buffered"
-    decode_threads: int | None = None  # CPU decoding: threads a layer's decode splits over; None: all cores
-    fetch_timeout_s: float = 600.0  # a layer fetch slower than this is an error, not a hang
-
-    def __post_init__(self) -> None:
-        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.prefetch_depth < 0:
-            raise ConfigError(f"prefetch depth must be >= 0, got {self.prefetch_depth}")
-        if self.disk_io not in ("buffered", "direct"):
-            raise ConfigError(f"disk_io must be buffered or direct, got {self.disk_io!r}")
-        if self.decode_threads is not None and self.decode_threads < 1:
-            raise ConfigError(f"decode threads must be >= 1, got {self.decode_threads}")
-        self.gpu_budget  # parse now: a bad value fails at construction
-        if parse_budget(self.host_memory, "host memory")[1] not in (None, 0):
-            raise ConfigError("host memory is a size (for example 64GiB), not a layer count")
-
-    @property
-    def gpu_budget(self) -> tuple[int | None, int | None]:
-        """(bytes, layers) of the device tier; at most one is set."""
-        return parse_budget(self.gpu_memory, "GPU memory")
-
-    @property
-    def host_budget_bytes(self) -> int | None:
-        host_bytes, host_layers = parse_budget(self.host_memory, "host memory")
-        return 0 if host_layers == 0 else host_bytes
-
-    def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-        return device
-
 
 class Engine:
     """Generates from an Endor store with layers streamed to the compute device."""
@@ -340,34 +287,6 @@ class Engine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-class RequestTracker:
-    """Per-request stats while other requests share the passes: passes counted while the
-    request runs, layer-source counters as the difference of two snapshots."""
-
-    def __init__(self, engine: Engine, sequences: list[Sequence]):
-        self.engine, self.sequences = engine, sequences
-        self.started = time.perf_counter()
-        self.source_start = engine.source.snapshot()
-        self.passes_start, self.served_start = engine.metrics.passes, engine.metrics.sequences_served
-        self.first_token_s: float | None = None
-
-    def stepped(self) -> None:
-        if self.first_token_s is None and any(seq.first_token_at is not None for seq in self.sequences):
-            self.first_token_s = time.perf_counter() - self.started
-
-    def result(self) -> GenerationResult:
-        engine = self.engine
-        wall = time.perf_counter() - self.started
-        steps = engine.metrics.passes - self.passes_start
-        served = engine.metrics.sequences_served - self.served_start
-        source = engine.source.snapshot() - self.source_start
-        source.hits["device"] = steps * len(engine.plan.device)  # resident layers run unhooked
-        completions = [Completion.of(seq) for seq in self.sequences]
-        return GenerationResult(completions, GenerationStats(
-            len(self.sequences), steps, sum(len(c.token_ids) for c in completions), wall,
-            self.first_token_s or 0.0, source, served / steps if steps else 0.0))
 
 
 def load_tokenizer(store: Store):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -108,3 +109,31 @@ class EngineMetrics:
                 "mean_sequences_per_pass": self.sequences_served / self.passes if self.passes else 0.0,
                 "recent_sequences_per_pass": list(self.recent_rows)[-20:],
                 "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s), "finished": dict(self.finished)}
+
+
+class RequestTracker:
+    """Per-request stats while other requests share the passes: passes counted while the
+    request runs, layer-source counters as the difference of two snapshots."""
+
+    def __init__(self, engine, sequences: list[Sequence]):
+        self.engine, self.sequences = engine, sequences
+        self.started = time.perf_counter()
+        self.source_start = engine.source.snapshot()
+        self.passes_start, self.served_start = engine.metrics.passes, engine.metrics.sequences_served
+        self.first_token_s: float | None = None
+
+    def stepped(self) -> None:
+        if self.first_token_s is None and any(seq.first_token_at is not None for seq in self.sequences):
+            self.first_token_s = time.perf_counter() - self.started
+
+    def result(self) -> GenerationResult:
+        engine = self.engine
+        wall = time.perf_counter() - self.started
+        steps = engine.metrics.passes - self.passes_start
+        served = engine.metrics.sequences_served - self.served_start
+        source = engine.source.snapshot() - self.source_start
+        source.hits["device"] = steps * len(engine.plan.device)  # resident layers run unhooked
+        completions = [Completion.of(seq) for seq in self.sequences]
+        return GenerationResult(completions, GenerationStats(
+            len(self.sequences), steps, sum(len(c.token_ids) for c in completions), wall,
+            self.first_token_s or 0.0, source, served / steps if steps else 0.0))

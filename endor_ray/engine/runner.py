@@ -24,8 +24,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from endor_ray.engine.engine import Engine, RequestTracker
-from endor_ray.engine.results import Completion
+from endor_ray.engine.engine import Engine
+from endor_ray.engine.results import Completion, RequestTracker
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.engine.sequence import Sequence
 from endor_ray.errors import EndorError

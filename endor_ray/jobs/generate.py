@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from endor_ray.service.driver import use_loopback_ray, use_token_if_present
+    from endor_ray.service.ray_session import use_loopback_ray, use_token_if_present
 
     if args.address is None and not os.environ.get("RAY_ADDRESS"):
         use_loopback_ray()  # the local Ray this job starts stays on 127.0.0.1

@@ -237,7 +237,7 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
     """Start Serve on the cluster (a local Ray unless config.address is set) and block until Ctrl-C."""
     import ray
 
-    from endor_ray.service.driver import init_ray
+    from endor_ray.service.ray_session import init_ray
 
     def stop(signum, frame):  # SIGTERM (kill, Kubernetes) is the normal way to stop: shut down, exit 0
         raise SystemExit(0)

@@ -1,0 +1,61 @@
+"""How the engine places and streams layers: one dataclass, validated when it is made."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from endor_ray.errors import ConfigError
+from endor_ray.utils.units import parse_budget
+
+
+@dataclass
+class EngineConfig:
+    """How the engine places and streams layers."""
+
+    device: str = "auto"  # "cuda", "cuda:N", "cpu", or "auto" (CUDA when available)
+    # Device tier: a size ("8GiB": resident layers + streaming slots) or a layer count ("12").
+    # None: on CUDA as many layers as 90% of free memory holds; on CPU as many as half the
+    # available memory holds (a model that fits is decoded once and never streamed).
+    gpu_memory: str | int | None = None
+    host_memory: str | int | None = None  # compressed layers kept in host memory (size); None: all
+    prefetch_depth: int = 2  # layers fetched ahead of the one computing
+    verify_disk_reads: bool = True  # checksum every disk-tier read (host tier is checked at load)
+    # Disk-tier reads: "buffered" (through the page cache, which may keep layers in spare RAM) or
+    # "direct" (O_DIRECT: DMA into the read buffer, no CPU copy, the page cache left alone).
+    disk_io: str = "buffered"
+    decode_threads: int | None = None  # CPU decoding: threads a layer's decode splits over; None: all cores
+    fetch_timeout_s: float = 600.0  # a layer fetch slower than this is an error, not a hang
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.prefetch_depth < 0:
+            raise ConfigError(f"prefetch depth must be >= 0, got {self.prefetch_depth}")
+        if self.disk_io not in ("buffered", "direct"):
+            raise ConfigError(f"disk_io must be buffered or direct, got {self.disk_io!r}")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ConfigError(f"decode threads must be >= 1, got {self.decode_threads}")
+        self.gpu_budget  # parse now: a bad value fails at construction
+        if parse_budget(self.host_memory, "host memory")[1] not in (None, 0):
+            raise ConfigError("host memory is a size (for example 64GiB), not a layer count")
+
+    @property
+    def gpu_budget(self) -> tuple[int | None, int | None]:
+        """(bytes, layers) of the device tier; at most one is set."""
+        return parse_budget(self.gpu_memory, "GPU memory")
+
+    @property
+    def host_budget_bytes(self) -> int | None:
+        host_bytes, host_layers = parse_budget(self.host_memory, "host memory")
+        return 0 if host_layers == 0 else host_bytes
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        return device
