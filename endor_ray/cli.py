@@ -103,7 +103,8 @@ def _engine_config(args: argparse.Namespace):
     from endor_ray.engine.engine import EngineConfig
 
     return EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
-                        prefetch_depth=args.prefetch, disk_io=getattr(args, "disk_io", "buffered"))
+                        prefetch_depth=args.prefetch, disk_io=getattr(args, "disk_io", "buffered"),
+                        compute_dtype=getattr(args, "compute_dtype", None))
 
 
 def _check_prompts(args: argparse.Namespace, store) -> list[str]:
@@ -231,6 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     _open_store(args.store)  # a bad store fails here, before Ray and Serve start
     config = ServeConfig(store=args.store, model_name=args.model_name, address=args.address, device=args.device,
+                         compute_dtype=args.compute_dtype,
                          gpu_memory=args.gpu_memory, prefetch=args.prefetch, num_workers=args.workers,
                          shard_memory=args.shard_memory, max_batch_size=args.max_batch_size,
                          max_waiting=args.max_waiting)
@@ -248,6 +250,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "memory, or on CPU half the available memory")
     parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB); default: all")
     parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead (default 2)")
+    parser.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="compute in this dtype (default: the store's); float32 over a bf16 store makes greedy "
+                             "answers independent of the batch")
     parser.add_argument("--disk-io", choices=["buffered", "direct"], default="buffered",
                         help="disk-tier reads through the page cache (default) or with O_DIRECT, leaving it alone")
 
@@ -319,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--gpu-memory", default=None, help="device tier: a size (8GiB) or a layer count (12)")
     serve.add_argument("--prefetch", type=int, default=2)
+    serve.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                       help="compute dtype (default: the store's); float32 makes answers independent of the batch")
     serve.add_argument("--workers", type=int, default=1, help="GPU worker replicas")
     serve.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
     serve.add_argument("--max-batch-size", type=int, default=32, help="sequences per pass over the weights (requests join and leave at every pass)")

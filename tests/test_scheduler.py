@@ -4,6 +4,8 @@ generate on the same weights, one prompt at a time)."""
 
 import threading
 
+import torch
+
 import pytest
 
 from endor_ray.engine import Engine, EngineConfig
@@ -97,14 +99,27 @@ def test_padding_of_a_long_prompt_does_not_stay(engine):
         engine.step()
 
 
-def test_one_failing_sequence_does_not_fail_its_neighbours(engine, solo):
-    good, bad = engine.new_sequences([PROMPTS[0], PROMPTS[2]], [SamplingParams(max_new_tokens=6),
-                                                                  SamplingParams(max_new_tokens=6, temperature=1e-40)])
-    engine.add([good, bad])
+def test_one_failing_sequence_does_not_fail_its_neighbours(engine, solo, monkeypatch):
+    from endor_ray.engine import engine as engine_module
+
+    real = engine_module.select_token
+
+    def fails_for_seed_666(logits, params, generator):  # a fault injected into one sequence's sampling
+        if params.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "select_token", fails_for_seed_666)
+    good, bad, tiny = engine.new_sequences(
+        [PROMPTS[0], PROMPTS[2], PROMPTS[3]],
+        [SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=1.0, seed=666),
+         SamplingParams(max_new_tokens=6, temperature=1e-40, seed=1)])  # 1e-40: greedy in effect, no NaN
+    engine.add([good, bad, tiny])
     while engine.has_work:
         engine.step()
     assert bad.finish_reason == "error" and "sampling failed" in bad.error
     assert good.finish_reason == "length" and good.output_ids == solo[0][:6]
+    assert tiny.finish_reason == "length" and tiny.output_ids == solo[3][:6]
 
 
 def test_cancelled_sequences_leave_at_the_next_pass(engine, solo):
@@ -158,3 +173,27 @@ def test_the_engine_loop_serves_requests_from_threads(engine, solo):
             loop.submit(["word " * 200], SamplingParams(max_new_tokens=8))  # refused at once, in this thread
     finally:
         loop.close()
+
+
+def test_fp32_compute_over_a_bf16_store_is_batch_invariant(tiny_checkpoints, smollm2_dir, tmp_path):
+    """bf16 rounding depends on the batch's shape; computing in fp32 (the same bytes moved) does not
+    (measured on the SmolLM2 demo store: 8 of 12 chat answers changed in a batch in bf16, none in fp32)."""
+    import shutil
+
+    from endor_ray.store.convert import ConvertConfig, convert
+
+    from conftest import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "llama-gqa", vocab_size=49152)
+    for path in smollm2_dir.iterdir():
+        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
+            shutil.copy(path, checkpoint / path.name)
+    store = convert(str(checkpoint), tmp_path / "bf16", ConvertConfig(method="magnitude", dtype="bfloat16",
+                                                                      block_size=256), progress=False)
+    params = SamplingParams(max_new_tokens=6)
+    with Engine(str(store), EngineConfig(gpu_memory=0, compute_dtype="float32"), progress=False) as engine:
+        assert engine.model.dtype == torch.float32
+        solo = [engine.generate([prompt], params).completions[0].token_ids for prompt in PROMPTS]
+        batched = [c.token_ids for c in engine.generate(PROMPTS, params).completions]
+        reference = reference_greedy(engine, PROMPTS[:1], 6)  # transformers on the widened weights
+    assert batched == solo and solo[0] == reference[0]

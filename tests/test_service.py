@@ -99,6 +99,22 @@ def test_killed_shard_server_restarts_and_output_is_unchanged(cluster, tiny_stor
         assert service.generate(PROMPTS, PARAMS)["completions"][0]["token_ids"] == expected[0]
 
 
+def test_a_shard_server_beyond_its_restarts_fails_fast(cluster, tiny_stores):
+    import time
+
+    import ray
+
+    store = tiny_stores["llama-gqa"]
+    half = layer_nbytes(store) // 2 + 1
+    with connect(str(store), EngineConfig(gpu_memory=0, prefetch_depth=1),
+                 ClusterConfig(shard_memory=f"{half}B", max_restarts=0, timeout_s=300)) as service:
+        ray.kill(service.shards[service.placement.node_of(1)], no_restart=False)  # no restarts left
+        started = time.monotonic()
+        with pytest.raises(EndorError, match="will not restart"):
+            service.generate(PROMPTS, PARAMS)
+        assert time.monotonic() - started < 30  # not the 300 s deadline
+
+
 def test_two_workers_share_the_shards(cluster, tiny_stores, expected):
     with connect(str(tiny_stores["llama-gqa"]), EngineConfig(gpu_memory=1), ClusterConfig(num_workers=2)) as service:
         results = [service.generate(PROMPTS, PARAMS) for _ in range(2)]  # round-robin over both workers

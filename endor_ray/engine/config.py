@@ -27,6 +27,10 @@ class EngineConfig:
     # "direct" (O_DIRECT: DMA into the read buffer, no CPU copy, the page cache left alone).
     disk_io: str = "buffered"
     decode_threads: int | None = None  # CPU decoding: threads a layer's decode splits over; None: all cores
+    # The dtype the model computes in; None: the store's. "float32" over a bf16/fp16 store moves the
+    # same bytes but computes in fp32, so greedy answers no longer depend on what shares the batch
+    # (bf16 rounding differs with the batch's shape), at twice the memory for dense weights.
+    compute_dtype: str | None = None
     fetch_timeout_s: float = 600.0  # a layer fetch slower than this is an error, not a hang
 
     def __post_init__(self) -> None:
@@ -36,6 +40,8 @@ class EngineConfig:
             raise ConfigError(f"prefetch depth must be >= 0, got {self.prefetch_depth}")
         if self.disk_io not in ("buffered", "direct"):
             raise ConfigError(f"disk_io must be buffered or direct, got {self.disk_io!r}")
+        if self.compute_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype!r}")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ConfigError(f"decode threads must be >= 1, got {self.decode_threads}")
         self.gpu_budget  # parse now: a bad value fails at construction

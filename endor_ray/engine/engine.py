@@ -58,8 +58,9 @@ class Engine:
         self.tokenizer = load_tokenizer(self.store)
         from endor_ray.models.skeleton import build_skeleton, check_tensors_match, decoder_layers, materialize_layer
 
+        self.dtype = getattr(torch, self.config.compute_dtype) if self.config.compute_dtype else self.store.dtype
         dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
-        self.model = build_skeleton(self.store.config, dense, dtype=self.store.dtype, device=self.device)
+        self.model = build_skeleton(self.store.config, dense, dtype=self.dtype, device=self.device)
         check_tensors_match(self.model, self.store.architecture,  # a store's layers must fit its model
                             [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in self.store.manifest["layers"]],
                             self.store.location)
@@ -72,7 +73,8 @@ class Engine:
                                  direct_io=self.config.disk_io == "direct", progress=progress)
         try:
             self.source = LayerSource(reader, self.plan, self.device, self.config.prefetch_depth,
-                                      self.config.fetch_timeout_s, progress, self.config.decode_threads, ops)
+                                      self.config.fetch_timeout_s, progress, self.config.decode_threads, ops,
+                                      self.dtype if self.dtype != self.store.dtype else None)
             layers = decoder_layers(self.model, self.store.architecture)
             for layer_idx, weights in self.source.resident.items():
                 materialize_layer(layers[layer_idx], weights)
@@ -98,7 +100,7 @@ class Engine:
     def _plan(self):
         entries = self.store.manifest["layers"]
         compressed = [entry["nbytes"] for entry in entries]
-        dense = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) * self.store.dtype.itemsize
+        dense = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) * self.dtype.itemsize
                  for entry in entries]
         budget_bytes, budget_layers = self.config.gpu_budget
         if budget_bytes is None and budget_layers is None:

@@ -55,6 +55,7 @@ from endor_ray.store.store import tensors_from_buffer
 @dataclass
 class _Slot:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # dense, on the compute device
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)  # decoded in the store's dtype, to widen
     host: torch.Tensor | None = None  # [buffer nbytes] uint8 host buffer for reads, pinned on CUDA
     compressed: torch.Tensor | None = None  # [max layer nbytes] uint8 on the GPU (CUDA only)
     copied: object = None  # CUDA events: the compressed file is on the device (copy stream)
@@ -76,14 +77,15 @@ class LayerSource:
 
     def __init__(self, reader, plan: TierPlan, device: torch.device, prefetch_depth: int = 2,
                  timeout_s: float = 600.0, progress: bool = True, decode_threads: int | None = None,
-                 ops: CudaOps | None = None):
+                 ops: CudaOps | None = None, compute_dtype: torch.dtype | None = None):
         """`ops` replaces the CUDA operations (tests pass a model of CUDA); `decode_threads` is
-        how many threads a CPU decode splits over (None: every core)."""
+        how many threads a CPU decode splits over (None: every core); `compute_dtype` (None: the
+        store's) is the dtype of the dense weights handed out, converted after decoding."""
         if prefetch_depth < 0:
             raise ConfigError(f"prefetch depth must be >= 0, got {prefetch_depth}")
         self.reader, self.plan, self.device = reader, plan, device
         self.ops = ops if ops is not None else CudaOps(device) if device.type == "cuda" else None
-        self.timeout_s, self.prefetch_depth = timeout_s, prefetch_depth
+        self.timeout_s, self.prefetch_depth, self.compute_dtype = timeout_s, prefetch_depth, compute_dtype
         self.decode_threads = decode_threads or os.cpu_count() or 1
         self.stats = SourceStats()
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
@@ -128,16 +130,27 @@ class LayerSource:
                      copied=self.ops.event("copied"), ready=self.ops.event("ready"), free=self.ops.event("free"),
                      host_free=self.ops.event("host_free"), timing=SlotTiming(self.ops))
 
-    def _decode(self, data: torch.Tensor, layer_idx: int, out: dict[str, torch.Tensor]) -> None:
-        """Dense weights of a layer from its file bytes (on the compute device) into `out`."""
+    def _decode(self, data: torch.Tensor, layer_idx: int, out: dict[str, torch.Tensor],
+                stored: dict[str, torch.Tensor] | None = None) -> None:
+        """Dense weights of a layer from its file bytes (on the compute device) into `out`; with
+        a compute dtype other than the store's, decoded into `stored` first and widened."""
         for name, enc in tensors_from_buffer(data, self.reader.entry(layer_idx), verify=False).items():
+            dtype = self.compute_dtype or enc.dtype
             buffer = out.get(name)
-            if buffer is None or buffer.shape != torch.Size(enc.shape) or buffer.dtype != enc.dtype:
-                buffer = out[name] = torch.empty(enc.shape, dtype=enc.dtype, device=self.device)
+            if buffer is None or buffer.shape != torch.Size(enc.shape) or buffer.dtype != dtype:
+                buffer = out[name] = torch.empty(enc.shape, dtype=dtype, device=self.device)
+            target = buffer
+            if dtype != enc.dtype:  # decode in the stored dtype, then widen (exact for fp16/bf16 -> fp32)
+                stored = {} if stored is None else stored
+                target = stored.get(name)
+                if target is None or target.shape != torch.Size(enc.shape) or target.dtype != enc.dtype:
+                    target = stored[name] = torch.empty(enc.shape, dtype=enc.dtype, device=self.device)
             if self.ops is None:
-                decode_into(enc, buffer, threads=self.decode_threads)
+                decode_into(enc, target, threads=self.decode_threads)
             else:
-                self.ops.decompress(enc, buffer)
+                self.ops.decompress(enc, target)
+            if target is not buffer:
+                buffer.copy_(target)
 
     # -- the two stages ------------------------------------------------------------------------------
 
@@ -163,7 +176,7 @@ class LayerSource:
             self.stats.bytes_to_device += nbytes
             if self.ops is None:
                 started = time.perf_counter()
-                self._decode(data, layer_idx, slot.weights)
+                self._decode(data, layer_idx, slot.weights, slot.stored)
                 self.stats.decompress_s += time.perf_counter() - started
             else:
                 self._issue_copy_and_decompress(layer_idx, data, slot)
@@ -191,7 +204,7 @@ class LayerSource:
             self._decompress_stream.wait_event(slot.copied)
             self._decompress_stream.wait_event(slot.free)  # the compute is done with the last weights
             events["decompress_start"].record(self._decompress_stream)
-            self._decode(slot.compressed[:nbytes], layer_idx, slot.weights)
+            self._decode(slot.compressed[:nbytes], layer_idx, slot.weights, slot.stored)
             events["decompress_end"].record(self._decompress_stream)
             slot.ready.record(self._decompress_stream)
 

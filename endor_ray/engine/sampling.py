@@ -27,6 +27,8 @@ class SamplingParams:
             raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - 1:
+            raise ConfigError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(text, str) or not text for text in self.stop):
@@ -52,7 +54,9 @@ def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """The next token for one sequence from its [vocab] logits."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # float64: a tiny temperature (1e-40) scales logits far past float32's range; softmax then still
+    # gives a one-hot distribution instead of inf and NaN
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep a token while the mass before it is below top_p (the first token always stays)

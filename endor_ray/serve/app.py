@@ -12,6 +12,7 @@ FastAPI reads the endpoint signatures at import time, so this module does not us
 `from __future__ import annotations` (string annotations are not resolved for Serve's class views).
 """
 
+import asyncio
 import dataclasses
 import signal
 import sys
@@ -39,6 +40,7 @@ class ServeConfig:
     device: str = "auto"
     gpu_memory: str | int | None = None  # device tier, as for `endor generate`
     prefetch: int = 2
+    compute_dtype: str | None = None  # "float32": answers independent of the batch over a bf16 store
     num_workers: int = 1  # GPU worker replicas
     shard_memory: str | None = None  # per-node budget for shard servers
     max_batch_size: int = 32  # sequences per pass over the weights (continuous batching)
@@ -79,7 +81,8 @@ def _api_error(exc: EndorError) -> api.APIError:
         return api.APIError(429, str(exc), code="queue_full")
     if isinstance(exc, ConfigError):
         return api.APIError(400, str(exc))
-    return api.APIError(503, f"generation failed: {exc}")
+    message = str(exc)
+    return api.APIError(503, message if message.startswith("generation failed") else f"generation failed: {message}")
 
 
 def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,7 +114,7 @@ class EndorServer:
         self.config = config
         store = Store(config.store)
         engine_config = EngineConfig(device=config.device, gpu_memory=config.gpu_memory,
-                                     prefetch_depth=config.prefetch)
+                                     prefetch_depth=config.prefetch, compute_dtype=config.compute_dtype)
         scheduler = SchedulerConfig(max_num_seqs=config.max_batch_size, max_waiting=config.max_waiting)
         self.service = connect(config.store, engine_config,
                                ClusterConfig(num_workers=config.num_workers, shard_memory=config.shard_memory),
@@ -121,8 +124,14 @@ class EndorServer:
         self.started = int(time.time())
 
     @app.get("/health")
-    async def health(self) -> dict[str, Any]:
-        workers = await self.service.worker_stats()
+    async def health(self):
+        """200 with the batching figures while every GPU worker and shard server answers; 503 (a
+        readiness check for Serve and Kubernetes) while one is dead or restarting."""
+        try:
+            workers = await self.service.worker_stats()
+        except EndorError as exc:
+            return JSONResponse({"status": "unavailable", "model": self.config.served_name, "reason": str(exc)},
+                                status_code=503)
         return {"status": "ok", "model": self.config.served_name, "batching": _merged(workers), "workers": workers}
 
     @app.get("/v1/models")
@@ -140,8 +149,13 @@ class EndorServer:
 
     async def _handle(self, request: Request, kind: type, chat: bool):
         try:
+            length = int(request.headers.get("content-length") or 0)
+            if length > api.MAX_BODY_BYTES:  # before reading it
+                raise api.APIError(413, f"the request body has {length} bytes; this server takes at most "
+                                        f"{api.MAX_BODY_BYTES}")
             parsed = api.parse(await request.body(), kind)
-            choices = self.frontend.requests(parsed)
+            # Templates and tokenizers take time on long prompts: off the event loop (/health stays quick)
+            choices = await asyncio.to_thread(self.frontend.requests, parsed)
         except api.APIError as exc:
             return _error(exc)
         request_id = api.new_id("chatcmpl" if chat else "cmpl")

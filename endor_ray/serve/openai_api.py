@@ -32,14 +32,21 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+MAX_BODY_BYTES = 4 << 20  # a larger request body is refused (413) before it is parsed
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+# Fields whose explicit null means "the default", as OpenAI's clients and vLLM treat them
+NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "max_tokens", "seed", "stop")
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=False)
+    # Strict: `true` is not 1, "5" is not 5, 3.0 is not 3, "yes" is not a boolean (an int is a float)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=16)  # choices per prompt; all of them share the passes
@@ -51,7 +58,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
     content: str
@@ -62,13 +69,21 @@ class ChatRequest(_Sampling):
 
 
 def parse(raw: bytes, kind: type[_Sampling]) -> _Sampling:
-    """The request model from a raw body, or APIError(400) naming the problem."""
+    """The request model from a raw body, or APIError(400/413) naming the problem."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body has {len(raw)} bytes; this server takes at most {MAX_BODY_BYTES}")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    data = {key: value for key, value in data.items() if not (value is None and key in NULL_MEANS_DEFAULT)}
+    bad_text = _first_unencodable(data)
+    if bad_text is not None:
+        raise APIError(400, f"{bad_text} holds a lone UTF-16 surrogate (invalid Unicode)", param=bad_text)
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
@@ -77,6 +92,22 @@ def parse(raw: bytes, kind: type[_Sampling]) -> _Sampling:
         path = [str(part) for part in first["loc"] if not _is_type_tag(part)]
         param = ".".join(path) or None
         raise APIError(400, f"invalid value for {param!r}: {first['msg']}", param=param) from None
+
+
+def _first_unencodable(value, path: str = "") -> str | None:
+    """The path of the first string that is not valid Unicode (a lone surrogate from "\\ud800")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _first_unencodable(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _is_type_tag(part) -> bool:
@@ -114,6 +145,8 @@ class Frontend:
         result = []
         for prompt in [prompt for prompt in self.prompts(request) for _ in range(request.n)]:
             prompt_tokens = len(self.tokenizer(prompt).input_ids)
+            if prompt_tokens == 0:
+                raise APIError(400, "a prompt tokenizes to no tokens; give some text", param="prompt")
             room = self.max_context - prompt_tokens
             # No max_tokens (chat): as much as the context leaves, up to the server's default.
             max_tokens = request.max_tokens or min(self.default_max_tokens, max(room, 1))

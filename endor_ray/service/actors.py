@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
 
 from endor_ray.engine.engine import Engine, EngineConfig
 from endor_ray.engine.runner import EngineLoop
@@ -78,20 +78,29 @@ class RayShardReader:
 
     def resolve(self, request: tuple[int, ray.ObjectRef], buffer: torch.Tensor | None) -> tuple[torch.Tensor, str]:
         """(bytes, "remote"): a read-only view of the object store's copy (zero-copy on this node);
-        `buffer` is not needed: the layer source stages the bytes itself where CUDA wants pinned memory."""
+        `buffer` is not needed: the layer source stages the bytes itself where CUDA wants pinned memory.
+
+        A shard server that died is asked again until it has restarted, within the deadline; one
+        that fails a request made after its death as well has used up its restarts: that fails at
+        once (no point waiting for the deadline)."""
         layer_idx, pending = request
         deadline = time.monotonic() + self.timeout_s
+        deaths = 0
         while True:
             try:
                 [ref] = ray.get(pending, timeout=max(deadline - time.monotonic(), 0.001))
                 data = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
                 break
             except RETRYABLE as exc:
+                deaths = deaths + 1 if isinstance(exc, ActorDiedError) else 0
+                if deaths >= 3:
+                    raise EndorError(f"layer {layer_idx}: its shard server is dead and will not restart (its "
+                                     "restarts are used up); restart the service") from None
                 if time.monotonic() >= deadline:
                     raise EndorError(f"layer {layer_idx}: its shard server did not come back within "
-                                     f"{self.timeout_s:.0f} s ({type(exc).__name__})") from exc
+                                     f"{self.timeout_s:.0f} s ({type(exc).__name__})") from None
                 self.retries += 1
-                time.sleep(0.2)
+                time.sleep(0.5)
                 pending = self.shard_of_layer[layer_idx].layer_ref.remote(layer_idx)
             except GetTimeoutError:
                 raise EndorError(f"layer {layer_idx} did not arrive from its shard server within "

@@ -43,7 +43,7 @@ class ClusterConfig:
     shard_memory: str | None = None  # per-node budget for shard servers; None: 70% of its object store
     spill_to_disk: bool = True  # layers beyond the budgets are read from the store on demand
     num_workers: int = 1  # GPU worker replicas sharing the shard servers
-    max_restarts: int = 3  # shard server restarts (each reloads its layers from the store)
+    max_restarts: int = 3  # restarts of a shard server (it reloads its layers) or GPU worker (it rebuilds its engine)
     timeout_s: float = 300.0  # start-up and per-request limit; a fetch retry window
     node_budgets: dict[str, int] = field(default_factory=dict)  # node id -> bytes, overrides the above
 
@@ -159,11 +159,24 @@ class Service:
         finally:
             ray.cancel(events)
 
-    async def worker_stats(self) -> list[dict[str, Any]]:
-        """Each GPU worker's running figures (passes, sequences per pass, queue, TTFT, TPOT)."""
+    async def worker_stats(self, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """Each GPU worker's running figures (passes, sequences per pass, queue, TTFT, TPOT); EndorError
+        if a worker or shard server does not answer within `timeout_s` (dead, or restarting)."""
         import asyncio
 
-        return list(await asyncio.wait_for(asyncio.gather(*[w.stats.remote() for w in self.workers]), self.timeout_s))
+        async def ask(ref, what: str):
+            try:
+                return await asyncio.wait_for(ref, timeout_s)
+            except asyncio.TimeoutError:
+                raise EndorError(f"{what} does not answer (restarting?)") from None
+            except Exception as exc:  # noqa: BLE001
+                _raise_as_ours(exc, what)
+
+        shard_checks = [ask(shard.ready.remote(), f"the shard server on node {node[:8]}")
+                        for node, shard in self.shards.items()]
+        stats = await asyncio.gather(*[ask(w.stats.remote(), f"GPU worker {i}") for i, w in enumerate(self.workers)],
+                                     *shard_checks)
+        return list(stats[:len(self.workers)])
 
     @property
     def started_ray(self) -> bool:
@@ -266,6 +279,7 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
                 config = dataclasses.replace(config, device="cuda")
             worker = ray.remote(WorkerActor).options(
                 name=f"endor-{service_id}-worker-{worker_idx}", num_gpus=1 if has_gpu else 0, num_cpus=0,
+                max_restarts=cluster.max_restarts,  # a dead worker comes back (its engine rebuilt from the store)
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(store_location, config, shard_of_layer, cluster.timeout_s, scheduler)
             workers.append(worker)
