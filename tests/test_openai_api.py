@@ -26,7 +26,6 @@ def test_bad_requests_get_openai_style_400s(frontend):
     cases = [
         (b"{not json", api.CompletionRequest, "not valid JSON", None),
         (b"[1, 2]", api.CompletionRequest, "JSON object", None),
-        ({"prompt": "hi"}, api.CompletionRequest, "'model'", "model"),
         ({"model": "smol"}, api.CompletionRequest, "'prompt'", "prompt"),
         ({"model": "smol", "prompt": 5}, api.CompletionRequest, "prompt", "prompt"),
         ({"model": "smol", "prompt": "hi", "max_tokens": -3}, api.CompletionRequest, "max_tokens", "max_tokens"),
@@ -35,7 +34,7 @@ def test_bad_requests_get_openai_style_400s(frontend):
         ({"model": "smol", "prompt": "hi", "n": 17}, api.CompletionRequest, "'n'", "n"),
         ({"model": "smol", "prompt": ""}, api.CompletionRequest, "non-empty", "prompt"),
         ({"model": "smol", "messages": []}, api.ChatRequest, "messages", "messages"),
-        ({"model": "smol", "messages": [{"role": "user"}]}, api.ChatRequest, "content", "messages.0.content"),
+        ({"model": "smol", "messages": [{"role": "wizard", "content": "x"}]}, api.ChatRequest, "role", "messages.0.role"),
         ({"model": "smol", "prompt": "word " * 80}, api.CompletionRequest, "maximum context length is 64", "prompt"),
         ({"model": "smol", "prompt": "hi", "max_tokens": 100}, api.CompletionRequest, "maximum context length", "max_tokens"),
     ]
@@ -53,14 +52,66 @@ def test_unknown_model_is_404(frontend):
 
 
 def test_valid_requests_become_sampling_params(frontend):
-    [(prompt, params, tokens)] = frontend.requests(api.parse(json.dumps(
+    [choice] = frontend.requests(api.parse(json.dumps(
         {"model": "smol", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "stop": "\n", "seed": 3,
          "user": "ignored-extra-field"}).encode(), api.CompletionRequest))
-    assert prompt == "Hello" and tokens == 1
-    assert params == SamplingParams(max_new_tokens=5, temperature=0.0, seed=3, stop=("\n",))
-    [(chat_prompt, chat_params, _)] = frontend.requests(api.parse(json.dumps(
+    assert choice.prompt == "Hello" and choice.prompt_tokens == 1
+    assert choice.params == SamplingParams(max_new_tokens=5, temperature=0.0, seed=3, stop=("\n",))
+    [chat] = frontend.requests(api.parse(json.dumps(
         {"model": "smol", "messages": [{"role": "user", "content": "Hi"}]}).encode(), api.ChatRequest))
-    assert chat_prompt.endswith("assistant\n") and "Hi" in chat_prompt
-    chat_tokens = len(frontend.tokenizer(chat_prompt).input_ids)
-    assert chat_params.max_new_tokens == 64 - chat_tokens  # the room the context leaves
-    assert chat_params.temperature == 1.0  # OpenAI's default
+    assert chat.prompt.endswith("assistant\n") and "Hi" in chat.prompt
+    chat_tokens = len(frontend.tokenizer(chat.prompt).input_ids)
+    assert chat.params.max_new_tokens == 64 - chat_tokens  # the room the context leaves
+    assert chat.params.temperature == 1.0  # OpenAI's default
+
+
+def request(frontend, body: dict, kind=api.CompletionRequest):
+    return frontend.requests(api.parse(json.dumps(body).encode(), kind))
+
+
+def test_prompts_as_token_ids_lists_and_text_parts(frontend):
+    ids = frontend.tokenizer("Hello there").input_ids
+    [one] = request(frontend, {"prompt": ids, "max_tokens": 2})
+    assert one.prompt == ids and one.prompt_tokens == len(ids)
+    assert [c.prompt for c in request(frontend, {"prompt": [ids, ids[:1]], "max_tokens": 2})] == [ids, ids[:1]]
+    assert len(request(frontend, {"prompt": ["a", "b"], "max_tokens": 2, "n": 2})) == 4
+    [parts] = request(frontend, {"messages": [{"role": "system", "content": None},
+                                              {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                                           {"type": "text", "text": " there"}]}]},
+                      api.ChatRequest)
+    assert "Hi there" in parts.prompt
+    error = refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                    api.ChatRequest, frontend)
+    assert error.param == "messages.0.content.0.type" and "'image_url'" in error.message
+    assert refused({"prompt": [10**9], "max_tokens": 2}, api.CompletionRequest, frontend).param == "prompt"
+
+
+def test_no_field_is_silently_dropped(frontend):
+    for body, param in [({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+                        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+                        ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
+                        ({"prompt": "x", "best_of": 3}, "best_of"),
+                        ({"prompt": "x", "suffix": "end"}, "suffix")]:
+        error = refused(body, api.CompletionRequest, frontend)
+        assert error.status == 400 and error.param == param, (body, error.message)
+    # harmless metadata and explicit nulls are fine
+    [choice] = request(frontend, {"prompt": "x", "user": "u1", "metadata": {"a": "b"}, "temperature": None,
+                                  "top_p": None, "n": None, "stream": None, "max_tokens": None})
+    assert choice.params.max_new_tokens == 16 and choice.params.temperature == 1.0
+
+
+def test_sampling_controls_reach_the_engine(frontend):
+    [choice] = request(frontend, {"prompt": "x", "max_tokens": 3, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+                                  "repetition_penalty": 1.2, "logit_bias": {"42": 10}, "top_k": 5, "min_p": 0.1,
+                                  "min_tokens": 2, "stop_token_ids": [7], "ignore_eos": True, "seed": 9,
+                                  "logprobs": 3, "echo": True})
+    params = choice.params
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert params.logit_bias == ((42, 10.0),) and (params.top_k, params.min_p, params.min_tokens) == (5, 0.1, 2)
+    assert params.stop_token_ids == (7,) and params.ignore_eos and params.logprobs == 3 and params.prompt_logprobs == 3
+    [chat] = request(frontend, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4,
+                                "logprobs": True, "top_logprobs": 2}, api.ChatRequest)
+    assert chat.params.max_new_tokens == 4 and chat.params.logprobs == 2
+    [score] = request(frontend, {"prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert score.params.max_new_tokens == 0 and score.params.prompt_logprobs == 0
+    assert refused({"prompt": "x", "max_tokens": 0}, api.CompletionRequest, frontend).param == "max_tokens"

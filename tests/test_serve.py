@@ -69,8 +69,11 @@ def test_chat_plain_and_streaming(client, engine):
     assert response.choices[0].message.role == "assistant"
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, stream=True)
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == response.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
+    assert all(len(c.choices) == 1 for c in chunks)  # OpenAI's own loop reads choices[0] of every chunk
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == response.choices[0].message.content
+    with_usage = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == response.usage.completion_tokens
 
 
 def test_models_and_health(client):
@@ -108,7 +111,7 @@ def post(path: str, body: bytes) -> tuple[int, dict]:
 
 def test_a_hundred_bad_requests_then_a_good_one(client):
     bad = [
-        b"{broken", b"[]", b'{"model": "tiny"}', b'{"prompt": "x"}',
+        b"{broken", b"[]", b'{"model": "tiny"}', b'{"prompt": "x", "max_tokens": 1.5}',
         json.dumps({"model": "tiny", "prompt": "x", "max_tokens": -1}).encode(),
         json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "ten"}).encode(),
         json.dumps({"model": "tiny", "prompt": "word " * 400}).encode(),
@@ -193,6 +196,85 @@ def test_n_choices_and_their_indexes(client):
         for choice in chunk.choices:
             streamed[choice.index] = streamed.get(choice.index, "") + choice.text
     assert set(streamed) == {0, 1}
+
+
+def test_logprobs_and_echo_equal_transformers(client, engine):
+    """Completion logprobs (generated and echoed prompt) against transformers' own forward pass."""
+    import torch
+
+    from endor_ray.engine.reference import load_dense_model
+
+    model = load_dense_model(engine.store, dtype=engine.dtype).eval()
+    response = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=3, temperature=0, logprobs=2,
+                                         echo=True)
+    choice = response.choices[0]
+    prompt_ids = engine.tokenizer(PROMPTS[0]).input_ids
+    assert choice.text.startswith(PROMPTS[0])
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(prompt_ids) + 3
+    generated = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3)).completions[0].token_ids
+    ids = prompt_ids + generated
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    for position in range(1, len(ids)):
+        assert lp.token_logprobs[position] == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
+        assert len(lp.top_logprobs[position]) == 2
+    scored = client.completions.create(model="tiny", prompt=prompt_ids, max_tokens=0, echo=True, logprobs=0)
+    assert scored.usage.completion_tokens == 0 and scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        lp.token_logprobs[1:len(prompt_ids)], abs=1e-6)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(item.top_logprobs) == 2 for item in content)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=3, temperature=0, logprobs=1, stream=True) if c.choices[0].logprobs]
+    assert [s.token_logprobs[0] for s in streamed] == pytest.approx(lp.token_logprobs[len(prompt_ids):], abs=1e-6)
+
+
+def test_operations_routes(client):
+    tokens = post("/tokenize", json.dumps({"prompt": "Hello there"}).encode())
+    assert tokens[0] == 200 and tokens[1]["count"] == len(tokens[1]["tokens"]) > 0
+    text = post("/detokenize", json.dumps({"tokens": tokens[1]["tokens"]}).encode())
+    assert text == (200, {"prompt": "Hello there"})
+    assert client.models.retrieve("tiny").id == "tiny"
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+    status, body = post("/v1/nowhere", b"{}")
+    assert status == 404 and body["error"]["message"].startswith("no route")
+    with urllib.request.urlopen(f"{BASE}/metrics", timeout=30) as answer:
+        metrics = answer.read().decode()
+    assert "endor_requests_total" in metrics and "endor_sequences_per_pass" in metrics
+    assert "endor_time_to_first_token_seconds_bucket" in metrics
+    request = urllib.request.Request(f"{BASE}/v1/completions", headers={"x-request-id": "my-id-1",
+                                                                         "Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": "x", "max_tokens": 1}).encode())
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        assert json.load(answer)["id"] == "my-id-1" and answer.headers["x-request-id"] == "my-id-1"
+
+
+def test_api_key(server):
+    """A second app with a key: 401 without it, 200 with it; /health stays open unless protected."""
+    import openai
+    from ray import serve
+
+    from endor_ray.serve import build_app
+
+    serve.run(build_app({"store": server, "model_name": "locked", "gpu_memory": 0, "api_key": "s3cret"}),
+              name="locked", route_prefix="/locked")
+    try:
+        url = f"{BASE}/locked/v1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).completions.create(model="locked", prompt="x",
+                                                                                           max_tokens=1)
+        answer = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0).completions.create(
+            model="locked", prompt="x", max_tokens=1)
+        assert answer.choices[0].finish_reason in ("length", "stop")
+        with urllib.request.urlopen(f"{BASE}/locked/health", timeout=30) as health_answer:
+            assert health_answer.status == 200
+    finally:
+        serve.delete("locked")
 
 
 # -- isolation: one bad request never fails its neighbours ----------------------------------------

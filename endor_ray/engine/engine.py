@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.results import (  # noqa: F401  (GenerationStats: re-exported, the engine's API)
     EngineMetrics, GenerationResult, GenerationStats, RequestTracker, TokenEvent,
 )
-from endor_ray.engine.sampling import SamplingParams, make_generator, select_token
+from endor_ray.engine.sampling import SamplingParams, make_generator, process_logits, select_token, top_logprobs
 from endor_ray.engine.scheduler import Scheduler, SchedulerConfig
 from endor_ray.engine.sequence import Sequence
 from endor_ray.engine.tiers import plan_tiers
@@ -89,8 +90,10 @@ class Engine:
             self.scheduler = Scheduler(scheduler or SchedulerConfig())
             self.batch = RunningBatch(self.device, self.pad_id, self._new_cache)
             self.metrics = EngineMetrics()
+            # The module that returns the final hidden states: the LM head runs on the positions needed
+            self._body = operator.attrgetter(self.store.architecture.body_path)(self.model)
             # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
-            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            self._cache_arg = "cache" if "cache" in inspect.signature(self._body.forward).parameters else "past_key_values"
         except BaseException:
             self.close()  # the prefetch threads, pinned pages and slots of what was built so far
             if self.source is None:
@@ -188,15 +191,18 @@ class Engine:
             self._finish(seq for seq, _, _ in events)
             return events
         inputs = self.batch.inputs(newcomers)
-        logits = self.model(**inputs, use_cache=True, logits_to_keep=1,  # the LM head on the last position only
-                            **{self._cache_arg: self.batch.cache}).logits[:, -1, :]  # [rows, vocab]
+        logits, prompt_logits = self._forward(inputs, newcomers)
         self.metrics.record_pass(len(self.batch.rows))
         leaving = []
-        for seq, token_id in zip(self.batch.rows, self._choose(logits)):
-            if token_id is None:  # its sampling failed: this sequence alone ends
+        for seq, (token_id, logprob) in zip(self.batch.rows, self._choose(logits)):
+            if id(seq) in prompt_logits:
+                seq.prompt_logprobs = _prompt_logprobs(prompt_logits[id(seq)], seq)
+            if seq.params.max_new_tokens == 0:  # scoring the prompt only
+                events.append((seq, None, seq.finish("length")))
+            elif token_id is None:  # its sampling failed: this sequence alone ends
                 events.append((seq, None, seq.finish("error", seq.error)))
             else:
-                events.append((seq, token_id, seq.append(token_id, self.tokenizer, self.eos_ids)))
+                events.append((seq, token_id, seq.append(token_id, self.tokenizer, self.eos_ids, logprob)))
             if seq.finished:
                 leaving.append(seq)
         self.batch.remove(leaving)
@@ -204,24 +210,48 @@ class Engine:
         self._finish(seq for seq, _, _ in events)
         return events
 
+    def _forward(self, inputs: dict[str, torch.Tensor], newcomers: list[Sequence]
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One pass: [rows, vocab] logits of every row's last position, and for each newcomer that
+        asks for its prompt's log-probabilities, [prompt length - 1, vocab] logits predicting its
+        prompt tokens 1.. (the LM head runs on those positions only)."""
+        hidden = self._body(**inputs, use_cache=True, **{self._cache_arg: self.batch.cache}).last_hidden_state
+        last = self.model.lm_head(hidden[:, -1, :])  # [rows, vocab]
+        prompt_logits = {}
+        first_newcomer, block = len(self.batch.rows) - len(newcomers), hidden.shape[1]
+        for offset, seq in enumerate(newcomers):
+            if seq.params.prompt_logprobs is not None:
+                length = len(seq.prompt_ids)
+                prompt_logits[id(seq)] = self.model.lm_head(hidden[first_newcomer + offset, block - length:block - 1])
+        return last, prompt_logits
+
     def _finish(self, sequences) -> None:
         for seq in sequences:
             if seq.finished:
                 self.metrics.record_finished(seq)
 
-    def _choose(self, logits: torch.Tensor) -> list[int | None]:
-        """Each row's next token; a row whose sampling fails gets None (and its error)."""
+    def _choose(self, logits: torch.Tensor) -> list[tuple[int | None, tuple | None]]:
+        """Each row's (next token, its log-probability and alternatives if asked); a row whose
+        sampling fails gets None (and its error)."""
         rows = self.batch.rows
-        if all(seq.params.greedy for seq in rows):
-            return logits.argmax(dim=-1).tolist()
+        if all(seq.params.plain and seq.params.logprobs is None for seq in rows):
+            return [(token_id, None) for token_id in logits.argmax(dim=-1).tolist()]
         host = logits.float().cpu()
-        chosen: list[int | None] = []
+        chosen: list[tuple[int | None, tuple | None]] = []
         for row, seq in enumerate(rows):
+            params = seq.params
             try:
-                chosen.append(select_token(host[row], seq.params, seq.generator))
+                raw = host[row]
+                end_ids = set() if params.ignore_eos else self.eos_ids
+                processed = raw if params.plain else process_logits(raw, params, seq.prompt_ids, seq.output_ids,
+                                                                    end_ids)
+                token_id = select_token(processed, params, seq.generator)
+                logprob = (top_logprobs(torch.log_softmax(raw.double(), dim=-1), token_id, params.logprobs)
+                           if params.logprobs is not None else None)
+                chosen.append((token_id, logprob))
             except (RuntimeError, ValueError) as exc:  # e.g. probabilities that overflow to inf or NaN
                 seq.error = f"sampling failed for this sequence ({str(exc).splitlines()[0]})"
-                chosen.append(None)
+                chosen.append((None, None))
         return chosen
 
     def generate(
@@ -289,6 +319,13 @@ class Engine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _prompt_logprobs(logits: torch.Tensor, seq: Sequence) -> list:
+    """[None, (log-probability of prompt token i, alternatives) for i >= 1] from [length - 1, vocab]."""
+    logprobs = torch.log_softmax(logits.double().cpu(), dim=-1)
+    return [None] + [top_logprobs(logprobs[position - 1], token_id, seq.params.prompt_logprobs)
+                     for position, token_id in enumerate(seq.prompt_ids) if position > 0]
 
 
 def load_tokenizer(store: Store):

@@ -19,10 +19,15 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     error: str | None = None  # set when this sequence alone failed (finish_reason "error")
+    prompt_token_ids: list[int] | None = None
+    # [log-probability, [[alternative id, log-probability]...]] per generated token (if asked)
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None  # the same per prompt token, None for the first (if asked)
 
     @classmethod
     def of(cls, seq: Sequence) -> Completion:
-        return cls(seq.prompt, seq.text, list(seq.output_ids), seq.finish_reason, seq.error)
+        return cls(seq.prompt, seq.text, list(seq.output_ids), seq.finish_reason, seq.error, list(seq.prompt_ids),
+                   seq.logprobs, seq.prompt_logprobs)
 
 
 @dataclass

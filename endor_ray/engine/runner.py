@@ -4,7 +4,7 @@
 the caller's thread), queues its sequences, and returns a `Request` whose events arrive as the
 passes produce them:
 
-    {"index", "token_id", "text"}                 text of sequence `index` that became final
+    {"index", "token_id", "text"[, "logprob"]}    text of sequence `index` that became final
     {"index", "completion": {...}}                sequence `index` finished (text, token ids, reason)
     {"completions": [...], "stats": {...}}        the whole request finished (last event)
     {"error": "..."}                              the engine failed; the request is over
@@ -120,8 +120,12 @@ class EngineLoop:
             if request is None:
                 continue
             index = request.index[id(seq)]
-            if token_id is not None and (text or seq.finished):
-                self._send(request, {"index": index, "token_id": token_id, "text": text})
+            wants_logprobs = seq.params.logprobs is not None
+            if token_id is not None and (text or seq.finished or wants_logprobs):
+                event = {"index": index, "token_id": token_id, "text": text}
+                if wants_logprobs and seq.output_ids and seq.output_ids[-1] == token_id and seq.logprobs:
+                    event["logprob"] = seq.logprobs[-1]  # (log-probability, [(alternative, log-probability)])
+                self._send(request, event)
             if seq.finished:
                 self._send(request, {"index": index, "completion": vars(Completion.of(seq))})
             touched[request.id] = request

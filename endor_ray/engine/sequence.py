@@ -24,6 +24,10 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None  # what went wrong with this sequence alone (finish_reason "error")
     cancelled: bool = False  # set from any thread; the engine lets it go at the next pass
+    # per generated token (if asked): (its log-probability, [(alternative id, log-probability)])
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # per prompt token (if asked): the same, None for the first token (nothing predicts it)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     added_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -39,15 +43,18 @@ class Sequence:
         self.finished_at = time.monotonic()
         return self._flush()
 
-    def append(self, token_id: int, tokenizer, eos_ids: set[int]) -> str:
+    def append(self, token_id: int, tokenizer, eos_ids: set[int],
+               logprob: tuple[float, list[tuple[int, float]]] | None = None) -> str:
         """Record a new token; return the text that became final with it (for streaming)."""
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
-        if token_id in eos_ids and not self.params.ignore_eos:
+        if (token_id in eos_ids and not self.params.ignore_eos) or token_id in self.params.stop_token_ids:
             self.finish_reason, self.finished_at = "stop", now
             return self._flush()
         self.output_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs = (self.logprobs or []) + [logprob]
         self.text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
         for stop in self.params.stop:
             cut = self.text.find(stop)

@@ -44,6 +44,11 @@ class Architecture:
         """Attribute path of the decoder-layer ModuleList inside the CausalLM module."""
         return self.layer_prefix.rstrip(".")
 
+    @property
+    def body_path(self) -> str:
+        """Attribute path of the module that returns the final hidden states (the LM head's input)."""
+        return self.layer_prefix[: -len(".layers.")]
+
     def split_name(self, name: str) -> tuple[int | None, str]:
         """('model.layers.3.mlp.up_proj.weight') -> (3, 'mlp.up_proj.weight'); (None, name) if dense."""
         match = re.match(re.escape(self.layer_prefix) + r"(\d+)\.(.+)$", name)

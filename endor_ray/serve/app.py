@@ -3,8 +3,9 @@
     endor serve STORE [--host 127.0.0.1] [--port 8000] [--address ADDR]
     serve run endor_ray.serve:build_app store=stores/model        (or a config YAML, KubeRay)
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (which also
-reports how many sequences each pass over the weights served). The deployment starts the
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}], POST /tokenize,
+POST /detokenize, GET /health (readiness, and how many sequences each pass served), GET /metrics
+(Prometheus). With an API key every route but /health and /metrics wants `Authorization: Bearer`. The deployment starts the
 shard servers and GPU workers (`endor_ray.service.driver.connect`) on the cluster it runs in; each
 request goes straight to a worker, whose engine batches all requests continuously.
 
@@ -14,6 +15,9 @@ FastAPI reads the endpoint signatures at import time, so this module does not us
 
 import asyncio
 import dataclasses
+import json
+import logging
+import os
 import signal
 import sys
 import time
@@ -23,11 +27,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from endor_ray.serve import openai_api as api
 from endor_ray.errors import ConfigError, EndorError
+
+log = logging.getLogger("ray.serve")  # Serve's logger: its handlers add the replica and request context
 
 
 @dataclass
@@ -46,6 +53,8 @@ class ServeConfig:
     max_batch_size: int = 32  # sequences per pass over the weights (continuous batching)
     max_waiting: int = 1024  # sequences queued beyond those; more is HTTP 429
     default_max_tokens: int = 256  # for chat requests that give no max_tokens
+    api_key: str | None = None  # clients must send it as a Bearer token (or ENDOR_API_KEY); None: open
+    protect_health: bool = False  # with an API key, /health and /metrics need it too
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -67,14 +76,8 @@ def _error(exc: api.APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-async def _chain(first: list, rest):
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
-
-
-def _api_error(exc: EndorError) -> api.APIError:
+def api_error(exc: EndorError) -> api.APIError:
+    """The HTTP error for an engine-side failure: 429 (queue full), 400 (refused), 503 (failed)."""
     from endor_ray.engine.scheduler import QueueFull
 
     if isinstance(exc, QueueFull):
@@ -97,6 +100,13 @@ def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_tpot_s": workers[0]["mean_tpot_s"] if len(workers) == 1 else None}
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Unknown routes and methods answer with an OpenAI-style body too."""
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return _error(api.APIError(exc.status_code, message.get(exc.status_code, str(exc.detail))))
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class EndorServer:
@@ -108,10 +118,12 @@ class EndorServer:
     def __init__(self, config: ServeConfig):
         from endor_ray.engine.engine import EngineConfig, load_tokenizer
         from endor_ray.engine.scheduler import SchedulerConfig
+        from endor_ray.serve.metrics import ServeMetrics
         from endor_ray.service.driver import ClusterConfig, connect
         from endor_ray.store.store import Store
 
         self.config = config
+        self.api_key = config.api_key or os.environ.get("ENDOR_API_KEY") or None
         store = Store(config.store)
         engine_config = EngineConfig(device=config.device, gpu_memory=config.gpu_memory,
                                      prefetch_depth=config.prefetch, compute_dtype=config.compute_dtype)
@@ -121,12 +133,25 @@ class EndorServer:
                                scheduler=scheduler)
         context = int(store.config.get("max_position_embeddings") or 2**31)
         self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context, config.default_max_tokens)
+        self.metrics = ServeMetrics(config.served_name)
         self.started = int(time.time())
 
+    def _authorized(self, request: Request, open_route: bool = False) -> bool:
+        if self.api_key is None or (open_route and not self.config.protect_health):
+            return True
+        return request.headers.get("authorization") == f"Bearer {self.api_key}"
+
+    @staticmethod
+    def _unauthorized() -> JSONResponse:
+        return _error(api.APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                                   code="invalid_api_key"))
+
     @app.get("/health")
-    async def health(self):
+    async def health(self, request: Request):
         """200 with the batching figures while every GPU worker and shard server answers; 503 (a
         readiness check for Serve and Kubernetes) while one is dead or restarting."""
+        if not self._authorized(request, open_route=True):
+            return self._unauthorized()
         try:
             workers = await self.service.worker_stats()
         except EndorError as exc:
@@ -134,20 +159,85 @@ class EndorServer:
                                 status_code=503)
         return {"status": "ok", "model": self.config.served_name, "batching": _merged(workers), "workers": workers}
 
+    @app.get("/metrics")
+    async def prometheus(self, request: Request):
+        if not self._authorized(request, open_route=True):
+            return self._unauthorized()
+        try:
+            batching = _merged(await self.service.worker_stats())
+        except EndorError:
+            batching = None
+        return Response(self.metrics.render(batching), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.config.served_name, "object": "model",
-                                            "created": self.started, "owned_by": "endor-ray"}]}
+    async def models(self, request: Request):
+        if not self._authorized(request):
+            return self._unauthorized()
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request):
+        if not self._authorized(request):
+            return self._unauthorized()
+        if model_id != self.config.served_name:
+            return _error(api.APIError(404, f"the model {model_id!r} does not exist; this server serves "
+                                            f"{self.config.served_name!r}", param="model", code="model_not_found"))
+        return self._model_card()
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.config.served_name, "object": "model", "created": self.started, "owned_by": "endor-ray",
+                "max_model_len": self.frontend.max_context}
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """{"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"} (vLLM's shape)."""
+        if not self._authorized(request):
+            return self._unauthorized()
+        try:
+            body = api.parse_plain(await request.body(), ("prompt", "messages", "model", "add_special_tokens"))
+            if "messages" in body:
+                chat = api.parse(json.dumps({"messages": body["messages"]}).encode(), api.ChatRequest)
+                text = self.frontend.prompts(chat)[0]
+            elif isinstance(body.get("prompt"), str):
+                text = body["prompt"]
+            else:
+                raise api.APIError(400, "give a prompt (text) or messages", param="prompt")
+            tokens = await asyncio.to_thread(lambda: self.frontend.tokenizer(text).input_ids)
+        except api.APIError as exc:
+            return _error(exc)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.frontend.max_context}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """{"tokens": [ids]} -> {"prompt": text}."""
+        if not self._authorized(request):
+            return self._unauthorized()
+        try:
+            body = api.parse_plain(await request.body(), ("tokens", "model"))
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or any(type(t) is not int or not 0 <= t < self.frontend.vocab_size
+                                                   for t in tokens):
+                raise api.APIError(400, f"tokens must be a list of token ids in [0, {self.frontend.vocab_size})",
+                                   param="tokens")
+        except api.APIError as exc:
+            return _error(exc)
+        return {"prompt": self.frontend.tokenizer.decode(tokens)}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._handle(request, api.CompletionRequest, chat=False)
+        return await self._handle(request, api.CompletionRequest, "/v1/completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._handle(request, api.ChatRequest, chat=True)
+        return await self._handle(request, api.ChatRequest, "/v1/chat/completions")
 
-    async def _handle(self, request: Request, kind: type, chat: bool):
+    async def _handle(self, request: Request, kind: type, route: str):
+        from endor_ray.serve.responses import Shaper
+
+        started = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or api.new_id("chatcmpl" if kind is api.ChatRequest else "cmpl")
+        if not self._authorized(request):
+            return self._log(request_id, route, self._unauthorized(), started)
         try:
             length = int(request.headers.get("content-length") or 0)
             if length > api.MAX_BODY_BYTES:  # before reading it
@@ -157,53 +247,48 @@ class EndorServer:
             # Templates and tokenizers take time on long prompts: off the event loop (/health stays quick)
             choices = await asyncio.to_thread(self.frontend.requests, parsed)
         except api.APIError as exc:
-            return _error(exc)
-        request_id = api.new_id("chatcmpl" if chat else "cmpl")
-        prompt_tokens = sum(tokens for _, _, tokens in choices[::parsed.n])  # each prompt once, whatever n
-        prompts, params = [prompt for prompt, _, _ in choices], [p for _, p, _ in choices]
+            return self._log(request_id, route, _error(exc), started)
+        shaper = Shaper(self.frontend, parsed, request_id, choices)
+        events = self.service.astream([c.prompt for c in choices], [c.params for c in choices])
         if parsed.stream:
-            events = self.service.astream(prompts, params)
             try:
                 first = await anext(events)  # a refused request is an HTTP error, not a broken stream
             except StopAsyncIteration:
                 first = None
             except EndorError as exc:
-                return _error(_api_error(exc))
-            return StreamingResponse(self._stream(request_id, chat, len(choices), first, events, prompt_tokens),
-                                     media_type="text/event-stream")
+                return self._log(request_id, route, _error(api_error(exc)), started)
+            self._log(request_id, route, None, started, status=200, prompt_tokens=shaper.prompt_tokens)
+            return StreamingResponse(shaper.stream(first, events), media_type="text/event-stream",
+                                     headers={"x-request-id": request_id})
         try:
-            async for event in self.service.astream(prompts, params):
+            async for event in events:
                 if "completions" in event:
-                    completions = event["completions"]
+                    result = event
                     break
             else:
                 raise EndorError("the request ended without a result")
         except EndorError as exc:
-            return _error(_api_error(exc))
-        shape = api.chat_response if chat else api.completion_response
-        return shape(request_id, self.frontend.model_name, completions, prompt_tokens)
+            return self._log(request_id, route, _error(api_error(exc)), started)
+        failed = [c for c in result["completions"] if c["finish_reason"] == "error"]
+        if failed:  # this request's own failure (its sampling), never its neighbours'
+            return self._log(request_id, route, _error(api.APIError(500, f"generation failed: {failed[0]['error']}")),
+                             started)
+        response = JSONResponse(shaper.response(result["completions"]), headers={"x-request-id": request_id})
+        return self._log(request_id, route, response, started, stats=result["stats"],
+                         prompt_tokens=shaper.prompt_tokens)
 
-    async def _stream(self, request_id: str, chat: bool, num_choices: int, first, events, prompt_tokens: int):
-        model = self.frontend.model_name
-        completion_tokens = 0
-        try:
-            if chat:
-                for index in range(num_choices):
-                    yield api.stream_chunk(request_id, model, chat, index, None, role=True)
-            pending = [first] if first is not None else []
-            async for event in _chain(pending, events):
-                if "completion" in event:
-                    completion = event["completion"]
-                    completion_tokens += len(completion["token_ids"])
-                    yield api.stream_chunk(request_id, model, chat, event["index"], None, completion["finish_reason"])
-                elif event.get("text"):
-                    yield api.stream_chunk(request_id, model, chat, event["index"], event["text"])
-            yield api.usage_chunk(request_id, model, chat, api.usage(prompt_tokens, completion_tokens))
-        except EndorError as exc:
-            yield api.error_chunk(_api_error(exc))
-        finally:
-            await events.aclose()  # a client gone mid-stream: the worker lets the sequences go
-        yield api.STREAM_END
+    def _log(self, request_id: str, route: str, response, started: float, status: int | None = None,
+             stats: dict | None = None, prompt_tokens: int = 0):
+        """One line per request: id, route, status, tokens, latency (prompts only with --log-prompts)."""
+        status = status if status is not None else response.status_code
+        if stats is not None or status >= 400:
+            self.metrics.request_done(route, status, stats)
+        if stats is not None:
+            self.metrics.prompt_tokens.labels(self.config.served_name).inc(prompt_tokens)
+        generated = stats["new_tokens"] if stats else 0
+        log.info("request %s %s %d prompt_tokens=%d generated=%d %.3fs", request_id, route, status, prompt_tokens,
+                 generated, time.perf_counter() - started)
+        return response
 
 
 def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:

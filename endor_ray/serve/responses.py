@@ -1,0 +1,103 @@
+"""Engine events -> OpenAI responses: a whole response, or server-sent event chunks.
+
+The events are the GPU worker's (`endor_ray.engine.runner`): token events with the text that
+became final (and the token's log-probability when asked), one "completion" event per choice
+when it finishes, then the request's result. A stream sends exactly one choice per chunk; the
+usage chunk only when `stream_options.include_usage` asks for it (as OpenAI does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from endor_ray.errors import EndorError
+from endor_ray.serve import openai_api as api
+
+
+class Shaper:
+    """Shapes one request's completions for its kind (chat or completion) and options."""
+
+    def __init__(self, frontend: api.Frontend, request: api._Sampling, request_id: str, choices: list[api.Choice]):
+        self.frontend, self.request, self.request_id, self.choices = frontend, request, request_id, choices
+        self.chat = isinstance(request, api.ChatRequest)
+        self.echo = not self.chat and request.echo
+        self.logprobs = None if self.chat else request.logprobs
+        self.num_choices = len(choices)
+        self.prompt_tokens = sum(choice.prompt_tokens for choice in choices[::request.n])  # each prompt once
+        self.model = frontend.model_name
+
+    def response(self, completions: list[dict]) -> dict[str, Any]:
+        shaped = []
+        for completion in completions:
+            text = completion["text"]
+            if self.echo:
+                text = self.frontend.prompt_text(completion) + text
+            logprobs = (self.frontend.chat_logprobs(completion) if self.chat
+                        else self.frontend.completion_logprobs(completion, self.echo, self.logprobs))
+            shaped.append({"text": text, "logprobs": logprobs, "finish_reason": _reason(completion),
+                           "tokens": len(completion["token_ids"])})
+        shape = api.chat_response if self.chat else api.completion_response
+        return shape(self.request_id, self.model, shaped, self.prompt_tokens)
+
+    async def stream(self, first: dict | None, events: AsyncIterator[dict]) -> AsyncIterator[str]:
+        options = self.request.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous = options is not None and options.continuous_usage_stats
+        generated, echoed = 0, set()
+        try:
+            for index in range(self.num_choices):
+                if self.chat:
+                    yield api.stream_chunk(self.request_id, self.model, True, index, None, role=True)
+            async for event in _chain([first] if first is not None else [], events):
+                index = event.get("index")
+                usage_block = api.usage(self.prompt_tokens, generated) if continuous else None
+                if self.echo and index is not None and index not in echoed:  # the prompt comes first
+                    echoed.add(index)
+                    prompt = self.choices[index].prompt
+                    text = prompt if isinstance(prompt, str) else self.frontend.tokenizer.decode(prompt)
+                    yield api.stream_chunk(self.request_id, self.model, False, index, text)
+                if "completion" in event:
+                    completion = event["completion"]
+                    yield api.stream_chunk(self.request_id, self.model, self.chat, index, None, _reason(completion),
+                                           usage_block=usage_block)
+                elif "token_id" in event:
+                    generated += 1
+                    yield api.stream_chunk(self.request_id, self.model, self.chat, index, event["text"],
+                                           logprobs=self._token_logprobs(event), usage_block=usage_block)
+            if include_usage:
+                yield api.usage_chunk(self.request_id, self.model, self.chat, api.usage(self.prompt_tokens, generated))
+        except EndorError as exc:
+            from endor_ray.serve.app import api_error
+
+            yield api.error_chunk(api_error(exc))
+        finally:
+            await events.aclose()  # a client gone mid-stream: the worker lets the sequences go
+        yield api.STREAM_END
+
+    def _token_logprobs(self, event: dict) -> dict | None:
+        entry = event.get("logprob")
+        if entry is None:
+            return None
+        token_id, (logprob, alternatives) = event["token_id"], entry
+        text = self.frontend.token_text(token_id)
+        if self.chat:
+            def item(tid: int, lp: float) -> dict:
+                piece = self.frontend.token_text(tid)
+                return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+            return {"content": [{**item(token_id, logprob), "top_logprobs": [item(a, lp) for a, lp in alternatives]}]}
+        return {"tokens": [text], "token_logprobs": [logprob],
+                "top_logprobs": [{self.frontend.token_text(a): lp for a, lp in alternatives}], "text_offset": [0]}
+
+
+def _reason(completion: dict) -> str:
+    reason = completion["finish_reason"]
+    return "stop" if reason == "cancelled" else reason  # "error" is reported with the request's status
+
+
+async def _chain(first: list, rest):
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
