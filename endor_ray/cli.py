@@ -232,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     _open_store(args.store)  # a bad store fails here, before Ray and Serve start
     config = ServeConfig(store=args.store, model_name=args.model_name, address=args.address, device=args.device,
-                         compute_dtype=args.compute_dtype,
+                         compute_dtype=args.compute_dtype, api_key=args.api_key, protect_health=args.protect_health,
                          gpu_memory=args.gpu_memory, prefetch=args.prefetch, num_workers=args.workers,
                          shard_memory=args.shard_memory, max_batch_size=args.max_batch_size,
                          max_waiting=args.max_waiting)
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="GPU worker replicas")
     serve.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
     serve.add_argument("--max-batch-size", type=int, default=32, help="sequences per pass over the weights (requests join and leave at every pass)")
+    serve.add_argument("--api-key", default=None,
+                       help="clients must send 'Authorization: Bearer KEY' (default: $ENDOR_API_KEY, else open)")
+    serve.add_argument("--protect-health", action="store_true", help="with an API key, /health and /metrics need it too")
     serve.add_argument("--max-waiting", type=int, default=1024,
                        help="sequences queued beyond the running batch; more get HTTP 429")
     serve.set_defaults(func=cmd_serve)

@@ -207,3 +207,37 @@ def test_serve_run_with_a_bad_store_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "not an endor store" in errors[0]
+
+
+def test_serve_args_from_the_command_line_and_yaml():
+    from endor_ray.errors import ConfigError
+    from endor_ray.serve.config import serve_config_from_args
+
+    strings = serve_config_from_args({"store": "s", "max_batch_size": "8", "gpu_memory": "12", "protect_health": "true"})
+    typed = serve_config_from_args({"store": "s", "max_batch_size": 8, "gpu_memory": 12, "protect_health": True})
+    assert strings == typed and strings.max_batch_size == 8 and strings.gpu_memory == 12 and strings.protect_health
+    assert serve_config_from_args({"store": "s", "gpu_memory": "8GiB"}).gpu_memory == "8GiB"
+    with pytest.raises(ConfigError, match="must be a number"):
+        serve_config_from_args({"store": "s", "max_batch_size": "eight"})
+    with pytest.raises(ConfigError, match="unknown Serve app arguments"):
+        serve_config_from_args({"store": "s", "batch_wait_ms": "5"})
+
+
+def test_serve_build_writes_a_deployable_config(tiny_stores, tmp_path):
+    import os
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    serve = Path(sys.executable).with_name("serve")
+    env = {**os.environ, "ENDOR_STORE": str(tiny_stores["opt"]), "ENDOR_MAX_BATCH_SIZE": "8"}
+    done = subprocess.run([serve, "build", "endor_ray.serve:application", "-o", tmp_path / "serve.yaml"], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = yaml.safe_load((tmp_path / "serve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    assert config["applications"][0]["import_path"] == "endor_ray.serve:application"
+    env.pop("ENDOR_STORE")
+    done = subprocess.run([serve, "build", "endor_ray.serve:application"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 1 and "set ENDOR_STORE" in done.stderr and "Traceback" not in done.stderr

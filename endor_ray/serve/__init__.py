@@ -2,7 +2,8 @@
 
 Owns the protocol (`openai_api`: parsing and response shapes) and the Ray Serve application
 (`app`: `build_app`, `run_server`); batching is the engine's (continuous, in the GPU worker). May import every stage below it;
-never jobs or the CLI. `serve run endor_ray.serve:build_app store=...` finds `build_app` here.
+never jobs or the CLI. `serve run endor_ray.serve:build_app store=...` finds `build_app` here, and
+`ENDOR_STORE=... serve build endor_ray.serve:application` the Application `serve build` needs.
 """
 
 
@@ -12,4 +13,8 @@ def __getattr__(name: str):
         from endor_ray.serve import app
 
         return getattr(app, name)
+    if name == "application":  # for `serve build endor_ray.serve:application` (arguments from ENDOR_* variables)
+        from endor_ray.serve.app import app_from_environment
+
+        return app_from_environment()
     raise AttributeError(f"module 'endor_ray.serve' has no attribute {name!r}")

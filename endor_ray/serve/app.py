@@ -21,9 +21,7 @@ import os
 import signal
 import sys
 import time
-import typing
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,42 +30,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from endor_ray.serve import openai_api as api
+from endor_ray.serve.config import APP_ARGS, ServeConfig, serve_config_from_args
 from endor_ray.errors import ConfigError, EndorError
 
 log = logging.getLogger("ray.serve")  # Serve's logger: its handlers add the replica and request context
 
-
-@dataclass
-class ServeConfig:
-    """What `build_app` accepts (also the `args` of a serve config YAML)."""
-
-    store: str  # store path or URI, readable from every node
-    model_name: str | None = None  # the model id clients ask for; default: the store's folder name
-    address: str | None = None  # only for `endor serve`: the cluster to start Serve on
-    device: str = "auto"
-    gpu_memory: str | int | None = None  # device tier, as for `endor generate`
-    prefetch: int = 2
-    compute_dtype: str | None = None  # "float32": answers independent of the batch over a bf16 store
-    num_workers: int = 1  # GPU worker replicas
-    shard_memory: str | None = None  # per-node budget for shard servers
-    max_batch_size: int = 32  # sequences per pass over the weights (continuous batching)
-    max_waiting: int = 1024  # sequences queued beyond those; more is HTTP 429
-    default_max_tokens: int = 256  # for chat requests that give no max_tokens
-    api_key: str | None = None  # clients must send it as a Bearer token (or ENDOR_API_KEY); None: open
-    protect_health: bool = False  # with an API key, /health and /metrics need it too
-
-    def __post_init__(self) -> None:
-        if not self.store:
-            raise ConfigError("the Serve app needs a store (args: store=PATH_OR_URI)")
-        if self.max_batch_size < 1 or self.max_waiting < 0:
-            raise ConfigError("max_batch_size must be >= 1 and max_waiting >= 0")
-
-    @property
-    def served_name(self) -> str:
-        return self.model_name or PurePosixPath(self.store.rstrip("/")).name
-
-
-APP_ARGS = frozenset(field.name for field in dataclasses.fields(ServeConfig))
 
 app = FastAPI(title="endor-ray", description="OpenAI-compatible API for offloaded inference")
 
@@ -291,27 +258,6 @@ class EndorServer:
         return response
 
 
-def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
-    """A ServeConfig from app arguments, whose values arrive as strings from `serve run k=v`."""
-    unknown = set(args) - APP_ARGS
-    if unknown:
-        raise ConfigError(f"unknown Serve app arguments {sorted(unknown)}; accepted: {sorted(APP_ARGS)}")
-    converted = {}
-    for field in dataclasses.fields(ServeConfig):
-        if field.name not in args:
-            continue
-        value, kind = args[field.name], field.type
-        if isinstance(value, str) and kind in (int, float):
-            try:
-                value = kind(value)
-            except ValueError:
-                raise ConfigError(f"app argument {field.name}={value!r} must be a number") from None
-        elif isinstance(value, str) and int in typing.get_args(kind) and value.isdigit():
-            value = int(value)  # gpu_memory=12 is a layer count, as on the command line
-        converted[field.name] = value
-    return ServeConfig(**converted)
-
-
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for `serve run endor_ray.serve:build_app store=...` or a config YAML.
 
@@ -326,10 +272,23 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         Store(config.store)
     except EndorError as exc:
         if Path(sys.argv[0]).name == "serve":
-            print(f"serve run endor_ray.serve:build_app: error: {exc}", file=sys.stderr)
+            print(f"serve: endor_ray.serve: error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
     return EndorServer.bind(config)
+
+
+def app_from_environment() -> serve.Application:
+    """`endor_ray.serve:application`, the Application `serve build` wants: the arguments of `build_app`
+    from ENDOR_<ARG> environment variables (ENDOR_STORE=s3://... ENDOR_MAX_BATCH_SIZE=16 ...)."""
+    args = {name: os.environ[f"ENDOR_{name.upper()}"] for name in APP_ARGS if f"ENDOR_{name.upper()}" in os.environ}
+    if "store" not in args:
+        message = "set ENDOR_STORE (and any other ENDOR_<ARG>) for endor_ray.serve:application, or use build_app with args"
+        if Path(sys.argv[0]).name == "serve":
+            print(f"serve: endor_ray.serve: error: {message}", file=sys.stderr)
+            raise SystemExit(1)
+        raise ConfigError(message)
+    return build_app(args)
 
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:

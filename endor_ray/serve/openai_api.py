@@ -1,12 +1,9 @@
-"""The OpenAI-compatible protocol: request validation, and response and stream-chunk shapes.
+"""OpenAI requests -> what the engine runs, and completions -> OpenAI responses and chunks.
 
-Plain functions over pydantic models, used by the Serve deployment and testable without it.
-Every problem with a request becomes an `APIError` carrying an HTTP status and an OpenAI-style
-body ``{"error": {"message", "type", "param", "code"}}``; a request is fully validated (types
-strictly, ranges, its prompt length against the model's context) before it joins a batch, so one
-bad request never fails the others. No field is silently dropped: a field this server does not
-honour is a 400 naming it, except harmless metadata (`METADATA_FIELDS`). The fields, what each
-does here, and what vLLM's server does with it are listed in docs/API.md.
+`Frontend` turns a parsed request (`endor_ray.serve.protocol`) into choices, one sequence each,
+fully validated against the model (its context, its vocabulary) before anything joins a batch,
+so one bad request never fails the others; and shapes completions, log-probabilities included.
+Plain functions and classes: used by the Serve deployment, testable without it.
 """
 
 from __future__ import annotations
@@ -14,212 +11,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from endor_ray.engine.sampling import MAX_LOGPROBS, SamplingParams
+from endor_ray.engine.sampling import SamplingParams
 from endor_ray.errors import ConfigError
-
-MAX_BODY_BYTES = 4 << 20  # a larger request body is refused (413) before it is parsed
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
-# Explicit null means "the default" for these, as OpenAI's clients and vLLM treat them
-NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
-                      "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "echo",
-                      "suffix", "best_of", "stream_options", "response_format", "tools", "tool_choice", "user",
-                      "top_k", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "repetition_penalty",
-                      "metadata", "store", "service_tier", "parallel_tool_calls")
-METADATA_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # accepted, no effect
-
-
-class APIError(Exception):
-    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = ("invalid_request_error" if self.status < 500 and self.status not in (401, 429)
-                else "authentication_error" if self.status == 401
-                else "rate_limit_error" if self.status == 429 else "server_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class _Sampling(BaseModel):
-    # Strict: `true` is not 1, "5" is not 5, 3.0 is not 3, "yes" is not a boolean (an int is a float)
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str | None = None  # optional: one model is served
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: Finite = Field(1.0, ge=0.0, le=2.0)
-    top_p: Finite = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # -1 or 0: off (vLLM uses -1)
-    min_p: Finite = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: str | list[str] | None = Field(None)
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
-    ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16)  # choices per prompt; all of them share the passes
-    best_of: int | None = Field(None, ge=1, le=16)
-    presence_penalty: Finite = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: Finite = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: Finite = Field(1.0, gt=0.0, le=10.0)
-    logit_bias: dict[str, Finite] | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo scores a prompt
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
-    suffix: str | None = None
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-def parse(raw: bytes, kind: type[_Sampling]) -> _Sampling:
-    """The request model from a raw body, or APIError(400/413) naming the problem."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body has {len(raw)} bytes; this server takes at most {MAX_BODY_BYTES}")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise APIError(400, "the request body nests too deeply") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    data = {key: value for key, value in data.items()
-            if not (value is None and key in NULL_MEANS_DEFAULT) and key not in METADATA_FIELDS}
-    bad_text = _first_unencodable(data)
-    if bad_text is not None:
-        raise APIError(400, f"{bad_text} holds a lone UTF-16 surrogate (invalid Unicode)", param=bad_text)
-    if kind is ChatRequest:
-        _check_parts(data.get("messages"))
-    try:
-        request = kind.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        # pydantic names the union member that failed ("prompt.str"); a client wants the field
-        path = [str(part) for part in first["loc"] if not _is_type_tag(part)]
-        param = ".".join(path) or None
-        if first["type"] == "extra_forbidden":
-            raise APIError(400, f"{param!r} is not supported by this server", param=param,
-                           code="unsupported_parameter") from None
-        raise APIError(400, f"invalid value for {param!r}: {first['msg']}", param=param) from None
-    _refuse_unsupported(request)
-    return request
-
-
-def parse_plain(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """A small JSON object body with only `allowed` keys (/tokenize, /detokenize)."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body has {len(raw)} bytes; this server takes at most {MAX_BODY_BYTES}")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    extra = sorted(set(data) - set(allowed))
-    if extra:
-        raise APIError(400, f"{extra[0]!r} is not supported here", param=extra[0], code="unsupported_parameter")
-    bad_text = _first_unencodable(data)
-    if bad_text is not None:
-        raise APIError(400, f"{bad_text} holds a lone UTF-16 surrogate (invalid Unicode)", param=bad_text)
-    return data
-
-
-def _check_parts(messages: Any) -> None:
-    """A clear 400 for content parts other than text (images, audio, files)."""
-    if not isinstance(messages, list):
-        return
-    for index, message in enumerate(messages):
-        parts = message.get("content") if isinstance(message, dict) else None
-        if isinstance(parts, list):
-            for part_index, part in enumerate(parts):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
-                    raise APIError(400, f"content parts of type {kind!r} are not supported (this model reads text)",
-                                   param=f"messages.{index}.content.{part_index}.type")
-
-
-def _refuse_unsupported(request: _Sampling) -> None:
-    """Fields that parse but ask for something this server does not do: a 400 naming them."""
-    fmt = request.response_format
-    if fmt is not None and fmt.get("type") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} (structured output) is not supported by this "
-                            "server; ask for text", param="response_format", code="unsupported_parameter")
-    if request.tools:
-        raise APIError(400, "tools (function calling) are not supported by this server", param="tools",
-                       code="unsupported_parameter")
-    if request.tool_choice not in (None, "none"):
-        raise APIError(400, "tool_choice needs tools, which this server does not support", param="tool_choice",
-                       code="unsupported_parameter")
-    if request.best_of is not None and request.best_of != request.n:
-        raise APIError(400, "best_of other than n is not supported (every choice generated is returned)",
-                       param="best_of", code="unsupported_parameter")
-    if isinstance(request, CompletionRequest) and request.suffix:
-        raise APIError(400, "suffix (insertion) is not supported by this model", param="suffix",
-                       code="unsupported_parameter")
-    if request.stream_options is not None and not request.stream:
-        raise APIError(400, "stream_options needs stream: true", param="stream_options")
-
-
-def _first_unencodable(value, path: str = "") -> str | None:
-    """The path of the first string that is not valid Unicode (a lone surrogate from "\\ud800")."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "body"
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _first_unencodable(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
-
-
-def _is_type_tag(part) -> bool:
-    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part)
-
+from endor_ray.serve.protocol import (  # noqa: F401  (the protocol's names, re-exported for the app and tests)
+    MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, TextPart, _Sampling, parse, parse_plain,
+)
 
 class Choice:
     """One sequence to generate: its prompt (text or token ids), parameters and prompt length."""
