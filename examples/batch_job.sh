@@ -19,7 +19,7 @@ cat > "$work/prompts.jsonl" <<'PROMPTS'
 {"id": "story", "prompt": "Once upon a time"}
 {"id": "code", "prompt": "def add(a, b):"}
 PROMPTS
-args=(--store "$store" --input "$work/prompts.jsonl" --output "$work/completions.parquet" --max-new-tokens 16)
+args=(--store "$store" --input "$work/prompts.jsonl" --output "$work/completions" --max-new-tokens 16)
 if [ -z "$dashboard" ]; then
     "$python" -m endor_ray.jobs.generate "${args[@]}"
 else
@@ -27,7 +27,7 @@ else
     "$(dirname "$python")/ray" job submit --address "$dashboard" --working-dir "$work" -- \
         "$python" -m endor_ray.jobs.generate "${args[@]}"
 fi
-"$python" - "$work/completions.parquet" <<'SHOW'
+"$python" - "$work/completions" <<'SHOW'
 import sys
 import pyarrow.parquet as pq
 for row in pq.read_table(sys.argv[1]).to_pylist():

@@ -93,7 +93,7 @@ def test_rayjob_entrypoint_parses_with_the_job_parser():
     assert (program, flag, module) == ("python", "-m", "endor_ray.jobs.generate")
     importlib.import_module(module)
     args = build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
-    assert args.store.startswith("s3://") and args.output.endswith(".parquet")
+    assert args.store.startswith("s3://") and args.output.endswith("/")
     EngineConfig(gpu_memory=args.gpu_memory, prefetch_depth=args.prefetch)  # the values are valid too
 
 

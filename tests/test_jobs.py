@@ -19,11 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from endor_ray.jobs.generate import OUTPUT_SCHEMA, main, read_prompts, write_atomically
+from endor_ray.errors import ConfigError
+from endor_ray.jobs.generate import main
+from endor_ray.jobs.parts import OUTPUT_SCHEMA, PartFolder
 
 RAY = Path(sys.executable).with_name("ray")
 PROMPTS = ["The capital of France is", "Once upon a time there was a", "Hi", "Hello, my name is", "1, 2, 3,"]
-IDS = ["a", "1", "c", "3", "e"]  # "1" and "3" are row numbers: those lines carry no id
+IDS = ["a", "1", "c", "3", "e"]
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -32,74 +34,96 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
 
 
 def prompt_lines(count: int) -> list[str]:
-    return [json.dumps({"prompt": prompt} if prompt_id.isdigit() else {"id": prompt_id, "prompt": prompt})
-            for prompt_id, prompt in zip(IDS[:count], PROMPTS[:count])]
+    return [json.dumps({"id": prompt_id, "prompt": prompt}) for prompt_id, prompt in zip(IDS[:count], PROMPTS[:count])]
+
+
+# --- the output folder's protocol, without Ray ------------------------------------------------------
+
+JOB = {"store": "s", "sampling": {"max_new_tokens": 4}, "schema": 1}
+
+
+def rows(*ids: str) -> pa.Table:
+    return pa.Table.from_pylist([{"id": i, "prompt": "p", "text": "t", "token_ids": [1], "finish_reason": "length",
+                                  "num_tokens": 1} for i in ids], schema=OUTPUT_SCHEMA)
+
+
+def test_parts_are_committed_whole_and_a_folder_belongs_to_one_job(tmp_path):
+    folder = PartFolder(str(tmp_path / "out"))
+    folder.claim(JOB)
+    folder.commit(rows("a", "b"))
+    (tmp_path / "out" / "_tmp").mkdir(exist_ok=True)
+    (tmp_path / "out" / "_tmp" / "part-dead.parquet").write_bytes(b"PAR1 half a part")  # a killed run's
+    again = PartFolder(str(tmp_path / "out"))
+    again.claim(JOB)  # the same job: fine, and the half part is gone
+    assert not list((tmp_path / "out" / "_tmp").iterdir())
+    again.commit(rows("c"))
+    assert again.done_ids() == {"a", "b", "c"} and again.read_all().num_rows == 3
+    with pytest.raises(ConfigError, match="different job.*sampling"):
+        PartFolder(str(tmp_path / "out")).claim({**JOB, "sampling": {"max_new_tokens": 5}})
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pq.write_table(rows("x"), foreign / "part-1.parquet")
+    with pytest.raises(ConfigError, match="not this job's output"):
+        PartFolder(str(foreign)).claim(JOB)
+
+
+# --- the job in-process, on a local Ray of its own ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"prompt": "a"}', '{"prompt": '], "line 2: not valid JSON"),
-    (['{"prompt": "a"}', "", '[1, 2]'], "line 3: expected a JSON object"),
-    (['{"id": "x"}'], "line 1: no 'prompt' field"),
-    (['{"prompt": 3}'], "line 1: 'prompt' must be a non-empty string"),
-    (['{"prompt": "ok"}', '{"prompt": ""}'], "line 2: 'prompt' must be a non-empty string"),
-    (['{"prompt": "a", "id": "x"}', '{"prompt": "b", "id": "x"}'], "line 2: duplicate id 'x' (first at line 1)"),
-    (['{"prompt": "a"}', '{"prompt": "b", "id": 0}'], "duplicate id '0'"),  # a given id meets a row number
-    (['{"prompt": "a", "id": [1]}'], "'id' must be a string or an integer"),
-    ([], "holds no prompts"),
+    (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], "id 'a' appears twice"),
+    (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": ""}'], "prompt of id 'b' is empty"),
+    (['{"id": "a", "text": "x"}'], "no 'prompt' column"),
+    (['{"prompt": "x"}'], "no 'id' column"),
+    (['{"id": "a", "prompt": "x"}', '{"prompt": "y"}'], "row without an id"),
+    (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": '], "cannot read the input"),
+    (['{"id": "a", "prompt": "x"}', '{"id": 2, "prompt": "y"}'], "cannot read the input"),  # mixed id types
 ])
-def test_bad_input_is_a_one_line_error(tmp_path, capsys, lines, message):
+def test_bad_input_is_a_one_line_error_and_nothing_is_written(local_ray, tmp_path, capsys, lines, message):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", lines)
-    argv = ["--store", "/nowhere", "--input", str(prompts), "--output", str(tmp_path / "out.parquet")]
+    argv = ["--store", "/nowhere", "--input", str(prompts), "--output", str(tmp_path / "out")]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith("endor-job: error: ") and message in err and err.count("\n") == 1
-    assert not (tmp_path / "out.parquet").exists()
+    errors = [line for line in err.splitlines() if line.startswith("endor-job: error: ")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
-def test_missing_input_and_foreign_output(tmp_path, capsys):
-    assert main(["--store", "/nowhere", "--input", str(tmp_path / "none.jsonl"), "--output", "o.parquet"]) == 1
-    assert "input file" in capsys.readouterr().err
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_lines(1))
-    (tmp_path / "out.parquet").write_text("not parquet")
-    assert main(["--store", "/nowhere", "--input", str(prompts), "--output", str(tmp_path / "out.parquet")]) == 1
-    assert "exists but is not this job's output" in capsys.readouterr().err
-
-
-def test_parquet_input_with_chosen_columns(tmp_path):
-    path = tmp_path / "prompts.parquet"
-    pq.write_table(pa.table({"text": ["x", "y"], "key": [None, "k"]}), path)
-    assert read_prompts(path, prompt_column="text", id_column="key") == [("0", "x"), ("k", "y")]
-    pq.write_table(pa.table({"text": ["x", None]}), path)
-    with pytest.raises(Exception, match="row 1: 'text' must be a non-empty string"):
-        read_prompts(path, prompt_column="text")
-
-
-def test_nothing_to_do_needs_no_cluster(tmp_path, capsys):
+def test_missing_input_and_a_store_the_job_cannot_read(local_ray, tmp_path, capsys):
+    assert main(["--store", "/nowhere", "--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().err
     prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_lines(2))
-    rows = [{"id": prompt_id, "prompt": prompt, "text": "t", "token_ids": [1], "finish_reason": "length",
-             "num_tokens": 1} for prompt_id, prompt in zip(IDS[:2], PROMPTS[:2])]
-    write_atomically(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), tmp_path / "out.parquet")
-    # the store does not exist: the job must see that every id is done before it touches it
-    assert main(["--store", "/nowhere", "--input", str(prompts), "--output", str(tmp_path / "out.parquet")]) == 0
-    assert "2 already in" in capsys.readouterr().err
+    assert main(["--store", str(tmp_path / "nope"), "--input", str(prompts), "--output", str(tmp_path / "o")]) == 1
+    assert "not an endor store" in capsys.readouterr().err
 
 
-def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
-    out = tmp_path / "out.parquet"
-    first = pa.Table.from_pylist([{"id": "a", "prompt": "p", "text": "t", "token_ids": [1, 2],
-                                   "finish_reason": "length", "num_tokens": 2}], schema=OUTPUT_SCHEMA)
-    write_atomically(first, out)
+def test_integer_ids_become_strings(local_ray, tiny_stores, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"id": 7, "prompt": "Hi"}), json.dumps({"id": 8, "prompt": "Ho"})])
+    assert main(["--store", str(tiny_stores["opt"]), "--input", str(prompts), "--output", str(tmp_path / "out"),
+                 "--max-new-tokens", "2", "--gpu-memory", "0"]) == 0
+    assert sorted(PartFolder(str(tmp_path / "out")).done_ids()) == ["7", "8"]
 
-    def interrupted(table, where):
-        Path(where).write_bytes(b"PAR1 half a file")
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(pq, "write_table", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        write_atomically(pa.concat_tables([first, first]), out)
-    monkeypatch.undo()
-    assert pq.read_table(out).equals(first)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.parquet"]
+def test_parquet_folder_input_with_chosen_columns(local_ray, tiny_stores, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": PROMPTS[:2], "key": ["k1", "k2"]}), folder / "a.parquet")
+    pq.write_table(pa.table({"text": PROMPTS[2:4], "key": ["k3", "k4"]}), folder / "b.parquet")
+    argv = ["--store", str(tiny_stores["llama-gqa"]), "--input", str(folder), "--output", str(tmp_path / "out"),
+            "--prompt-column", "text", "--id-column", "key", "--max-new-tokens", "3", "--gpu-memory", "0"]
+    assert main(argv) == 0
+    table = PartFolder(str(tmp_path / "out")).read_all()
+    assert sorted(table.column("id").to_pylist()) == ["k1", "k2", "k3", "k4"]
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["rows_generated"] == 4 and summary["tokens"] == table.column("num_tokens").to_pylist().__len__() * 3
 
 
 # --- end to end: ray start --head, ray job submit -------------------------------------------------
@@ -194,6 +218,10 @@ def submit(url: str, env: dict, workdir: Path, *job_args: str, succeed: bool = T
     return done.stdout + done.stderr
 
 
+def by_id(table: pa.Table) -> dict[str, dict]:
+    return {row["id"]: row for row in table.to_pylist()}
+
+
 def test_job_submit_generates_then_resumes(ray_head, tiny_stores, tmp_path):
     """Greedy completions equal the in-process engine's; a second run adds only the new ids."""
     from endor_ray.engine import Engine, EngineConfig
@@ -202,15 +230,12 @@ def test_job_submit_generates_then_resumes(ray_head, tiny_stores, tmp_path):
     url, env = ray_head
     store = str(tiny_stores["llama-gqa"])
     with Engine(store, EngineConfig(gpu_memory=0), progress=False) as engine:
-        # the same batches as the job's (--batch-size 2): [a, 1], [c], then the second run's [3, e]
-        completions = [completion for batch in (PROMPTS[:2], PROMPTS[2:3], PROMPTS[3:5])
-                       for completion in engine.generate(batch, SamplingParams(max_new_tokens=4)).completions]
-    expected = [completion.token_ids for completion in completions]
-    expected_text = [completion.text for completion in completions]
+        expected = {prompt_id: engine.generate([prompt], SamplingParams(max_new_tokens=4)).completions[0]
+                    for prompt_id, prompt in zip(IDS, PROMPTS)}
 
     workdir = tmp_path / "job"  # uploaded as the job's working directory: --input is relative to it
     workdir.mkdir()
-    out = tmp_path / "results" / "out.parquet"
+    out = tmp_path / "results" / "out"
     # A job's entrypoint runs with the PATH of whoever started the head, so a bare `python` may not be
     # the venv's: submit() names sys.executable.
     job_args = ["--store", store, "--input", "prompts.jsonl", "--output", str(out),
@@ -218,30 +243,103 @@ def test_job_submit_generates_then_resumes(ray_head, tiny_stores, tmp_path):
 
     write_jsonl(workdir / "prompts.jsonl", prompt_lines(3))
     log = submit(url, env, workdir, *job_args)
-    assert "generated 3 new rows" in log and "3/3 rows done" in log
-    first = pq.read_table(out)
-    assert first.schema.equals(OUTPUT_SCHEMA)
-    assert first.column("id").to_pylist() == IDS[:3]
-    assert first.column("prompt").to_pylist() == PROMPTS[:3]
-    assert first.column("token_ids").to_pylist() == expected[:3]
-    assert first.column("text").to_pylist() == expected_text[:3]
-    assert all(1 <= count for count in first.column("num_tokens").to_pylist())
+    assert "3 new rows" in log
+    first = PartFolder(str(out)).read_all()
+    assert first.schema.equals(OUTPUT_SCHEMA) and sorted(first.column("id").to_pylist()) == sorted(IDS[:3])
+    for prompt_id, row in by_id(first).items():
+        assert row["token_ids"] == expected[prompt_id].token_ids and row["text"] == expected[prompt_id].text
+    parts_before = sorted(p.name for p in out.glob("part-*.parquet"))
 
     write_jsonl(workdir / "prompts.jsonl", prompt_lines(5))
     log = submit(url, env, workdir, *job_args)
-    assert "3 already in" in log and "generated 2 new rows" in log
-    second = pq.read_table(out)
-    assert second.slice(0, 3).equals(first)  # the finished rows are untouched
-    assert second.column("id").to_pylist() == IDS
-    assert second.column("token_ids").to_pylist() == expected
-    assert second.column("num_tokens").to_pylist() == [len(ids) for ids in expected]
-    assert sorted(path.name for path in out.parent.iterdir()) == ["out.parquet"]  # no temporary files left
+    assert "3 already in" in log and "2 new rows" in log
+    second = PartFolder(str(out)).read_all()
+    assert sorted(second.column("id").to_pylist()) == sorted(IDS)  # each id exactly once
+    assert set(parts_before) <= {p.name for p in out.glob("part-*.parquet")}  # nothing rewritten
+    for prompt_id, row in by_id(second).items():
+        assert row["token_ids"] == expected[prompt_id].token_ids
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_generated"] == 2 and summary["rows_skipped"] == 3
 
     # A relative output would land in Ray's temporary copy of the working directory: refused at once
-    relative = [*job_args[:4], "--output", "out.parquet", *job_args[6:]]
+    relative = [*job_args[:4], "--output", "out", *job_args[6:]]
     log = submit(url, env, workdir, *relative, succeed=False)
-    assert "--output out.parquet is relative" in log and "which Ray deletes" in log
+    assert "--output out is relative" in log and "which Ray deletes" in log
     # so is a store the job's node cannot read, with the reason it may be missing
-    log = submit(url, env, workdir, "--store", "stores/nope", *relative[2:4], "--output", str(tmp_path / "x.parquet"),
+    log = submit(url, env, workdir, "--store", "stores/nope", *relative[2:4], "--output", str(tmp_path / "x"),
                  succeed=False)
     assert "not an endor store" in log and ".gitignore" in log
+
+
+# --- at scale, and killed at random moments -----------------------------------------------------------
+
+def many_prompts(path: Path, count: int) -> Path:
+    words = ["sea", "sky", "tree", "stone", "river", "bird", "cloud", "fire"]
+    with open(path, "w") as f:
+        for index in range(count):
+            f.write(json.dumps({"id": f"p{index}", "prompt": f"The {words[index % 8]} number {index} is"}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_twenty_thousand_prompts_exactly_once(local_ray, tiny_stores, tmp_path):
+    """CI-sized scale test: every id exactly once; a sample's greedy text as `endor generate` gives it."""
+    import random
+
+    from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine.sampling import SamplingParams
+
+    store = str(tiny_stores["opt"])
+    prompts = many_prompts(tmp_path / "many.jsonl", 20_000)
+    assert main(["--store", store, "--input", str(prompts), "--output", str(tmp_path / "out"), "--max-new-tokens", "2",
+                 "--batch-size", "256", "--gpu-memory", "0"]) == 0
+    table = PartFolder(str(tmp_path / "out")).read_all()
+    ids = table.column("id").to_pylist()
+    assert len(ids) == 20_000 and len(set(ids)) == 20_000
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    print(f"20,000 prompts: {summary['rows_per_s']:.0f} rows/s, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"{summary['sequences_per_step']:.0f} sequences per pass")
+    rows = by_id(table)
+    sample = random.Random(0).sample(sorted(rows), 8)
+    with Engine(store, EngineConfig(gpu_memory=0), progress=False) as engine:
+        for prompt_id in sample:
+            completion = engine.generate([rows[prompt_id]["prompt"]], SamplingParams(max_new_tokens=2)).completions[0]
+            assert rows[prompt_id]["text"] == completion.text and rows[prompt_id]["token_ids"] == completion.token_ids
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny_stores, tmp_path):
+    import random
+
+    prompts = many_prompts(tmp_path / "p.jsonl", 600)
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="ek-", dir="/tmp")  # this test's Ray processes all name it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    command = [sys.executable, "-m", "endor_ray.jobs.generate", "--store", str(tiny_stores["opt"]), "--input",
+               str(prompts), "--output", str(out), "--max-new-tokens", "3", "--batch-size", "16", "--gpu-memory", "0"]
+    rng = random.Random(1)
+    partial_kills = 0
+    try:
+        for attempt in range(3):
+            job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+            try:
+                job.wait(timeout=rng.uniform(10, 20))
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
+                job.wait(timeout=30)
+                committed_now = len(PartFolder(str(out)).done_ids()) if out.exists() else 0
+                partial_kills += 0 < committed_now < 600
+            for pid in processes_mentioning(ray_tmp):  # Ray processes outside the group
+                os.kill(pid, signal.SIGKILL)
+            committed = PartFolder(str(out)).read_all().column("id").to_pylist() if out.exists() else []
+            assert len(committed) == len(set(committed)), f"duplicates after kill {attempt}"
+        assert partial_kills, "no kill landed mid-generation: the test proved nothing"
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        for pid in processes_mentioning(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    ids = PartFolder(str(out)).read_all().column("id").to_pylist()
+    assert sorted(ids) == sorted(f"p{index}" for index in range(600))  # every row exactly once

@@ -1,110 +1,40 @@
-"""Batch generation job: prompts in (JSONL or Parquet), completions out (Parquet), resumable.
+"""Batch generation on Ray Data: prompts in (JSONL or Parquet: a file, a folder, a URI), a folder of
+Parquet parts out, resumable in O(rows).
 
-    ray job submit --working-dir . -- python -m endor_ray.jobs.generate \\
-        --store s3://bucket/stores/llama-2-70b-w50 --input prompts.jsonl --output /data/out.parquet \\
-        [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--seed S] [--batch-size 16] \\
-        [--address ADDR] [--gpu-memory SIZE] [--workers N] [--prompt-column prompt] [--id-column id]
+    python -m endor_ray.jobs.generate --store STORE --input prompts.jsonl --output out/ \\
+        [--workers 2] [--batch-size 64] [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--seed S]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m endor_ray.jobs.generate \\
+        --store s3://bucket/stores/model --input s3://bucket/prompts/ --output s3://bucket/out/
 
-Input: JSONL (one object per line: {"prompt": "...", "id": "..."}) or Parquet (by suffix .parquet/.pq).
-A row without an id gets its row number (from 0) as id. Ids must be unique.
+Input: JSON lines (one object per line) or Parquet, with an id column (`--id-column`, default
+`id`: strings or integers, unique across the whole input; the job resumes by id) and a prompt
+column (`--prompt-column`, default `prompt`). Read lazily by Ray Data.
 
-Output: Parquet with columns id, prompt, text, token_ids (list<int64>), finish_reason, num_tokens.
-If OUT exists, its ids are skipped and new rows appended. Every --batch-size finished rows the
-whole table is written to a temporary file next to OUT and renamed onto it, so OUT is always a
-complete file; rows appear in the order they finish, and an interrupted job keeps the rows that
-had finished. The GPU worker batches continuously: as a sequence finishes, the next prompt takes
-its place in the following pass.
+Output: a folder of Parquet parts (columns id, prompt, text, token_ids, finish_reason,
+num_tokens), each written whole as its batch finishes (`endor_ray.jobs.parts`): a rerun, or a run
+after a crash or a kill -9 at any moment, skips the ids already committed, without rewriting
+anything, and a part half-written by a killed run never counts. At the end, `_summary.json`
+beside the parts holds the totals. Rows appear in the order they finish.
 
-Inside a Ray job (RAY_ADDRESS set) the job joins that cluster; with --address it joins that one;
-otherwise a local single-node Ray is started and stopped. One pass over the weights serves a batch.
+How it runs: the driver starts the endor-ray service once (shard servers, `--workers` GPU
+workers) and Ray Data streams the prompts through a pool of small actors (`map_batches`), each
+sending its batches to one GPU worker, whose engine batches continuously across all the
+batches it receives; progress is Ray Data's (rows, rows/s).
+
+Inside a Ray job (`ray job submit`) it joins that cluster; with --address that one; otherwise a
+local Ray is started and stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import Any
 
 from endor_ray.errors import ConfigError, EndorError
-
-OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt", pa.string()), ("text", pa.string()),
-    ("token_ids", pa.list_(pa.int64())), ("finish_reason", pa.string()), ("num_tokens", pa.int64()),
-])
-
-
-def read_prompts(path: Path, prompt_column: str = "prompt", id_column: str = "id") -> list[tuple[str, str]]:
-    """[(id, prompt)] from a JSONL or Parquet file, validated (unique ids, string prompts)."""
-    if not path.is_file():
-        raise ConfigError(f"input file {path} does not exist")
-    if path.suffix in (".parquet", ".pq"):
-        try:
-            records = pq.read_table(path).to_pylist()
-        except pa.ArrowException as exc:
-            raise ConfigError(f"{path} is not a readable Parquet file ({exc})") from None
-        where = [f"row {row_idx}" for row_idx in range(len(records))]
-    else:
-        records, where = [], []
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path} is neither UTF-8 JSONL nor .parquet ({exc})") from None
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-            where.append(f"line {line_no}")
-    if not records:
-        raise ConfigError(f"{path} holds no prompts")
-    prompts, seen = [], {}
-    for row_idx, (record, place) in enumerate(zip(records, where)):
-        prompt, given_id = record.get(prompt_column), record.get(id_column)
-        if prompt_column not in record:
-            raise ConfigError(f"{path} {place}: no {prompt_column!r} field")
-        if not isinstance(prompt, str) or not prompt:
-            raise ConfigError(f"{path} {place}: {prompt_column!r} must be a non-empty string, got {prompt!r}")
-        if given_id is not None and (isinstance(given_id, bool) or not isinstance(given_id, (str, int))):
-            raise ConfigError(f"{path} {place}: {id_column!r} must be a string or an integer, got {given_id!r}")
-        prompt_id = str(row_idx if given_id is None else given_id)
-        if prompt_id in seen:
-            raise ConfigError(f"{path} {place}: duplicate id {prompt_id!r} (first at {seen[prompt_id]})")
-        seen[prompt_id] = place
-        prompts.append((prompt_id, prompt))
-    return prompts
-
-
-def read_done(output: Path) -> pa.Table:
-    """The rows already in OUT (an empty table when it does not exist)."""
-    if not output.exists():
-        return OUTPUT_SCHEMA.empty_table()
-    try:
-        table = pq.read_table(output)
-        return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-    except (pa.ArrowException, KeyError) as exc:
-        raise ConfigError(f"{output} exists but is not this job's output ({exc}); move it away or pick "
-                          "another --output") from None
-
-
-def write_atomically(table: pa.Table, output: Path) -> None:
-    """Write `table` to a temporary file next to `output`, then rename it onto `output`."""
-    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")  # same folder: the rename is atomic
-    try:
-        pq.write_table(table, staging)
-        os.replace(staging, output)
-    finally:
-        staging.unlink(missing_ok=True)
+from endor_ray.jobs.parts import OUTPUT_SCHEMA, PartFolder
 
 
 def in_submitted_job() -> bool:
@@ -115,11 +45,11 @@ def in_submitted_job() -> bool:
 
 def check_output(args: argparse.Namespace) -> None:
     """Fail before any work where the output would be lost."""
-    if in_submitted_job() and not Path(args.output).is_absolute():
+    if in_submitted_job() and "://" not in args.output and not os.path.isabs(args.output):
         raise ConfigError(
             f"--output {args.output} is relative: inside a Ray job it would be written into the job's temporary "
-            f"copy of the working directory ({Path.cwd()}), which Ray deletes; give an absolute path on a disk "
-            "the head node keeps")
+            f"copy of the working directory ({os.getcwd()}), which Ray deletes; give an absolute path on a disk "
+            "the head node keeps, or an object-store URI")
 
 
 def check_store(args: argparse.Namespace) -> None:
@@ -131,95 +61,124 @@ def check_store(args: argparse.Namespace) -> None:
         Store(args.store)
     except StoreError as exc:
         hint = ""
-        if in_submitted_job() and "://" not in args.store and not Path(args.store).is_absolute():
+        if in_submitted_job() and "://" not in args.store and not os.path.isabs(args.store):
             hint = (" (inside a Ray job a relative store path is read from the uploaded working directory, which "
                     "leaves out what .gitignore names, such as stores/: give an absolute path or a URI)")
         raise StoreError(f"{exc}{hint}") from None
 
 
-def run(args: argparse.Namespace) -> None:
-    check_output(args)
-    prompts = read_prompts(Path(args.input), args.prompt_column, args.id_column)
-    output = Path(args.output).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table = read_done(output)
-    done_ids = set(table.column("id").to_pylist())
-    todo = [(prompt_id, prompt) for prompt_id, prompt in prompts if prompt_id not in done_ids]
-    print(f"endor-job: {len(prompts)} prompts, {len(prompts) - len(todo)} already in {output}, "
-          f"{len(todo)} to generate", file=sys.stderr, flush=True)
-    if not todo:
-        return
-    check_store(args)
+class GenerateBatches:
+    """A Ray Data map actor: sends each batch of prompts to its GPU worker, commits the finished
+    rows as one part, and returns one row of counts for the driver's totals."""
 
-    from endor_ray.engine.engine import EngineConfig
+    def __init__(self, workers: list, params: list, output: str, timeout_s: float):
+        import ray
+
+        self.params, self.folder, self.timeout_s = params, PartFolder(output), timeout_s
+        # Spread the map actors over the GPU workers (each worker batches all it receives)
+        self.worker = workers[hash(ray.get_runtime_context().get_actor_id()) % len(workers)]
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import ray
+
+        ids, prompts = batch.column("id").to_pylist(), batch.column("prompt").to_pylist()
+        result = ray.get(self.worker.generate.remote(prompts, [self.params[0]] * len(prompts)), timeout=self.timeout_s)
+        rows = [{"id": prompt_id, "prompt": prompt, "text": c["text"], "token_ids": c["token_ids"],
+                 "finish_reason": c["finish_reason"], "num_tokens": len(c["token_ids"])}
+                for prompt_id, prompt, c in zip(ids, prompts, result["completions"])]
+        self.folder.commit(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA))
+        stats = result["stats"]
+        return pa.table({"rows": [len(rows)], "tokens": [stats["new_tokens"]], "steps": [stats["steps"]],
+                         "sequences_per_step": [stats["sequences_per_step"]],
+                         "bytes_per_step": [float(stats["bytes_to_device_per_step"])]})
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
     from endor_ray.engine.sampling import SamplingParams
+    from endor_ray.jobs.dataset import prompts_dataset, todo_dataset
+    from endor_ray.service.ray_session import init_ray
+
+    check_output(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    folder = PartFolder(args.output)
+    job = {"store": args.store, "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                             "top_p": args.top_p, "seed": args.seed}, "schema": 1}
+    address = args.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    started_ray = init_ray(address, args.timeout)
+    try:
+        dataset, total = prompts_dataset(args.input, args.prompt_column, args.id_column)
+        folder.claim(job)
+        done = folder.done_ids()
+        print(f"endor-job: {total} prompts, {len(done)} already in {args.output}, {total - len(done)} to generate",
+              file=sys.stderr, flush=True)
+        summary = {"rows_total": total, "rows_skipped": len(done), "rows_generated": 0, "tokens": 0}
+        if total > len(done):
+            check_store(args)
+            summary.update(generate(args, todo_dataset(dataset, done), params, folder))
+        folder.write_summary(summary)
+        print(f"endor-job: done: {summary['rows_generated']} new rows, {summary['tokens']} tokens"
+              + (f" at {summary['tokens_per_s']:.1f} tokens/s, {summary['sequences_per_step']:.1f} sequences per pass"
+                 if summary["rows_generated"] else "") + f"; parts in {args.output}", file=sys.stderr, flush=True)
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def generate(args, todo, params, folder: PartFolder) -> dict[str, Any]:
+    from endor_ray.engine.engine import EngineConfig
     from endor_ray.engine.scheduler import SchedulerConfig
     from endor_ray.service.driver import ClusterConfig, connect
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
     engine_config = EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
                                  prefetch_depth=args.prefetch)
-    address = args.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    cluster = ClusterConfig(address=address, num_workers=args.workers, shard_memory=args.shard_memory,
+    cluster = ClusterConfig(address="auto", num_workers=args.workers, shard_memory=args.shard_memory,
                             timeout_s=args.timeout)
-    # The worker's scheduler keeps --batch-size sequences in every pass: as one finishes, the next
-    # prompt takes its place, so no pass waits for the slowest sequence of a batch.
-    scheduler = SchedulerConfig(max_num_seqs=args.batch_size)
-    start, new_tokens, finished, pending = time.monotonic(), 0, 0, []
-    chunk = max(4 * args.batch_size, 64)  # prompts per request: enough to keep the batch full
+    scheduler = SchedulerConfig(max_num_seqs=args.batch_size)  # each pass holds this many sequences
+    started = time.monotonic()
+    totals = {"rows_generated": 0, "tokens": 0, "steps": 0, "weighted_sequences": 0.0, "bytes": 0.0}
     with connect(args.store, engine_config, cluster, scheduler=scheduler) as service:
-        try:
-            for chunk_start in range(0, len(todo), chunk):
-                batch = todo[chunk_start:chunk_start + chunk]
-                for event in service.stream([prompt for _, prompt in batch], params):
-                    if "completion" not in event:
-                        continue
-                    (prompt_id, prompt), completion = batch[event["index"]], event["completion"]
-                    pending.append({"id": prompt_id, "prompt": prompt, "text": completion["text"],
-                                    "token_ids": completion["token_ids"],
-                                    "finish_reason": completion["finish_reason"],
-                                    "num_tokens": len(completion["token_ids"])})
-                    new_tokens += len(completion["token_ids"])
-                    if len(pending) >= args.batch_size:
-                        table, finished = _flush(table, pending, output, finished)
-                        pending = []
-                        print(f"endor-job: {len(prompts) - len(todo) + finished}/{len(prompts)} rows done, "
-                              f"{new_tokens / (time.monotonic() - start):.2f} tokens/s", file=sys.stderr, flush=True)
-        finally:  # finished rows are kept, whatever stopped the job
-            if pending:
-                table, finished = _flush(table, pending, output, finished)
-                print(f"endor-job: {len(prompts) - len(todo) + finished}/{len(prompts)} rows done",
-                      file=sys.stderr, flush=True)
-    print(f"endor-job: done: generated {len(todo)} new rows, {new_tokens} tokens at "
-          f"{new_tokens / max(time.monotonic() - start, 1e-9):.2f} tokens/s (with start-up); "
-          f"{table.num_rows} rows in {output}", file=sys.stderr, flush=True)
-
-
-def _flush(table: pa.Table, rows: list[dict], output: Path, finished: int) -> tuple[pa.Table, int]:
-    table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)])
-    write_atomically(table, output)
-    return table, finished + len(rows)
+        # Two map actors per GPU worker, batches of twice a pass: while one batch is being committed
+        # the worker already runs the other's sequences, so its passes stay full.
+        mapped = todo.map_batches(
+            GenerateBatches, batch_size=2 * args.batch_size, batch_format="pyarrow", concurrency=(1, 2 * args.workers),
+            num_cpus=0, fn_constructor_kwargs={"workers": service.workers, "params": [params],
+                                               "output": args.output, "timeout_s": args.timeout})
+        for counts in mapped.iter_rows():
+            totals["rows_generated"] += counts["rows"]
+            totals["tokens"] += counts["tokens"]
+            totals["steps"] += counts["steps"]
+            totals["weighted_sequences"] += counts["sequences_per_step"] * counts["steps"]
+            totals["bytes"] += counts["bytes_per_step"] * counts["steps"]
+    wall = time.monotonic() - started
+    steps = max(totals["steps"], 1)
+    return {"rows_generated": totals["rows_generated"], "tokens": totals["tokens"], "wall_s": wall,
+            "rows_per_s": totals["rows_generated"] / wall, "tokens_per_s": totals["tokens"] / wall,
+            "sequences_per_step": totals["weighted_sequences"] / steps, "bytes_per_step": totals["bytes"] / steps,
+            "workers": args.workers}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m endor_ray.jobs.generate",
-                                     description="Generate completions for a file of prompts (resumable).")
-    parser.add_argument("--store", required=True, help="store path or URI")
-    parser.add_argument("--input", required=True, help="prompts: JSONL, or Parquet (.parquet/.pq)")
-    parser.add_argument("--output", required=True, help="Parquet file to create or resume")
+                                     description="Batch generation with endor-ray on Ray Data (resumable).")
+    parser.add_argument("--store", required=True, help="store path or URI (readable from every node)")
+    parser.add_argument("--input", required=True, help="JSONL or Parquet: a file, a folder, or a URI")
+    parser.add_argument("--output", required=True, help="output folder (or URI) of Parquet parts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="sequences per pass over the weights (kept full as sequences finish), and rows per write")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per pass over the weights")
     parser.add_argument("--address", default=None, help="Ray cluster (default: the job's, else a local Ray)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--gpu-memory", default=None, help="device tier: a size (8GiB) or a layer count (12)")
     parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB)")
     parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead")
-    parser.add_argument("--workers", type=int, default=1, help="GPU worker replicas")
+    parser.add_argument("--workers", type=int, default=1, help="GPU workers sharing the shard servers")
     parser.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per batch and for start-up")
     parser.add_argument("--prompt-column", default="prompt")
@@ -236,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         use_token_if_present()  # a cluster started with Ray's defaults wants a token
     try:
-        if args.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.batch_size < 1 or args.workers < 1:
+            raise ConfigError("--batch-size and --workers must be >= 1")
         run(args)
     except EndorError as exc:
         print(f"endor-job: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"endor-job: interrupted; the rows finished so far are in {args.output}", file=sys.stderr)
+        print(f"endor-job: interrupted; the parts committed so far are in {args.output}", file=sys.stderr)
         return 130
     return 0
 
