@@ -311,25 +311,29 @@ def test_twenty_thousand_prompts_exactly_once(local_ray, tiny_stores, tmp_path):
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny_stores, tmp_path):
     import random
 
-    prompts = many_prompts(tmp_path / "p.jsonl", 600)
+    total = 2000
+    prompts = many_prompts(tmp_path / "p.jsonl", total)
     out = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="ek-", dir="/tmp")  # this test's Ray processes all name it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     command = [sys.executable, "-m", "endor_ray.jobs.generate", "--store", str(tiny_stores["opt"]), "--input",
-               str(prompts), "--output", str(out), "--max-new-tokens", "3", "--batch-size", "16", "--gpu-memory", "0"]
+               str(prompts), "--output", str(out), "--max-new-tokens", "4", "--batch-size", "16", "--gpu-memory", "0"]
     rng = random.Random(1)
     partial_kills = 0
     try:
         for attempt in range(3):
             job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
-            try:
-                job.wait(timeout=rng.uniform(10, 20))
-            except subprocess.TimeoutExpired:
+            before = len(list(out.glob("part-*.parquet")))
+            deadline = time.monotonic() + 180  # wait until this run commits a part: it is generating
+            while len(list(out.glob("part-*.parquet"))) == before and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0, 1.5))
+            if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
                 job.wait(timeout=30)
-                committed_now = len(PartFolder(str(out)).done_ids()) if out.exists() else 0
-                partial_kills += 0 < committed_now < 600
+                committed_now = len(PartFolder(str(out)).done_ids())
+                partial_kills += 0 < committed_now < total
             for pid in processes_mentioning(ray_tmp):  # Ray processes outside the group
                 os.kill(pid, signal.SIGKILL)
             committed = PartFolder(str(out)).read_all().column("id").to_pylist() if out.exists() else []
@@ -342,4 +346,4 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny_stores, tmp_
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     ids = PartFolder(str(out)).read_all().column("id").to_pylist()
-    assert sorted(ids) == sorted(f"p{index}" for index in range(600))  # every row exactly once
+    assert sorted(ids) == sorted(f"p{index}" for index in range(total))  # every row exactly once

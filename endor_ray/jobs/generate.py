@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate(args, todo, params, folder: PartFolder) -> dict[str, Any]:
+    import ray
+
     from endor_ray.engine.engine import EngineConfig
     from endor_ray.engine.scheduler import SchedulerConfig
     from endor_ray.service.driver import ClusterConfig, connect
@@ -145,7 +147,8 @@ def generate(args, todo, params, folder: PartFolder) -> dict[str, Any]:
         # Two map actors per GPU worker, batches of twice a pass: while one batch is being committed
         # the worker already runs the other's sequences, so its passes stay full.
         mapped = todo.map_batches(
-            GenerateBatches, batch_size=2 * args.batch_size, batch_format="pyarrow", concurrency=(1, 2 * args.workers),
+            GenerateBatches, batch_size=2 * args.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2 * args.workers),
             num_cpus=0, fn_constructor_kwargs={"workers": service.workers, "params": [params],
                                                "output": args.output, "timeout_s": args.timeout})
         for counts in mapped.iter_rows():
