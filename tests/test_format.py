@@ -129,7 +129,7 @@ def test_validate_rejects_inconsistent_tensors():
     with pytest.raises(FormatError, match="set bits"):
         fmt.decode(_with(enc, bitmap=bad_bitmap))
     with pytest.raises(FormatError, match="values encoding"):
-        fmt.decode(_with(enc, values_encoding="int4"))
+        fmt.decode(_with(enc, values_encoding="int2"))
 
 
 def test_checksum_sees_every_part():

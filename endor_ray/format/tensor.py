@@ -1,6 +1,6 @@
 """The Endor sparse format: a bitmap of non-zero positions plus the packed non-zero values.
 
-Spec, format version 1 (docs/FORMAT.md says the same with pictures)
+Spec, format version 2 (docs/FORMAT.md says the same with pictures)
 -------------------------------------------------------------------
 A weight ``W`` of any shape, dtype float16, bfloat16 or float32, with ``N = W.numel()`` elements,
 is flattened row-major. An element is a *zero* iff its bit pattern is all zeros (``+0.0``);
@@ -22,15 +22,18 @@ Layout ``"dense"`` stores only ``values = W.flatten()`` (``dtype[N]``). It is us
 would not save bytes (``encode`` picks it: nothing that is at least as big as dense is ever
 stored sparse) and for every tensor of a store converted with ``--format dense``.
 
-``values_encoding`` names how ``values`` is stored. Version 1 defines ``"raw"`` (the tensor's own
-dtype). Reserved for a later version: ``"int8"`` and ``"int4"`` with per-group scales, which add a
-``scales`` array; readers of version 1 reject any other encoding.
+``values_encoding`` names how ``values`` is stored: ``"raw"`` (the tensor's own dtype, version 1
+and later), or, since version 2, ``"int8"`` / ``"int4"`` codes with one scale per group of kept
+elements within a row, which add the arrays ``scales`` and (layout ``"bitmap"``) ``row_offsets``;
+`endor_ray.format.quant` holds that part of the spec. Readers reject any other encoding.
 
-Sizes: a bitmap tensor takes ``nnz*itemsize + ceil(N/8) + 8*(num_blocks+1)`` bytes; at 50%
-sparsity in fp16 that is 0.5 + 1/16 + 8/(2B) of the dense size (0.5635 for B = 4096).
+Sizes: a raw bitmap tensor takes ``nnz*itemsize + ceil(N/8) + 8*(num_blocks+1)`` bytes; at 50%
+sparsity in fp16 that is 0.5 + 1/16 + 8/(2B) of the dense size (0.5635 for B = 4096). Quantized
+encodings replace ``nnz*itemsize`` by the sizes in `endor_ray.format.quant`.
 
-The checksum of a tensor is CRC-32 (zlib's polynomial) over bitmap, block_offsets and values
-bytes, in that order (for a dense tensor over values alone). `crc32` computes it with ISA-L
+The checksum of a tensor is CRC-32 (zlib's polynomial) over its parts' bytes in the order
+bitmap, block_offsets, row_offsets, scales, values, skipping the parts it does not have (a raw
+dense tensor: values alone). `crc32` computes it with ISA-L
 (about 30 GB/s on the development machine, against 1-6 GB/s for zlib), so verifying every read
 does not show in a profile; zlib gives the same numbers where ISA-L is missing.
 
@@ -46,16 +49,18 @@ import numpy as np
 import torch
 
 from endor_ray.errors import FormatError
+from endor_ray.format import quant
+from endor_ray.format.quant import DEFAULT_GROUP_SIZE, QUANTIZED_ENCODINGS
 
 try:
     from isal.isal_zlib import crc32  # the same CRC-32 as zlib.crc32, vectorised; releases the GIL
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the slow, equal fallback
     from zlib import crc32
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_BLOCK_SIZE = 4096
 LAYOUTS = ("bitmap", "dense")
-VALUES_ENCODINGS = ("raw",)
+VALUES_ENCODINGS = ("raw", *QUANTIZED_ENCODINGS)
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -91,6 +96,9 @@ def check_block_size(block_size: int) -> None:
         raise FormatError(f"block size must be a power of two in [256, 65536], got {block_size}")
 
 
+PART_ORDER = ("bitmap", "block_offsets", "row_offsets", "scales", "values")  # checksum order
+
+
 @dataclass(frozen=True)
 class EncodedTensor:
     """One weight in the Endor format. Arrays are 1-D, contiguous, on any device."""
@@ -99,11 +107,14 @@ class EncodedTensor:
     dtype: torch.dtype
     layout: str  # "bitmap" | "dense"
     nnz: int
-    values: torch.Tensor  # [nnz] dtype for "bitmap", [numel] dtype for "dense"
+    values: torch.Tensor  # raw: [nnz] ("bitmap") / [numel] ("dense") of dtype; quantized: codes
     bitmap: torch.Tensor | None = None  # [ceil(numel / 8)] uint8, LSB first
     block_offsets: torch.Tensor | None = None  # [num_blocks + 1] int64
     block_size: int = DEFAULT_BLOCK_SIZE
     values_encoding: str = "raw"
+    scales: torch.Tensor | None = None  # quantized: [rows * groups_per_row] dtype
+    row_offsets: torch.Tensor | None = None  # quantized "bitmap": [rows + 1] int64
+    group_size: int = 0  # quantized: kept elements per group (0 for "raw")
 
     @property
     def numel(self) -> int:
@@ -112,6 +123,24 @@ class EncodedTensor:
     @property
     def num_blocks(self) -> int:
         return math.ceil(self.numel / self.block_size)
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        return quant.rows_cols(self.shape)
+
+    @property
+    def quantized(self) -> bool:
+        return self.values_encoding != "raw"
+
+    @property
+    def value_count(self) -> int:
+        """Elements `values` holds: nnz (bitmap) or numel (dense)."""
+        return self.nnz if self.layout == "bitmap" else self.numel
+
+    @property
+    def groups_per_row(self) -> int:
+        rows = self.rows_cols[0]
+        return self.scales.numel() // rows if self.scales is not None and rows else 0
 
     @property
     def sparsity(self) -> float:
@@ -127,24 +156,54 @@ class EncodedTensor:
         return sum(part.numel() * part.element_size() for part in self.parts().values())
 
     def parts(self) -> dict[str, torch.Tensor]:
-        """The arrays that make up this tensor, in checksum order."""
-        if self.layout == "dense":
-            return {"values": self.values}
-        return {"bitmap": self.bitmap, "block_offsets": self.block_offsets, "values": self.values}
+        """The arrays that make up this tensor, in checksum order (`PART_ORDER`)."""
+        arrays = {"values": self.values, "scales": self.scales}
+        if self.layout == "bitmap":
+            arrays.update(bitmap=self.bitmap, block_offsets=self.block_offsets, row_offsets=self.row_offsets)
+        return {name: arrays[name] for name in PART_ORDER if arrays.get(name) is not None}
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EncodedTensor:
         """The same tensor with its arrays moved to `device`."""
         moved = {name: part.to(device, non_blocking=non_blocking) for name, part in self.parts().items()}
         return EncodedTensor(
-            shape=self.shape, dtype=self.dtype, layout=self.layout, nnz=self.nnz,
-            block_size=self.block_size, values_encoding=self.values_encoding, **moved,
+            shape=self.shape, dtype=self.dtype, layout=self.layout, nnz=self.nnz, block_size=self.block_size,
+            values_encoding=self.values_encoding, group_size=self.group_size, **moved,
         )
+
+    def part_dtype(self, part: str) -> torch.dtype:
+        """The dtype of array `part` for this tensor's metadata."""
+        if part in ("bitmap",):
+            return torch.uint8
+        if part in ("block_offsets", "row_offsets"):
+            return torch.int64
+        if part == "values" and self.quantized:
+            return torch.int8 if self.values_encoding == "int8" else torch.uint8
+        return self.dtype
 
 
 def bitmap_nbytes(numel: int, nnz: int, itemsize: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-    """Bytes of a bitmap-layout tensor with these counts (the formula in the spec)."""
+    """Bytes of a raw bitmap-layout tensor with these counts (the formula in the spec)."""
     num_blocks = math.ceil(numel / block_size)
     return nnz * itemsize + math.ceil(numel / 8) + 8 * (num_blocks + 1)
+
+
+def encoded_nbytes(shape: tuple[int, ...], itemsize: int, layout: str, nnz: int, encoding: str = "raw",
+                   group_size: int = DEFAULT_GROUP_SIZE, groups_per_row: int | None = None,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Bytes of a tensor with this metadata; `groups_per_row` None assumes nnz spread evenly over rows."""
+    numel = math.prod(shape)
+    rows, cols = quant.rows_cols(shape)
+    count = nnz if layout == "bitmap" else numel
+    if encoding == "raw":
+        values = count * itemsize
+    else:
+        if groups_per_row is None:
+            groups_per_row = math.ceil(math.ceil(count / rows) / group_size) if rows else 0
+        values = quant.codes_nbytes(encoding, count) + rows * groups_per_row * itemsize
+        values += 8 * (rows + 1) if layout == "bitmap" else 0
+    if layout == "dense":
+        return values
+    return values + math.ceil(numel / 8) + 8 * (math.ceil(numel / block_size) + 1)
 
 
 def nonzero_mask(weight: torch.Tensor) -> torch.Tensor:
@@ -173,34 +232,83 @@ def encode(
     weight: torch.Tensor,
     block_size: int = DEFAULT_BLOCK_SIZE,
     layout: str | None = None,
+    encoding: str = "raw",
+    group_size: int = DEFAULT_GROUP_SIZE,
+    mask: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> EncodedTensor:
-    """Encode `weight`. layout=None picks "bitmap" if it is smaller than dense, else "dense"."""
+    """Encode `weight`. layout=None picks "bitmap" if it is smaller than dense, else "dense".
+
+    `encoding` "int8"/"int4" quantizes the kept elements in groups of `group_size` (see
+    `endor_ray.format.quant`). `mask` ([numel] bool) names the kept elements where they are not
+    simply the non-zeros (a kept +0.0 keeps its bit); `scales` ([rows * groups_per_row]) are
+    used instead of computed ones (only with a quantized encoding, and then a mask that is not
+    all kept means layout "bitmap", since the groups count kept elements).
+    """
     check_block_size(block_size)
     if weight.dtype not in BITS_DTYPES:
         raise FormatError(f"cannot encode a {weight.dtype} tensor; supported: {sorted(DTYPES)}")
     if layout is not None and layout not in LAYOUTS:
         raise FormatError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if encoding != "raw":
+        quant.check_encoding(encoding, group_size)
+    elif scales is not None:
+        raise FormatError("scales are given only with a quantized encoding")
     flat = weight.detach().contiguous().view(-1)
     shape = tuple(weight.shape)
-    mask = nonzero_mask(flat)
+    if mask is None:
+        mask = nonzero_mask(flat)
+    elif mask.shape != flat.shape or mask.dtype != torch.bool:
+        raise FormatError(f"mask must be [{flat.numel()}] bool, got {tuple(mask.shape)} {mask.dtype}")
     nnz = int(mask.sum())
+    rows, cols = quant.rows_cols(shape)
+    row_counts = mask.view(rows, cols).sum(dim=1) if rows and cols else torch.zeros(rows, dtype=torch.int64)
+    per_row = quant.groups_per_row(row_counts, group_size)
+    if layout is None and scales is not None:
+        layout = "dense" if nnz == flat.numel() else "bitmap"
     if layout is None:
-        sparse_nbytes = bitmap_nbytes(flat.numel(), nnz, flat.element_size(), block_size)
-        layout = "bitmap" if sparse_nbytes < flat.numel() * flat.element_size() else "dense"
+        itemsize = flat.element_size()
+        sparse_nbytes = encoded_nbytes(shape, itemsize, "bitmap", nnz, encoding, group_size, per_row, block_size)
+        dense_nbytes = encoded_nbytes(shape, itemsize, "dense", nnz, encoding, group_size, None, block_size)
+        layout = "bitmap" if sparse_nbytes < dense_nbytes else "dense"
     if layout == "dense":
-        return EncodedTensor(shape, flat.dtype, "dense", nnz, values=flat.clone(), block_size=block_size)
+        mask = torch.ones_like(mask)
+        row_counts = torch.full((rows,), cols, dtype=torch.int64)
+        per_row = quant.groups_per_row(row_counts, group_size)
+    quantized = {}
+    if encoding != "raw":
+        row_offsets = torch.zeros(rows + 1, dtype=torch.int64)
+        torch.cumsum(row_counts, dim=0, out=row_offsets[1:])
+        positions = torch.nonzero(mask.cpu()).view(-1)
+        index = quant.scale_index(positions // max(cols, 1), row_offsets, per_row, group_size)
+        kept = flat.cpu()[positions]
+        if scales is None:
+            scales = quant.group_scales(kept, index, rows * per_row, encoding)
+        elif scales.shape != (rows * per_row,) or scales.dtype != flat.dtype or not bool(torch.isfinite(scales.float()).all()):
+            raise FormatError(f"scales must be {rows * per_row} finite {flat.dtype} values "
+                              f"({rows} rows x {per_row} groups), got {tuple(scales.shape)} {scales.dtype}")
+        codes = quant.quantize(kept, index.to(kept.device), scales.cpu(), encoding)
+        quantized = {"values": quant.pack_codes(codes, encoding).to(flat.device), "scales": scales.contiguous().to(flat.device),
+                     "values_encoding": encoding, "group_size": group_size}
+        if layout == "bitmap":
+            quantized["row_offsets"] = row_offsets.to(flat.device)
+    if layout == "dense":
+        values = quantized.pop("values", flat.clone())
+        return EncodedTensor(shape, flat.dtype, "dense", nnz, values=values, block_size=block_size, **quantized)
 
     num_blocks = math.ceil(flat.numel() / block_size)
     padded = torch.zeros(num_blocks * block_size, dtype=torch.int64, device=flat.device)
     padded[: flat.numel()] = mask
     block_offsets = torch.zeros(num_blocks + 1, dtype=torch.int64, device=flat.device)
     torch.cumsum(padded.view(num_blocks, block_size).sum(dim=1), dim=0, out=block_offsets[1:])
+    values = quantized.pop("values", None)
     return EncodedTensor(
         shape, flat.dtype, "bitmap", nnz,
-        values=flat[mask],
+        values=flat[mask] if values is None else values,
         bitmap=pack_bits(mask),
         block_offsets=block_offsets,
         block_size=block_size,
+        **quantized,
     )
 
 
@@ -214,39 +322,56 @@ def validate(enc: EncodedTensor) -> None:
             f"values encoding {enc.values_encoding!r} is not supported by format version "
             f"{FORMAT_VERSION}; supported: {VALUES_ENCODINGS}"
         )
-    if enc.values.dtype != enc.dtype or enc.values.dim() != 1:
-        raise FormatError(f"values must be 1-D {enc.dtype}, got {enc.values.dim()}-D {enc.values.dtype}")
-    if enc.layout == "dense":
-        if enc.values.numel() != enc.numel:
-            raise FormatError(f"dense tensor of shape {enc.shape} has {enc.values.numel()} values")
-        return
-    if enc.bitmap is None or enc.block_offsets is None:
+    if enc.quantized:
+        quant.check_encoding(enc.values_encoding, enc.group_size)
+    elif enc.scales is not None or enc.row_offsets is not None:
+        raise FormatError("a raw tensor has no scales or row offsets")
+    if enc.layout == "bitmap" and (enc.bitmap is None or enc.block_offsets is None):
         raise FormatError("a bitmap tensor needs both a bitmap and block offsets")
-    expected = {
-        "bitmap": (torch.uint8, math.ceil(enc.numel / 8)),
-        "block_offsets": (torch.int64, enc.num_blocks + 1),
-        "values": (enc.dtype, enc.nnz),
-    }
-    for name, (dtype, numel) in expected.items():
+    if enc.layout == "bitmap" and enc.quantized and enc.row_offsets is None:
+        raise FormatError("a quantized bitmap tensor needs row offsets")
+    if enc.quantized and enc.scales is None:
+        raise FormatError("a quantized tensor needs scales")
+    rows, cols = enc.rows_cols
+    values_count = (quant.codes_nbytes(enc.values_encoding, enc.value_count) if enc.quantized
+                    else enc.value_count)
+    expected = {"values": values_count}
+    if enc.layout == "bitmap":
+        expected.update(bitmap=math.ceil(enc.numel / 8), block_offsets=enc.num_blocks + 1)
+        if enc.quantized:
+            expected["row_offsets"] = rows + 1
+    if enc.quantized:
+        per_row = -(-cols // enc.group_size) if enc.layout == "dense" else enc.groups_per_row
+        expected["scales"] = rows * per_row
+        if enc.layout == "bitmap" and rows and enc.scales.numel() % rows:
+            raise FormatError(f"{enc.scales.numel()} scales do not divide into {rows} rows")
+    for name, part in enc.parts().items():
+        if name not in expected:
+            raise FormatError(f"a {enc.layout} {enc.values_encoding} tensor has no {name}")
+    for name, numel in expected.items():
         part = enc.parts()[name]
-        if part.dtype != dtype or part.numel() != numel:
+        dtype = enc.part_dtype(name)
+        if part.dtype != dtype or part.dim() != 1 or part.numel() != numel:
             raise FormatError(
-                f"{name} should be {numel} x {dtype}, got {part.numel()} x {part.dtype} "
+                f"{name} should be {numel} x {dtype}, got {part.numel()} x {part.dtype} ({part.dim()}-D) "
                 f"(shape {enc.shape}, nnz {enc.nnz}, block size {enc.block_size})"
             )
 
 
 def validate_contents(enc: EncodedTensor) -> None:
-    """`validate` plus the offsets' end points (reads two values: a device sync on a GPU)."""
+    """`validate` plus the offsets' end points (reads a few values: a device sync on a GPU)."""
     validate(enc)
     if enc.layout == "bitmap":
-        first, last = enc.block_offsets[0].item(), enc.block_offsets[-1].item()
-        if first != 0 or last != enc.nnz:
-            raise FormatError(f"block offsets run from {first} to {last}, expected 0 to nnz={enc.nnz}")
+        ends = [("block offsets", enc.block_offsets)] + ([("row offsets", enc.row_offsets)] if enc.quantized else [])
+        for what, offsets in ends:
+            first, last = offsets[0].item(), offsets[-1].item()
+            if first != 0 or last != enc.nnz:
+                raise FormatError(f"{what} run from {first} to {last}, expected 0 to nnz={enc.nnz}")
 
 
 def decode(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense tensor, bit-identical to what was encoded (torch reference and CPU path).
+    """The dense tensor: bit-identical to what was encoded for "raw"; for a quantized encoding the
+    dequantized values the spec defines (the torch reference every other decoder matches).
 
     With `out` (contiguous, enc's shape and dtype) the result is written there and returned.
     """
@@ -255,16 +380,27 @@ def decode(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(enc.shape, dtype=enc.dtype, device=enc.values.device)
     elif out.shape != torch.Size(enc.shape) or out.dtype != enc.dtype or not out.is_contiguous():
         raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype}, need contiguous {enc.shape} {enc.dtype}")
-    if enc.layout == "dense":
+    if enc.layout == "dense" and not enc.quantized:
         return out.copy_(enc.values.view(enc.shape))
-    bits_dtype = BITS_DTYPES[enc.dtype]
-    mask = unpack_bits(enc.bitmap, enc.numel)
+    mask = (unpack_bits(enc.bitmap, enc.numel) if enc.layout == "bitmap"
+            else torch.ones(enc.numel, dtype=torch.bool, device=enc.values.device))
     set_bits = int(torch.count_nonzero(mask))
-    if set_bits != enc.nnz:
+    if set_bits != enc.nnz and enc.layout == "bitmap":
         raise FormatError(f"bitmap has {set_bits} set bits but nnz is {enc.nnz}")
+    values = enc.values
+    if enc.quantized:
+        rows, cols = enc.rows_cols
+        row_offsets = (enc.row_offsets if enc.layout == "bitmap"
+                       else torch.arange(rows + 1, dtype=torch.int64, device=mask.device) * cols)
+        positions = torch.nonzero(mask).view(-1)
+        row_of = positions // max(cols, 1)
+        index = quant.scale_index(row_of, row_offsets.to(mask.device), enc.groups_per_row, enc.group_size)
+        codes = quant.unpack_codes(enc.values, enc.value_count, enc.values_encoding)
+        values = quant.dequantize(codes, index, enc.scales)
+    bits_dtype = BITS_DTYPES[enc.dtype]
     flat = out.view(-1).view(bits_dtype)
     flat.zero_()
-    flat.masked_scatter_(mask, enc.values.view(bits_dtype))
+    flat.masked_scatter_(mask.to(flat.device), values.view(bits_dtype))
     return out
 
 
