@@ -38,7 +38,7 @@ SM_LIMITS = {
 @dataclass(frozen=True)
 class KernelResources:
     capability: int
-    values_dtype: str  # "i16" (fp16, bf16) or "i32" (fp32)
+    variant: str  # raw: "i16" (fp16, bf16) or "i32" (fp32); quantized: e.g. "int4>bf16", "int8>fp16 dense"
     block_size: int
     num_warps: int
     registers: int  # per thread
@@ -65,15 +65,36 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_decompress(capability: int, values_dtype: str, block_size: int = 4096) -> KernelResources:
+RAW_VARIANTS = ("i16", "i32")
+QUANT_VARIANTS = tuple(f"{codes}>{out}{layout}" for codes in ("int8", "int4") for out in ("fp16", "bf16", "fp32")
+                       for layout in ("", " dense"))
+
+
+def _signature(variant: str) -> tuple[dict[str, str], dict[str, int]]:
+    """The kernel's argument types and constexprs for a variant name (see `KernelResources.variant`)."""
+    if variant in RAW_VARIANTS:
+        values, out, quant_bits, dense, out_bf16 = variant, variant, 0, False, False
+    else:
+        codes, rest = variant.split(">")
+        out_name, _, layout = rest.partition(" ")
+        quant_bits, dense, out_bf16 = int(codes[3:]), layout == "dense", out_name == "bf16"
+        values, out = ("i8" if quant_bits == 8 else "u8"), ("i16" if out_bf16 else out_name)
+    signature = {"bitmap_ptr": "*u8", "block_offsets_ptr": "*i64", "values_ptr": f"*{values}", "out_ptr": f"*{out}",
+                 "numel": "i64", "scales_ptr": f"*{'fp32' if variant in RAW_VARIANTS else out_name}",
+                 "row_offsets_ptr": "*i64", "cols": "i64", "groups_per_row": "i64", "group_size": "i64",
+                 "num_scales": "i64", "BLOCK": "constexpr", "CHUNK": "constexpr", "QUANT": "constexpr",
+                 "DENSE": "constexpr", "OUT_BF16": "constexpr"}
+    return signature, {"QUANT": quant_bits, "DENSE": dense, "OUT_BF16": out_bf16}
+
+
+def compile_decompress(capability: int, variant: str, block_size: int = 4096) -> KernelResources:
     """Compile `decompress_kernel` for sm_<capability> and report its resources (no GPU needed)."""
-    config = launch_config(block_size)
-    signature = {"bitmap_ptr": "*u8", "block_offsets_ptr": "*i64", "values_ptr": f"*{values_dtype}",
-                 "out_ptr": f"*{values_dtype}", "numel": "i64", "BLOCK": "constexpr", "CHUNK": "constexpr"}
+    config = launch_config(block_size, quantized=variant not in RAW_VARIANTS)
+    signature, flags = _signature(variant)
     # Pointers 16-byte aligned, as in a slot buffer holding a version-2 layer file
     attrs = {(index,): [["tt.divisibility", 16]] for index, kind in enumerate(signature.values()) if kind.startswith("*")}
     source = ASTSource(fn=decompress_kernel, signature=signature, attrs=attrs,
-                       constexprs={"BLOCK": block_size, "CHUNK": config["CHUNK"]})
+                       constexprs={"BLOCK": block_size, "CHUNK": config["CHUNK"], **flags})
     compiled = triton.compiler.compile(source, target=GPUTarget("cuda", capability, 32),
                                        options={"num_warps": config["num_warps"], "maxnreg": config["maxnreg"]})
     arch = "sm_90a" if capability == 90 else f"sm_{capability}"
@@ -86,7 +107,7 @@ def compile_decompress(capability: int, values_dtype: str, block_size: int = 409
         sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
     cap = re.search(r"\.maxnreg (\d+)", compiled.asm["ptx"])
     return KernelResources(
-        capability=capability, values_dtype=values_dtype, block_size=block_size, num_warps=config["num_warps"],
+        capability=capability, variant=variant, block_size=block_size, num_warps=config["num_warps"],
         registers=int(re.search(r"Used (\d+) registers", report).group(1)),
         spill_bytes=int(re.search(r"(\d+) bytes spill stores", report).group(1)),
         shared_bytes=compiled.metadata.shared, max_registers=int(cap.group(1)) if cap else None,
@@ -96,10 +117,11 @@ def compile_decompress(capability: int, values_dtype: str, block_size: int = 409
 
 def main() -> None:
     for capability in (90, 80):
-        for values_dtype in ("i16", "i32"):
-            for block_size in (256, 4096, 65536):
-                resources = compile_decompress(capability, values_dtype, block_size)
-                print(json.dumps({**dataclasses.asdict(resources), "occupancy": resources.occupancy}))
+        combos = [(variant, block) for variant in RAW_VARIANTS for block in (256, 4096, 65536)]
+        combos += [(variant, block) for variant in QUANT_VARIANTS for block in (256, 4096)]
+        for variant, block_size in combos:
+            resources = compile_decompress(capability, variant, block_size)
+            print(json.dumps({**dataclasses.asdict(resources), "occupancy": resources.occupancy}), flush=True)
 
 
 if __name__ == "__main__":

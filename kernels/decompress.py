@@ -18,7 +18,14 @@ A program reads only its block's run `values[block_offsets[b] : block_offsets[b+
 with more set bits than its block's count yields wrong values, never a read out of bounds (the
 store checks offsets and counts when it verifies a layer).
 
-Values travel as same-width integers (int16 for fp16/bf16, int32 for fp32): the kernel only moves
+Quantized values (`values_encoding` "int8"/"int4", see `endor_ray.format.quant`) decode in the
+same pass: the gathered code is multiplied by its group's scale (the row from the element's
+position, the group from the value's rank in its row) and rounded once to the output dtype; for
+bfloat16 the rounding is done with integer operations, so the interpreter and a GPU agree bit
+for bit with the torch reference. A "dense" quantized tensor (no bitmap) runs the same kernel
+with every element kept (DENSE).
+
+Raw values travel as same-width integers (int16 for fp16/bf16, int32 for fp32): the kernel only moves
 bits, so the output is bit-identical to the input, NaN payloads and -0.0 included. Store format
 version 2 aligns every part to 64 bytes, so in a slot buffer all pointers are 16-byte aligned.
 
@@ -33,7 +40,7 @@ import triton
 import triton.language as tl
 
 from endor_ray.errors import FormatError
-from endor_ray.format.tensor import BITS_DTYPES, EncodedTensor, validate, validate_contents
+from endor_ray.format.tensor import BITS_DTYPES, EncodedTensor, decode, validate, validate_contents
 
 MAX_CHUNK = 1024  # elements per chunk (2 per thread with 16 warps)
 MAX_REGISTERS = 32  # per thread: 65536 registers / 2048 threads, i.e. 100% occupancy
@@ -41,41 +48,88 @@ MAX_REGISTERS = 32  # per thread: 65536 registers / 2048 threads, i.e. 100% occu
 
 @triton.jit
 def decompress_kernel(
-    bitmap_ptr,  # [ceil(numel / 8)] uint8, LSB first
-    block_offsets_ptr,  # [num_blocks + 1] int64
-    values_ptr,  # [nnz] int16 | int32 (the values' bits)
-    out_ptr,  # [numel] same dtype as values
+    bitmap_ptr,  # [ceil(numel / 8)] uint8, LSB first (unused when DENSE)
+    block_offsets_ptr,  # [num_blocks + 1] int64 (unused when DENSE)
+    values_ptr,  # raw: [nnz] int16 | int32 (the values' bits); QUANT 8: int8 codes; QUANT 4: uint8 nibble pairs
+    out_ptr,  # [numel]: raw: same dtype as values; quantized: float16 | bfloat16 | float32
     numel,
+    scales_ptr,  # quantized: [num_scales] out's dtype (unused for raw)
+    row_offsets_ptr,  # quantized "bitmap": [rows + 1] int64 (unused for raw and DENSE)
+    cols,  # quantized: elements per row
+    groups_per_row,  # quantized: scale slots per row
+    group_size,  # quantized: kept elements per group
+    num_scales,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
+    QUANT: tl.constexpr,  # 0: raw bits; 8: int8 codes; 4: int4 codes
+    DENSE: tl.constexpr,  # quantized "dense" layout: every element is kept, no bitmap
+    OUT_BF16: tl.constexpr,  # quantized bfloat16 output, written as int16 bits
 ):
     block_idx = tl.program_id(0).to(tl.int64)
-    values_start = tl.load(block_offsets_ptr + block_idx)  # first: its latency hides behind the bitmap loads
-    block_count = (tl.load(block_offsets_ptr + block_idx + 1) - values_start).to(tl.int32)
     numel = numel.to(tl.int64)
-    num_bytes = (numel + 7) // 8
     block_start = block_idx * BLOCK
-    chunk_values_ptr = values_ptr + values_start  # the first value of the current chunk
+    if DENSE:
+        values_start = block_start
+        block_count = tl.minimum(numel - block_start, BLOCK).to(tl.int32)
+    else:
+        values_start = tl.load(block_offsets_ptr + block_idx)  # first: its latency hides behind the bitmap loads
+        block_count = (tl.load(block_offsets_ptr + block_idx + 1) - values_start).to(tl.int32)
+    num_bytes = (numel + 7) // 8
+    chunk_first = values_start  # value index of the current chunk's first value
     remaining = block_count  # values of this block not yet used by earlier chunks
     for chunk_start in tl.range(0, BLOCK, CHUNK):
-        byte_idx = (block_start + chunk_start) // 8 + tl.arange(0, CHUNK // 8)
-        packed = tl.load(bitmap_ptr + byte_idx, mask=byte_idx < num_bytes, other=0).to(tl.int32)
-        bits = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1  # [CHUNK // 8, 8]
-        bits = tl.reshape(bits, (CHUNK,))  # row-major: element = byte * 8 + bit, LSB first
-        slot = tl.cumsum(bits, axis=0) - bits  # exclusive: non-zeros of this chunk before the element
-        # never past the block's own values, whatever the bitmap says (a verified store agrees anyway)
-        vals = tl.load(chunk_values_ptr + slot, mask=(bits != 0) & (slot < remaining), other=0)
         elem_idx = block_start + chunk_start + tl.arange(0, CHUNK)
+        if DENSE:
+            bits = (elem_idx < numel).to(tl.int32)
+            slot = tl.arange(0, CHUNK)
+        else:
+            byte_idx = (block_start + chunk_start) // 8 + tl.arange(0, CHUNK // 8)
+            packed = tl.load(bitmap_ptr + byte_idx, mask=byte_idx < num_bytes, other=0).to(tl.int32)
+            bits = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1  # [CHUNK // 8, 8]
+            bits = tl.reshape(bits, (CHUNK,))  # row-major: element = byte * 8 + bit, LSB first
+            slot = tl.cumsum(bits, axis=0) - bits  # exclusive: non-zeros of this chunk before the element
+        # never past the block's own values, whatever the bitmap says (a verified store agrees anyway)
+        kept = (bits != 0) & (slot < remaining)
+        value_idx = chunk_first + slot
+        if QUANT == 0:
+            vals = tl.load(values_ptr + value_idx, mask=kept, other=0)
+        else:
+            if QUANT == 8:
+                code = tl.load(values_ptr + value_idx, mask=kept, other=0).to(tl.float32)
+            else:
+                pair = tl.load(values_ptr + value_idx // 2, mask=kept, other=0).to(tl.int32)
+                nibble = (pair >> ((value_idx & 1) * 4).to(tl.int32)) & 0xF
+                code = ((nibble ^ 8) - 8).to(tl.float32)  # 4-bit two's complement
+            row = elem_idx // cols
+            if DENSE:
+                row_start = row * cols
+            else:
+                row_start = tl.load(row_offsets_ptr + row, mask=kept, other=0)
+            group = row * groups_per_row + (value_idx - row_start) // group_size
+            scale = tl.load(scales_ptr + group, mask=kept & (group >= 0) & (group < num_scales), other=0)
+            product = code * scale.to(tl.float32)  # exact: a code has at most 8 bits
+            if OUT_BF16:  # round to nearest even by integer ops, the same under the interpreter and on a GPU
+                word = product.to(tl.int32, bitcast=True)
+                rounded = (word + 0x7FFF + ((word >> 16) & 1)) >> 16
+                rounded = tl.where(product != product, 0x7FC0, rounded & 0xFFFF)  # NaN as torch writes it
+                vals = ((rounded ^ 0x8000) - 0x8000).to(tl.int16)  # the bf16 bits, into an int16 view
+            else:
+                vals = product.to(out_ptr.dtype.element_ty)  # fp16: round to nearest even; fp32: itself
         tl.store(out_ptr + elem_idx, vals, mask=elem_idx < numel)
         chunk_count = tl.sum(bits, axis=0)
-        chunk_values_ptr += chunk_count
+        chunk_first += chunk_count
         remaining -= chunk_count
 
 
-def launch_config(block_size: int) -> dict[str, int]:
-    """Compile-time sizes and launch options for a format block size (what the AOT test compiles)."""
-    chunk = min(block_size, MAX_CHUNK)
-    return {"CHUNK": chunk, "num_warps": max(1, min(16, chunk // 64)), "maxnreg": MAX_REGISTERS}
+def launch_config(block_size: int, quantized: bool = False) -> dict[str, int]:
+    """Compile-time sizes and launch options for a format block size (what the AOT test compiles).
+
+    Dequantizing needs more live values per element (code, row, group, scale), so quantized
+    tensors walk chunks of 512 with one element per thread: 32 registers without spills.
+    """
+    per_thread = 1 if quantized else 2
+    chunk = min(block_size, MAX_CHUNK // (2 // per_thread))
+    return {"CHUNK": chunk, "num_warps": max(1, min(16, chunk // (32 * per_thread))), "maxnreg": MAX_REGISTERS}
 
 
 def decompress(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,27 +152,45 @@ def decompress(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Ten
         )
     elif not out.is_contiguous():
         raise FormatError("output buffer must be contiguous")
-    if enc.layout == "dense":
+    if enc.layout == "dense" and not enc.quantized:
         return out.copy_(enc.values.view(enc.shape))
     if enc.numel == 0:
         return out
-
-    bits_dtype = BITS_DTYPES[enc.dtype]
     grid = (enc.num_blocks,)
+    if enc.quantized:
+        rows, cols = enc.rows_cols
+        dense = enc.layout == "dense"
+        bitmap = enc.values if dense else enc.bitmap  # DENSE never reads these two
+        block_offsets = enc.scales if dense else enc.block_offsets
+        row_offsets = enc.scales if dense else enc.row_offsets
+        values = enc.values
+        quantized_args = (enc.scales, row_offsets, cols, enc.groups_per_row if not dense else -(-cols // enc.group_size),
+                          enc.group_size, enc.scales.numel())
+        out_bf16 = enc.dtype == torch.bfloat16
+        target = out.view(-1).view(torch.int16) if out_bf16 else out.view(-1)
+        quant_bits = 8 if enc.values_encoding == "int8" else 4
+    else:
+        bits_dtype = BITS_DTYPES[enc.dtype]
+        bitmap, block_offsets, values = enc.bitmap, enc.block_offsets, enc.values.view(bits_dtype)
+        target = out.view(-1).view(bits_dtype)
+        quantized_args = (values, values, 1, 0, 1, 0)  # unused when QUANT == 0
+        quant_bits, dense, out_bf16 = 0, False, False
     decompress_kernel[grid](
-        enc.bitmap,
-        enc.block_offsets,
-        enc.values.view(bits_dtype),
-        out.view(-1).view(bits_dtype),
-        enc.numel,
-        BLOCK=enc.block_size,
-        **launch_config(enc.block_size),
+        bitmap, block_offsets, values, target, enc.numel, *quantized_args,
+        BLOCK=enc.block_size, QUANT=quant_bits, DENSE=dense, OUT_BF16=out_bf16,
+        **launch_config(enc.block_size, quantized=quant_bits != 0),
     )
     return out
 
 
 def decompress_reference(enc: EncodedTensor) -> torch.Tensor:
-    """What the kernel computes, block by block, in torch: the slot of each bit by cumsum, then a gather."""
+    """What the kernel computes, block by block, in torch: the slot of each bit by cumsum, then a gather.
+
+    Quantized tensors: the format's own reference decode (`endor_ray.format.decode`), which
+    defines the dequantized values the kernel must reproduce bit for bit.
+    """
+    if enc.quantized:
+        return decode(enc)
     validate_contents(enc)
     if enc.layout == "dense":
         return enc.values.clone().view(enc.shape)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from endor_ray.kernels.aot import KernelResources
+from endor_ray.kernels.aot import QUANT_VARIANTS, RAW_VARIANTS, KernelResources
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,12 @@ def compiled() -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_every_target_dtype_and_block_size_compiles(compiled):
-    combos = {(k["capability"], k["values_dtype"], k["block_size"]) for k in compiled}
-    assert combos == {(cap, dtype, block) for cap in (90, 80) for dtype in ("i16", "i32") for block in (256, 4096, 65536)}
+def test_every_target_dtype_encoding_and_block_size_compiles(compiled):
+    combos = {(k["capability"], k["variant"], k["block_size"]) for k in compiled}
+    raw = {(cap, variant, block) for cap in (90, 80) for variant in RAW_VARIANTS for block in (256, 4096, 65536)}
+    quantized = {(cap, variant, block) for cap in (90, 80) for variant in QUANT_VARIANTS for block in (256, 4096)}
+    assert len(QUANT_VARIANTS) == 12  # int8/int4 codes -> fp16/bf16/fp32, bitmap and dense layouts
+    assert combos == raw | quantized
 
 
 def test_no_spills_and_full_occupancy(compiled):
