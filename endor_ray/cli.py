@@ -1,6 +1,7 @@
 """The `endor` command: convert, inspect and export compressed model stores.
 
-    endor convert SRC DST [--sparsity 0.5] [--method wanda|magnitude] [--format endor|dense]
+    endor convert SRC DST [--sparsity 0.5] [--method wanda|sparsegpt|magnitude] [--values raw|int8|int4]
+                          [--group-size 128] [--bytes-per-weight B] [--format endor|dense]
                           [--dtype float16|bfloat16|float32] [--calib-text FILE] [--force]
     endor inspect STORE [--json]
     endor export STORE OUT [--force]
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from endor_ray.store.default_model import DEFAULT_MODEL_NAME
 from endor_ray.errors import ConfigError, EndorError
+from endor_ray.format.quant import DEFAULT_GROUP_SIZE
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES
 from endor_ray.utils.units import human_bytes
 
@@ -39,6 +41,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     config = ConvertConfig(
         sparsity=args.sparsity, method=args.method, store_format=args.format, dtype=args.dtype,
+        values=args.values, group_size=args.group_size, bytes_per_weight=args.bytes_per_weight,
         block_size=args.block_size, calib_text=args.calib_text, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, seed=args.seed, force=args.force,
     )
@@ -269,7 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help=f"local HF checkpoint directory, or {DEFAULT_MODEL_NAME!r} (embedded)")
     convert.add_argument("dst", help="store directory to create")
     convert.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row pruned, in [0, 1)")
-    convert.add_argument("--method", default="wanda", help="wanda (default) or magnitude")
+    convert.add_argument("--method", default="wanda", help="wanda (default), sparsegpt (prunes and quantizes "
+                         "jointly, altering kept weights) or magnitude")
+    convert.add_argument("--values", default="raw", help="kept values of Linear weights: raw (the stored dtype, "
+                         "default), int8 or int4 (with one scale per --group-size kept values)")
+    convert.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="kept values per scale (128)")
+    convert.add_argument("--bytes-per-weight", type=float, default=None,
+                         help="mixed precision: choose each tensor's sparsity and values to fit this many bytes "
+                              "per weight in every layer, with the least measured error (overrides --sparsity, "
+                              "--values)")
     convert.add_argument("--format", default="endor", help="endor (bitmap-sparse, default) or dense (baseline)")
     convert.add_argument("--dtype", default=None, help=f"stored dtype: {', '.join(DTYPES)} (default: the checkpoint's)")
     convert.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="format block size")

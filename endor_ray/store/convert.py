@@ -23,15 +23,19 @@ from endor_ray.utils.atomic import staged_directory
 from endor_ray.utils.system import available_memory_bytes
 from endor_ray.store.checkpoint import Checkpoint
 from endor_ray.store.default_model import resolve_source
-from endor_ray.errors import ConfigError, StoreError
+from endor_ray.errors import ConfigError, FormatError, StoreError
+from endor_ray.format.quant import DEFAULT_GROUP_SIZE, check_encoding
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
+from endor_ray.store.compress import CalibrationStats, Setting, compress_weight
 from endor_ray.store.manifest import seal
-from endor_ray.store.prune import METHODS, InputNormCollector, check_sparsity, prune_weight
+from endor_ray.store.mixed import check_budget, choose, measure
+from endor_ray.store.prune import METHODS, InputNormCollector, check_sparsity
 from endor_ray.store.store import (
     DENSE_FILE, MANIFEST_NAME, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name, write_tensor_file,
 )
 
 STORE_FORMATS = ("endor", "dense")
+VALUE_ENCODINGS = ("raw", "int8", "int4")
 
 
 @dataclass
@@ -39,7 +43,10 @@ class ConvertConfig:
     """How to turn a checkpoint into a store."""
 
     sparsity: float = 0.5  # fraction of each Linear row set to zero, in [0, 1)
-    method: str = "wanda"  # "wanda" (needs calibration text) or "magnitude"
+    method: str = "wanda"  # "wanda" or "sparsegpt" (both calibrate) or "magnitude"
+    values: str = "raw"  # kept values of Linear weights: "raw" (the stored dtype), "int8" or "int4"
+    group_size: int = DEFAULT_GROUP_SIZE  # kept values per quantization scale
+    bytes_per_weight: float | None = None  # mixed precision: per-tensor settings within this budget
     store_format: str = "endor"  # "endor": bitmap-sparse where it pays; "dense": all dense (baseline)
     dtype: str | None = None  # stored dtype; None keeps the checkpoint's (float32 if it names none)
     block_size: int = DEFAULT_BLOCK_SIZE  # format block size (elements per decompression program)
@@ -55,6 +62,21 @@ class ConvertConfig:
             raise ConfigError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.store_format not in STORE_FORMATS:
             raise ConfigError(f"unknown store format {self.store_format!r}; choose one of {', '.join(STORE_FORMATS)}")
+        if self.values not in VALUE_ENCODINGS:
+            raise ConfigError(f"unknown values encoding {self.values!r}; choose one of {', '.join(VALUE_ENCODINGS)}")
+        if self.store_format == "dense" and (self.values != "raw" or self.bytes_per_weight is not None):
+            raise ConfigError("--format dense is the unquantized baseline; use the endor format for --values "
+                              "and --bytes-per-weight")
+        if self.bytes_per_weight is not None:
+            check_budget(self.bytes_per_weight)
+            if self.method == "magnitude":
+                raise ConfigError("--bytes-per-weight measures each setting on calibration inputs: use --method "
+                                  "wanda or sparsegpt")
+        if self.values != "raw":
+            try:
+                check_encoding(self.values, self.group_size)
+            except FormatError as exc:
+                raise ConfigError(str(exc)) from None
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         check_block_size(self.block_size)
@@ -62,6 +84,19 @@ class ConvertConfig:
             raise ConfigError("calibration needs at least 1 sample of at least 2 tokens")
         if self.calib_text is not None and not Path(self.calib_text).is_file():
             raise ConfigError(f"calibration text file {self.calib_text} does not exist")
+
+
+class _LayerStats:
+    """The collector's statistics of one layer, by name within the layer."""
+
+    def __init__(self, collector: InputNormCollector, layer_idx: int):
+        self.collector, self.prefix = collector, f"{layer_idx}."
+
+    def input_sq_sum(self, name: str) -> torch.Tensor | None:
+        return self.collector.input_sq_sum(self.prefix + name)
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        return self.collector.hessian(self.prefix + name)
 
 
 def source_dtype(config: dict[str, Any]) -> str:
@@ -84,29 +119,47 @@ class _LayerWriter:
             self._bar = tqdm(total=len(self.entries), desc="convert", unit="layer", disable=not self.progress)
         return self._bar
 
-    def write(
-        self,
-        layer_idx: int,
-        weights: dict[str, torch.Tensor],
-        input_sq_sums: dict[str, torch.Tensor | None] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Prune and store one layer; return its pruned weights (same dtype as given)."""
-        pruned, encoded = {}, {}
+    def write(self, layer_idx: int, weights: dict[str, torch.Tensor],
+              collector: _LayerStats | None = None) -> dict[str, torch.Tensor]:
+        """Compress and store one layer; return the weights the store now holds (dtype as given)."""
+        config = self.config
+        prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
+        stats = {}
+        for name in prunable if collector is not None else []:
+            stats[name] = CalibrationStats(collector.input_sq_sum(name), collector.hessian(name))
+            if stats[name].input_sq_sum is None:
+                raise StoreError(f"layer {layer_idx}: {name} saw no calibration input; is it a Linear?")
+        settings = {name: Setting(config.sparsity, config.values) for name in prunable}
+        if config.bytes_per_weight is not None:
+            settings = self._choose(weights, prunable, stats)
+        stored, encoded = {}, {}
         for name, weight in weights.items():
-            if is_prunable(name, weight) and self.config.sparsity > 0:
-                sq_sum = input_sq_sums.get(name) if input_sq_sums is not None else None
-                if input_sq_sums is not None and sq_sum is None:
-                    raise StoreError(f"layer {layer_idx}: {name} saw no calibration input; is it a Linear?")
-                weight = prune_weight(weight, self.config.sparsity, self.config.method, sq_sum)
-            pruned[name] = weight
-            layout = "dense" if self.config.store_format == "dense" or not is_prunable(name, weight) else None
-            encoded[name] = encode(weight.to(self.dtype), self.config.block_size, layout=layout)
+            layout = "dense" if config.store_format == "dense" or name not in settings else None
+            setting = settings.get(name, Setting(0.0))
+            if setting == Setting(0.0):
+                encoded[name] = encode(weight.to(self.dtype), config.block_size, layout=layout)
+                stored[name] = weight
+            else:
+                encoded[name], held = compress_weight(weight, setting, config.method, self.dtype, config.block_size,
+                                                      config.group_size, stats.get(name), layout)
+                stored[name] = held.to(weight.dtype)
         file_name = layer_file_name(layer_idx)
         self.entries[layer_idx] = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
         sizes = sum(enc.nbytes for enc in encoded.values()), sum(enc.dense_nbytes for enc in encoded.values())
         self.bar.set_postfix(ratio=f"{sizes[0] / sizes[1]:.3f}")
         self.bar.update(1)
-        return pruned
+        return stored
+
+    def _choose(self, weights: dict[str, torch.Tensor], prunable: list[str],
+                stats: dict[str, CalibrationStats]) -> dict[str, Setting]:
+        """Mixed precision: each prunable tensor's setting within the layer's byte budget."""
+        config = self.config
+        fixed = sum(encode(weights[name].to(self.dtype), layout="dense").nbytes
+                    for name in weights if name not in prunable)
+        numel = sum(weight.numel() for weight in weights.values())
+        options = {name: measure(weights[name], stats[name], self.dtype, config.block_size, config.group_size)
+                   for name in prunable}
+        return choose(options, config.bytes_per_weight * numel - fixed)
 
 
 def convert(source: str, destination: str | Path, config: ConvertConfig, progress: bool = True) -> Path:
@@ -130,7 +183,10 @@ def convert(source: str, destination: str | Path, config: ConvertConfig, progres
             "model": {"model_type": checkpoint.architecture.model_type, "dtype": dtype_str, "config": model_config},
             "compression": {
                 "format": config.store_format, "block_size": config.block_size,
-                "sparsity": config.sparsity, "method": config.method if config.sparsity > 0 else "none",
+                "sparsity": config.sparsity if config.bytes_per_weight is None else "mixed",
+                "method": config.method if _compresses(config) else "none",
+                "values": config.values if config.bytes_per_weight is None else "mixed",
+                "group_size": config.group_size, "bytes_per_weight": config.bytes_per_weight,
                 "calibration": calibration,
             },
             "tokenizer_files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
@@ -161,18 +217,31 @@ def _write_store(checkpoint: Checkpoint, staging: Path, config: ConvertConfig, d
                 for full in layer_names[layer_idx]}
 
     calibration: dict[str, Any] = {"source": "none"}
-    if config.method == "magnitude" or config.sparsity == 0:
+    if not _calibrates(config):
         for layer_idx in range(architecture.num_layers):
             writer.write(layer_idx, load_layer(layer_idx))
     else:
-        calibration = _wanda_layers(checkpoint, config, writer, load_layer)
+        calibration = _calibrated_layers(checkpoint, config, writer, load_layer)
     writer.bar.close()
     calibration["_layers"] = writer.entries
     return calibration
 
 
+def _compresses(config: ConvertConfig) -> bool:
+    return config.sparsity > 0 or config.values != "raw" or config.bytes_per_weight is not None
+
+
+def _calibrates(config: ConvertConfig) -> bool:
+    """Whether the methods need calibration inputs: Wanda's norms, SparseGPT's and the mixed choice's Hessians."""
+    if config.bytes_per_weight is not None:
+        return True
+    if config.method == "wanda":
+        return config.sparsity > 0
+    return config.method == "sparsegpt" and _compresses(config)
+
+
 @torch.no_grad()
-def _wanda_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
+def _calibrated_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
     """Run calibration tokens through the model once, pruning and writing each layer as it finishes."""
     from endor_ray.store.calibration import self_calibration_ids, text_calibration_ids
     from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer, stream_layers
@@ -214,12 +283,11 @@ def _wanda_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerW
         record = {"source": "self-generated", "seed": config.seed}
     record.update(num_samples=ids.shape[0], seq_len=ids.shape[1])
 
-    collector = InputNormCollector()
+    collector = InputNormCollector(hessians=config.method == "sparsegpt" or config.bytes_per_weight is not None)
 
     def prune_and_rerun(layer_idx: int, layer, args: tuple, kwargs: dict, output):
         weights = dict(layer.state_dict())
-        sq_sums = {name: collector.input_sq_sum(f"{layer_idx}.{name}") for name in weights}
-        pruned = writer.write(layer_idx, weights, sq_sums)
+        pruned = writer.write(layer_idx, weights, _LayerStats(collector, layer_idx))
         collector.clear()
         # The next layer calibrates on what the *pruned* layer outputs (as in Wanda).
         materialize_layer(layer, pruned)

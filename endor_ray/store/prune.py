@@ -22,7 +22,7 @@ from torch import nn
 
 from endor_ray.errors import ConfigError
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")  # sparsegpt: endor_ray.store.sparsegpt
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -74,14 +74,20 @@ def prune_weight(
         if input_sq_sum is None:
             raise ConfigError("wanda pruning needs the input norms collected on calibration text")
         return prune_rows(weight, wanda_score(weight, input_sq_sum), sparsity)
+    if method == "sparsegpt":
+        raise ConfigError("sparsegpt needs the Linear's Hessian: use endor_ray.store.compress.compress_weight")
     raise ConfigError(f"unknown pruning method {method!r}; choose one of {METHODS}")
 
 
 class InputNormCollector:
-    """Accumulates, per Linear module, the sum over tokens of its input squared, per input feature."""
+    """Accumulates, per Linear module, the sum over tokens of its input squared, per input feature;
+    with `hessians`, the whole ``sum_t x_t x_t^T`` ([in, in], for SparseGPT and the mixed-precision
+    error estimates), whose diagonal is the same sums."""
 
-    def __init__(self) -> None:
+    def __init__(self, hessians: bool = False) -> None:
         self.sq_sums: dict[str, torch.Tensor] = {}  # module name -> [in_features] float32
+        self.hessians: dict[str, torch.Tensor] = {}  # module name -> [in_features, in_features] float32
+        self.full = hessians
         self.enabled = True
 
     @contextlib.contextmanager
@@ -107,6 +113,12 @@ class InputNormCollector:
                 self.sq_sums[name] += sq_sum
             else:
                 self.sq_sums[name] = sq_sum
+            if self.full:
+                product = inputs.T @ inputs
+                if name in self.hessians:
+                    self.hessians[name] += product
+                else:
+                    self.hessians[name] = product
 
         return accumulate
 
@@ -114,5 +126,10 @@ class InputNormCollector:
         """The sums for a weight named like 'mlp.up_proj.weight', if its module ran."""
         return self.sq_sums.get(weight_name.removesuffix(".weight"))
 
+    def hessian(self, weight_name: str) -> torch.Tensor | None:
+        """sum_t x_t x_t^T for a weight named like 'mlp.up_proj.weight' (collected with hessians=True)."""
+        return self.hessians.get(weight_name.removesuffix(".weight"))
+
     def clear(self) -> None:
         self.sq_sums.clear()
+        self.hessians.clear()

@@ -1,6 +1,7 @@
 """The compressed model store: where Endor-encoded layers live on disk or in object storage.
 
-Layout of a store (format version 2; version 1 differs only in part alignment, below)::
+Layout of a store (format version 3; version 2 lacks quantized values, version 1 also differs in
+part alignment, below)::
 
     STORE/manifest.json                    written last: a store without it is incomplete
     STORE/tokenizer/...                    the source checkpoint's tokenizer files
@@ -8,7 +9,8 @@ Layout of a store (format version 2; version 1 differs only in part alignment, b
     STORE/layers/layer-00000.safetensors   one file per decoder layer, holding all its tensors' parts
 
 Each tensor file is a valid safetensors file whose keys are ``"<tensor name>/<part>"`` with part
-one of ``bitmap``, ``block_offsets``, ``values`` (see `endor_ray.format`), so a whole layer is
+one of ``bitmap``, ``block_offsets``, ``row_offsets``, ``scales``, ``values`` (see
+`endor_ray.format`; quantized tensors have the middle two), so a whole layer is
 one sequential read and can be memory-mapped. In version 2 every part starts at a multiple of
 ``PART_ALIGNMENT`` (64) bytes from the start of the file: the header is padded with spaces (as
 safetensors allows) and ``uint8`` tensors named ``"__pad__/<n>"`` fill the gaps between parts
@@ -22,7 +24,9 @@ and one entry per tensor::
      "layout": "bitmap", "values_encoding": "raw", "block_size": 4096, "nnz": 165888,
      "crc32": 2611475423, "parts": {"bitmap": [BEGIN, END], "block_offsets": [...], "values": [...]}}
 
-where BEGIN/END are absolute byte offsets in the file. Readers take local paths and any URI
+where BEGIN/END are absolute byte offsets in the file. A quantized tensor (version 3) has
+``"values_encoding": "int8"`` or ``"int4"``, a ``"group_size"`` and the parts ``scales`` (and
+``row_offsets`` in layout ``bitmap``). Readers take local paths and any URI
 ``pyarrow.fs`` understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``).
 """
 
@@ -45,17 +49,16 @@ from endor_ray.models.architecture import Architecture, architecture_from_config
 from endor_ray.store import files
 from endor_ray.errors import ChecksumError, FormatError, StoreError
 from endor_ray.format.tensor import (
-    EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
+    PART_ORDER, EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
 )
 from endor_ray.store.manifest import check as check_manifest, tensor_header
 
-STORE_FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+STORE_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PART_ALIGNMENT = 64  # bytes; version 2 starts every part of a tensor file at a multiple of it
 MANIFEST_NAME = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 TOKENIZER_DIR = "tokenizer"
-PART_DTYPES = {"bitmap": torch.uint8, "block_offsets": torch.int64}
 
 
 def layer_file_name(layer_idx: int) -> str:
@@ -65,7 +68,7 @@ def layer_file_name(layer_idx: int) -> str:
 # -- writing (always to a local directory) -------------------------------------------------------
 
 
-_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.float32: "F32"}
 
 
@@ -105,6 +108,8 @@ def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor], file_name: 
                   for begin, end in [header[f"{name}/{part}"]["data_offsets"]]}
         entry = {"name": name, "shape": list(enc.shape), "dtype": dtype_name(enc.dtype), "layout": enc.layout,
                  "values_encoding": enc.values_encoding, "block_size": enc.block_size, "nnz": enc.nnz}
+        if enc.quantized:
+            entry["group_size"] = enc.group_size
         entry["crc32"] = checksum(enc, crc32(tensor_header(file_name, layer_idx, position, entry)))
         entries.append({**entry, "parts": ranges})
     located = {"index": layer_idx} if layer_idx is not None else {}
@@ -139,8 +144,11 @@ def tensors_from_buffer(
         name = entry["name"]
         try:
             dtype = dtype_from_name(entry["dtype"])
-            # Spec order (bitmap, block_offsets, values): the checksum is defined over it.
-            part_names = ["values"] if entry["layout"] == "dense" else ["bitmap", "block_offsets", "values"]
+            # Spec order (PART_ORDER): the checksum is defined over it.
+            shell = EncodedTensor(shape=tuple(entry["shape"]), dtype=dtype, layout=entry["layout"], nnz=entry["nnz"],
+                                  values=buffer[:0], values_encoding=entry["values_encoding"],
+                                  group_size=entry.get("group_size", 0))
+            part_names = [part for part in PART_ORDER if part in _expected_parts(shell)]
             if sorted(entry["parts"]) != sorted(part_names):
                 raise StoreError(f"{file_name}: {name} lists parts {sorted(entry['parts'])}, expected {part_names}")
             parts = {}
@@ -152,7 +160,7 @@ def tensors_from_buffer(
                 raw = buffer[begin:end]
                 if verify:
                     crc = crc32(raw.numpy(), crc)
-                parts[part] = raw.view(PART_DTYPES.get(part, dtype))
+                parts[part] = raw.view(shell.part_dtype(part))
             if verify and crc != entry["crc32"]:
                 raise ChecksumError(
                     f"checksum mismatch for tensor {name} in {file_name}: the store is corrupted; "
@@ -160,7 +168,8 @@ def tensors_from_buffer(
                 )
             enc = EncodedTensor(
                 shape=tuple(entry["shape"]), dtype=dtype, layout=entry["layout"], nnz=entry["nnz"],
-                block_size=entry["block_size"], values_encoding=entry["values_encoding"], **parts,
+                block_size=entry["block_size"], values_encoding=entry["values_encoding"],
+                group_size=entry.get("group_size", 0), **parts,
             )
             if verify:
                 validate_contents(enc)
@@ -175,11 +184,21 @@ def tensors_from_buffer(
     return tensors
 
 
+def _expected_parts(enc: EncodedTensor) -> set[str]:
+    parts = {"values"}
+    if enc.layout == "bitmap":
+        parts |= {"bitmap", "block_offsets"} | ({"row_offsets"} if enc.quantized else set())
+    return parts | ({"scales"} if enc.quantized else set())
+
+
 def check_block_counts(enc: EncodedTensor) -> None:
     """Interior block offsets: non-decreasing, and each block's count equal to the set bits of
-    its part of the bitmap (so no block's values run into another's or past the end)."""
+    its part of the bitmap (so no block's values run into another's or past the end); for a
+    quantized tensor the same of the row offsets, and every row's groups within its scales."""
     if enc.layout != "bitmap" or enc.numel == 0:
         return
+    if enc.quantized:
+        _check_row_counts(enc)
     offsets = enc.block_offsets.numpy()
     counts = np.diff(offsets)
     if (counts < 0).any():
@@ -194,6 +213,25 @@ def check_block_counts(enc: EncodedTensor) -> None:
         block = int(wrong[0])
         raise FormatError(f"block {block} has {int(per_block[block])} set bits but its offsets give "
                           f"{int(counts[block])} values")
+
+
+def _check_row_counts(enc: EncodedTensor) -> None:
+    rows, cols = enc.rows_cols
+    counts = np.diff(enc.row_offsets.numpy())
+    if (counts < 0).any():
+        raise FormatError(f"row offsets decrease at row {int(np.argmax(counts < 0))}")
+    if counts.size and int(counts.max()) > enc.groups_per_row * enc.group_size:
+        raise FormatError(f"a row has {int(counts.max())} kept elements, more than its "
+                          f"{enc.groups_per_row} groups of {enc.group_size} hold")
+    if cols % 8 == 0:  # per-byte popcounts, summed per row: cheap (every real model's rows)
+        per_row = np.bitwise_count(enc.bitmap.numpy()).reshape(rows, cols // 8).sum(axis=1, dtype=np.int64)
+    else:
+        per_row = np.unpackbits(enc.bitmap.numpy(), count=enc.numel, bitorder="little").reshape(rows, cols).sum(
+            axis=1, dtype=np.int64)
+    wrong = np.flatnonzero(per_row != counts)
+    if wrong.size:
+        row = int(wrong[0])
+        raise FormatError(f"row {row} has {int(per_row[row])} set bits but its offsets give {int(counts[row])} values")
 
 
 def _filesystem(location: str) -> tuple[Any, str]:
