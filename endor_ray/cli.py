@@ -57,19 +57,33 @@ def _open_store(location: str):
     return Store(location)
 
 
-def print_summary(summary: dict, per_layer: bool = True) -> None:
+def print_summary(summary: dict, per_layer: bool = True, per_tensor: bool = False) -> None:
     compression = summary["compression"]
     print(f"store   {summary['store']}")
     print(f"model   {summary['model_type']}, {len(summary['layers'])} layers, {summary['dtype']}")
-    print(f"pruning {compression['method']} to {compression['sparsity']:.0%}, format {compression['format']}, "
-          f"block size {compression['block_size']}")
-    if per_layer:
+    values = compression.get("values", "raw")
+    mixed = compression.get("bytes_per_weight") is not None
+    if mixed:
+        print(f"pruning {compression['method']}, mixed precision per tensor within {compression['bytes_per_weight']} "
+              f"bytes per weight, format {compression['format']}, block size {compression['block_size']}")
+    else:
+        shown = summary["dtype"] if values == "raw" else f"{values} (groups of {compression['group_size']})"
+        print(f"pruning {compression['method']} to {compression['sparsity']:.0%}, values {shown}, "
+              f"format {compression['format']}, block size {compression['block_size']}")
+    if per_tensor or mixed:
+        print(f"{'layer':>5} {'tensor':<26} {'sparsity':>9} {'values':>9} {'bytes':>11} {'B/weight':>9}")
+        for layer in summary["layers"]:
+            for tensor in layer["tensors"]:
+                print(f"{layer['layer']:>5} {tensor['name']:<26} {tensor['sparsity']:>9.1%} {tensor['values']:>9} "
+                      f"{human_bytes(tensor['nbytes']):>11} {tensor['bytes_per_weight']:>9.3f}")
+    elif per_layer:
         print(f"{'layer':>5} {'sparsity':>9} {'bytes':>12} {'dense':>12} {'ratio':>7}")
         for layer in summary["layers"]:
             print(f"{layer['layer']:>5} {layer['sparsity']:>9.2%} {human_bytes(layer['nbytes']):>12} "
                   f"{human_bytes(layer['dense_nbytes']):>12} {layer['ratio']:>7.3f}")
     print(f"layers  sparsity {summary['layers_sparsity']:.2%}, {human_bytes(summary['layers_nbytes'])} of "
-          f"{human_bytes(summary['layers_dense_nbytes'])} dense (ratio {summary['layers_ratio']:.4f})")
+          f"{human_bytes(summary['layers_dense_nbytes'])} dense (ratio {summary['layers_ratio']:.4f}, "
+          f"{summary['layers_bytes_per_weight']:.3f} bytes per weight)")
     print(f"total   {human_bytes(summary['total_nbytes'])} with the dense non-layer weights "
           f"(ratio {summary['total_ratio']:.4f})")
 
@@ -80,7 +94,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        print_summary(summary)
+        print_summary(summary, per_tensor=args.tensors)
     if not args.verify:
         return 0
     from endor_ray.store.audit import audit
@@ -296,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per-layer sparsity, bytes and compression ratio of a store")
     inspect.add_argument("store", help="store path or URI")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--tensors", action="store_true",
+                         help="one row per tensor: sparsity, values and bytes (always for mixed-precision stores)")
     inspect.add_argument("--verify", action="store_true",
                          help="read every byte: checksums, block offsets, tokenizer, names and shapes (exit 1 on a problem)")
     inspect.set_defaults(func=cmd_inspect)

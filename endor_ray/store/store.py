@@ -215,6 +215,16 @@ def check_block_counts(enc: EncodedTensor) -> None:
                           f"{int(counts[block])} values")
 
 
+def _tensor_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """One tensor's setting and size, from its manifest entry (what `endor inspect --tensors` lists)."""
+    numel = math.prod(entry["shape"])
+    nbytes = sum(end - begin for begin, end in entry["parts"].values())
+    return {"name": entry["name"], "shape": entry["shape"], "layout": entry["layout"],
+            "values": entry["values_encoding"] if entry["values_encoding"] != "raw" else entry["dtype"],
+            "sparsity": 1 - entry["nnz"] / numel if numel else 0.0, "nbytes": nbytes,
+            "bytes_per_weight": nbytes / numel if numel else 0.0}
+
+
 def _check_row_counts(enc: EncodedTensor) -> None:
     rows, cols = enc.rows_cols
     counts = np.diff(enc.row_offsets.numpy())
@@ -394,6 +404,8 @@ class Store:
                 "layer": entry["index"], "sparsity": 1 - nnz / numel if numel else 0.0,
                 "nbytes": entry["nbytes"], "dense_nbytes": dense_nbytes,
                 "ratio": entry["nbytes"] / dense_nbytes,
+                "weights": sum(math.prod(t["shape"]) for t in entry["tensors"]),
+                "tensors": [_tensor_summary(t) for t in prunable],
             })
         layer_nbytes = sum(layer["nbytes"] for layer in layers)
         layer_dense = sum(layer["dense_nbytes"] for layer in layers)
@@ -408,6 +420,7 @@ class Store:
             "layers_nbytes": layer_nbytes,
             "layers_dense_nbytes": layer_dense,
             "layers_ratio": layer_nbytes / layer_dense,
+            "layers_bytes_per_weight": layer_nbytes / max(1, sum(layer["weights"] for layer in layers)),
             "dense_file_nbytes": dense_file,
             "total_nbytes": layer_nbytes + dense_file,
             "total_ratio": (layer_nbytes + dense_file) / (layer_dense + dense_file),

@@ -1,0 +1,178 @@
+"""Fidelity per byte: bytes per weight against perplexity and question accuracy, SmolLM2-135M.
+
+For every setting (dense; magnitude, Wanda and SparseGPT at 30/50/70% with bf16/INT8/INT4 values;
+GPTQ-style INT8/INT4 at 0%; mixed-precision budgets) this converts the embedded model with
+`endor convert`'s own code (bf16, self-calibration with the defaults), then measures on the
+store's decoded weights in transformers (the engine is token-identical to it, tests say so):
+
+- bytes per weight: the layer files' bytes over the layers' weights (what the link moves);
+- perplexity on `benchmarks/data/heldout.txt`, prose written for this project (not the
+  calibration text, which the model writes itself), in windows of 128 tokens;
+- accuracy on `benchmarks/data/questions.json`, 40 questions written for this project (20
+  capitals, 20 one-digit sums), 3-shot, greedy, right when the continuation starts with the answer;
+- the README demo's answer to "What is the capital of France? Answer in one sentence." (chat).
+
+Results go to benchmarks/results/fidelity.json (rewritten after every setting; a rerun skips the
+settings already there unless --fresh) and fidelity.png. Run it alone: about 40 minutes on the
+2-core development machine.
+
+    .venv/bin/python benchmarks/fidelity.py [--only NAME ...] [--fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from endor_ray.engine.reference import load_dense_model
+from endor_ray.store import Store
+from endor_ray.store.calibration import perplexity
+from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.store.default_model import default_model_dir
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def settings() -> dict[str, dict]:
+    """name -> ConvertConfig fields."""
+    table = {"dense": dict(sparsity=0.0, method="magnitude")}
+    for values in ("int8", "int4"):
+        table[f"rtn-0-{values}"] = dict(sparsity=0.0, method="magnitude", values=values)
+        table[f"gptq-0-{values}"] = dict(sparsity=0.0, method="sparsegpt", values=values)
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for sparsity in (0.3, 0.5, 0.7):
+            for values in ("raw", "int8", "int4"):
+                table[f"{method}-{int(sparsity * 100)}-{values}"] = dict(sparsity=sparsity, method=method, values=values)
+    for budget in (0.45, 0.55, 0.65):
+        table[f"mixed-{budget}-wanda"] = dict(method="wanda", bytes_per_weight=budget)
+    table["mixed-0.55-sparsegpt"] = dict(method="sparsegpt", bytes_per_weight=0.55)
+    return table
+
+
+def heldout_ids(tokenizer, seq_len: int = 128) -> torch.Tensor:
+    ids = tokenizer((HERE / "data" / "heldout.txt").read_text(), return_tensors="pt").input_ids[0]
+    count = ids.numel() // seq_len
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def question_accuracy(model, tokenizer) -> dict[str, float]:
+    data = json.loads((HERE / "data" / "questions.json").read_text())
+    prompts = []
+    for item in data["items"]:
+        shots = "".join(f"Q: {shot['question']}\nA: {shot['answer']}\n\n" for shot in data["shots"][item["kind"]])
+        prompts.append(f"{shots}Q: {item['question']}\nA:")
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    right = {"capital": [], "sum": []}
+    for item, text in zip(data["items"], texts):
+        right[item["kind"]].append(text.strip().lower().startswith(item["answer"].lower()))
+    scores = {kind: sum(marks) / len(marks) for kind, marks in right.items()}
+    scores["all"] = sum(sum(marks) for marks in right.values()) / len(data["items"])
+    return scores
+
+
+def demo_answer(model, tokenizer) -> str:
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": DEMO_QUESTION}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        output = model.generate(**chat, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, chat["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def evaluate(name: str, fields: dict, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    store_dir = convert("smollm2-135m", work / name, ConvertConfig(dtype="bfloat16", force=True, **fields),
+                        progress=False)
+    convert_s = time.perf_counter() - started
+    store = Store(str(store_dir))
+    summary = store.summary()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    model = load_dense_model(store, dtype=torch.float32).eval()
+    row = {
+        "name": name, **fields,
+        "bytes_per_weight": summary["layers_nbytes"] / (summary["layers_dense_nbytes"] / 2),
+        "perplexity": perplexity(model, heldout_ids(tokenizer)),
+        "accuracy": question_accuracy(model, tokenizer),
+        "demo_answer": demo_answer(model, tokenizer),
+        "convert_seconds": round(convert_s, 1),
+    }
+    row["demo_correct"] = "paris" in row["demo_answer"].lower()
+    shutil.rmtree(store_dir)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {"magnitude": "tab:gray", "wanda": "tab:blue", "sparsegpt": "tab:red"}
+    markers = {"raw": "o", "int8": "s", "int4": "^"}
+    for row in rows:
+        method = row.get("method", "magnitude")
+        mixed = row.get("bytes_per_weight_budget") is not None or row["name"].startswith("mixed")
+        color = "tab:green" if mixed else ("black" if row["name"] == "dense" else colors[method])
+        marker = "*" if mixed else markers[row.get("values", "raw")]
+        for axis, value in zip(axes, (row["perplexity"], row["accuracy"]["all"])):
+            axis.scatter(row["bytes_per_weight"], value, color=color, marker=marker, s=60)
+            axis.annotate(row["name"], (row["bytes_per_weight"], value), fontsize=6, alpha=0.7)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("perplexity on held-out text (log)")
+    axes[1].set_ylabel("accuracy, 40 questions (3-shot)")
+    for axis in axes:
+        axis.set_xlabel("bytes per weight moved (decoder layers)")
+        axis.axvline(0.65, color="tab:orange", linestyle=":", linewidth=1)
+    fig.suptitle("SmolLM2-135M: fidelity per byte (gray magnitude, blue Wanda, red SparseGPT, green mixed; "
+                 "o bf16, s INT8, ^ INT4)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="settings to run (default: all)")
+    parser.add_argument("--fresh", action="store_true", help="rerun settings already in the results")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
+    args = parser.parse_args()
+    table = settings()
+    unknown = set(args.only or []) - set(table)
+    if unknown:
+        sys.exit(f"unknown settings {sorted(unknown)}; known: {', '.join(table)}")
+    document = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {"rows": []}
+    done = {row["name"] for row in document["rows"]}
+    document["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="endor-fidelity-") as work:
+        for name in args.only or table:
+            if name in done and not args.only:
+                continue
+            load = os.getloadavg()[0]
+            row = evaluate(name, table[name], Path(work))
+            row["load_average"] = round(load, 2)
+            document["rows"] = [r for r in document["rows"] if r["name"] != name] + [row]
+            document["rows"].sort(key=lambda r: list(table).index(r["name"]))
+            args.out.write_text(json.dumps(document, indent=1))
+            print(f"{name:24} {row['bytes_per_weight']:.3f} B/w  ppl {row['perplexity']:8.2f}  "
+                  f"acc {row['accuracy']['all']:.2f}  demo {'ok ' if row['demo_correct'] else 'bad'} "
+                  f"{row['demo_answer'][:50]!r}  ({row['convert_seconds']} s)", flush=True)
+    plot(document["rows"], args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
