@@ -123,6 +123,34 @@ def stream_layers(
             release_layer(layers[layer_idx])
 
 
+@contextlib.contextmanager
+def prefetching(load_layer: LoadLayer, num_layers: int, cyclic: bool = True) -> Iterator[LoadLayer]:
+    """`load_layer` with the next layer read on a background thread while the current one
+    computes, for streamed passes over a model larger than memory (`cyclic`: after the last
+    layer, the next pass's layer 0). At most two layers are in memory at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-prefetch")
+    pending: dict[int, Any] = {}
+
+    def load(layer_idx: int) -> dict:
+        future = pending.pop(layer_idx, None)
+        for stale in list(pending):  # an out-of-order request: drop what was guessed
+            pending.pop(stale).cancel()
+        weights = future.result() if future is not None else load_layer(layer_idx)
+        following = layer_idx + 1
+        if following < num_layers or cyclic:
+            pending[following % num_layers] = pool.submit(load_layer, following % num_layers)
+        return weights
+
+    try:
+        yield load
+    finally:
+        for future in pending.values():
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
 def check_tensors_match(model: nn.Module, architecture: Architecture, layer_tensors: list[dict[str, tuple]],
                         where: str) -> None:
     """Every decoder layer lists exactly the tensors the model's layer has, with their shapes.

@@ -244,7 +244,7 @@ def _calibrates(config: ConvertConfig) -> bool:
 def _calibrated_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
     """Run calibration tokens through the model once, pruning and writing each layer as it finishes."""
     from endor_ray.store.calibration import self_calibration_ids, text_calibration_ids
-    from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer, stream_layers
+    from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer, prefetching, stream_layers
 
     architecture = checkpoint.architecture
     compute_dtype = torch.float32  # scores and activations in fp32 whatever is stored
@@ -271,13 +271,14 @@ def _calibrated_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _L
         passes = tqdm(total=config.calib_seq_len - 1, desc="write calibration text", unit="token",
                       disable=not writer.progress)
 
-        def load_counting(layer_idx: int) -> dict[str, torch.Tensor]:
-            if layer_idx == 0:
-                passes.update(1)
-            return loaded[layer_idx] if loaded is not None else load_compute(layer_idx)
+        with prefetching(load_compute, architecture.num_layers) as load_next:
+            def load_counting(layer_idx: int) -> dict[str, torch.Tensor]:
+                if layer_idx == 0:
+                    passes.update(1)
+                return loaded[layer_idx] if loaded is not None else load_next(layer_idx)
 
-        with stream_layers(model, architecture, load_counting):
-            ids = self_calibration_ids(model, config.calib_samples, config.calib_seq_len, config.seed)
+            with stream_layers(model, architecture, load_counting):
+                ids = self_calibration_ids(model, config.calib_samples, config.calib_seq_len, config.seed)
         passes.close()
         del loaded
         record = {"source": "self-generated", "seed": config.seed}
@@ -298,6 +299,7 @@ def _calibrated_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _L
             collector.enabled = True
 
     layers = decoder_layers(model, architecture)
-    with collector.watch(layers), stream_layers(model, architecture, load_compute, after_layer=prune_and_rerun):
+    with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
+          stream_layers(model, architecture, load_next, after_layer=prune_and_rerun)):
         model(input_ids=ids, use_cache=False)
     return record
