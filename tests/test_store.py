@@ -146,11 +146,21 @@ def test_force_replaces_only_on_success(tiny_checkpoints, pristine_store, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
-def test_version_2_parts_are_aligned_and_files_stay_safetensors(pristine_store):
+@pytest.fixture(scope="module")
+def quantized_store(tiny_checkpoints, tmp_path_factory):
+    """INT4 values at 50% (groups of 16) and INT8 dense tensors (sparsity 0) in one tiny store."""
+    root = tmp_path_factory.mktemp("quantized-store")
+    return convert(str(tiny_checkpoints["llama-gqa"]), root / "int4",
+                   ConvertConfig(method="magnitude", block_size=256, values="int4", group_size=16), progress=False)
+
+
+@pytest.mark.parametrize("which", ["raw", "int4"])
+def test_parts_are_aligned_and_files_stay_safetensors(pristine_store, quantized_store, which):
     from safetensors.torch import load_file
 
+    pristine_store = pristine_store if which == "raw" else quantized_store
     manifest = read_manifest(pristine_store)
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     store = Store(str(pristine_store))
     for entry in [manifest["dense"], *manifest["layers"]]:
         ranges = [r for tensor in entry["tensors"] for r in tensor["parts"].values()]
@@ -162,6 +172,53 @@ def test_version_2_parts_are_aligned_and_files_stay_safetensors(pristine_store):
                 assert torch.equal(loaded[f"{name}/{part}"].view(torch.uint8), data.view(torch.uint8))
         pads = [key for key in loaded if key.startswith("__pad__/")]
         assert all(loaded[key].dtype == torch.uint8 and not loaded[key].any() for key in pads)
+
+
+def test_version_2_stores_are_still_read(pristine_store, tmp_path):
+    """A raw store of version 2 differs only in its version number (same files and checksums)."""
+    old = shutil.copytree(pristine_store, tmp_path / "v2")
+    write_manifest(old, {**read_manifest(old), "format_version": 2})
+    v2, new = Store(str(old)), Store(str(pristine_store))
+    assert v2.version == 2
+    a, b = v2.layer_tensors(0), new.layer_tensors(0)
+    assert all(torch.equal(decode(a[name]), decode(b[name])) for name in b)
+
+
+def test_quantized_tensors_that_lie_are_caught(quantized_store, tmp_path):
+    """Row offsets that disagree with the bitmap, or promise more than the scales hold, are refused
+    at read even where the checksum is recomputed (a crafted store); plain damage fails the CRC."""
+    import dataclasses
+
+    from endor_ray.errors import FormatError
+    from endor_ray.store.store import check_block_counts
+
+    from endor_ray.format import encode
+
+    assert {e.values_encoding for e in Store(str(quantized_store)).layer_tensors(0).values() if e.layout == "bitmap"} == {"int4"}
+    weight = torch.randn(8, 64)
+    weight[torch.rand(8, 64) < 0.6] = 0  # rows of different counts, below their groups' room
+    weight[0, :40] = 0
+    enc = encode(weight, block_size=256, layout="bitmap", encoding="int4", group_size=16)
+    check_block_counts(enc)
+    moved = enc.row_offsets.clone()
+    moved[1] += 1
+    with pytest.raises(FormatError, match="row 0 has"):
+        check_block_counts(dataclasses.replace(enc, row_offsets=moved))
+    bloated = enc.row_offsets.clone()
+    bloated[1:] += enc.groups_per_row * enc.group_size
+    bloated[-1] = enc.nnz
+    with pytest.raises(FormatError, match="row offsets decrease|more than"):
+        check_block_counts(dataclasses.replace(enc, row_offsets=bloated))
+    damaged = shutil.copytree(quantized_store, tmp_path / "damaged")
+    manifest = read_manifest(damaged)
+    tensor = next(t for t in manifest["layers"][0]["tensors"] if "scales" in t["parts"])
+    begin = tensor["parts"]["scales"][0]
+    path = damaged / manifest["layers"][0]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[begin] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError):
+        Store(str(damaged)).layer_tensors(0)
 
 
 def test_version_1_stores_are_still_read(pristine_store, tmp_path):
