@@ -111,7 +111,7 @@ def decompress_kernel(
             if OUT_BF16:  # round to nearest even by integer ops, the same under the interpreter and on a GPU
                 word = product.to(tl.int32, bitcast=True)
                 rounded = (word + 0x7FFF + ((word >> 16) & 1)) >> 16
-                rounded = tl.where(product != product, 0x7FC0, rounded & 0xFFFF)  # NaN as torch writes it
+                rounded = tl.where(product != product, 0x7FC0, rounded & 0xFFFF)  # NaN: only from damaged scales
                 vals = ((rounded ^ 0x8000) - 0x8000).to(tl.int16)  # the bf16 bits, into an int16 view
             else:
                 vals = product.to(out_ptr.dtype.element_ty)  # fp16: round to nearest even; fp32: itself
