@@ -16,7 +16,7 @@ Results go to benchmarks/results/fidelity.json (rewritten after every setting; a
 settings already there unless --fresh) and fidelity.png. Run it alone: about 40 minutes on the
 2-core development machine.
 
-    .venv/bin/python benchmarks/fidelity.py [--only NAME ...] [--fresh]
+    .venv/bin/python benchmarks/fidelity.py [--only NAME ...] [--fresh] [--threads N] [--merge FILE ...]
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def settings() -> dict[str, dict]:
                 table[f"{method}-{int(sparsity * 100)}-{values}"] = dict(sparsity=sparsity, method=method, values=values)
     for budget in (0.45, 0.55, 0.65):
         table[f"mixed-{budget}-wanda"] = dict(method="wanda", bytes_per_weight=budget)
-    table["mixed-0.55-sparsegpt"] = dict(method="sparsegpt", bytes_per_weight=0.55)
+    for budget in (0.55, 0.65):
+        table[f"mixed-{budget}-sparsegpt"] = dict(method="sparsegpt", bytes_per_weight=budget)
     return table
 
 
@@ -150,17 +151,24 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="settings to run (default: all)")
     parser.add_argument("--fresh", action="store_true", help="rerun settings already in the results")
     parser.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 when two runs share 2 cores)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="add the rows of these result files")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     table = settings()
     unknown = set(args.only or []) - set(table)
     if unknown:
         sys.exit(f"unknown settings {sorted(unknown)}; known: {', '.join(table)}")
     document = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {"rows": []}
+    for other in args.merge:
+        merged = {row["name"] for row in document["rows"]}
+        document["rows"] += [row for row in json.loads(other.read_text())["rows"] if row["name"] not in merged]
     done = {row["name"] for row in document["rows"]}
     document["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="endor-fidelity-") as work:
         for name in args.only or table:
-            if name in done and not args.only:
+            if name in done and not args.fresh:
                 continue
             load = os.getloadavg()[0]
             row = evaluate(name, table[name], Path(work))
@@ -171,6 +179,8 @@ def main() -> None:
             print(f"{name:24} {row['bytes_per_weight']:.3f} B/w  ppl {row['perplexity']:8.2f}  "
                   f"acc {row['accuracy']['all']:.2f}  demo {'ok ' if row['demo_correct'] else 'bad'} "
                   f"{row['demo_answer'][:50]!r}  ({row['convert_seconds']} s)", flush=True)
+    document["rows"].sort(key=lambda r: list(table).index(r["name"]))
+    args.out.write_text(json.dumps(document, indent=1))
     plot(document["rows"], args.out.with_suffix(".png"))
 
 

@@ -53,6 +53,11 @@ def test_bad_convert_arguments(checkpoint, tmp_path, capsys):
         (["--format", "csr"], "unknown store format"),
         (["--dtype", "int8"], "unknown dtype"),
         (["--calib-text", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--values", "int3"], "unknown values encoding 'int3'"),
+        (["--values", "int4", "--group-size", "0"], "group size must be an integer"),
+        (["--values", "int8", "--format", "dense"], "--format dense is the unquantized baseline"),
+        (["--bytes-per-weight", "0"], "--bytes-per-weight must be a positive number"),
+        (["--bytes-per-weight", "0.6", "--method", "magnitude"], "use --method wanda or sparsegpt"),
     ]
     for extra, needle in cases:
         code, _, err = run(["convert", str(checkpoint), str(dst), *extra], capsys)
