@@ -5,6 +5,8 @@ programs, well under 1M elements) because the interpreter costs milliseconds per
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from endor_ray import format as fmt
@@ -110,3 +112,22 @@ def test_quantized_kernel_never_reads_outside_the_scales():
     lying = dataclasses.replace(enc, row_offsets=torch.full_like(enc.row_offsets, -10_000))
     out = decompress(lying)  # group indices far past the scales: masked to scale 0
     assert torch.isfinite(out).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.sampled_from([(1,), (7, 33), (3, 200), (2, 2, 70)]),
+    sparsity=st.floats(min_value=0.0, max_value=1.0),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    encoding=st.sampled_from(["int8", "int4"]),
+    layout=st.sampled_from(["bitmap", "dense"]),
+    group_size=st.sampled_from([1, 3, 16, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_quantized_kernel_property(shape, sparsity, dtype, encoding, layout, group_size, seed):
+    """Any shape, sparsity, group size (ragged groups) and layout: the kernel equals the reference."""
+    weight = random_sparse(shape, dtype, sparsity, seed)
+    if weight.numel() > 2:
+        weight.view(-1)[0], weight.view(-1)[-1] = float("nan"), -0.0
+    enc = fmt.encode(weight, block_size=256, layout=layout, encoding=encoding, group_size=group_size)
+    assert torch.equal(as_bits(decompress(enc)), as_bits(fmt.decode(enc)))
