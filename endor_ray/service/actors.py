@@ -121,14 +121,15 @@ class WorkerActor:
     (`ray.cancel`), or its caller going away, lets the request's sequences go at the next pass.
     """
 
-    def __init__(self, store_location: str, engine_config: EngineConfig, shard_of_layer: dict[int, Any],
+    def __init__(self, store_location: str, engine_config: EngineConfig, shard_of_layer: dict[int, str],
                  timeout_s: float, scheduler: SchedulerConfig | None = None):
         if engine_config.resolve_device().type == "cpu":
             # Ray gives a num_cpus=0 actor one OpenMP thread; a CPU worker computes with the node's
             # cores, one left for its layer-fetch thread.
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         store = Store(store_location)
-        self.reader = RayShardReader(store, shard_of_layer, timeout_s)
+        handles = {name: ray.get_actor(name) for name in set(shard_of_layer.values())}  # shard servers, by name
+        self.reader = RayShardReader(store, {idx: handles[name] for idx, name in shard_of_layer.items()}, timeout_s)
         self.engine = Engine(store, engine_config, progress=False, reader=self.reader, scheduler=scheduler)
         self.loop = EngineLoop(self.engine)
 

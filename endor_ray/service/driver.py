@@ -270,7 +270,10 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
             shards[node_id] = actor
             created.append(actor)
         _get([actor.ready.remote() for actor in shards.values()], cluster.timeout_s, "shard server start")
-        shard_of_layer = {idx: shards[node] for node in placement.nodes for idx in placement.layers_of(node)}
+        # By name, not handle: 30 pickled handles weigh over 100 KB, which would put the worker's
+        # constructor arguments in the object store, where a restart cannot count on them (Ray #53727).
+        shard_names = {node: f"endor-{service_id}-shard-{idx}" for idx, node in enumerate(placement.nodes)}
+        shard_of_layer = {idx: shard_names[node] for node in placement.nodes for idx in placement.layers_of(node)}
         workers = []
         for worker_idx in range(cluster.num_workers):
             node_id, has_gpu = worker_nodes[worker_idx % len(worker_nodes)]
