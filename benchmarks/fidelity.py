@@ -97,8 +97,8 @@ def evaluate(name: str, fields: dict, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    store_dir = convert("smollm2-135m", work / name, ConvertConfig(dtype="bfloat16", force=True, **fields),
-                        progress=False)
+    config = ConvertConfig(dtype="bfloat16", force=True, **fields)
+    store_dir = convert("smollm2-135m", work / name, config, progress=False)
     convert_s = time.perf_counter() - started
     store = Store(str(store_dir))
     summary = store.summary()
@@ -111,6 +111,7 @@ def evaluate(name: str, fields: dict, work: Path) -> dict:
         "accuracy": question_accuracy(model, tokenizer),
         "demo_answer": demo_answer(model, tokenizer),
         "convert_seconds": round(convert_s, 1),
+        "calib_samples": config.calib_samples,
     }
     row["demo_correct"] = "paris" in row["demo_answer"].lower()
     shutil.rmtree(store_dir)

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="format block size")
     convert.add_argument("--calib-text", type=Path, default=None,
                          help="text file for Wanda calibration (default: text the model writes itself)")
-    convert.add_argument("--calib-samples", type=int, default=16, help="calibration sequences")
+    convert.add_argument("--calib-samples", type=int, default=None,
+                         help="calibration sequences (default 16; 64 for sparsegpt)")
     convert.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration sequence")
     convert.add_argument("--seed", type=int, default=0)
     convert.add_argument("--force", action="store_true", help="replace DST if it exists")

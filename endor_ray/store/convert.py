@@ -51,7 +51,7 @@ class ConvertConfig:
     dtype: str | None = None  # stored dtype; None keeps the checkpoint's (float32 if it names none)
     block_size: int = DEFAULT_BLOCK_SIZE  # format block size (elements per decompression program)
     calib_text: Path | None = None  # text file for Wanda; None: the model writes its own
-    calib_samples: int = 16  # calibration sequences
+    calib_samples: int | None = None  # calibration sequences; None: 16, or 64 for sparsegpt (see below)
     calib_seq_len: int = 128  # tokens per calibration sequence
     seed: int = 0
     force: bool = False  # replace an existing DST
@@ -80,6 +80,11 @@ class ConvertConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         check_block_size(self.block_size)
+        if self.calib_samples is None:
+            # SparseGPT reconstructs each Linear from a Hessian of its inputs, which needs more tokens
+            # than Wanda's norms: on SmolLM2 at 50%, perplexity 77.7 with 16 samples, 63.0 with 64
+            # (Wanda: 69.1 and 68.2), at about 70 s more of self-generated text (benchmarks/fidelity.py).
+            self.calib_samples = 64 if self.method == "sparsegpt" else 16
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise ConfigError("calibration needs at least 1 sample of at least 2 tokens")
         if self.calib_text is not None and not Path(self.calib_text).is_file():
