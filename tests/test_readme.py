@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOISE = re.compile(r"Traceback|Warning|WARNING|Token authentication|core_worker\.cc", re.MULTILINE)
+NOISE = re.compile(r"Traceback|Warning|WARNING|Token authentication", re.MULTILINE)
 
 
 def tour_script() -> str:
