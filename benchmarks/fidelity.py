@@ -35,7 +35,7 @@ import torch
 from endor_ray.engine.reference import load_dense_model
 from endor_ray.store import Store
 from endor_ray.store.calibration import perplexity
-from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.store.convert import ConvertConfig, needs_calibration, convert
 from endor_ray.store.default_model import default_model_dir
 
 HERE = Path(__file__).parent
@@ -111,7 +111,7 @@ def evaluate(name: str, fields: dict, work: Path) -> dict:
         "accuracy": question_accuracy(model, tokenizer),
         "demo_answer": demo_answer(model, tokenizer),
         "convert_seconds": round(convert_s, 1),
-        "calib_samples": config.calib_samples,
+        "calib_samples": config.calib_samples if needs_calibration(config) else None,
     }
     row["demo_correct"] = "paris" in row["demo_answer"].lower()
     shutil.rmtree(store_dir)

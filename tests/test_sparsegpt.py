@@ -2,8 +2,6 @@
 round-to-nearest on correlated inputs, the exact re-encoding of its quantized output, the per-row
 counts, and awkward Hessians (dead inputs, singular, indefinite)."""
 
-import math
-
 import pytest
 import torch
 

@@ -190,7 +190,7 @@ def test_quantized_tensors_that_lie_are_caught(quantized_store, tmp_path):
     import dataclasses
 
     from endor_ray.errors import FormatError
-    from endor_ray.store.store import check_block_counts
+    from endor_ray.format.verify import check_counts
 
     from endor_ray.format import encode
 
@@ -199,16 +199,16 @@ def test_quantized_tensors_that_lie_are_caught(quantized_store, tmp_path):
     weight[torch.rand(8, 64) < 0.6] = 0  # rows of different counts, below their groups' room
     weight[0, :40] = 0
     enc = encode(weight, block_size=256, layout="bitmap", encoding="int4", group_size=16)
-    check_block_counts(enc)
+    check_counts(enc)
     moved = enc.row_offsets.clone()
     moved[1] += 1
     with pytest.raises(FormatError, match="row 0 has"):
-        check_block_counts(dataclasses.replace(enc, row_offsets=moved))
+        check_counts(dataclasses.replace(enc, row_offsets=moved))
     bloated = enc.row_offsets.clone()
     bloated[1:] += enc.groups_per_row * enc.group_size
     bloated[-1] = enc.nnz
     with pytest.raises(FormatError, match="row offsets decrease|more than"):
-        check_block_counts(dataclasses.replace(enc, row_offsets=bloated))
+        check_counts(dataclasses.replace(enc, row_offsets=bloated))
     damaged = shutil.copytree(quantized_store, tmp_path / "damaged")
     manifest = read_manifest(damaged)
     tensor = next(t for t in manifest["layers"][0]["tensors"] if "scales" in t["parts"])

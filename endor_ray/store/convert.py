@@ -222,7 +222,7 @@ def _write_store(checkpoint: Checkpoint, staging: Path, config: ConvertConfig, d
                 for full in layer_names[layer_idx]}
 
     calibration: dict[str, Any] = {"source": "none"}
-    if not _calibrates(config):
+    if not needs_calibration(config):
         for layer_idx in range(architecture.num_layers):
             writer.write(layer_idx, load_layer(layer_idx))
     else:
@@ -236,7 +236,7 @@ def _compresses(config: ConvertConfig) -> bool:
     return config.sparsity > 0 or config.values != "raw" or config.bytes_per_weight is not None
 
 
-def _calibrates(config: ConvertConfig) -> bool:
+def needs_calibration(config: ConvertConfig) -> bool:
     """Whether the methods need calibration inputs: Wanda's norms, SparseGPT's and the mixed choice's Hessians."""
     if config.bytes_per_weight is not None:
         return True

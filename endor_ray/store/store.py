@@ -51,6 +51,7 @@ from endor_ray.errors import ChecksumError, FormatError, StoreError
 from endor_ray.format.tensor import (
     PART_ORDER, EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
 )
+from endor_ray.format.verify import check_counts
 from endor_ray.store.manifest import check as check_manifest, tensor_header
 
 STORE_FORMAT_VERSION = 3
@@ -173,7 +174,7 @@ def tensors_from_buffer(
             )
             if verify:
                 validate_contents(enc)
-                check_block_counts(enc)
+                check_counts(enc)
             else:
                 validate(enc)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -191,30 +192,6 @@ def _expected_parts(enc: EncodedTensor) -> set[str]:
     return parts | ({"scales"} if enc.quantized else set())
 
 
-def check_block_counts(enc: EncodedTensor) -> None:
-    """Interior block offsets: non-decreasing, and each block's count equal to the set bits of
-    its part of the bitmap (so no block's values run into another's or past the end); for a
-    quantized tensor the same of the row offsets, and every row's groups within its scales."""
-    if enc.layout != "bitmap" or enc.numel == 0:
-        return
-    if enc.quantized:
-        _check_row_counts(enc)
-    offsets = enc.block_offsets.numpy()
-    counts = np.diff(offsets)
-    if (counts < 0).any():
-        raise FormatError(f"block offsets decrease at block {int(np.argmax(counts < 0))}")
-    bits = np.bitwise_count(enc.bitmap.numpy())  # [ceil(numel / 8)] set bits per byte
-    bytes_per_block = enc.block_size // 8
-    padded = np.zeros(enc.num_blocks * bytes_per_block, dtype=np.uint8)
-    padded[: bits.size] = bits
-    per_block = padded.reshape(enc.num_blocks, bytes_per_block).sum(axis=1, dtype=np.int64)
-    wrong = np.flatnonzero(per_block != counts)
-    if wrong.size:
-        block = int(wrong[0])
-        raise FormatError(f"block {block} has {int(per_block[block])} set bits but its offsets give "
-                          f"{int(counts[block])} values")
-
-
 def _tensor_summary(entry: dict[str, Any]) -> dict[str, Any]:
     """One tensor's setting and size, from its manifest entry (what `endor inspect --tensors` lists)."""
     numel = math.prod(entry["shape"])
@@ -223,25 +200,6 @@ def _tensor_summary(entry: dict[str, Any]) -> dict[str, Any]:
             "values": entry["values_encoding"] if entry["values_encoding"] != "raw" else entry["dtype"],
             "sparsity": 1 - entry["nnz"] / numel if numel else 0.0, "nbytes": nbytes,
             "bytes_per_weight": nbytes / numel if numel else 0.0}
-
-
-def _check_row_counts(enc: EncodedTensor) -> None:
-    rows, cols = enc.rows_cols
-    counts = np.diff(enc.row_offsets.numpy())
-    if (counts < 0).any():
-        raise FormatError(f"row offsets decrease at row {int(np.argmax(counts < 0))}")
-    if counts.size and int(counts.max()) > enc.groups_per_row * enc.group_size:
-        raise FormatError(f"a row has {int(counts.max())} kept elements, more than its "
-                          f"{enc.groups_per_row} groups of {enc.group_size} hold")
-    if cols % 8 == 0:  # per-byte popcounts, summed per row: cheap (every real model's rows)
-        per_row = np.bitwise_count(enc.bitmap.numpy()).reshape(rows, cols // 8).sum(axis=1, dtype=np.int64)
-    else:
-        per_row = np.unpackbits(enc.bitmap.numpy(), count=enc.numel, bitorder="little").reshape(rows, cols).sum(
-            axis=1, dtype=np.int64)
-    wrong = np.flatnonzero(per_row != counts)
-    if wrong.size:
-        row = int(wrong[0])
-        raise FormatError(f"row {row} has {int(per_row[row])} set bits but its offsets give {int(counts[row])} values")
 
 
 def _filesystem(location: str) -> tuple[Any, str]:
