@@ -70,22 +70,31 @@ def print_summary(summary: dict, per_layer: bool = True, per_tensor: bool = Fals
         shown = summary["dtype"] if values == "raw" else f"{values} (groups of {compression['group_size']})"
         print(f"pruning {compression['method']} to {compression['sparsity']:.0%}, values {shown}, "
               f"format {compression['format']}, block size {compression['block_size']}")
-    if per_tensor or mixed:
+    if per_tensor:
         print(f"{'layer':>5} {'tensor':<26} {'sparsity':>9} {'values':>9} {'bytes':>11} {'B/weight':>9}")
         for layer in summary["layers"]:
             for tensor in layer["tensors"]:
                 print(f"{layer['layer']:>5} {tensor['name']:<26} {tensor['sparsity']:>9.1%} {tensor['values']:>9} "
                       f"{human_bytes(tensor['nbytes']):>11} {tensor['bytes_per_weight']:>9.3f}")
     elif per_layer:
-        print(f"{'layer':>5} {'sparsity':>9} {'bytes':>12} {'dense':>12} {'ratio':>7}")
+        # A mixed store also shows each tensor's setting, compactly: "q 30/8" is q_proj at 30% with INT8 values.
+        print(f"{'layer':>5} {'sparsity':>9} {'bytes':>12} {'dense':>12} {'ratio':>7}" + ("  settings" if mixed else ""))
         for layer in summary["layers"]:
+            settings = "  " + " ".join(_short_setting(tensor) for tensor in layer["tensors"]) if mixed else ""
             print(f"{layer['layer']:>5} {layer['sparsity']:>9.2%} {human_bytes(layer['nbytes']):>12} "
-                  f"{human_bytes(layer['dense_nbytes']):>12} {layer['ratio']:>7.3f}")
+                  f"{human_bytes(layer['dense_nbytes']):>12} {layer['ratio']:>7.3f}{settings}")
     print(f"layers  sparsity {summary['layers_sparsity']:.2%}, {human_bytes(summary['layers_nbytes'])} of "
           f"{human_bytes(summary['layers_dense_nbytes'])} dense (ratio {summary['layers_ratio']:.4f}, "
           f"{summary['layers_bytes_per_weight']:.3f} bytes per weight)")
     print(f"total   {human_bytes(summary['total_nbytes'])} with the dense non-layer weights "
           f"(ratio {summary['total_ratio']:.4f})")
+
+
+def _short_setting(tensor: dict) -> str:
+    """'q 30/8' for self_attn.q_proj.weight at 30% sparsity with INT8 values (16: the raw dtype)."""
+    name = tensor["name"].removesuffix(".weight").split(".")[-1].removesuffix("_proj")
+    bits = {"int8": "8", "int4": "4"}.get(tensor["values"], "16")
+    return f"{name} {round(tensor['sparsity'] * 100)}/{bits}"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -312,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("store", help="store path or URI")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.add_argument("--tensors", action="store_true",
-                         help="one row per tensor: sparsity, values and bytes (always for mixed-precision stores)")
+                         help="one row per tensor: sparsity, values and bytes")
     inspect.add_argument("--verify", action="store_true",
                          help="read every byte: checksums, block offsets, tokenizer, names and shapes (exit 1 on a problem)")
     inspect.set_defaults(func=cmd_inspect)

@@ -1,6 +1,7 @@
 """The `endor` command: each user mistake is one line on stderr, exit 1, and nothing written."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,23 @@ def test_convert_inspect_export_round(checkpoint, tmp_path, capsys):
     assert code == 0 and "ratio" in stdout
     code, _, _ = run(["export", str(store), str(out), "--quiet"], capsys)
     assert code == 0 and (out / "model.safetensors.index.json").is_file()
+
+
+def test_mixed_and_quantized_stores_show_their_settings(checkpoint, tmp_path, capsys):
+    mixed, int4 = tmp_path / "mixed", tmp_path / "int4"
+    code, _, _ = run(["convert", str(checkpoint), str(mixed), "--bytes-per-weight", "0.6", "--block-size", "256",
+                      "--calib-samples", "2", "--calib-seq-len", "8", "--quiet"], capsys)
+    assert code == 0
+    code, stdout, _ = run(["inspect", str(mixed)], capsys)
+    assert code == 0 and "mixed precision per tensor within 0.6 bytes per weight" in stdout
+    rows = [line for line in stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 3 and all(re.search(r"q \d+/(4|8|16) k \d+/(4|8|16) .* down \d+/(4|8|16)$", row) for row in rows)
+    code, stdout, _ = run(["inspect", str(mixed), "--tensors"], capsys)
+    assert code == 0 and len([line for line in stdout.splitlines() if "_proj.weight" in line]) == 3 * 7
+    code, _, _ = run(["convert", str(checkpoint), str(int4), "--method", "magnitude", "--values", "int4", "--quiet"],
+                     capsys)
+    code, stdout, _ = run(["inspect", str(int4)], capsys)
+    assert code == 0 and "values int4 (groups of 128)" in stdout
 
 
 def test_bad_convert_arguments(checkpoint, tmp_path, capsys):
