@@ -107,6 +107,30 @@ def quantize(values: torch.Tensor, index: torch.Tensor, scales: torch.Tensor, en
     return torch.where(scale > 0, codes, torch.zeros_like(codes)).to(torch.int8)
 
 
+def encode_values(flat: torch.Tensor, mask: torch.Tensor, row_counts: torch.Tensor, cols: int, group_size: int,
+                  encoding: str, scales: torch.Tensor | None, row_offsets: bool) -> dict:
+    """The quantized fields of an EncodedTensor for the kept elements `mask` of `flat` ([numel]):
+    packed codes, scales (computed, or `scales` checked and used) and, if `row_offsets`, the row
+    offsets; `row_counts` ([rows]) are the kept elements per row."""
+    rows = row_counts.numel()
+    per_row = groups_per_row(row_counts, group_size)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(row_counts, dim=0, out=offsets[1:])
+    positions = torch.nonzero(mask.cpu()).view(-1)
+    index = scale_index(positions // max(cols, 1), offsets, per_row, group_size)
+    kept = flat.cpu()[positions]
+    if scales is None:
+        scales = group_scales(kept, index, rows * per_row, encoding)
+    elif scales.shape != (rows * per_row,) or scales.dtype != flat.dtype or not bool(torch.isfinite(scales.float()).all()):
+        raise FormatError(f"scales must be {rows * per_row} finite {flat.dtype} values "
+                          f"({rows} rows x {per_row} groups), got {tuple(scales.shape)} {scales.dtype}")
+    fields = {"values": pack_codes(quantize(kept, index, scales.cpu(), encoding), encoding).to(flat.device),
+              "scales": scales.contiguous().to(flat.device), "values_encoding": encoding, "group_size": group_size}
+    if row_offsets:
+        fields["row_offsets"] = offsets.to(flat.device)
+    return fields
+
+
 def pack_codes(codes: torch.Tensor, encoding: str) -> torch.Tensor:
     """The `values` array for int8 codes: themselves (int8), or nibbles two per byte (uint8)."""
     if encoding == "int8":

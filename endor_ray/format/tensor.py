@@ -274,24 +274,10 @@ def encode(
     if layout == "dense":
         mask = torch.ones_like(mask)
         row_counts = torch.full((rows,), cols, dtype=torch.int64)
-        per_row = quant.groups_per_row(row_counts, group_size)
     quantized = {}
     if encoding != "raw":
-        row_offsets = torch.zeros(rows + 1, dtype=torch.int64)
-        torch.cumsum(row_counts, dim=0, out=row_offsets[1:])
-        positions = torch.nonzero(mask.cpu()).view(-1)
-        index = quant.scale_index(positions // max(cols, 1), row_offsets, per_row, group_size)
-        kept = flat.cpu()[positions]
-        if scales is None:
-            scales = quant.group_scales(kept, index, rows * per_row, encoding)
-        elif scales.shape != (rows * per_row,) or scales.dtype != flat.dtype or not bool(torch.isfinite(scales.float()).all()):
-            raise FormatError(f"scales must be {rows * per_row} finite {flat.dtype} values "
-                              f"({rows} rows x {per_row} groups), got {tuple(scales.shape)} {scales.dtype}")
-        codes = quant.quantize(kept, index.to(kept.device), scales.cpu(), encoding)
-        quantized = {"values": quant.pack_codes(codes, encoding).to(flat.device), "scales": scales.contiguous().to(flat.device),
-                     "values_encoding": encoding, "group_size": group_size}
-        if layout == "bitmap":
-            quantized["row_offsets"] = row_offsets.to(flat.device)
+        quantized = quant.encode_values(flat, mask, row_counts, cols, group_size, encoding, scales,
+                                        row_offsets=layout == "bitmap")
     if layout == "dense":
         values = quantized.pop("values", flat.clone())
         return EncodedTensor(shape, flat.dtype, "dense", nnz, values=values, block_size=block_size, **quantized)
