@@ -126,3 +126,38 @@ def test_bad_settings_are_refused_before_any_work():
         ConvertConfig(bytes_per_weight=-1)
     with pytest.raises(ConfigError, match="wanda or sparsegpt"):
         ConvertConfig(bytes_per_weight=0.6, method="magnitude")
+
+
+def test_choose_meets_the_budget_with_the_least_error():
+    """The knapsack against brute force on random options: within budget and exactly the optimum;
+    the best settings when everything fits."""
+    import itertools
+    import random
+
+    from endor_ray.store.mixed import CANDIDATES, Option, choose
+
+    rng = random.Random(0)
+    for _ in range(30):
+        options = {f"t{i}": [Option(setting, rng.randint(100, 1000), rng.random()) for setting in CANDIDATES[:5]]
+                   for i in range(3)}
+        least = sum(min(o.nbytes for o in opts) for opts in options.values())
+        most = sum(max(o.nbytes for o in opts) for opts in options.values())
+        for budget in (least, (least + most) / 2, most):
+            chosen = choose(options, budget)
+            picked = [next(o for o in options[name] if o.setting == chosen[name]) for name in options]
+            assert sum(o.nbytes for o in picked) <= budget
+            best = min(sum(o.error for o in combo) for combo in itertools.product(*options.values())
+                       if sum(o.nbytes for o in combo) <= budget)
+            assert sum(o.error for o in picked) == pytest.approx(best, abs=1e-12)
+            if budget == most:
+                assert [o.error for o in picked] == [min(o.error for o in opts) for opts in options.values()]
+    with pytest.raises(ConfigError, match="raise --bytes-per-weight"):
+        choose(options, least - 1)
+
+
+def test_a_budget_too_small_for_any_setting_is_refused(quantized_stores, tmp_path):
+    checkpoint = quantized_stores.checkpoint
+    config = ConvertConfig(block_size=256, bytes_per_weight=0.1, calib_samples=2, calib_seq_len=8)
+    with pytest.raises(ConfigError, match=r"layer 0 needs at least 0\.\d+ bytes per weight"):
+        convert(str(checkpoint), tmp_path / "tiny-budget", config, progress=False)
+    assert not (tmp_path / "tiny-budget").exists()

@@ -38,6 +38,11 @@ class CalibrationStats:
     hessian: torch.Tensor | None = None
 
 
+def prune(weight: torch.Tensor, sparsity: float, method: str, stats: CalibrationStats) -> torch.Tensor:
+    """`weight` pruned to `sparsity` by magnitude or Wanda (itself at sparsity 0)."""
+    return prune_weight(weight, sparsity, method, stats.input_sq_sum) if sparsity > 0 else weight
+
+
 def compress_weight(
     weight: torch.Tensor,
     setting: Setting,
@@ -60,9 +65,6 @@ def compress_weight(
                          encoding=setting.values, group_size=group_size,
                          mask=result.mask.reshape(-1) if setting.values != "raw" else None, scales=result.scales)
     else:
-        pruned = weight
-        if setting.sparsity > 0:
-            pruned = prune_weight(weight, setting.sparsity, method if method != "sparsegpt" else "wanda",
-                                  stats.input_sq_sum)
+        pruned = prune(weight, setting.sparsity, method, stats)
         encoded = encode(pruned.to(dtype), block_size, layout=layout, encoding=setting.values, group_size=group_size)
     return encoded, decode(encoded)

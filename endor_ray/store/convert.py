@@ -91,19 +91,6 @@ class ConvertConfig:
             raise ConfigError(f"calibration text file {self.calib_text} does not exist")
 
 
-class _LayerStats:
-    """The collector's statistics of one layer, by name within the layer."""
-
-    def __init__(self, collector: InputNormCollector, layer_idx: int):
-        self.collector, self.prefix = collector, f"{layer_idx}."
-
-    def input_sq_sum(self, name: str) -> torch.Tensor | None:
-        return self.collector.input_sq_sum(self.prefix + name)
-
-    def hessian(self, name: str) -> torch.Tensor | None:
-        return self.collector.hessian(self.prefix + name)
-
-
 def source_dtype(config: dict[str, Any]) -> str:
     named = config.get("dtype") or config.get("torch_dtype") or "float32"
     return named if named in DTYPES else "float32"
@@ -125,18 +112,20 @@ class _LayerWriter:
         return self._bar
 
     def write(self, layer_idx: int, weights: dict[str, torch.Tensor],
-              collector: _LayerStats | None = None) -> dict[str, torch.Tensor]:
-        """Compress and store one layer; return the weights the store now holds (dtype as given)."""
+              stats: dict[str, CalibrationStats] | None = None) -> dict[str, torch.Tensor]:
+        """Compress and store one layer; return the weights the store now holds (dtype as given).
+
+        `stats`: what calibration gathered for each weight, by name within the layer (None: none ran).
+        """
         config = self.config
         prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
-        stats = {}
-        for name in prunable if collector is not None else []:
-            stats[name] = CalibrationStats(collector.input_sq_sum(name), collector.hessian(name))
+        stats = stats or {}
+        for name in prunable if stats else []:
             if stats[name].input_sq_sum is None:
                 raise StoreError(f"layer {layer_idx}: {name} saw no calibration input; is it a Linear?")
         settings = {name: Setting(config.sparsity, config.values) for name in prunable}
         if config.bytes_per_weight is not None:
-            settings = self._choose(weights, prunable, stats)
+            settings = self._choose(layer_idx, weights, prunable, stats)
         stored, encoded = {}, {}
         for name, weight in weights.items():
             layout = "dense" if config.store_format == "dense" or name not in settings else None
@@ -155,7 +144,7 @@ class _LayerWriter:
         self.bar.update(1)
         return stored
 
-    def _choose(self, weights: dict[str, torch.Tensor], prunable: list[str],
+    def _choose(self, layer_idx: int, weights: dict[str, torch.Tensor], prunable: list[str],
                 stats: dict[str, CalibrationStats]) -> dict[str, Setting]:
         """Mixed precision: each prunable tensor's setting within the layer's byte budget."""
         config = self.config
@@ -164,6 +153,10 @@ class _LayerWriter:
         numel = sum(weight.numel() for weight in weights.values())
         options = {name: measure(weights[name], stats[name], self.dtype, config.block_size, config.group_size)
                    for name in prunable}
+        least = fixed + sum(min(option.nbytes for option in candidates) for candidates in options.values())
+        if least > config.bytes_per_weight * numel:
+            raise ConfigError(f"layer {layer_idx} needs at least {least / numel:.3f} bytes per weight even at its "
+                              f"cheapest settings; raise --bytes-per-weight (got {config.bytes_per_weight})")
         return choose(options, config.bytes_per_weight * numel - fixed)
 
 
@@ -293,7 +286,9 @@ def _calibrated_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _L
 
     def prune_and_rerun(layer_idx: int, layer, args: tuple, kwargs: dict, output):
         weights = dict(layer.state_dict())
-        pruned = writer.write(layer_idx, weights, _LayerStats(collector, layer_idx))
+        stats = {name: CalibrationStats(collector.input_sq_sum(f"{layer_idx}.{name}"),
+                                        collector.hessian(f"{layer_idx}.{name}")) for name in weights}
+        pruned = writer.write(layer_idx, weights, stats)
         collector.clear()
         # The next layer calibrates on what the *pruned* layer outputs (as in Wanda).
         materialize_layer(layer, pruned)
