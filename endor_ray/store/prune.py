@@ -30,6 +30,17 @@ def check_sparsity(sparsity: float) -> None:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
+def lowest_in_rows(score: torch.Tensor, count: int) -> torch.Tensor:
+    """[out, in] bool: the `count` lowest scores of each row, ties broken by position (as a stable
+    ascending sort would), in linear time: everything below each row's count-th smallest score,
+    then the leftmost of the entries tied with it until `count` are taken."""
+    kth = torch.kthvalue(score, count, dim=1, keepdim=True).values  # [out, 1]
+    below = score < kth
+    tied = score == kth
+    still_needed = count - below.sum(dim=1, keepdim=True)
+    return below | (tied & (torch.cumsum(tied, dim=1) <= still_needed))
+
+
 def prune_rows(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """A copy of `weight` with the lowest-`score` floor(in_features*sparsity) entries of each row zeroed."""
     check_sparsity(sparsity)
@@ -39,14 +50,7 @@ def prune_rows(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> to
     pruned = weight.clone()
     if num_pruned == 0:
         return pruned
-    # The same choice as a stable ascending sort, in linear time: everything below each row's
-    # k-th smallest score, then the leftmost of the entries tied with it until k are dropped.
-    kth = torch.kthvalue(score, num_pruned, dim=1, keepdim=True).values  # [out, 1]
-    below = score < kth
-    tied = score == kth
-    still_needed = num_pruned - below.sum(dim=1, keepdim=True)
-    drop = below | (tied & (torch.cumsum(tied, dim=1) <= still_needed))
-    return pruned.masked_fill_(drop, 0)
+    return pruned.masked_fill_(lowest_in_rows(score, num_pruned), 0)
 
 
 def magnitude_score(weight: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.format.quant import MAX_GROUP_SIZE, QUANTIZED_ENCODINGS
-from endor_ray.store.prune import check_sparsity
+from endor_ray.store.prune import check_sparsity, lowest_in_rows
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +189,6 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
-def _lowest_per_row(score: torch.Tensor, count: int) -> torch.Tensor:
-    """[n, rows] bool: the `count` lowest scores of each column of `score` (a row of W), ties by position."""
-    kth = torch.kthvalue(score, count, dim=0, keepdim=True).values
-    below = score < kth
-    tied = score == kth
-    still_needed = count - below.sum(dim=0, keepdim=True)
-    return below | (tied & (torch.cumsum(tied, dim=0) <= still_needed))
-
-
 def _prune_sweep(WT: torch.Tensor, U: torch.Tensor, sparsity: float, block_columns: int) -> torch.Tensor:
     """SparseGPT on WT ([in, out], updated in place, pruned entries +0.0); returns the pruned mask."""
     cols = WT.shape[0]
@@ -210,7 +201,7 @@ def _prune_sweep(WT: torch.Tensor, U: torch.Tensor, sparsity: float, block_colum
         W1 = WT[i1:i2]  # a view: the updates land in WT
         U1 = U[i1:i2, i1:i2]
         d = U1.diagonal()
-        P1 = _lowest_per_row(W1.square() / d.square()[:, None], count)
+        P1 = lowest_in_rows((W1.square() / d.square()[:, None]).t(), count).t()  # per row of W
         prunedT[i1:i2] = P1
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
