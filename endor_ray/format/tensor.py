@@ -170,6 +170,13 @@ class EncodedTensor:
             values_encoding=self.values_encoding, group_size=self.group_size, **moved,
         )
 
+    def expected_parts(self) -> tuple[str, ...]:
+        """The arrays this tensor's layout and encoding call for, in `PART_ORDER` (no data read)."""
+        names = {"values"} | ({"scales"} if self.quantized else set())
+        if self.layout == "bitmap":
+            names |= {"bitmap", "block_offsets"} | ({"row_offsets"} if self.quantized else set())
+        return tuple(part for part in PART_ORDER if part in names)
+
     def part_dtype(self, part: str) -> torch.dtype:
         """The dtype of array `part` for this tensor's metadata."""
         if part in ("bitmap",):
@@ -310,14 +317,11 @@ def validate(enc: EncodedTensor) -> None:
         )
     if enc.quantized:
         quant.check_encoding(enc.values_encoding, enc.group_size)
-    elif enc.scales is not None or enc.row_offsets is not None:
-        raise FormatError("a raw tensor has no scales or row offsets")
-    if enc.layout == "bitmap" and (enc.bitmap is None or enc.block_offsets is None):
-        raise FormatError("a bitmap tensor needs both a bitmap and block offsets")
-    if enc.layout == "bitmap" and enc.quantized and enc.row_offsets is None:
-        raise FormatError("a quantized bitmap tensor needs row offsets")
-    if enc.quantized and enc.scales is None:
-        raise FormatError("a quantized tensor needs scales")
+    present, needed = set(enc.parts()), set(enc.expected_parts())
+    if present != needed:
+        what = (f"needs {' and '.join(sorted(needed - present))}" if needed - present
+                else f"has no {' or '.join(sorted(present - needed))}")
+        raise FormatError(f"a {enc.layout} {enc.values_encoding} tensor {what}")
     rows, cols = enc.rows_cols
     values_count = (quant.codes_nbytes(enc.values_encoding, enc.value_count) if enc.quantized
                     else enc.value_count)
@@ -331,9 +335,6 @@ def validate(enc: EncodedTensor) -> None:
         expected["scales"] = rows * per_row
         if enc.layout == "bitmap" and rows and enc.scales.numel() % rows:
             raise FormatError(f"{enc.scales.numel()} scales do not divide into {rows} rows")
-    for name, part in enc.parts().items():
-        if name not in expected:
-            raise FormatError(f"a {enc.layout} {enc.values_encoding} tensor has no {name}")
     for name, numel in expected.items():
         part = enc.parts()[name]
         dtype = enc.part_dtype(name)

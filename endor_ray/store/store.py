@@ -49,7 +49,7 @@ from endor_ray.models.architecture import Architecture, architecture_from_config
 from endor_ray.store import files
 from endor_ray.errors import ChecksumError, FormatError, StoreError
 from endor_ray.format.tensor import (
-    PART_ORDER, EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
+    EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
 )
 from endor_ray.format.verify import check_counts
 from endor_ray.store.manifest import check as check_manifest, tensor_header
@@ -149,7 +149,7 @@ def tensors_from_buffer(
             shell = EncodedTensor(shape=tuple(entry["shape"]), dtype=dtype, layout=entry["layout"], nnz=entry["nnz"],
                                   values=buffer[:0], values_encoding=entry["values_encoding"],
                                   group_size=entry.get("group_size", 0))
-            part_names = [part for part in PART_ORDER if part in _expected_parts(shell)]
+            part_names = list(shell.expected_parts())
             if sorted(entry["parts"]) != sorted(part_names):
                 raise StoreError(f"{file_name}: {name} lists parts {sorted(entry['parts'])}, expected {part_names}")
             parts = {}
@@ -183,13 +183,6 @@ def tensors_from_buffer(
             raise StoreError(f"{file_name}: tensor {name}: {exc}") from exc
         tensors[name] = enc
     return tensors
-
-
-def _expected_parts(enc: EncodedTensor) -> set[str]:
-    parts = {"values"}
-    if enc.layout == "bitmap":
-        parts |= {"bitmap", "block_offsets"} | ({"row_offsets"} if enc.quantized else set())
-    return parts | ({"scales"} if enc.quantized else set())
 
 
 def _tensor_summary(entry: dict[str, Any]) -> dict[str, Any]:
