@@ -158,14 +158,13 @@ def decompress(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Ten
         return out
     grid = (enc.num_blocks,)
     if enc.quantized:
-        rows, cols = enc.rows_cols
+        cols = enc.rows_cols[1]
         dense = enc.layout == "dense"
         bitmap = enc.values if dense else enc.bitmap  # DENSE never reads these two
         block_offsets = enc.scales if dense else enc.block_offsets
         row_offsets = enc.scales if dense else enc.row_offsets
         values = enc.values
-        quantized_args = (enc.scales, row_offsets, cols, enc.groups_per_row if not dense else -(-cols // enc.group_size),
-                          enc.group_size, enc.scales.numel())
+        quantized_args = (enc.scales, row_offsets, cols, enc.groups_per_row, enc.group_size, enc.scales.numel())
         out_bf16 = enc.dtype == torch.bfloat16
         target = out.view(-1).view(torch.int16) if out_bf16 else out.view(-1)
         quant_bits = 8 if enc.values_encoding == "int8" else 4
