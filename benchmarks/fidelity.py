@@ -106,6 +106,7 @@ def evaluate(name: str, fields: dict, work: Path) -> dict:
     model = load_dense_model(store, dtype=torch.float32).eval()
     row = {
         "name": name, **fields,
+        "budget_bytes_per_weight": fields.get("bytes_per_weight"),  # the mixed budget, if any
         "bytes_per_weight": summary["layers_nbytes"] / (summary["layers_dense_nbytes"] / 2),
         "perplexity": perplexity(model, heldout_ids(tokenizer)),
         "accuracy": question_accuracy(model, tokenizer),
@@ -129,7 +130,7 @@ def plot(rows: list[dict], path: Path) -> None:
     markers = {"raw": "o", "int8": "s", "int4": "^"}
     for row in rows:
         method = row.get("method", "magnitude")
-        mixed = row.get("bytes_per_weight_budget") is not None or row["name"].startswith("mixed")
+        mixed = row.get("budget_bytes_per_weight") is not None
         color = "tab:green" if mixed else ("black" if row["name"] == "dense" else colors[method])
         marker = "*" if mixed else markers[row.get("values", "raw")]
         for axis, value in zip(axes, (row["perplexity"], row["accuracy"]["all"])):

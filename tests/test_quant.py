@@ -121,7 +121,7 @@ def test_round_trip_property(shape, sparsity, dtype, encoding, layout, group_siz
     kept = fmt.tensor.nonzero_mask(weight) if enc.layout == "bitmap" else torch.ones(weight.numel(), dtype=torch.bool)
     assert (decoded.view(-1)[~kept].view(fmt.BITS_DTYPES[dtype]) == 0).all()
     codes = quant.unpack_codes(enc.values, enc.value_count, encoding)
-    assert codes.abs().max().item() <= quant.QUANTIZED_ENCODINGS[encoding] if codes.numel() else True
+    assert codes.numel() == 0 or codes.abs().max().item() <= quant.QUANTIZED_ENCODINGS[encoding]
     finite = torch.isfinite(weight.view(-1).float()) & kept
     if finite.any():  # error within half a step of the largest scale
         error = (decoded.view(-1).float() - weight.view(-1).float())[finite].abs().max()

@@ -25,7 +25,7 @@ from endor_ray.store.checkpoint import Checkpoint
 from endor_ray.store.default_model import resolve_source
 from endor_ray.errors import ConfigError, FormatError, StoreError
 from endor_ray.format.quant import DEFAULT_GROUP_SIZE, check_encoding
-from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
+from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, VALUES_ENCODINGS, EncodedTensor, check_block_size, encode
 from endor_ray.store.compress import CalibrationStats, Setting, compress_weight
 from endor_ray.store.manifest import seal
 from endor_ray.store.mixed import check_budget, choose, measure
@@ -35,7 +35,6 @@ from endor_ray.store.store import (
 )
 
 STORE_FORMATS = ("endor", "dense")
-VALUE_ENCODINGS = ("raw", "int8", "int4")
 
 
 @dataclass
@@ -62,8 +61,8 @@ class ConvertConfig:
             raise ConfigError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.store_format not in STORE_FORMATS:
             raise ConfigError(f"unknown store format {self.store_format!r}; choose one of {', '.join(STORE_FORMATS)}")
-        if self.values not in VALUE_ENCODINGS:
-            raise ConfigError(f"unknown values encoding {self.values!r}; choose one of {', '.join(VALUE_ENCODINGS)}")
+        if self.values not in VALUES_ENCODINGS:
+            raise ConfigError(f"unknown values encoding {self.values!r}; choose one of {', '.join(VALUES_ENCODINGS)}")
         if self.store_format == "dense" and (self.values != "raw" or self.bytes_per_weight is not None):
             raise ConfigError("--format dense is the unquantized baseline; use the endor format for --values "
                               "and --bytes-per-weight")

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from endor_ray.errors import ConfigError
-from endor_ray.format.tensor import decode, encode
+from endor_ray.format.tensor import VALUES_ENCODINGS, decode, encode
 from endor_ray.store.compress import CalibrationStats, Setting, prune
 
 SPARSITIES = (0.0, 0.3, 0.5, 0.7)
-VALUES = ("raw", "int8", "int4")
-CANDIDATES = tuple(Setting(sparsity, values) for sparsity in SPARSITIES for values in VALUES)
+CANDIDATES = tuple(Setting(sparsity, values) for sparsity in SPARSITIES for values in VALUES_ENCODINGS)
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def measure(weight: torch.Tensor, stats: CalibrationStats, dtype: torch.dtype, b
     options = []
     for sparsity in SPARSITIES:
         pruned = prune(weight, sparsity, "wanda", stats).to(dtype)  # once for the three encodings
-        for values in VALUES:
+        for values in VALUES_ENCODINGS:
             encoded = encode(pruned, block_size, encoding=values, group_size=group_size)
             options.append(Option(Setting(sparsity, values), encoded.nbytes,
                                   output_error(weight, decode(encoded), stats.hessian)))
