@@ -23,13 +23,12 @@ $(STAMP): pyproject.toml setup.py endor_ray/format/_expand.c Makefile
 
 setup: $(STAMP)
 
-# The demo store: within 0.65 bytes per weight (a third of bf16), each tensor's sparsity and INT8/INT4
-# values chosen per layer for the least measured error, Wanda pruning: of benchmarks/results/fidelity.json's
-# settings the best whose answer to the demo question stays right from conversion to conversion
-# (README, "Choosing settings").
+# The demo store: the best setting of benchmarks/results/fidelity.json within 0.65 bytes per weight
+# (a third of bf16): SparseGPT, each tensor's sparsity and INT8/INT4 values chosen per layer for the
+# least measured error (README, "Choosing settings").
 demo: setup
-	test -f $(STORE)/manifest.json || $(VENV)/bin/endor convert smollm2-135m $(STORE) --bytes-per-weight 0.65 \
-		--dtype bfloat16
+	test -f $(STORE)/manifest.json || $(VENV)/bin/endor convert smollm2-135m $(STORE) --method sparsegpt \
+		--bytes-per-weight 0.65 --dtype bfloat16
 	$(VENV)/bin/endor inspect $(STORE)
 	$(VENV)/bin/endor generate $(STORE) --chat --max-new-tokens 48 --gpu-memory 10 \
 		--prompt "What is the capital of France? Answer in one sentence."
