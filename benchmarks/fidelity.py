@@ -34,9 +34,9 @@ import torch
 
 from endor_ray.engine.reference import load_dense_model
 from endor_ray.store import Store
-from endor_ray.store.calibration import perplexity
-from endor_ray.store.convert import ConvertConfig, needs_calibration, convert
-from endor_ray.store.default_model import default_model_dir
+from endor_ray.compress.calibration import perplexity
+from endor_ray.compress.convert import ConvertConfig, needs_calibration, convert
+from endor_ray.compress.default_model import default_model_dir
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"

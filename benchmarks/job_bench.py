@@ -68,7 +68,7 @@ def main() -> None:
     if store is None:
         store = str(args.workdir / "smollm2-mag50")
         if not Path(store, "manifest.json").is_file():
-            from endor_ray.store.convert import ConvertConfig, convert
+            from endor_ray.compress.convert import ConvertConfig, convert
 
             convert("smollm2-135m", store, ConvertConfig(method="magnitude", dtype="bfloat16", force=True))
     prompts = args.workdir / "prompts.jsonl"

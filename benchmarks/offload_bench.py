@@ -41,10 +41,10 @@ from kernel_bench import CUDA, H2D_NBYTES, machine_info, pinned_h2d_gbps  # this
 
 from endor_ray.models.architecture import is_prunable
 from endor_ray.utils.atomic import staged_directory
-from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.engine.engine import Engine, EngineConfig, GenerationStats
 from endor_ray.engine.reference import load_dense_model
-from endor_ray.store.prune import prune_weight
+from endor_ray.compress.prune import prune_weight
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.store.store import Store
 

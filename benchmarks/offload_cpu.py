@@ -50,7 +50,7 @@ from endor_ray.engine.engine import Engine, EngineConfig, GenerationStats
 from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.format.cpu_decode import backend
-from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.store.files import evict, read_local
 from endor_ray.store.store import Store
 from endor_ray.utils.atomic import staged_directory

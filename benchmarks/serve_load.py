@@ -51,7 +51,7 @@ def main() -> None:
     from ray import serve
 
     from endor_ray.serve import build_app
-    from endor_ray.store.convert import ConvertConfig, convert
+    from endor_ray.compress.convert import ConvertConfig, convert
     from kernel_bench import machine_info
 
     store = args.store

@@ -45,7 +45,7 @@ from kernel_bench import CUDA, machine_info  # noqa: E402  (this folder)
 from offload_bench import prompt_ids, random_checkpoint  # noqa: E402
 
 from endor_ray.utils.atomic import staged_directory  # noqa: E402
-from endor_ray.store.convert import ConvertConfig, convert  # noqa: E402
+from endor_ray.compress.convert import ConvertConfig, convert  # noqa: E402
 from endor_ray.service.driver import ClusterConfig, connect  # noqa: E402
 from endor_ray.engine.engine import Engine, EngineConfig  # noqa: E402
 from endor_ray.engine.sampling import SamplingParams  # noqa: E402

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from endor_ray.store.default_model import DEFAULT_MODEL_NAME
+from endor_ray.compress.default_model import DEFAULT_MODEL_NAME
 from endor_ray.errors import ConfigError, EndorError
 from endor_ray.format.quant import DEFAULT_GROUP_SIZE
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES
@@ -37,7 +37,7 @@ from endor_ray.utils.units import human_bytes
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from endor_ray.store.convert import ConvertConfig, convert
+    from endor_ray.compress.convert import ConvertConfig, convert
 
     config = ConvertConfig(
         sparsity=args.sparsity, method=args.method, store_format=args.format, dtype=args.dtype,

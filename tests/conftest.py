@@ -69,7 +69,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded default model as an HF folder (prepared once, cached across runs)."""
-    from endor_ray.store.default_model import default_model_dir
+    from endor_ray.compress.default_model import default_model_dir
 
     return default_model_dir()
 
@@ -81,7 +81,7 @@ def read_manifest(store: Path) -> dict:
 @pytest.fixture(scope="session")
 def tiny_stores(tmp_path_factory, smollm2_dir) -> dict:
     """Random-weight OPT and GQA-Llama stores (magnitude, 50%) carrying SmolLM2's tokenizer."""
-    from endor_ray.store.convert import ConvertConfig, convert
+    from endor_ray.compress.convert import ConvertConfig, convert
 
     root = tmp_path_factory.mktemp("tiny-stores")
     stores = {}
@@ -98,7 +98,7 @@ def tiny_stores(tmp_path_factory, smollm2_dir) -> dict:
 @pytest.fixture(scope="session")
 def smollm2_store(smollm2_dir, tmp_path_factory):
     """SmolLM2 pruned to 50% by magnitude, fp32."""
-    from endor_ray.store.convert import ConvertConfig, convert
+    from endor_ray.compress.convert import ConvertConfig, convert
 
     return convert(str(smollm2_dir), tmp_path_factory.mktemp("smollm2-store") / "store",
                    ConvertConfig(method="magnitude"), progress=False)

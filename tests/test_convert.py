@@ -5,10 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from endor_ray.models.architecture import is_prunable
-from endor_ray.store.calibration import self_calibration_ids
-from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.compress.calibration import self_calibration_ids
+from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.store.export import export_checkpoint
-from endor_ray.store.prune import InputNormCollector, prune_weight
+from endor_ray.compress.prune import InputNormCollector, prune_weight
 from endor_ray.store import Store
 
 from conftest import TINY_CONFIGS, read_manifest
@@ -118,7 +118,7 @@ def test_calibration_from_text_file(tmp_path, smollm2_dir):
 def test_streamed_calibration_equals_resident(tiny_checkpoints, tmp_path, monkeypatch):
     """A model too large for memory calibrates by streamed passes (with the next layer prefetched);
     the store is byte for byte the one the resident path writes."""
-    import endor_ray.store.convert as convert_module
+    import endor_ray.compress.convert as convert_module
 
     source = tiny_checkpoints["llama-gqa"]
     config = ConvertConfig(sparsity=0.5, method="wanda", block_size=256, calib_samples=3, calib_seq_len=10, seed=5)

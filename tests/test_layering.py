@@ -15,11 +15,14 @@ RANKS = {
     "endor_ray.utils": 1,
     "endor_ray.format": 2, "endor_ray.models": 2,
     "endor_ray.kernels": 3, "endor_ray.store": 3,
-    "endor_ray.engine": 4,
+    "endor_ray.compress": 4, "endor_ray.engine": 4,
     "endor_ray.service": 5,
     "endor_ray.serve": 6, "endor_ray.jobs": 6,
-    "endor_ray.cli": 7, "endor_ray": 7,  # the package root: connect() and the version
+    "endor_ray.cli": 7,
 }
+# The package root (connect() and the version) is a module of its own, not a prefix of every stage:
+# a new subpackage that is not in RANKS has no stage and fails `test_every_module_has_a_stage`.
+ROOT_MODULE, ROOT_RANK = "endor_ray", 7
 FORBIDDEN = {  # third-party packages a stage must not import at all
     "endor_ray.errors": {"torch", "ray", "triton", "transformers"},
     "endor_ray.utils": {"ray", "triton", "transformers"},
@@ -27,6 +30,7 @@ FORBIDDEN = {  # third-party packages a stage must not import at all
     "endor_ray.models": {"ray", "triton"},
     "endor_ray.kernels": {"ray", "transformers"},
     "endor_ray.store": {"ray", "triton"},
+    "endor_ray.compress": {"ray", "triton"},
     "endor_ray.engine": {"ray"},
 }
 
@@ -45,10 +49,17 @@ def module_files() -> dict[str, Path]:
 MODULES = module_files()
 
 
-def stage_of(module: str) -> str:
-    """The longest RANKS key that is `module` or a package above it."""
+def stage_of(module: str) -> str | None:
+    """The longest RANKS key that is `module` or a package above it; the root module is its own
+    stage; None for a module under no known stage."""
+    if module == ROOT_MODULE:
+        return ROOT_MODULE
     candidates = [stage for stage in RANKS if module == stage or module.startswith(stage + ".")]
-    return max(candidates, key=len)
+    return max(candidates, key=len) if candidates else None
+
+
+def rank_of(stage: str) -> int:
+    return ROOT_RANK if stage == ROOT_MODULE else RANKS[stage]
 
 
 def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
@@ -72,8 +83,17 @@ def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
 
 def test_every_module_has_a_stage():
     assert len(MODULES) > 30
-    for module in MODULES:
-        assert stage_of(module) in RANKS
+    unknown = [module for module in MODULES if stage_of(module) is None]
+    assert not unknown, f"modules under no stage of RANKS (add their package to RANKS): {unknown}"
+    assert stage_of("endor_ray.compress.convert") == "endor_ray.compress"
+
+
+def test_a_module_of_an_unknown_stage_fails():
+    """The stage check is not vacuous: a module of a new subpackage has no stage, and so would
+    fail `test_every_module_has_a_stage` until its package is ranked."""
+    assert stage_of("endor_ray.newstage.thing") is None
+    assert stage_of("endor_ray_other.thing") is None
+    assert stage_of("endor_ray") == ROOT_MODULE and stage_of("endor_ray.cli") == "endor_ray.cli"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -82,12 +102,13 @@ def test_module_imports_only_lower_stages(module):
     for line, imported in imports_of(MODULES[module], module):
         top = imported.split(".")[0]
         assert top not in FORBIDDEN.get(own, set()), f"{module}:{line} imports {imported}, which {own} must not use"
-        if top != "endor_ray" or imported == "endor_ray" and own == "endor_ray":
+        if top != "endor_ray" or imported == "endor_ray" and own == ROOT_MODULE:
             continue
         target = stage_of(imported)
-        assert target == own or RANKS[target] < RANKS[own], (
-            f"{module}:{line} imports {imported} ({target}, rank {RANKS[target]}); {own} has rank {RANKS[own]} "
-            "and may import only its own package and lower stages"
+        assert target is not None, f"{module}:{line} imports {imported}, which is under no stage of RANKS"
+        assert target == own or rank_of(target) < rank_of(own), (
+            f"{module}:{line} imports {imported} ({target}, rank {rank_of(target)}); {own} has rank "
+            f"{rank_of(own)} and may import only its own package and lower stages"
         )
 
 
@@ -99,3 +120,9 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert (2, "endor_ray.engine.engine") in found and (3, "ray") in found
     assert RANKS[stage_of("endor_ray.engine.engine")] > RANKS[stage_of("endor_ray.format.bad")]
     assert "ray" in FORBIDDEN["endor_ray.format"]
+
+
+def test_compression_and_the_engine_do_not_import_each_other():
+    """Same rank, different stages: neither may import the other (the store sits below both)."""
+    assert stage_of("endor_ray.compress.convert") != stage_of("endor_ray.engine.engine")
+    assert RANKS["endor_ray.compress"] == RANKS["endor_ray.engine"] > RANKS["endor_ray.store"]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from endor_ray.errors import ConfigError
-from endor_ray.store.prune import InputNormCollector, magnitude_score, prune_rows, prune_weight, wanda_score
+from endor_ray.compress.prune import InputNormCollector, magnitude_score, prune_rows, prune_weight, wanda_score
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.6, 0.7, 0.99])

@@ -13,7 +13,7 @@ from endor_ray.errors import ConfigError
 from endor_ray.format import decode
 from endor_ray.models.architecture import is_prunable
 from endor_ray.store import Store
-from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.store.export import export_checkpoint
 
 from conftest import make_checkpoint, read_manifest
@@ -134,7 +134,7 @@ def test_choose_meets_the_budget_with_the_least_error():
     import itertools
     import random
 
-    from endor_ray.store.mixed import CANDIDATES, Option, choose
+    from endor_ray.compress.mixed import CANDIDATES, Option, choose
 
     rng = random.Random(0)
     for _ in range(30):

@@ -180,7 +180,7 @@ def test_fp32_compute_over_a_bf16_store_is_batch_invariant(tiny_checkpoints, smo
     (measured on the SmolLM2 demo store: 8 of 12 chat answers changed in a batch in bf16, none in fp32)."""
     import shutil
 
-    from endor_ray.store.convert import ConvertConfig, convert
+    from endor_ray.compress.convert import ConvertConfig, convert
 
     from conftest import make_checkpoint
 

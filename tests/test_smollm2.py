@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from endor_ray.models.architecture import is_prunable
-from endor_ray.store.calibration import perplexity, self_calibration_ids
-from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.compress.calibration import perplexity, self_calibration_ids
+from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.store.export import export_checkpoint
-from endor_ray.store.prune import prune_weight
+from endor_ray.compress.prune import prune_weight
 from endor_ray.store import Store
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import torch
 from endor_ray import format as fmt
 from endor_ray.errors import ConfigError
 from endor_ray.format.quant import QUANTIZED_ENCODINGS
-from endor_ray.store.prune import prune_weight
-from endor_ray.store.sparsegpt import sparsegpt
+from endor_ray.compress.prune import prune_weight
+from endor_ray.compress.sparsegpt import sparsegpt
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -202,7 +202,7 @@ def test_encode_decode_round_trip_is_exact(dtype, encoding, sparsity):
 @pytest.mark.parametrize("sparsity", [0.05, 0.3, 0.5, 0.7, 0.9])
 def test_every_row_loses_exactly_its_share_in_every_block(sparsity):
     """Guarantee: up to every block end i2, every row has exactly int(i2 * sparsity) pruned weights,
-    so int(in * sparsity) in all (the count of endor_ray.store.prune)."""
+    so int(in * sparsity) in all (the count of endor_ray.compress.prune)."""
     x = correlated_inputs(256, 100, seed=9)
     weight = torch.randn(17, 100, generator=torch.Generator().manual_seed(10))
     result = sparsegpt(weight, x.t() @ x, sparsity, "int8", group_size=16, block_columns=32)

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from endor_ray.store import convert as convert_module
-from endor_ray.store.convert import ConvertConfig, convert
+from endor_ray.compress import convert as convert_module
+from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.errors import ChecksumError, StoreError
 from endor_ray.format import checksum, decode
 from endor_ray.store import Store

@@ -61,7 +61,7 @@ def run_passes(store_path, model: CudaModel, reader_class=RecordingReader, passe
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory, tiny_checkpoints):
-    from endor_ray.store.convert import ConvertConfig, convert
+    from endor_ray.compress.convert import ConvertConfig, convert
 
     overrides = tmp_path_factory.mktemp("deep")
     from conftest import make_checkpoint

@@ -29,7 +29,7 @@ Differences from the paper, and why
 * Per-row masks. The paper prunes the ``sparsity`` fraction of each block over all rows at once,
   so rows end with different counts. Here each row is pruned on its own inside each block: block
   ``[i1, i2)`` prunes exactly ``int(i2 * s) - int(i1 * s)`` weights of every row, so every row
-  loses exactly ``int(in * s)`` weights overall (the same count as `endor_ray.store.prune`) and
+  loses exactly ``int(in * s)`` weights overall (the same count as `endor_ray.compress.prune`) and
   ``int(i2 * s)`` up to column ``i2``. Equal counts give every row the same number of
   quantization groups (no unused scale slots) and the same work per row in a kernel.
 
@@ -78,7 +78,7 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.format.quant import MAX_GROUP_SIZE, QUANTIZED_ENCODINGS
-from endor_ray.store.prune import check_sparsity, lowest_in_rows
+from endor_ray.compress.prune import check_sparsity, lowest_in_rows
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A *setting* is the pair (sparsity, values encoding). `compress_weight` applies one to a weight:
 magnitude and Wanda prune exactly per row and then round the kept values to the nearest code
 (`endor_ray.format.quant`); SparseGPT prunes and quantizes jointly, compensating each choice on
-the weights not yet chosen (`endor_ray.store.sparsegpt`). It returns the encoded tensor and the
+the weights not yet chosen (`endor_ray.compress.sparsegpt`). It returns the encoded tensor and the
 weight the store now holds (decoded by the reference decoder), which the converter feeds to the
 next layer's calibration and the mixed-precision choice measures.
 """
@@ -16,7 +16,7 @@ import torch
 
 from endor_ray.errors import StoreError
 from endor_ray.format.tensor import EncodedTensor, decode, encode
-from endor_ray.store.prune import prune_weight
+from endor_ray.compress.prune import prune_weight
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def compress_weight(
     """(encoded tensor, the decoded weight in `dtype`) for `weight` under `setting` by `method`."""
     stats = stats or CalibrationStats()
     if method == "sparsegpt" and (setting.sparsity > 0 or setting.values != "raw"):
-        from endor_ray.store.sparsegpt import sparsegpt
+        from endor_ray.compress.sparsegpt import sparsegpt
 
         if stats.hessian is None:
             raise StoreError("sparsegpt needs the Linear's input Hessian from calibration; was it collected?")

@@ -26,7 +26,7 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.format.tensor import VALUES_ENCODINGS, decode, encode
-from endor_ray.store.compress import CalibrationStats, Setting, prune
+from endor_ray.compress.setting import CalibrationStats, Setting, prune
 
 SPARSITIES = (0.0, 0.3, 0.5, 0.7)
 CANDIDATES = tuple(Setting(sparsity, values) for sparsity in SPARSITIES for values in VALUES_ENCODINGS)

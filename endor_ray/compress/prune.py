@@ -22,7 +22,7 @@ from torch import nn
 
 from endor_ray.errors import ConfigError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")  # sparsegpt: endor_ray.store.sparsegpt
+METHODS = ("magnitude", "wanda", "sparsegpt")  # sparsegpt: endor_ray.compress.sparsegpt
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -79,7 +79,7 @@ def prune_weight(
             raise ConfigError("wanda pruning needs the input norms collected on calibration text")
         return prune_rows(weight, wanda_score(weight, input_sq_sum), sparsity)
     if method == "sparsegpt":
-        raise ConfigError("sparsegpt needs the Linear's Hessian: use endor_ray.store.compress.compress_weight")
+        raise ConfigError("sparsegpt needs the Linear's Hessian: use endor_ray.compress.setting.compress_weight")
     raise ConfigError(f"unknown pruning method {method!r}; choose one of {METHODS}")
 
 

@@ -21,15 +21,15 @@ from endor_ray._version import __version__
 from endor_ray.models.architecture import is_prunable
 from endor_ray.utils.atomic import staged_directory
 from endor_ray.utils.system import available_memory_bytes
-from endor_ray.store.checkpoint import Checkpoint
-from endor_ray.store.default_model import resolve_source
+from endor_ray.compress.checkpoint import Checkpoint
+from endor_ray.compress.default_model import resolve_source
 from endor_ray.errors import ConfigError, FormatError, StoreError
 from endor_ray.format.quant import DEFAULT_GROUP_SIZE, check_encoding
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, VALUES_ENCODINGS, EncodedTensor, check_block_size, encode
-from endor_ray.store.compress import CalibrationStats, Setting, compress_weight
+from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight
 from endor_ray.store.manifest import seal
-from endor_ray.store.mixed import check_budget, choose, measure
-from endor_ray.store.prune import METHODS, InputNormCollector, check_sparsity
+from endor_ray.compress.mixed import check_budget, choose, measure
+from endor_ray.compress.prune import METHODS, InputNormCollector, check_sparsity
 from endor_ray.store.store import (
     DENSE_FILE, MANIFEST_NAME, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name, write_tensor_file,
 )
@@ -240,7 +240,7 @@ def needs_calibration(config: ConvertConfig) -> bool:
 @torch.no_grad()
 def _calibrated_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
     """Run calibration tokens through the model once, pruning and writing each layer as it finishes."""
-    from endor_ray.store.calibration import self_calibration_ids, text_calibration_ids
+    from endor_ray.compress.calibration import self_calibration_ids, text_calibration_ids
     from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer, prefetching, stream_layers
 
     architecture = checkpoint.architecture
