@@ -78,12 +78,13 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.format.quant import MAX_GROUP_SIZE, QUANTIZED_ENCODINGS
+from endor_ray.format.tensor import DTYPES
 from endor_ray.compress.prune import check_sparsity, lowest_in_rows
 
 log = logging.getLogger(__name__)
 
+# The joint sweep rounds to the format's group-scaled codes (block encodings are chosen elsewhere)
 ENCODINGS = ("raw", *QUANTIZED_ENCODINGS)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DAMP_RETRIES = 3  # each multiplies the dampening by 10
 
 
@@ -147,8 +148,8 @@ def _check_arguments(weight, hessian, sparsity, encoding, group_size, dtype, blo
         raise ConfigError(f"unknown values encoding {encoding!r}; expected one of {ENCODINGS}")
     if not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
         raise ConfigError(f"group size must be an integer in [1, {MAX_GROUP_SIZE}], got {group_size!r}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype}")
+    if dtype not in DTYPES.values():
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
     if not isinstance(block_columns, int) or block_columns < 1:
         raise ConfigError(f"block_columns must be a positive integer, got {block_columns!r}")
     if not (math.isfinite(damp) and damp >= 0):
