@@ -86,6 +86,31 @@ def test_budget_parsing():
             parse_budget(bad, "GPU memory")
 
 
+def test_check_prompt(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from endor_ray.engine.prompts import PromptTooLong, check_prompt, context_limit
+
+    assert context_limit({"max_position_embeddings": 4096}) == 4096
+    assert context_limit({"max_position_embeddings": 4096, "sliding_window": 1024}) == 1024
+    assert context_limit({"max_position_embeddings": 4096, "sliding_window": 1024, "use_sliding_window": False}) == 4096
+    assert context_limit({"max_position_embeddings": 4096, "sliding_window": None}) == 4096
+    assert context_limit({}) == 2**31
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    expected = tokenizer("The capital of France is").input_ids
+    assert check_prompt(tokenizer, "The capital of France is", 8, 64) == expected
+    assert check_prompt(tokenizer, expected, 64 - len(expected), 64) == expected  # ids as given, up to the edge
+    with pytest.raises(ConfigError, match="non-empty"):
+        check_prompt(tokenizer, "", 8, 64)
+    with pytest.raises(ConfigError, match="tokenizes to no tokens"):
+        check_prompt(tokenizer, [], 8, 64)
+    with pytest.raises(ConfigError, match=r"token ids must be in \[0, "):
+        check_prompt(tokenizer, [len(tokenizer)], 8, 64)
+    with pytest.raises(PromptTooLong, match="exceeds the model's context of 64 tokens") as too_long:
+        check_prompt(tokenizer, expected, 65 - len(expected), 64)
+    assert (too_long.value.prompt_tokens, too_long.value.max_new_tokens) == (len(expected), 65 - len(expected))
+
+
 def test_bad_input(tiny_stores, tmp_path):
     store = str(tiny_stores["llama-gqa"])
     with Engine(store, EngineConfig(gpu_memory=0), progress=False) as engine:

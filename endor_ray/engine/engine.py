@@ -30,6 +30,7 @@ from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.device import CudaOps
 from endor_ray.engine.kv_batch import RunningBatch
 from endor_ray.engine.layer_source import LayerSource
+from endor_ray.engine.prompts import check_prompt, context_limit
 from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.results import (  # noqa: F401  (GenerationStats: re-exported, the engine's API)
     EngineMetrics, GenerationResult, GenerationStats, RequestTracker, TokenEvent,
@@ -83,10 +84,7 @@ class Engine:
             self.eos_ids = eos_token_ids(self.store.config, self.tokenizer)
             self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                            else min(self.eos_ids, default=0))
-            self.max_context = int(self.store.config.get("max_position_embeddings") or 2**31)
-            window = self.store.config.get("sliding_window")
-            if isinstance(window, int) and window > 0 and self.store.config.get("use_sliding_window", True):
-                self.max_context = min(self.max_context, window)  # the cache would drop columns past it
+            self.max_context = context_limit(self.store.config)
             self.scheduler = Scheduler(scheduler or SchedulerConfig())
             self.batch = RunningBatch(self.device, self.pad_id, self._new_cache)
             self.metrics = EngineMetrics()
@@ -134,9 +132,9 @@ class Engine:
 
         return DynamicCache(config=self.model.config)
 
-    def new_sequences(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
+    def new_sequences(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                       ) -> list[Sequence]:
-        """Tokenized sequences for a request, checked for size now (ConfigError), not inside a pass."""
+        """Tokenized sequences for a request, checked now (`check_prompt`: ConfigError), not inside a pass."""
         if not prompts:
             raise ConfigError("no prompts given")
         if params is None or isinstance(params, SamplingParams):
@@ -145,20 +143,9 @@ class Engine:
             raise ConfigError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
         sequences = []
         for prompt, seq_params in zip(prompts, params):
-            if isinstance(prompt, str):
-                if not prompt:
-                    raise ConfigError("every prompt must be a non-empty string")
-                ids = self.tokenizer(prompt).input_ids
-            else:  # token ids
-                ids = list(prompt)
+            ids = check_prompt(self.tokenizer, prompt, seq_params.max_new_tokens, self.max_context)
+            if not isinstance(prompt, str):  # token ids (checked where they entered, cheap to check again)
                 prompt = self.tokenizer.decode(ids)
-            if not ids:
-                raise ConfigError("a prompt tokenizes to no tokens; give some text")
-            if len(ids) + seq_params.max_new_tokens > self.max_context:
-                raise ConfigError(
-                    f"prompt of {len(ids)} tokens plus max_new_tokens={seq_params.max_new_tokens} exceeds "
-                    f"the model's context of {self.max_context} tokens; shorten the prompt or lower max_new_tokens"
-                )
             seq = Sequence(prompt, ids, seq_params, make_generator(seq_params, torch.device("cpu")))
             self.scheduler.check_fits(seq)
             sequences.append(seq)
