@@ -1,0 +1,253 @@
+"""GGUF block dequantization on the GPU: llama.cpp's blocks (Q8_0 ... Q6_K) -> dense rows.
+
+A tensor with ``values_encoding`` one of ``GGUF_BLOCK_TYPES`` (layout "dense", see
+`endor_ray.format.gguf_blocks` for the spec) stores only ``values``: uint8 blocks, the rows' blocks
+in order, exactly the bytes of a GGUF file. As every row holds whole blocks, the flattened tensor
+is a plain run of ``numel // BLOCK_ELEMS`` blocks: element ``e`` is element ``e % BLOCK_ELEMS`` of
+block ``e // BLOCK_ELEMS``, and rows play no part in the decode.
+
+One program per CHUNK of elements (a multiple of every block size, so a chunk starts on a block
+boundary and the int64 part of each address is one scalar per program). Each element loads the
+few bytes it needs from its block (fp16 scales as two bytes put together and bitcast, its nibble,
+its high bit(s), its 6-bit packed sub-block scale and minimum) and computes its float32 value with
+exactly gguf-py's float32 operations, in gguf-py's order (`gguf.quants`, the oracle of the
+tests); the launch passes ``enable_fp_fusion=False`` so a GPU never contracts a multiply and an
+add into an FMA where the reference rounds twice. The value is then rounded once to the output
+dtype: fp16 by the conversion (round to nearest even), bf16 by integer operations as in
+`endor_ray.kernels.decompress` (so the interpreter and a GPU agree bit for bit), fp32 as it is.
+
+Sizes for the GPU: chunks of 512 with 16 warps, one element per thread, capped at 32 registers,
+as the quantized path of the decompression kernel (100% occupancy on sm_80 and sm_90);
+`tests/test_gguf_kernel_aot.py` compiles every block type x output dtype ahead of time and checks
+registers, spills and occupancy without a GPU.
+
+A program reads only bytes of its own blocks, and the wrapper checks that ``values`` holds exactly
+the blocks the shape calls for: any bytes decode without a read out of bounds (non-finite fp16
+scales give NaN/inf, which no file written by llama.cpp holds).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from endor_ray.errors import FormatError
+from endor_ray.format.tensor import EncodedTensor
+
+# (block_elems, type_size) per block type: gguf.GGML_QUANT_SIZES, which the tests check against
+GGUF_BLOCK_TYPES: dict[str, tuple[int, int]] = {
+    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
+    "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
+}
+CHUNK = 512  # elements per program: one per thread with 16 warps, a multiple of every block size
+MAX_REGISTERS = 32  # per thread: 65536 registers / 2048 threads, i.e. 100% occupancy
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _byte(block_ptr, offset, mask):
+    """Byte `offset` of each element's block, as int32 in [0, 255]."""
+    return tl.load(block_ptr + offset, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _fp16(block_ptr, offset, mask):
+    """The little-endian fp16 at byte `offset` of each element's block, as float32."""
+    bits = _byte(block_ptr, offset, mask) | (_byte(block_ptr, offset + 1, mask) << 8)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nibble(block_ptr, offset, index, mask):
+    """The 4-bit code of element `index` in 32-element groups of 16 bytes (low nibbles first)."""
+    return (_byte(block_ptr, offset + index % 16, mask) >> (index // 16 * 4)) & 0xF
+
+
+@triton.jit
+def _q8_0(block_ptr, index, mask):  # d: fp16, qs: int8[32]
+    d = _fp16(block_ptr, 0, mask)
+    x = tl.load(block_ptr + 2 + index, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    return x * d
+
+
+@triton.jit
+def _q4_0(block_ptr, index, mask):  # d: fp16, qs: 16 bytes of nibbles
+    d = _fp16(block_ptr, 0, mask)
+    return d * (_nibble(block_ptr, 2, index, mask) - 8).to(tl.float32)
+
+
+@triton.jit
+def _q4_1(block_ptr, index, mask):  # d, m: fp16, qs: 16 bytes of nibbles
+    d = _fp16(block_ptr, 0, mask)
+    m = _fp16(block_ptr, 2, mask)
+    return (d * _nibble(block_ptr, 4, index, mask).to(tl.float32)) + m
+
+
+@triton.jit
+def _q5_code(block_ptr, qh_offset, qs_offset, index, mask):
+    """The 5-bit code of element `index`: its nibble plus bit `index` of the little-endian uint32 qh."""
+    high = (_byte(block_ptr, qh_offset + index // 8, mask) >> (index % 8)) & 1
+    return _nibble(block_ptr, qs_offset, index, mask) | (high << 4)
+
+
+@triton.jit
+def _q5_0(block_ptr, index, mask):  # d: fp16, qh: uint32, qs: 16 bytes of nibbles
+    d = _fp16(block_ptr, 0, mask)
+    return d * (_q5_code(block_ptr, 2, 6, index, mask) - 16).to(tl.float32)
+
+
+@triton.jit
+def _q5_1(block_ptr, index, mask):  # d, m: fp16, qh: uint32, qs: 16 bytes of nibbles
+    d = _fp16(block_ptr, 0, mask)
+    m = _fp16(block_ptr, 2, mask)
+    return (d * _q5_code(block_ptr, 4, 8, index, mask).to(tl.float32)) + m
+
+
+@triton.jit
+def _k_scale_min(block_ptr, sub, mask):
+    """Sub-block `sub`'s 6-bit scale and minimum from the 12 packed bytes at offset 4 (ggml's
+    get_scale_min_k4): sub < 4 in the low 6 bits of bytes sub and sub + 4; sub >= 4 in the
+    nibbles of byte sub + 4 and the top 2 bits of bytes sub - 4 (scale) and sub (minimum)."""
+    low = sub < 4
+    first = _byte(block_ptr, 4 + sub, mask)  # sub < 4: scale; else: high bits of the minimum
+    second = _byte(block_ptr, 8 + sub, mask)  # sub < 4: minimum; else: both nibbles
+    top = _byte(block_ptr, 4 + sub % 4, mask)  # sub >= 4: high bits of the scale
+    scale = tl.where(low, first & 63, (second & 0xF) | ((top >> 2) & 0x30))
+    minimum = tl.where(low, second & 63, (second >> 4) | ((first >> 2) & 0x30))
+    return scale.to(tl.float32), minimum.to(tl.float32)
+
+
+@triton.jit
+def _q4_k(block_ptr, index, mask):  # d, dmin: fp16, scales: 12 bytes, qs: 128 bytes
+    sub = index // 32  # 8 sub-blocks of 32; bytes 32*(sub // 2) hold pair sub // 2, low nibbles first
+    scale, minimum = _k_scale_min(block_ptr, sub, mask)
+    d = _fp16(block_ptr, 0, mask) * scale
+    dm = _fp16(block_ptr, 2, mask) * minimum
+    code = (_byte(block_ptr, 16 + index // 64 * 32 + index % 32, mask) >> (sub % 2 * 4)) & 0xF
+    return d * code.to(tl.float32) - dm
+
+
+@triton.jit
+def _q5_k(block_ptr, index, mask):  # d, dmin: fp16, scales: 12 bytes, qh: 32 bytes, qs: 128 bytes
+    sub = index // 32
+    scale, minimum = _k_scale_min(block_ptr, sub, mask)
+    d = _fp16(block_ptr, 0, mask) * scale
+    dm = _fp16(block_ptr, 2, mask) * minimum
+    low = (_byte(block_ptr, 48 + index // 64 * 32 + index % 32, mask) >> (sub % 2 * 4)) & 0xF
+    high = (_byte(block_ptr, 16 + index % 32, mask) >> sub) & 1  # bit sub of byte index % 32
+    return d * (low | (high << 4)).to(tl.float32) - dm
+
+
+@triton.jit
+def _q6_k(block_ptr, index, mask):  # ql: 128 bytes, qh: 64 bytes, scales: int8[16], d: fp16
+    half = index // 128  # each half: 64 ql bytes (two nibble rows of 64), 32 qh bytes (four 2-bit rows)
+    low = (_byte(block_ptr, half * 64 + index % 64, mask) >> (index // 64 % 2 * 4)) & 0xF
+    high = (_byte(block_ptr, 128 + half * 32 + index % 32, mask) >> (index // 32 % 4 * 2)) & 3
+    scale = tl.load(block_ptr + 192 + index // 16, mask=mask, other=0).to(tl.int8, bitcast=True)
+    d = _fp16(block_ptr, 208, mask) * scale.to(tl.float32)
+    return d * ((low | (high << 4)) - 32).to(tl.float32)
+
+
+@triton.jit
+def gguf_dequant_kernel(
+    blocks_ptr,  # [numel // BLOCK_ELEMS * TYPE_SIZE] uint8: the blocks in order
+    out_ptr,  # [numel] float16 | float32 | int16 (bfloat16 bits)
+    numel,
+    ENCODING: tl.constexpr,  # a GGUF_BLOCK_TYPES name
+    BLOCK_ELEMS: tl.constexpr,
+    TYPE_SIZE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    chunk_idx = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CHUNK)  # int32 within the chunk; the chunk's start is the only int64 part
+    elem_idx = chunk_idx * CHUNK + offs
+    mask = elem_idx < numel
+    block_ptr = blocks_ptr + chunk_idx * (CHUNK // BLOCK_ELEMS * TYPE_SIZE) + offs // BLOCK_ELEMS * TYPE_SIZE
+    index = offs % BLOCK_ELEMS
+    if ENCODING == "q8_0":
+        value = _q8_0(block_ptr, index, mask)
+    elif ENCODING == "q4_0":
+        value = _q4_0(block_ptr, index, mask)
+    elif ENCODING == "q4_1":
+        value = _q4_1(block_ptr, index, mask)
+    elif ENCODING == "q5_0":
+        value = _q5_0(block_ptr, index, mask)
+    elif ENCODING == "q5_1":
+        value = _q5_1(block_ptr, index, mask)
+    elif ENCODING == "q4_k":
+        value = _q4_k(block_ptr, index, mask)
+    elif ENCODING == "q5_k":
+        value = _q5_k(block_ptr, index, mask)
+    else:
+        tl.static_assert(ENCODING == "q6_k")
+        value = _q6_k(block_ptr, index, mask)
+    if OUT_BF16:  # round to nearest even by integer ops, the same under the interpreter and on a GPU
+        word = value.to(tl.int32, bitcast=True)
+        rounded = (word + 0x7FFF + ((word >> 16) & 1)) >> 16
+        rounded = tl.where(value != value, 0x7FC0, rounded & 0xFFFF)  # NaN: only from non-finite scales
+        out = ((rounded ^ 0x8000) - 0x8000).to(tl.int16)  # the bf16 bits, into an int16 view
+    else:
+        out = value.to(out_ptr.dtype.element_ty)  # fp16: round to nearest even; fp32: itself
+    tl.store(out_ptr + elem_idx, out, mask=mask)
+
+
+def launch_config(encoding: str, out_dtype: torch.dtype) -> dict:
+    """Compile-time constants and launch options of one variant (what the AOT test compiles)."""
+    block_elems, type_size = GGUF_BLOCK_TYPES[encoding]
+    return {"ENCODING": encoding, "BLOCK_ELEMS": block_elems, "TYPE_SIZE": type_size, "CHUNK": CHUNK,
+            "OUT_BF16": out_dtype == torch.bfloat16, "num_warps": CHUNK // 32, "maxnreg": MAX_REGISTERS,
+            "enable_fp_fusion": False}
+
+
+def dequantize_gguf_blocks(blocks: torch.Tensor, encoding: str, rows: int, cols: int,
+                           out: torch.Tensor) -> torch.Tensor:
+    """Decode `blocks` ([rows * cols // block_elems * type_size] uint8) into `out` ([rows, cols] or any
+    shape of rows * cols elements; fp16, bf16 or fp32; contiguous, on blocks' device); returns `out`."""
+    if encoding not in GGUF_BLOCK_TYPES:
+        raise FormatError(f"unknown GGUF block type {encoding!r}; expected one of {sorted(GGUF_BLOCK_TYPES)}")
+    block_elems, type_size = GGUF_BLOCK_TYPES[encoding]
+    if cols % block_elems:
+        raise FormatError(f"{encoding} rows hold whole blocks of {block_elems}, but cols is {cols}")
+    nbytes = rows * cols // block_elems * type_size
+    if blocks.dtype != torch.uint8 or blocks.dim() != 1 or blocks.numel() != nbytes or not blocks.is_contiguous():
+        raise FormatError(f"{encoding} values for {rows} x {cols} should be {nbytes} contiguous uint8 bytes, "
+                          f"got {blocks.numel()} x {blocks.dtype} ({blocks.dim()}-D)")
+    if out.dtype not in OUT_DTYPES or out.numel() != rows * cols or out.device != blocks.device:
+        raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype} on {out.device}, need {rows * cols} "
+                          f"elements of float16, bfloat16 or float32 on {blocks.device}")
+    if not out.is_contiguous():
+        raise FormatError("output buffer must be contiguous")
+    if out.numel() == 0:
+        return out
+    target = out.view(-1).view(torch.int16) if out.dtype == torch.bfloat16 else out.view(-1)
+    grid = (triton.cdiv(out.numel(), CHUNK),)
+    gguf_dequant_kernel[grid](blocks, target, out.numel(), **launch_config(encoding, out.dtype))
+    return out
+
+
+def dequantize_gguf(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode a GGUF-encoded tensor (arrays on the GPU, or on CPU under TRITON_INTERPRET=1) into `out`
+    or a new tensor of enc's shape and dtype. Checks sizes only, never the data (a GPU sync)."""
+    if enc.layout != "dense" or enc.values_encoding not in GGUF_BLOCK_TYPES:
+        raise FormatError(f"dequantize_gguf decodes dense GGUF-encoded tensors, got a {enc.layout} "
+                          f"{enc.values_encoding} tensor")
+    device = enc.values.device
+    if out is None:
+        out = torch.empty(enc.shape, dtype=enc.dtype, device=device)
+    elif out.shape != torch.Size(enc.shape) or out.dtype != enc.dtype:
+        raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype}, need {enc.shape} {enc.dtype}")
+    rows, cols = enc.rows_cols
+    return dequantize_gguf_blocks(enc.values, enc.values_encoding, rows, cols, out)
+
+
+def dequantize_gguf_reference(enc: EncodedTensor) -> torch.Tensor:
+    """What the kernel computes: gguf-py's float32 dequantization, rounded once to enc's dtype."""
+    import gguf  # the oracle; imported here so the kernel module loads without it
+
+    rows, cols = enc.rows_cols
+    qtype = getattr(gguf.GGMLQuantizationType, enc.values_encoding.upper())
+    data = enc.values.cpu().numpy().reshape(rows, -1)
+    values = torch.from_numpy(gguf.quants.dequantize(data, qtype).copy())  # [rows, cols] float32
+    return values.to(enc.dtype).view(enc.shape).to(enc.values.device)
