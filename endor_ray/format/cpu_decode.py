@@ -16,6 +16,10 @@ about 18 GB/s of dense output with AVX-512 against 10 with AVX2). The one place 
 consistent with itself, the bfloat16 pattern of a NaN (from non-finite scales only: 0xFFFF from
 its vectorised x86 code, 0x7FC0 from its scalar code), is asked of torch once and reproduced.
 
+GGUF block encodings (q8_0 ... q6_k, endor_ray.format.gguf_blocks) are decoded by `_gguf.c` in the
+same library, rows split over the threads, bit-identical to gguf-py's dequantize then torch's
+rounding to the tensor's dtype; they take the widest implementation the CPU runs.
+
 Which implementation runs is measured, not assumed: where the CPU has both AVX-512 and AVX2, the
 first decode times each on a layer-sized random bitmap (about 0.1 s, once per process and element
 size) and keeps the faster: on the AMD EPYC development machine the AVX2 table beats the AVX-512
@@ -35,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from endor_ray.errors import FormatError
-from endor_ray.format.tensor import EncodedTensor, decode, validate, validate_contents
+from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, EncodedTensor, decode, validate, validate_contents
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,11 @@ _pool: ThreadPoolExecutor | None = None
 _chosen: dict[int, int] = {}  # itemsize -> ISA code, measured once
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # the C side's ENDOR_F16 ...
 _CODE_BITS = {"int8": 8, "int4": 4}
+# GGUF block encodings -> (ggml's type id, the C side's `type`; elements per block; bytes per block).
+# A copy of gguf_blocks.BLOCK_TYPES until that module is committed.
+_GGUF_TYPES = {"q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22),
+               "q5_1": (7, 32, 24), "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210)}
+GGUF_ENCODINGS = tuple(_GGUF_TYPES)
 _bf16_nan: int | None = None
 
 
@@ -58,7 +67,7 @@ def _library() -> ctypes.CDLL | None:
             from endor_ray.format import _expand
 
             lib = ctypes.CDLL(_expand.__file__)
-            lib.endor_dequant_expand  # noqa: B018  (a build older than the quantized decode: rebuild)
+            lib.endor_dequant_gguf  # noqa: B018  (a build older than the GGUF decode: rebuild)
         except (ImportError, OSError, AttributeError) as exc:
             _load_error = str(exc)
             log.warning("the fast CPU decoder is not built (%s); decoding on the CPU uses torch, about 30x "
@@ -84,6 +93,12 @@ def _library() -> ctypes.CDLL | None:
             ptr, i64, i64, i64,  # scales, num_scales, groups_per_row, group_size
             ptr, c_int, c_int, ctypes.c_uint16, i64, i64,  # out, dtype, isa, bf16 NaN, first/last row
         ]
+        lib.endor_dequant_gguf.restype = c_int
+        lib.endor_dequant_gguf.argtypes = [
+            c_int, ptr, i64, i64, i64,  # ggml type, blocks, nbytes, rows, cols
+            ptr, c_int, c_int, ctypes.c_uint16, i64, i64,  # out, dtype, isa, bf16 NaN, first/last row
+        ]
+        lib.endor_gguf_best_isa.restype = c_int
         _lib = lib
     return _lib
 
@@ -92,6 +107,12 @@ def supported_isas(itemsize: int) -> list[str]:
     """The C implementations this CPU runs for `itemsize`-byte elements (empty: not built)."""
     lib = _library()
     return [] if lib is None else [name for name, code in ISAS.items() if code <= lib.endor_best_isa(itemsize)]
+
+
+def supported_gguf_isas() -> list[str]:
+    """The C implementations this CPU runs for GGUF blocks (empty: not built)."""
+    lib = _library()
+    return [] if lib is None else [name for name, code in ISAS.items() if code <= lib.endor_gguf_best_isa()]
 
 
 def backend(itemsize: int = 2) -> str:
@@ -208,6 +229,53 @@ def _dequant_rows(enc: EncodedTensor, arrays: dict, out: torch.Tensor, isa: int,
     _dequant_error(status, enc, "rows", first, last)
 
 
+def _dequant_gguf(blocks: torch.Tensor, encoding: str, rows: int, cols: int, out: torch.Tensor, isa: int,
+                  first: int, last: int) -> None:
+    """Decode rows [first, last) of GGUF blocks into `out` (flat, CPU)."""
+    status = _lib.endor_dequant_gguf(
+        _GGUF_TYPES[encoding][0], blocks.data_ptr(), blocks.numel(), rows, cols,
+        out.data_ptr(), _DTYPE_CODES[out.dtype], isa, _bf16_nan_bits(), first, last,
+    )
+    if status:
+        raise FormatError(f"the decoder refused rows {first}..{last} of a [{rows}, {cols}] {encoding} tensor of "
+                          f"{blocks.numel()} bytes (status {status}: -7 too few bytes, -2 bad arguments)")
+
+
+def dequantize_gguf_into(blocks: torch.Tensor, encoding: str, rows: int, cols: int, out: torch.Tensor,
+                         threads: int = 1, isa: str | None = None) -> torch.Tensor:
+    """Decode the GGUF blocks of a [rows, cols] tensor into `out` (contiguous, rows * cols elements of
+    float16, bfloat16 or float32, CPU); return `out`.
+
+    blocks: [rows * cols / block_elems * type_size] uint8 on the CPU, exactly a GGUF file's bytes.
+    `threads` splits the rows; `isa` forces an implementation as in `decode_into`. A buffer of the
+    wrong size, or cols that do not hold whole blocks, are a FormatError (nothing is read).
+    """
+    if encoding not in _GGUF_TYPES:
+        raise FormatError(f"unknown GGUF block encoding {encoding!r}; expected one of {GGUF_ENCODINGS}")
+    _, block_elems, type_size = _GGUF_TYPES[encoding]
+    if cols < 1 or cols % block_elems:
+        raise FormatError(f"a {encoding} tensor's rows must hold whole blocks of {block_elems} weights; "
+                          f"cols = {cols} is not a multiple of {block_elems}")
+    nbytes = rows * (cols // block_elems) * type_size
+    if blocks.dtype != torch.uint8 or blocks.dim() != 1 or blocks.numel() != nbytes or blocks.device.type != "cpu":
+        raise FormatError(f"a [{rows}, {cols}] {encoding} tensor is {nbytes} x uint8 on the CPU, got "
+                          f"{blocks.numel()} x {blocks.dtype} ({blocks.dim()}-D) on {blocks.device}")
+    if out.numel() != rows * cols or out.dtype not in _DTYPE_CODES or not out.is_contiguous() or out.is_cuda:
+        raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype} on {out.device}, need contiguous "
+                          f"{rows} x {cols} float16, bfloat16 or float32 on the CPU")
+    if rows == 0:
+        return out
+    if _library() is None:
+        from endor_ray.format.gguf_blocks import dequantize_blocks
+
+        return out.copy_(dequantize_blocks(blocks, encoding, rows, cols).view(out.shape))
+    isa_code = _lib.endor_gguf_best_isa() if isa is None else ISAS[isa]
+    per_thread = max(1, _MIN_BLOCKS_PER_THREAD * DEFAULT_BLOCK_SIZE // cols)  # rows worth a thread
+    num_threads = max(1, min(threads, rows // per_thread))
+    _split(_dequant_gguf, rows, num_threads, blocks.contiguous(), encoding, rows, cols, out.view(-1), isa_code)
+    return out
+
+
 def _split(work, count: int, num_threads: int, *args) -> None:
     """Run work(*args, first, last) over [0, count) in num_threads contiguous parts."""
     if num_threads <= 1:
@@ -240,6 +308,9 @@ def decode_into(enc: EncodedTensor, out: torch.Tensor, threads: int = 1, isa: st
         return out
     if _library() is None:
         return decode(enc, out=out)
+    if enc.values_encoding in GGUF_ENCODINGS:
+        rows, cols = enc.rows_cols
+        return dequantize_gguf_into(enc.values, enc.values_encoding, rows, cols, out, threads, isa)
     flat = out.view(-1)
     if enc.quantized:
         isa_code = _library().endor_best_isa(enc.dtype.itemsize) if isa is None else ISAS[isa]
