@@ -8,7 +8,7 @@ the torch reference decode and `torch.Tensor.copy_` of the dense tensor (the mem
 baseline). GB/s = dense bytes written per second. Median of --reps after a warm-up.
 
 Kernel: `python -m endor_ray.kernels.aot` in a child process (no TRITON_INTERPRET): registers,
-spills and occupancy of `decompress_kernel` compiled for sm_90 and sm_80.
+spills and occupancy of the decoding kernels (expand, dequantize) compiled for sm_90 and sm_80.
 
     python benchmarks/cpu_decode_bench.py  ->  benchmarks/results/cpu_decode_bench.json
 """
