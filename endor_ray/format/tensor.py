@@ -1,6 +1,6 @@
 """The Endor sparse format: a bitmap of non-zero positions plus the packed non-zero values.
 
-Spec, format version 2 (docs/FORMAT.md says the same with pictures)
+Spec, format version 3 (docs/FORMAT.md says the same with pictures)
 -------------------------------------------------------------------
 A weight ``W`` of any shape, dtype float16, bfloat16 or float32, with ``N = W.numel()`` elements,
 is flattened row-major. An element is a *zero* iff its bit pattern is all zeros (``+0.0``);
@@ -25,15 +25,21 @@ stored sparse) and for every tensor of a store converted with ``--format dense``
 ``values_encoding`` names how ``values`` is stored: ``"raw"`` (the tensor's own dtype, version 1
 and later), or, since version 2, ``"int8"`` / ``"int4"`` codes with one scale per group of kept
 elements within a row, which add the arrays ``scales`` and (layout ``"bitmap"``) ``row_offsets``;
-`endor_ray.format.quant` holds that part of the spec. Readers reject any other encoding.
+`endor_ray.format.quant` holds that part of the spec. Since version 3 it may also be one of
+llama.cpp's block types (``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"``, ``"q4_k"``,
+``"q5_k"``, ``"q6_k"``: `GGUF_ENCODINGS`), layout ``"dense"`` only: ``values`` is then the uint8
+blocks a GGUF file holds for the tensor, nothing else is stored, ``nnz = numel`` and
+``group_size = 0``; `endor_ray.format.gguf_blocks` holds that part of the spec. Readers reject
+any other encoding.
 
 Sizes: a raw bitmap tensor takes ``nnz*itemsize + ceil(N/8) + 8*(num_blocks+1)`` bytes; at 50%
 sparsity in fp16 that is 0.5 + 1/16 + 8/(2B) of the dense size (0.5635 for B = 4096). Quantized
-encodings replace ``nnz*itemsize`` by the sizes in `endor_ray.format.quant`.
+encodings replace ``nnz*itemsize`` by the sizes in `endor_ray.format.quant`; a GGUF block tensor
+is ``rows * cols / block_elems * type_size`` bytes (`endor_ray.format.gguf_blocks`).
 
 The checksum of a tensor is CRC-32 (zlib's polynomial) over its parts' bytes in the order
 bitmap, block_offsets, row_offsets, scales, values, skipping the parts it does not have (a raw
-dense tensor: values alone). `crc32` computes it with ISA-L
+dense tensor or a GGUF block tensor: values alone). `crc32` computes it with ISA-L
 (about 30 GB/s on the development machine, against 1-6 GB/s for zlib), so verifying every read
 does not show in a profile; zlib gives the same numbers where ISA-L is missing.
 
@@ -50,6 +56,7 @@ import torch
 
 from endor_ray.errors import FormatError
 from endor_ray.format import quant
+from endor_ray.format.gguf_blocks import GGUF_ENCODINGS, blocks_nbytes, dequantize_blocks, quantize_blocks
 from endor_ray.format.quant import DEFAULT_GROUP_SIZE, QUANTIZED_ENCODINGS
 
 try:
@@ -57,10 +64,10 @@ try:
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the slow, equal fallback
     from zlib import crc32
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2 added int8/int4 values, 3 the GGUF block types; every older tensor still reads
 DEFAULT_BLOCK_SIZE = 4096
 LAYOUTS = ("bitmap", "dense")
-VALUES_ENCODINGS = ("raw", *QUANTIZED_ENCODINGS)
+VALUES_ENCODINGS = ("raw", *QUANTIZED_ENCODINGS, *GGUF_ENCODINGS)
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -107,14 +114,14 @@ class EncodedTensor:
     dtype: torch.dtype
     layout: str  # "bitmap" | "dense"
     nnz: int
-    values: torch.Tensor  # raw: [nnz] ("bitmap") / [numel] ("dense") of dtype; quantized: codes
+    values: torch.Tensor  # raw: [nnz] ("bitmap") / [numel] ("dense") of dtype; quantized: codes; gguf: uint8 blocks
     bitmap: torch.Tensor | None = None  # [ceil(numel / 8)] uint8, LSB first
     block_offsets: torch.Tensor | None = None  # [num_blocks + 1] int64
     block_size: int = DEFAULT_BLOCK_SIZE
     values_encoding: str = "raw"
     scales: torch.Tensor | None = None  # quantized: [rows * groups_per_row] dtype
     row_offsets: torch.Tensor | None = None  # quantized "bitmap": [rows + 1] int64
-    group_size: int = 0  # quantized: kept elements per group (0 for "raw")
+    group_size: int = 0  # int8/int4: kept elements per group (0 for "raw" and the GGUF block types)
 
     @property
     def numel(self) -> int:
@@ -130,7 +137,13 @@ class EncodedTensor:
 
     @property
     def quantized(self) -> bool:
+        """Values not in the tensor's own dtype: int8/int4 codes or GGUF blocks."""
         return self.values_encoding != "raw"
+
+    @property
+    def gguf(self) -> bool:
+        """Values are llama.cpp blocks (`endor_ray.format.gguf_blocks`): no scales or offsets of their own."""
+        return self.values_encoding in GGUF_ENCODINGS
 
     @property
     def value_count(self) -> int:
@@ -172,6 +185,8 @@ class EncodedTensor:
 
     def expected_parts(self) -> tuple[str, ...]:
         """The arrays this tensor's layout and encoding call for, in `PART_ORDER` (no data read)."""
+        if self.gguf:
+            return ("values",)
         names = {"values"} | ({"scales"} if self.quantized else set())
         if self.layout == "bitmap":
             names |= {"bitmap", "block_offsets"} | ({"row_offsets"} if self.quantized else set())
@@ -184,7 +199,7 @@ class EncodedTensor:
         if part in ("block_offsets", "row_offsets"):
             return torch.int64
         if part == "values" and self.quantized:
-            return torch.int8 if self.values_encoding == "int8" else torch.uint8
+            return torch.int8 if self.values_encoding == "int8" else torch.uint8  # int4 nibbles, GGUF blocks
         return self.dtype
 
 
@@ -200,6 +215,9 @@ def encoded_nbytes(shape: tuple[int, ...], itemsize: int, layout: str, nnz: int,
     """Bytes of a tensor with this metadata; `groups_per_row` None assumes nnz spread evenly over rows."""
     numel = math.prod(shape)
     rows, cols = quant.rows_cols(shape)
+    if encoding in GGUF_ENCODINGS:
+        _check_gguf_layout(encoding, layout)
+        return blocks_nbytes(encoding, rows, cols)
     count = nnz if layout == "bitmap" else numel
     if encoding == "raw":
         values = count * itemsize
@@ -211,6 +229,25 @@ def encoded_nbytes(shape: tuple[int, ...], itemsize: int, layout: str, nnz: int,
     if layout == "dense":
         return values
     return values + math.ceil(numel / 8) + 8 * (math.ceil(numel / block_size) + 1)
+
+
+def _check_gguf_layout(encoding: str, layout: str | None) -> None:
+    if layout not in (None, "dense"):
+        raise FormatError(f"the GGUF block encoding {encoding} is stored in layout 'dense' only (its blocks hold "
+                          f"every weight), not {layout!r}; use layout='dense' or an int8/int4 encoding for 'bitmap'")
+
+
+def gguf_tensor(blocks: torch.Tensor, encoding: str, shape: tuple[int, ...], dtype: torch.dtype,
+                block_size: int = DEFAULT_BLOCK_SIZE) -> EncodedTensor:
+    """An EncodedTensor holding existing GGUF blocks as they are (no re-quantization): `blocks` is
+    the uint8 bytes a GGUF file holds for a tensor of `shape` (ggml's ne0 = shape[-1]), decoded to
+    `dtype`. FormatError if the sizes do not fit."""
+    if blocks.dtype != torch.uint8:
+        raise FormatError(f"GGUF blocks are bytes (uint8), got {blocks.dtype}")
+    enc = EncodedTensor(tuple(shape), dtype, "dense", math.prod(shape), values=blocks.contiguous().view(-1),
+                        block_size=block_size, values_encoding=encoding, group_size=0)
+    validate(enc)
+    return enc
 
 
 def nonzero_mask(weight: torch.Tensor) -> torch.Tensor:
@@ -247,7 +284,8 @@ def encode(
     """Encode `weight`. layout=None picks "bitmap" if it is smaller than dense, else "dense".
 
     `encoding` "int8"/"int4" quantizes the kept elements in groups of `group_size` (see
-    `endor_ray.format.quant`). `mask` ([numel] bool) names the kept elements where they are not
+    `endor_ray.format.quant`); a GGUF block type ("q4_1", ...) quantizes every weight with
+    llama.cpp's reference quantizer, layout "dense" (see `endor_ray.format.gguf_blocks`). `mask` ([numel] bool) names the kept elements where they are not
     simply the non-zeros (a kept +0.0 keeps its bit); `scales` ([rows * groups_per_row]) are
     used instead of computed ones (only with a quantized encoding, and then a mask that is not
     all kept means layout "bitmap", since the groups count kept elements).
@@ -257,6 +295,15 @@ def encode(
         raise FormatError(f"cannot encode a {weight.dtype} tensor; supported: {sorted(DTYPES)}")
     if layout is not None and layout not in LAYOUTS:
         raise FormatError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if encoding in GGUF_ENCODINGS:
+        _check_gguf_layout(encoding, layout)
+        if mask is not None or scales is not None:
+            raise FormatError(f"a {encoding} tensor keeps every weight and computes its own scales: "
+                              "pass neither mask nor scales")
+        rows, cols = quant.rows_cols(tuple(weight.shape))
+        blocks_nbytes(encoding, rows, cols)  # whole blocks per row, checked before any work
+        blocks = quantize_blocks(weight.detach().reshape(rows, cols), encoding)
+        return gguf_tensor(blocks, encoding, tuple(weight.shape), weight.dtype, block_size)
     if encoding != "raw":
         quant.check_encoding(encoding, group_size)
     elif scales is not None:
@@ -315,6 +362,9 @@ def validate(enc: EncodedTensor) -> None:
             f"values encoding {enc.values_encoding!r} is not supported by format version "
             f"{FORMAT_VERSION}; supported: {VALUES_ENCODINGS}"
         )
+    if enc.gguf:
+        _validate_gguf(enc)
+        return
     if enc.quantized:
         quant.check_encoding(enc.values_encoding, enc.group_size)
     present, needed = set(enc.parts()), set(enc.expected_parts())
@@ -345,6 +395,22 @@ def validate(enc: EncodedTensor) -> None:
             )
 
 
+def _validate_gguf(enc: EncodedTensor) -> None:
+    """`validate` for a GGUF block tensor: dense, values alone, whole blocks of the right size."""
+    _check_gguf_layout(enc.values_encoding, enc.layout)
+    extra = [name for name in enc.parts() if name != "values"]
+    if extra:
+        raise FormatError(f"a {enc.values_encoding} tensor stores its blocks alone; it has {' and '.join(extra)}")
+    if enc.nnz != enc.numel or enc.group_size != 0:
+        raise FormatError(f"a {enc.values_encoding} tensor has nnz = numel ({enc.numel}) and group size 0, "
+                          f"got nnz {enc.nnz}, group size {enc.group_size}")
+    rows, cols = enc.rows_cols
+    nbytes = blocks_nbytes(enc.values_encoding, rows, cols)
+    if enc.values.dtype != torch.uint8 or enc.values.dim() != 1 or enc.values.numel() != nbytes:
+        raise FormatError(f"values of a {enc.values_encoding} tensor of shape {enc.shape} should be {nbytes} x "
+                          f"torch.uint8, got {enc.values.numel()} x {enc.values.dtype} ({enc.values.dim()}-D)")
+
+
 def validate_contents(enc: EncodedTensor) -> None:
     """`validate` plus the offsets' end points (reads a few values: a device sync on a GPU)."""
     validate(enc)
@@ -369,6 +435,9 @@ def decode(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype}, need contiguous {enc.shape} {enc.dtype}")
     if enc.layout == "dense" and not enc.quantized:
         return out.copy_(enc.values.view(enc.shape))
+    if enc.gguf:  # float32 as gguf-py computes it, then one round-to-nearest-even conversion
+        rows, cols = enc.rows_cols
+        return out.copy_(dequantize_blocks(enc.values, enc.values_encoding, rows, cols).view(enc.shape))
     mask = (unpack_bits(enc.bitmap, enc.numel) if enc.layout == "bitmap"
             else torch.ones(enc.numel, dtype=torch.bool, device=enc.values.device))
     set_bits = int(torch.count_nonzero(mask))
