@@ -5,7 +5,8 @@ offsets non-decreasing and each block's count equal to its part of the bitmap's 
 for quantized tensors, the same of the row offsets and every row's groups within its scales. A
 store runs it on every verified read (`endor_ray.store.store.tensors_from_buffer`), so the CPU
 decoder and the GPU kernel may take a block's or row's values from the offsets alone. Costs a
-per-byte popcount of the bitmap (numpy), about 1/50 of a decode.
+per-byte popcount of the bitmap (numpy), about 1/50 of a decode. Dense tensors, GGUF block
+tensors among them, have no counts: `validate` already fixed their sizes.
 """
 
 from __future__ import annotations

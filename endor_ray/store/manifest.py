@@ -27,9 +27,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from endor_ray.errors import StoreError
+from endor_ray.format.tensor import PART_ORDER, VALUES_ENCODINGS
 
 CHECKSUM_KEY = "checksum"
-PART_NAMES = ("bitmap", "block_offsets", "row_offsets", "scales", "values")
 
 
 class _Strict(BaseModel):
@@ -44,12 +44,12 @@ class TensorEntry(_Strict):
     shape: list[Count] = Field(max_length=8)
     dtype: Literal["float16", "bfloat16", "float32"]
     layout: Literal["bitmap", "dense"]
-    values_encoding: str
+    values_encoding: Literal[VALUES_ENCODINGS]  # "raw", "int8", "int4" or a GGUF block type ("q4_1", ...)
     block_size: int = Field(ge=1)
     nnz: int = Field(ge=0)
-    group_size: int | None = Field(default=None, ge=1)
+    group_size: int | None = Field(default=None, ge=1)  # int8/int4 only
     crc32: int = Field(ge=0, lt=2**32)
-    parts: dict[Literal["bitmap", "block_offsets", "row_offsets", "scales", "values"], Annotated[list[Count], Field(min_length=2, max_length=2)]]
+    parts: dict[Literal[PART_ORDER], Annotated[list[Count], Field(min_length=2, max_length=2)]]
 
 
 class FileEntry(_Strict):
@@ -117,7 +117,7 @@ def tensor_header(file_name: str, layer_idx: int | None, position: int, entry: d
     """What a version-2 tensor checksum covers besides the bytes: identity and metadata
     (`layer_idx` None for the non-layer file)."""
     fields = {key: entry[key] for key in ("name", "shape", "dtype", "layout", "values_encoding", "block_size", "nnz")}
-    if "group_size" in entry:  # quantized tensors (version 3)
+    if "group_size" in entry:  # int8/int4 tensors (version 3)
         fields["group_size"] = entry["group_size"]
     return json.dumps({"file": file_name, "layer": layer_idx, "position": position, **fields}, sort_keys=True,
                       separators=(",", ":")).encode()

@@ -26,8 +26,12 @@ and one entry per tensor::
 
 where BEGIN/END are absolute byte offsets in the file. A quantized tensor (version 3) has
 ``"values_encoding": "int8"`` or ``"int4"``, a ``"group_size"`` and the parts ``scales`` (and
-``row_offsets`` in layout ``bitmap``). Readers take local paths and any URI
-``pyarrow.fs`` understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``).
+``row_offsets`` in layout ``bitmap``). A tensor of llama.cpp blocks (tensor format version 3,
+`endor_ray.format.gguf_blocks`) has ``"values_encoding"`` one of ``"q8_0"`` ... ``"q6_k"``, layout
+``dense``, ``nnz`` = its element count, no ``"group_size"`` and the one part ``values``; the
+manifest's fields are those of every version-3 store, so an endor-ray that predates these
+encodings refuses such a tensor by name ("values encoding 'q4_1' is not supported"). Readers take
+local paths and any URI ``pyarrow.fs`` understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``).
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ def write_tensor_file(path: Path, tensors: dict[str, EncodedTensor], file_name: 
                   for begin, end in [header[f"{name}/{part}"]["data_offsets"]]}
         entry = {"name": name, "shape": list(enc.shape), "dtype": dtype_name(enc.dtype), "layout": enc.layout,
                  "values_encoding": enc.values_encoding, "block_size": enc.block_size, "nnz": enc.nnz}
-        if enc.quantized:
+        if enc.quantized and not enc.gguf:  # GGUF blocks carry their own block size
             entry["group_size"] = enc.group_size
         entry["crc32"] = checksum(enc, crc32(tensor_header(file_name, layer_idx, position, entry)))
         entries.append({**entry, "parts": ranges})
