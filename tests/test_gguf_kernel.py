@@ -72,8 +72,8 @@ def test_block_geometry_is_gguf_py_s():
 
 
 # (rows, blocks per row): a partial last chunk, a 3-D tensor, and more programs than one
-SHAPES_32 = ((7, 96), (2, 3, 64), (24, 1024))
-SHAPES_256 = ((3, 768), (2, 2, 256), (10, 2560))
+SHAPES_32 = ((23, 96), (2, 3, 64), (48, 1024))
+SHAPES_256 = ((3, 768), (2, 2, 256), (20, 2560))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -144,6 +144,9 @@ def test_bad_inputs_are_format_errors():
         dequantize_gguf_blocks(blocks, "q8_0", 2, 48, torch.empty(2, 48))
     with pytest.raises(FormatError, match="should be 136 contiguous uint8 bytes, got 135"):
         dequantize_gguf_blocks(blocks[:-1], "q8_0", 2, 64, out)
+    odd = torch.empty(137, dtype=torch.uint8)[1:]
+    with pytest.raises(FormatError, match="even address"):
+        dequantize_gguf_blocks(odd, "q8_0", 2, 64, out)
     with pytest.raises(FormatError, match="uint8"):
         dequantize_gguf_blocks(blocks.view(torch.int8), "q8_0", 2, 64, out)
     with pytest.raises(FormatError, match="float16, bfloat16 or float32"):
