@@ -1,6 +1,6 @@
 """GGUF block dequantization on the GPU: llama.cpp's blocks (Q8_0 ... Q6_K) -> dense rows.
 
-A tensor with ``values_encoding`` one of ``GGUF_BLOCK_TYPES`` (layout "dense", see
+A tensor with ``values_encoding`` one of ``GGUF_ENCODINGS`` (layout "dense", see
 `endor_ray.format.gguf_blocks` for the spec) stores only ``values``: uint8 blocks, the rows' blocks
 in order, exactly the bytes of a GGUF file. As every row holds whole blocks, the flattened tensor
 is a plain run of ``numel // BLOCK_ELEMS`` blocks: element ``e`` is element ``e % BLOCK_ELEMS`` of
@@ -12,7 +12,7 @@ program). A block's own scalars (its fp16 scales) load as a [blocks, 1] column, 
 the elements it holds of that block; each element loads the few other bytes it needs (its nibble,
 its high bit(s), its 6-bit packed sub-block scale and minimum) and computes its float32 value with
 exactly gguf-py's float32 operations, in gguf-py's order (`gguf.quants`, the oracle of the
-tests); the launch passes ``enable_fp_fusion=False`` so a GPU never contracts a multiply and an
+tests; `dequantize_blocks` is the format's torch reference of the same); the launch passes ``enable_fp_fusion=False`` so a GPU never contracts a multiply and an
 add into an FMA where the reference rounds twice (every product here is exact in float32, so
 an FMA would round the same today: the flag keeps that from resting on it). The value is then rounded once to the output
 dtype: fp16 by the conversion (round to nearest even), bf16 by integer operations as in
@@ -38,13 +38,9 @@ import triton
 import triton.language as tl
 
 from endor_ray.errors import FormatError
-from endor_ray.format.tensor import EncodedTensor
+from endor_ray.format.gguf_blocks import block_type, blocks_nbytes, dequantize_blocks
+from endor_ray.format.tensor import EncodedTensor, validate
 
-# (block_elems, type_size) per block type: gguf.GGML_QUANT_SIZES, which the tests check against
-GGUF_BLOCK_TYPES: dict[str, tuple[int, int]] = {
-    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
-    "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
-}
 CHUNK = 2048  # elements per program: 4 per thread with 16 warps, a multiple of every block size
 NUM_WARPS = 16
 MAX_REGISTERS = 32  # per thread: 65536 registers / 2048 threads, i.e. 100% occupancy
@@ -160,7 +156,7 @@ def gguf_dequant_kernel(
     blocks_ptr,  # [numel // BLOCK_ELEMS * TYPE_SIZE] uint8: the blocks in order
     out_ptr,  # [numel] float16 | float32 | int16 (bfloat16 bits)
     numel,
-    ENCODING: tl.constexpr,  # a GGUF_BLOCK_TYPES name
+    ENCODING: tl.constexpr,  # a GGUF_ENCODINGS name
     BLOCK_ELEMS: tl.constexpr,
     TYPE_SIZE: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -201,8 +197,8 @@ def gguf_dequant_kernel(
 
 def launch_config(encoding: str, out_dtype: torch.dtype) -> dict:
     """Compile-time constants and launch options of one variant (what the AOT test compiles)."""
-    block_elems, type_size = GGUF_BLOCK_TYPES[encoding]
-    return {"ENCODING": encoding, "BLOCK_ELEMS": block_elems, "TYPE_SIZE": type_size, "CHUNK": CHUNK,
+    block = block_type(encoding)
+    return {"ENCODING": encoding, "BLOCK_ELEMS": block.block_elems, "TYPE_SIZE": block.type_size, "CHUNK": CHUNK,
             "OUT_BF16": out_dtype == torch.bfloat16, "num_warps": NUM_WARPS, "maxnreg": MAX_REGISTERS,
             "enable_fp_fusion": False}
 
@@ -211,12 +207,7 @@ def dequantize_gguf_blocks(blocks: torch.Tensor, encoding: str, rows: int, cols:
                            out: torch.Tensor) -> torch.Tensor:
     """Decode `blocks` ([rows * cols // block_elems * type_size] uint8) into `out` ([rows, cols] or any
     shape of rows * cols elements; fp16, bf16 or fp32; contiguous, on blocks' device); returns `out`."""
-    if encoding not in GGUF_BLOCK_TYPES:
-        raise FormatError(f"unknown GGUF block type {encoding!r}; expected one of {sorted(GGUF_BLOCK_TYPES)}")
-    block_elems, type_size = GGUF_BLOCK_TYPES[encoding]
-    if cols % block_elems:
-        raise FormatError(f"{encoding} rows hold whole blocks of {block_elems}, but cols is {cols}")
-    nbytes = rows * cols // block_elems * type_size
+    nbytes = blocks_nbytes(encoding, rows, cols)  # FormatError for an unknown type or cols not whole blocks
     if blocks.dtype != torch.uint8 or blocks.dim() != 1 or blocks.numel() != nbytes or not blocks.is_contiguous():
         raise FormatError(f"{encoding} values for {rows} x {cols} should be {nbytes} contiguous uint8 bytes, "
                           f"got {blocks.numel()} x {blocks.dtype} ({blocks.dim()}-D)")
@@ -238,12 +229,11 @@ def dequantize_gguf_blocks(blocks: torch.Tensor, encoding: str, rows: int, cols:
 def dequantize_gguf(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode a GGUF-encoded tensor (arrays on the GPU, or on CPU under TRITON_INTERPRET=1) into `out`
     or a new tensor of enc's shape and dtype. Checks sizes only, never the data (a GPU sync)."""
-    if enc.layout != "dense" or enc.values_encoding not in GGUF_BLOCK_TYPES:
-        raise FormatError(f"dequantize_gguf decodes dense GGUF-encoded tensors, got a {enc.layout} "
-                          f"{enc.values_encoding} tensor")
-    device = enc.values.device
+    validate(enc)
+    if not enc.gguf:
+        raise FormatError(f"dequantize_gguf decodes GGUF block tensors, got a {enc.values_encoding} tensor")
     if out is None:
-        out = torch.empty(enc.shape, dtype=enc.dtype, device=device)
+        out = torch.empty(enc.shape, dtype=enc.dtype, device=enc.values.device)
     elif out.shape != torch.Size(enc.shape) or out.dtype != enc.dtype:
         raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype}, need {enc.shape} {enc.dtype}")
     rows, cols = enc.rows_cols
@@ -251,11 +241,6 @@ def dequantize_gguf(enc: EncodedTensor, out: torch.Tensor | None = None) -> torc
 
 
 def dequantize_gguf_reference(enc: EncodedTensor) -> torch.Tensor:
-    """What the kernel computes: gguf-py's float32 dequantization, rounded once to enc's dtype."""
-    import gguf  # the oracle; imported here so the kernel module loads without it
-
+    """What the kernel computes: the format's float32 decode (gguf-py's), rounded once to enc's dtype."""
     rows, cols = enc.rows_cols
-    qtype = getattr(gguf.GGMLQuantizationType, enc.values_encoding.upper())
-    data = enc.values.cpu().numpy().reshape(rows, -1)
-    values = torch.from_numpy(gguf.quants.dequantize(data, qtype).copy())  # [rows, cols] float32
-    return values.to(enc.dtype).view(enc.shape).to(enc.values.device)
+    return dequantize_blocks(enc.values, enc.values_encoding, rows, cols).to(enc.dtype).view(enc.shape)

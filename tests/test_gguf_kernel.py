@@ -1,7 +1,7 @@
 """The GGUF block dequantization kernel under TRITON_INTERPRET=1 against gguf-py, bit for bit.
 
 The oracle is gguf-py's own `gguf.quants.dequantize` (float32), rounded once to the output dtype
-by torch: independent of the kernel. Block bytes are drawn at random with finite fp16 scales
+by torch: independent of the kernel and of the format's torch reference (checked against it too). Block bytes are drawn at random with finite fp16 scales
 (every code, sub-block scale and high bit pattern occurs), plus gguf-py's own quantization of
 random weights where gguf-py has a quantizer.
 """
@@ -12,14 +12,9 @@ import pytest
 import torch
 
 from endor_ray.errors import FormatError
-from endor_ray.format.tensor import EncodedTensor
-from endor_ray.kernels.gguf_dequant import (
-    CHUNK,
-    GGUF_BLOCK_TYPES,
-    dequantize_gguf,
-    dequantize_gguf_blocks,
-    dequantize_gguf_reference,
-)
+from endor_ray.format.gguf_blocks import BLOCK_TYPES, GGUF_ENCODINGS
+from endor_ray.format.tensor import EncodedTensor, encode, gguf_tensor
+from endor_ray.kernels.gguf_dequant import CHUNK, dequantize_gguf, dequantize_gguf_blocks, dequantize_gguf_reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -34,7 +29,7 @@ def qtype(encoding: str) -> gguf.GGMLQuantizationType:
 
 def random_blocks(encoding: str, rows: int, cols: int, seed: int) -> torch.Tensor:
     """[rows * cols // block_elems * type_size] uint8: random bytes, every fp16 scale finite."""
-    block_elems, type_size = GGUF_BLOCK_TYPES[encoding]
+    block_elems, type_size = BLOCK_TYPES[encoding].block_elems, BLOCK_TYPES[encoding].type_size
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (rows * cols // block_elems, type_size), dtype=np.uint8)
     for offset in FP16_FIELDS[encoding]:
@@ -51,11 +46,6 @@ def oracle(blocks: torch.Tensor, encoding: str, shape: tuple[int, ...], dtype: t
     return torch.from_numpy(np.ascontiguousarray(values)).to(dtype).view(shape)
 
 
-def gguf_tensor(blocks: torch.Tensor, encoding: str, shape: tuple[int, ...], dtype: torch.dtype) -> EncodedTensor:
-    numel = int(np.prod(shape))
-    return EncodedTensor(shape, dtype, "dense", numel, values=blocks, values_encoding=encoding, group_size=0)
-
-
 def assert_bits_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.shape == want.shape and got.dtype == want.dtype
     got_bits, want_bits = got.view(BITS[got.dtype]), want.view(BITS[want.dtype])
@@ -64,11 +54,11 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor) -> None:
         raise AssertionError(f"first difference at {where}: {got[tuple(where)]} != {want[tuple(where)]}")
 
 
-def test_block_geometry_is_gguf_py_s():
-    assert set(GGUF_BLOCK_TYPES) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}
-    for encoding, geometry in GGUF_BLOCK_TYPES.items():
-        assert gguf.GGML_QUANT_SIZES[qtype(encoding)] == geometry
-        assert CHUNK % geometry[0] == 0  # a chunk starts on a block boundary
+def test_a_chunk_starts_on_a_block_boundary():
+    assert set(GGUF_ENCODINGS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}
+    for encoding, block in BLOCK_TYPES.items():
+        assert gguf.GGML_QUANT_SIZES[qtype(encoding)] == (block.block_elems, block.type_size)
+        assert CHUNK % block.block_elems == 0
 
 
 # (rows, blocks per row): a partial last chunk, a 3-D tensor, and more programs than one
@@ -77,9 +67,9 @@ SHAPES_256 = ((3, 768), (2, 2, 256), (20, 2560))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("encoding", sorted(GGUF_BLOCK_TYPES))
+@pytest.mark.parametrize("encoding", GGUF_ENCODINGS)
 def test_random_blocks_bit_exact(encoding, dtype):
-    shapes = SHAPES_256 if GGUF_BLOCK_TYPES[encoding][0] == 256 else SHAPES_32
+    shapes = SHAPES_256 if BLOCK_TYPES[encoding].block_elems == 256 else SHAPES_32
     for seed, shape in enumerate(shapes):
         assert np.prod(shape) <= 100 * CHUNK  # keep the interpreter to ~100 programs
         blocks = random_blocks(encoding, int(np.prod(shape[:-1])), shape[-1], seed)
@@ -99,20 +89,29 @@ def test_gguf_py_quantized_weights_bit_exact(encoding):
     assert (decoded - torch.from_numpy(weight)).abs().max() < 0.5
 
 
-@pytest.mark.parametrize("encoding", sorted(GGUF_BLOCK_TYPES))
+@pytest.mark.parametrize("encoding", GGUF_ENCODINGS)
+def test_format_quantized_weights_bit_exact(encoding):
+    """Blocks as llama.cpp's quantizers write them (the format's encode), every type."""
+    weight = torch.from_numpy(np.random.default_rng(11).standard_normal((3, 512)).astype(np.float32))
+    for dtype in DTYPES:
+        enc = encode(weight.to(dtype), encoding=encoding, layout="dense")
+        assert_bits_equal(dequantize_gguf(enc), oracle(enc.values, encoding, (3, 512), dtype))
+
+
+@pytest.mark.parametrize("encoding", GGUF_ENCODINGS)
 def test_reference_is_the_oracle(encoding):
-    shape = (2, 2 * GGUF_BLOCK_TYPES[encoding][0])
+    shape = (2, 2 * BLOCK_TYPES[encoding].block_elems)
     blocks = random_blocks(encoding, 2, shape[1], seed=3)
     for dtype in DTYPES:
         assert_bits_equal(dequantize_gguf_reference(gguf_tensor(blocks, encoding, shape, dtype)),
                           oracle(blocks, encoding, shape, dtype))
 
 
-@pytest.mark.parametrize("encoding", sorted(GGUF_BLOCK_TYPES))
+@pytest.mark.parametrize("encoding", GGUF_ENCODINGS)
 def test_any_bytes_decode_without_crashing(encoding):
     """Non-finite scales (all bytes 0xFF, then random) give what gguf-py gives, NaN for NaN."""
-    shape = (2, GGUF_BLOCK_TYPES[encoding][0])
-    nbytes = 2 * GGUF_BLOCK_TYPES[encoding][1]
+    shape = (2, BLOCK_TYPES[encoding].block_elems)
+    nbytes = 2 * BLOCK_TYPES[encoding].type_size
     for blocks in (torch.full((nbytes,), 0xFF, dtype=torch.uint8),
                    torch.from_numpy(np.random.default_rng(5).integers(0, 256, nbytes, dtype=np.uint8))):
         for dtype in DTYPES:
@@ -138,9 +137,9 @@ def test_empty_tensor():
 def test_bad_inputs_are_format_errors():
     blocks = random_blocks("q8_0", 2, 64, seed=0)  # 2 rows x 2 blocks x 34 bytes
     out = torch.empty(2, 64)
-    with pytest.raises(FormatError, match="unknown GGUF block type"):
+    with pytest.raises(FormatError, match="unknown GGUF block encoding"):
         dequantize_gguf_blocks(blocks, "q3_k", 2, 64, out)
-    with pytest.raises(FormatError, match="whole blocks of 32, but cols is 48"):
+    with pytest.raises(FormatError, match="whole blocks of 32 weights; cols = 48"):
         dequantize_gguf_blocks(blocks, "q8_0", 2, 48, torch.empty(2, 48))
     with pytest.raises(FormatError, match="should be 136 contiguous uint8 bytes, got 135"):
         dequantize_gguf_blocks(blocks[:-1], "q8_0", 2, 64, out)
@@ -156,5 +155,7 @@ def test_bad_inputs_are_format_errors():
     with pytest.raises(FormatError, match="need"):
         dequantize_gguf(gguf_tensor(blocks, "q8_0", (2, 64), torch.float16), torch.empty(2, 64))
     bitmap = EncodedTensor((2, 64), torch.float16, "bitmap", 128, values=blocks, values_encoding="q8_0")
-    with pytest.raises(FormatError, match="dense GGUF-encoded"):
+    with pytest.raises(FormatError, match="layout 'dense' only"):
         dequantize_gguf(bitmap)
+    with pytest.raises(FormatError, match="decodes GGUF block tensors"):
+        dequantize_gguf(encode(torch.randn(2, 64), encoding="int8", layout="dense"))
