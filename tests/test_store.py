@@ -417,3 +417,26 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next(tiny_checkpoints, t
     convert(str(tiny_checkpoints["opt"]), tmp_path / "store", ConvertConfig(method="magnitude"), progress=False)
     assert not stale.exists() and foreign.exists()
     assert "left by an interrupted run" in caplog.text
+
+
+def test_gguf_block_tensors_are_stored_and_read(store_copy):
+    """A layer holding llama.cpp blocks (format version 3) reads back through the store; an encoding
+    the format does not know is refused by the manifest's schema, naming the field."""
+    from endor_ray.format import encode
+    from endor_ray.store.store import write_tensor_file
+
+    manifest = read_manifest(store_copy)
+    tensors = Store(str(store_copy)).layer_tensors(0)
+    name = "self_attn.q_proj.weight"
+    tensors[name] = encode(decode(tensors[name]), encoding="q4_1", layout="dense")
+    file_name = manifest["layers"][0]["file"]
+    manifest["layers"][0] = write_tensor_file(store_copy / file_name, tensors, file_name, layer_idx=0)
+    write_manifest(store_copy, manifest)
+    read = Store(str(store_copy)).layer_tensors(0)
+    assert read[name].values_encoding == "q4_1" and list(read[name].parts()) == ["values"]
+    assert all(torch.equal(decode(read[key]), decode(tensors[key])) for key in tensors)
+    position = [entry["name"] for entry in manifest["layers"][0]["tensors"]].index(name)
+    manifest["layers"][0]["tensors"][position]["values_encoding"] = "q3_k"
+    write_manifest(store_copy, manifest)
+    with pytest.raises(StoreError, match=rf"layers\.0\.tensors\.{position}\.values_encoding"):
+        Store(str(store_copy))
