@@ -223,7 +223,9 @@ def test_a_failure_after_the_layer_source_started_leaks_no_threads(tiny_stores, 
     def broken_hooks(self):
         raise RuntimeError("hooks could not be installed")
 
-    monkeypatch.setattr(Engine, "_install_hooks", broken_hooks)
+    from endor_ray.engine.model_runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "_install_hooks", broken_hooks)
     with pytest.raises(RuntimeError, match="hooks"):
         Engine(str(tiny_stores["opt"]), EngineConfig(gpu_memory=0), progress=False)
     assert not [t for t in threading.enumerate() if t.name.startswith(("endor-read", "endor-transfer"))]

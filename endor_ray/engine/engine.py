@@ -1,51 +1,37 @@
-"""The offloaded generation engine: transformers' own model, with decoder layers streamed from a store.
+"""The offloaded generation engine: continuous batching over a model whose layers stream from a store.
 
-The model skeleton is built from the store's config on the meta device; the non-layer weights
-(embeddings, final norm, LM head) live on the compute device; decoder layers come from a
-`LayerSource` (resident, host or disk tier, prefetched and decompressed ahead of use) through
-forward hooks. Attention, masks and the KV cache are transformers' own.
-
-Generation is continuously batched: sequences join and leave the running batch at every pass over
-the weights (the expensive part), so each pass serves every live sequence whatever request it came
-from. `step()` is the one generation loop: the scheduler admits waiting sequences
-(`engine.scheduler`), one forward pass runs the batch (`engine.kv_batch`: the newcomers' prefill
-shares it with the running rows' decode), each row picks its next token (a failure there ends that
-sequence alone), and finished or cancelled rows leave. `generate()`/`stream()` run one request to
-its end; `engine.runner.EngineLoop` serves many requests at once from a thread.
+Sequences join and leave the running batch at every pass over the weights (the expensive part), so
+each pass serves every live sequence whatever request it came from. `step()` is the one generation
+loop: the scheduler admits waiting sequences (`engine.scheduler`), the model runner runs one forward
+pass for the batch (`engine.model_runner`; `engine.kv_batch`: the newcomers' prefill shares it with
+the running rows' decode), each row picks its next token (a failure there ends that sequence alone),
+and finished or cancelled rows leave. `generate()`/`stream()` run one request to its end;
+`engine.runner.EngineLoop` serves many requests at once from a thread.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import operator
-import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from endor_ray.engine.config import EngineConfig
-from endor_ray.engine.device import CudaOps
 from endor_ray.engine.kv_batch import RunningBatch
-from endor_ray.engine.layer_source import LayerSource
-from endor_ray.engine.prompts import check_prompt, context_limit
-from endor_ray.engine.readers import StoreReader
+from endor_ray.engine.model_runner import ModelRunner, eos_token_ids, load_tokenizer  # noqa: F401  (re-exported)
+from endor_ray.engine.prompts import check_prompt
 from endor_ray.engine.results import (  # noqa: F401  (GenerationStats: re-exported, the engine's API)
     EngineMetrics, GenerationResult, GenerationStats, RequestTracker, TokenEvent,
 )
 from endor_ray.engine.sampling import SamplingParams, make_generator, process_logits, select_token, top_logprobs
 from endor_ray.engine.scheduler import Scheduler, SchedulerConfig
 from endor_ray.engine.sequence import Sequence
-from endor_ray.engine.tiers import plan_tiers
 from endor_ray.errors import ConfigError
-from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
-from endor_ray.utils.system import available_memory_bytes
 
 # (sequence index, token id, newly final text) -> None
 TokenCallback = Callable[[int, int, str], None]
+
 
 class Engine:
     """Generates from an Endor store with layers streamed to the compute device."""
@@ -54,83 +40,15 @@ class Engine:
                  scheduler: SchedulerConfig | None = None):
         """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`);
         `scheduler` bounds what shares a pass (default: SchedulerConfig())."""
-        self.store = store if isinstance(store, Store) else Store(store)
-        self.config = config or EngineConfig()
-        self.device = self.config.resolve_device()
-        self.tokenizer = load_tokenizer(self.store)
-        from endor_ray.models.skeleton import build_skeleton, check_tensors_match, decoder_layers, materialize_layer
-
-        self.dtype = getattr(torch, self.config.compute_dtype) if self.config.compute_dtype else self.store.dtype
-        dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
-        self.model = build_skeleton(self.store.config, dense, dtype=self.dtype, device=self.device)
-        check_tensors_match(self.model, self.store.architecture,  # a store's layers must fit its model
-                            [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in self.store.manifest["layers"]],
-                            self.store.location)
-        self.plan = self._plan()
-        self.source: LayerSource | None = None
-        self._hooks: contextlib.ExitStack | None = None
-        ops = CudaOps(self.device) if self.device.type == "cuda" else None
-        if reader is None:
-            reader = StoreReader(self.store, self.plan.host, ops, verify_disk_reads=self.config.verify_disk_reads,
-                                 direct_io=self.config.disk_io == "direct", progress=progress)
-        try:
-            self.source = LayerSource(reader, self.plan, self.device, self.config.prefetch_depth,
-                                      self.config.fetch_timeout_s, progress, self.config.decode_threads, ops,
-                                      self.dtype if self.dtype != self.store.dtype else None)
-            layers = decoder_layers(self.model, self.store.architecture)
-            for layer_idx, weights in self.source.resident.items():
-                materialize_layer(layers[layer_idx], weights)
-            self._hooks = self._install_hooks()
-            self.eos_ids = eos_token_ids(self.store.config, self.tokenizer)
-            self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                           else min(self.eos_ids, default=0))
-            self.max_context = context_limit(self.store.config)
-            self.scheduler = Scheduler(scheduler or SchedulerConfig())
-            self.batch = RunningBatch(self.device, self.pad_id, self._new_cache)
-            self.metrics = EngineMetrics()
-            # The module that returns the final hidden states: the LM head runs on the positions needed
-            self._body = operator.attrgetter(self.store.architecture.body_path)(self.model)
-            # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
-            self._cache_arg = "cache" if "cache" in inspect.signature(self._body.forward).parameters else "past_key_values"
-        except BaseException:
-            self.close()  # the prefetch threads, pinned pages and slots of what was built so far
-            if self.source is None:
-                reader.close()
-            raise
-
-    def _plan(self):
-        entries = self.store.manifest["layers"]
-        compressed = [entry["nbytes"] for entry in entries]
-        dense = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) * self.dtype.itemsize
-                 for entry in entries]
-        budget_bytes, budget_layers = self.config.gpu_budget
-        if budget_bytes is None and budget_layers is None:
-            if self.device.type == "cpu":  # the "device" is host memory: keep resident what half of it holds
-                budget_bytes = int(0.5 * available_memory_bytes())
-            else:
-                free_bytes, _ = torch.cuda.mem_get_info(self.device)
-                budget_bytes = int(0.9 * free_bytes)
-        return plan_tiers(compressed, dense, self.config.prefetch_depth, budget_bytes, budget_layers,
-                          self.config.host_budget_bytes)
-
-    def _install_hooks(self):
-        from endor_ray.models.skeleton import stream_layers
-
-        def release(layer_idx: int, module, args, kwargs, output):
-            self.source.release(layer_idx)
-            return output
-
-        hooks = contextlib.ExitStack()  # closed by close(): removes the hooks
-        hooks.enter_context(stream_layers(self.model, self.store.architecture, self.source.acquire, release,
-                                          layer_indices=list(self.plan.streamed)))
-        return hooks
-
-    # -- generation ------------------------------------------------------------------------------
-
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
+        self.model_runner = runner = ModelRunner(store, config or EngineConfig(), progress, reader)
+        # What callers read about the model (its store, where layers sit, its tokens) is the runner's
+        self.store, self.config, self.device, self.dtype = runner.store, runner.config, runner.device, runner.dtype
+        self.model, self.plan, self.source = runner.model, runner.plan, runner.source
+        self.tokenizer, self.eos_ids, self.pad_id = runner.tokenizer, runner.eos_ids, runner.pad_id
+        self.max_context = runner.max_context
+        self.scheduler = Scheduler(scheduler or SchedulerConfig())
+        self.batch = RunningBatch(self.device, self.pad_id, runner.new_cache)
+        self.metrics = EngineMetrics()
 
     def new_sequences(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                       ) -> list[Sequence]:
@@ -178,7 +96,7 @@ class Engine:
             self._finish(seq for seq, _, _ in events)
             return events
         inputs = self.batch.inputs(newcomers)
-        logits, prompt_logits = self._forward(inputs, newcomers)
+        logits, prompt_logits = self.model_runner.forward(inputs, self.batch.cache, newcomers)
         self.metrics.record_pass(len(self.batch.rows))
         leaving = []
         for seq, (token_id, logprob) in zip(self.batch.rows, self._choose(logits)):
@@ -196,21 +114,6 @@ class Engine:
         self.batch.realign()
         self._finish(seq for seq, _, _ in events)
         return events
-
-    def _forward(self, inputs: dict[str, torch.Tensor], newcomers: list[Sequence]
-                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """One pass: [rows, vocab] logits of every row's last position, and for each newcomer that
-        asks for its prompt's log-probabilities, [prompt length - 1, vocab] logits predicting its
-        prompt tokens 1.. (the LM head runs on those positions only)."""
-        hidden = self._body(**inputs, use_cache=True, **{self._cache_arg: self.batch.cache}).last_hidden_state
-        last = self.model.lm_head(hidden[:, -1, :])  # [rows, vocab]
-        prompt_logits = {}
-        first_newcomer, block = len(self.batch.rows) - len(newcomers), hidden.shape[1]
-        for offset, seq in enumerate(newcomers):
-            if seq.params.prompt_logprobs is not None:
-                length = len(seq.prompt_ids)
-                prompt_logits[id(seq)] = self.model.lm_head(hidden[first_newcomer + offset, block - length:block - 1])
-        return last, prompt_logits
 
     def _finish(self, sequences) -> None:
         for seq in sequences:
@@ -283,7 +186,7 @@ class Engine:
             self.scheduler.take_cancelled()
             self.batch.remove([seq for seq in self.batch.rows if seq.cancelled])
         except Exception:  # noqa: BLE001 - the original error matters more
-            self.batch = RunningBatch(self.device, self.pad_id, self._new_cache)
+            self.batch = RunningBatch(self.device, self.pad_id, self.model_runner.new_cache)
 
     def stream_data(
         self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
@@ -295,11 +198,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the prefetch threads and free the buffers (safe to call twice)."""
-        if self._hooks is not None:
-            self._hooks.close()
-            self._hooks = None
-        if self.source is not None:
-            self.source.close()
+        self.model_runner.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -313,26 +212,3 @@ def _prompt_logprobs(logits: torch.Tensor, seq: Sequence) -> list:
     logprobs = torch.log_softmax(logits.double().cpu(), dim=-1)
     return [None] + [top_logprobs(logprobs[position - 1], token_id, seq.params.prompt_logprobs)
                      for position, token_id in enumerate(seq.prompt_ids) if position > 0]
-
-
-def load_tokenizer(store: Store):
-    """The store's tokenizer (left padding, for batched generation)."""
-    from transformers import AutoTokenizer
-
-    files = store.tokenizer_files()
-    if not any(name.startswith("tokenizer") or name in ("vocab.json", "merges.txt") for name in files):
-        raise ConfigError(f"{store.location} holds no tokenizer files; convert from a checkpoint that has them")
-    with tempfile.TemporaryDirectory() as directory:
-        for name, contents in files.items():
-            (Path(directory) / name).write_bytes(contents)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def eos_token_ids(config: dict[str, Any], tokenizer) -> set[int]:
-    eos = config.get("eos_token_id")
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

@@ -163,7 +163,7 @@ class EngineLoop:
             self._send(request, {"error": message})
         self.engine.scheduler.take_cancelled()
         engine = self.engine
-        engine.batch = RunningBatch(engine.device, engine.pad_id, engine._new_cache)
+        engine.batch = RunningBatch(engine.device, engine.pad_id, engine.model_runner.new_cache)
 
     def close(self) -> None:
         self._closed = True

@@ -1,0 +1,162 @@
+"""The model runner: transformers' own model, with decoder layers streamed from a store.
+
+The model skeleton is built from the store's config on the meta device; the non-layer weights
+(embeddings, final norm, LM head) live on the compute device; decoder layers come from a
+`LayerSource` (resident, host or disk tier, prefetched and decompressed ahead of use) through
+forward hooks. Attention, masks and the KV cache are transformers' own. `forward` runs one pass
+for a batch and applies the LM head only to the positions whose logits are needed. The runner
+also holds what reads or writes token ids: the tokenizer, the end-of-sequence and padding ids,
+and the context a sequence may fill. The engine (`engine.engine`) schedules; this runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import operator
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from endor_ray.engine.config import EngineConfig
+from endor_ray.engine.device import CudaOps
+from endor_ray.engine.layer_source import LayerSource
+from endor_ray.engine.prompts import context_limit
+from endor_ray.engine.readers import StoreReader
+from endor_ray.engine.sequence import Sequence
+from endor_ray.engine.tiers import TierPlan, plan_tiers
+from endor_ray.errors import ConfigError
+from endor_ray.format.tensor import decode
+from endor_ray.store.store import Store
+from endor_ray.utils.system import available_memory_bytes
+
+
+class ModelRunner:
+    """The store's model on the compute device, its decoder layers streamed through hooks."""
+
+    def __init__(self, store: Store | str, config: EngineConfig, progress: bool = True, reader=None):
+        """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`)."""
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.config = config
+        self.device = config.resolve_device()
+        self.tokenizer = load_tokenizer(self.store)
+        from endor_ray.models.skeleton import build_skeleton, check_tensors_match, decoder_layers, materialize_layer
+
+        self.dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else self.store.dtype
+        dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
+        self.model = build_skeleton(self.store.config, dense, dtype=self.dtype, device=self.device)
+        check_tensors_match(self.model, self.store.architecture,  # a store's layers must fit its model
+                            [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in self.store.manifest["layers"]],
+                            self.store.location)
+        self.plan = self._plan()
+        self.source: LayerSource | None = None
+        self._hooks: contextlib.ExitStack | None = None
+        ops = CudaOps(self.device) if self.device.type == "cuda" else None
+        if reader is None:
+            reader = StoreReader(self.store, self.plan.host, ops, verify_disk_reads=config.verify_disk_reads,
+                                 direct_io=config.disk_io == "direct", progress=progress)
+        try:
+            self.source = LayerSource(reader, self.plan, self.device, config.prefetch_depth, config.fetch_timeout_s,
+                                      progress, config.decode_threads, ops,
+                                      self.dtype if self.dtype != self.store.dtype else None)
+            layers = decoder_layers(self.model, self.store.architecture)
+            for layer_idx, weights in self.source.resident.items():
+                materialize_layer(layers[layer_idx], weights)
+            self._hooks = self._install_hooks()
+            self.eos_ids = eos_token_ids(self.store.config, self.tokenizer)
+            self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                           else min(self.eos_ids, default=0))
+            self.max_context = context_limit(self.store.config)
+            # The module that returns the final hidden states: the LM head runs on the positions needed
+            self._body = operator.attrgetter(self.store.architecture.body_path)(self.model)
+            # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
+            self._cache_arg = "cache" if "cache" in inspect.signature(self._body.forward).parameters else "past_key_values"
+        except BaseException:
+            self.close()  # the prefetch threads, pinned pages and slots of what was built so far
+            if self.source is None:
+                reader.close()
+            raise
+
+    def _plan(self) -> TierPlan:
+        entries = self.store.manifest["layers"]
+        compressed = [entry["nbytes"] for entry in entries]
+        dense = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) * self.dtype.itemsize
+                 for entry in entries]
+        budget_bytes, budget_layers = self.config.gpu_budget
+        if budget_bytes is None and budget_layers is None:
+            if self.device.type == "cpu":  # the "device" is host memory: keep resident what half of it holds
+                budget_bytes = int(0.5 * available_memory_bytes())
+            else:
+                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                budget_bytes = int(0.9 * free_bytes)
+        return plan_tiers(compressed, dense, self.config.prefetch_depth, budget_bytes, budget_layers,
+                          self.config.host_budget_bytes)
+
+    def _install_hooks(self) -> contextlib.ExitStack:
+        from endor_ray.models.skeleton import stream_layers
+
+        def release(layer_idx: int, module, args, kwargs, output):
+            self.source.release(layer_idx)
+            return output
+
+        hooks = contextlib.ExitStack()  # closed by close(): removes the hooks
+        hooks.enter_context(stream_layers(self.model, self.store.architecture, self.source.acquire, release,
+                                          layer_indices=list(self.plan.streamed)))
+        return hooks
+
+    def new_cache(self):
+        """An empty KV cache for a running batch (transformers' own)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, inputs: dict[str, torch.Tensor], cache, newcomers: list[Sequence]
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One pass over the weights: [rows, vocab] logits of every row's last position, and for each
+        newcomer (the batch's last rows) that asks for its prompt's log-probabilities, keyed by
+        id(sequence), [prompt length - 1, vocab] logits predicting its prompt tokens 1.. (the LM head
+        runs on those positions only)."""
+        hidden = self._body(**inputs, use_cache=True, **{self._cache_arg: cache}).last_hidden_state
+        last = self.model.lm_head(hidden[:, -1, :])  # [rows, vocab]
+        prompt_logits = {}
+        rows, block = hidden.shape[0], hidden.shape[1]
+        first_newcomer = rows - len(newcomers)
+        for offset, seq in enumerate(newcomers):
+            if seq.params.prompt_logprobs is not None:
+                length = len(seq.prompt_ids)
+                prompt_logits[id(seq)] = self.model.lm_head(hidden[first_newcomer + offset, block - length:block - 1])
+        return last, prompt_logits
+
+    def close(self) -> None:
+        """Remove the hooks, stop the prefetch threads and free the buffers (safe to call twice)."""
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
+        if self.source is not None:
+            self.source.close()
+
+
+def load_tokenizer(store: Store):
+    """The store's tokenizer (left padding, for batched generation)."""
+    from transformers import AutoTokenizer
+
+    files = store.tokenizer_files()
+    if not any(name.startswith("tokenizer") or name in ("vocab.json", "merges.txt") for name in files):
+        raise ConfigError(f"{store.location} holds no tokenizer files; convert from a checkpoint that has them")
+    with tempfile.TemporaryDirectory() as directory:
+        for name, contents in files.items():
+            (Path(directory) / name).write_bytes(contents)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def eos_token_ids(config: dict[str, Any], tokenizer) -> set[int]:
+    """The ids that end a sequence: the model config's eos_token_id(s) and the tokenizer's."""
+    eos = config.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
