@@ -188,6 +188,40 @@ def test_quantize_equals_llama_cpp_reference(encoding):
         assert np.array_equal(quantize_blocks(torch.from_numpy(w), encoding).numpy(), expected), (encoding, seed)
 
 
+@pytest.mark.skipif(_libggml() is None, reason="no built llama.cpp (libggml-base.so) under ~/.cache/endor-ray")
+@pytest.mark.parametrize("encoding", GGUF_ENCODINGS)
+def test_importance_quantize_equals_llama_cpp(encoding):
+    """With an importance matrix: llama.cpp's quantize_<type>(src, dst, nrow, n_per_row, quant_weights)."""
+    lib = _libggml()
+    suffix = encoding[3:].upper() if encoding.endswith("k") else encoding[3:]
+    quantize = getattr(lib, f"quantize_{encoding[:2]}_{suffix}")
+    quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    quantize.restype = ctypes.c_size_t
+    rng = np.random.default_rng(4)
+    for seed in range(2):
+        w = weights(8, 512, seed)
+        importance = (rng.exponential(1.0, 512) * (rng.random(512) > 0.05)).astype(np.float32)  # some zeros
+        expected = np.zeros(w.size // BLOCK_TYPES[encoding].block_elems * BLOCK_TYPES[encoding].type_size, np.uint8)
+        quantize(w.ctypes.data, expected.ctypes.data, 8, 512, importance.ctypes.data)
+        ours = quantize_blocks(torch.from_numpy(w), encoding, torch.from_numpy(importance))
+        assert np.array_equal(ours.numpy(), expected), (encoding, seed)
+
+
+def test_importance_lowers_the_weighted_error():
+    """Columns that matter more are kept closer (what the importance matrix is for)."""
+    rng = np.random.default_rng(9)
+    w = torch.from_numpy(rng.standard_normal((64, 512)).astype(np.float32))
+    importance = torch.from_numpy(rng.exponential(1.0, 512).astype(np.float32) ** 3)
+    for encoding in ("q4_0", "q4_1", "q4_k", "q6_k"):
+        errors = []
+        for given in (None, importance):
+            back = dequantize_blocks(quantize_blocks(w, encoding, given), encoding, 64, 512)
+            errors.append(float((((back - w) ** 2) * importance).sum()))
+        assert errors[1] < errors[0], encoding
+    with pytest.raises(FormatError, match="512 finite, non-negative"):
+        quantize_blocks(w, "q4_0", -importance)
+
+
 def test_all_zero_blocks_follow_llama_cpp():
     """C starts the block's extreme at +0.0, so a block of zeros of either sign has d = 0.0 / -8 = -0.0."""
     w = torch.zeros(2, 32)

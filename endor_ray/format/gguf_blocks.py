@@ -44,9 +44,9 @@ Bytes per weight: q8_0 1.0625, q4_0 0.5625, q4_1 0.625, q5_0 0.6875, q5_1 0.75, 
 q5_k 0.6875, q6_k 0.8203 (``type_size / block_elems``); a tensor is ``rows * cols / block_elems *
 type_size`` bytes.
 
-Encoding (`quantize_blocks`) follows llama.cpp's reference quantizers (``quantize_row_*_ref`` of
-ggml-quants.c, without an importance matrix): q8_0, q4_0, q4_1, q5_0, q5_1 bit for bit (see
-`endor_ray.format.gguf_quantize`); the k-types port its scale search in the same float32 order.
+Encoding (`quantize_blocks`) is llama.cpp's quantizers ported in C's float32 order, bit for bit
+(`endor_ray.format.gguf_quantize`): the reference functions ``quantize_row_*_ref`` of
+ggml-quants.c, or, given an importance matrix (one weight per column), ``quantize_row_*_impl``.
 Weights are converted to float32 first; NaN and infinities, for which llama.cpp's float-to-int
 casts are undefined behaviour in C, are quantized as 0.0 (a NaN in a checkpoint is a defect; the
 tensor still encodes). ``-0.0`` quantizes as llama.cpp does (it compares equal to ``+0.0``).
@@ -170,8 +170,9 @@ def dequantize_blocks(data: torch.Tensor, encoding: str, rows: int, cols: int) -
 
 
 def quantize_blocks(weight: torch.Tensor, encoding: str, importance: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 blocks of `weight` ([rows, cols], any float dtype) by llama.cpp's reference quantizer
-    (see `endor_ray.format.gguf_quantize`); `importance` ([cols] per-column weights) is not used yet."""
+    """uint8 blocks of `weight` ([rows, cols], any float dtype) by llama.cpp's quantizer (see
+    `endor_ray.format.gguf_quantize`): the reference one, or with `importance` ([cols] per-column
+    weights, e.g. mean squared activations) llama.cpp's importance-matrix search."""
     from endor_ray.format.gguf_quantize import quantize_rows  # the quantizers live beside, not inside, the spec
 
     if weight.dim() != 2:

@@ -1,0 +1,178 @@
+"""llama.cpp's scale searches (ggml-quants.c ``make_qx_quants``, ``make_qkx2/3_quants``,
+``make_qp_quants``) in torch, vectorised over blocks, every float32 operation in C's order.
+
+The quantizers in `endor_ray.format.gguf_quantize` are built from these. Three things make torch
+agree with C bit for bit: sums accumulate element by element, left to right (`seq_sum`; torch's
+and numpy's own sums are pairwise); a constant divided by a tensor is one division (`rdiv`;
+torch's ``c / t`` multiplies by a rounded reciprocal); and square roots go through float64 (torch's
+float32 ``sqrt`` on the CPU is not correctly rounded, C's ``sqrtf`` is). A search over candidates
+that C leaves early per block runs to its end here, taking no step where C would have stopped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: a group below this magnitude is all zero
+
+
+def f32(value: float) -> float:
+    """`value` rounded to float32 (so a Python constant is the C `float` literal)."""
+    return float(np.float32(value))
+
+
+def nearest_int(value: torch.Tensor) -> torch.Tensor:
+    """int32: C's nearest_int, round half to even through the float32 add of 1.5 * 2^23."""
+    shifted = (value.float() + 12582912.0).view(torch.int32)
+    return (shifted & 0x007FFFFF) - 0x00400000
+
+
+def seq_sum(terms: torch.Tensor) -> torch.Tensor:
+    """[..., n] -> [...]: the float32 sum of terms in index order (C's `sum += term` loop)."""
+    # numpy's accumulate adds in order in float32 (torch's sum and numpy's sum are pairwise)
+    columns = np.ascontiguousarray(np.moveaxis(terms.detach().cpu().float().numpy(), -1, 0))
+    return torch.from_numpy(np.add.accumulate(columns, axis=0)[-1].copy())
+
+
+def rdiv(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator as one float32 division."""
+    return torch.full_like(denominator, numerator) / denominator
+
+
+def sqrtf(value: torch.Tensor) -> torch.Tensor:
+    """C's correctly rounded sqrtf (float64 square root, rounded once to float32)."""
+    return value.double().sqrt().float()
+
+
+def safe(value: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """`value` where `ok`, else 1 (a divisor for lanes whose result is discarded)."""
+    return torch.where(ok, value, torch.ones_like(value))
+
+
+def first_extreme(x: torch.Tensor, index: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] where `found`, else +0.0 (C's initial value)."""
+    picked = x.gather(1, index.unsqueeze(1)).squeeze(1)
+    return torch.where(found, picked, torch.zeros_like(picked))
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [S], codes [S, n] uint8 in 0..2 nmax - 1) for blocks x [S, n]: symmetric, the largest
+    magnitude at -nmax, 19 candidate scales by weighted least squares (rmse_type 1; weights
+    default x^2)."""
+    magnitude = x.abs()
+    amax = magnitude.amax(dim=1)
+    zero = amax < GROUP_MAX_EPS
+    peak = safe(first_extreme(x, magnitude.argmax(dim=1), amax > 0), ~zero)  # first largest, as C's `>`
+    weights = x * x if weights is None else weights
+
+    def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        levels = nearest_int(iscale.unsqueeze(1) * x).clamp(-nmax, nmax - 1).float()
+        return levels, seq_sum((weights * x) * levels), seq_sum((weights * levels) * levels)
+
+    levels, sumlx, suml2 = trial(rdiv(-nmax, peak))
+    scale = torch.where(suml2 != 0, sumlx / safe(suml2, suml2 != 0), torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        candidate, sumlx, suml2 = trial(rdiv(-f32(np.float32(nmax) + np.float32(0.1) * np.float32(step)), peak))
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        levels = torch.where(better.unsqueeze(1), candidate, levels)
+        new_scale = sumlx / safe(suml2, suml2 > 0)
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, new_scale * sumlx, best)
+    codes = torch.where(zero.unsqueeze(1), torch.zeros_like(levels), levels + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes.to(torch.uint8)
+
+
+def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                    nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale [S], the_min [S], codes [S, n] uint8 in 0..nmax) for blocks x [S, n]: a scale and a
+    minimum (at most 0) by weighted least squares over nstep + 1 candidate ranges (make_qkx2_quants
+    and make_qkx3_quants with use_mad false, which are the same search for given weights)."""
+    low = x.amin(dim=1)
+    minimum = torch.where(low > 0, torch.zeros_like(low), low)
+    maximum = x.amax(dim=1)
+    sum_w = seq_sum(weights)
+    sum_x = seq_sum(weights * x)
+    flat = maximum <= minimum
+
+    def codes_for(iscale: torch.Tensor) -> torch.Tensor:
+        return nearest_int(iscale.unsqueeze(1) * (x - minimum.unsqueeze(1))).clamp(0, nmax).float()
+
+    iscale = rdiv(nmax, safe(maximum - minimum, ~flat))
+    scale = rdiv(1.0, iscale)
+    codes = codes_for(iscale)
+    diff = (scale.unsqueeze(1) * codes + minimum.unsqueeze(1)) - x
+    best_error = seq_sum(weights * (diff * diff))
+    for step in range(nstep + 1):
+        factor = f32(f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax))
+        trial = codes_for(rdiv(factor, safe(maximum - minimum, ~flat)))  # C divides by the current range
+        sum_l = seq_sum(weights * trial)
+        sum_l2 = seq_sum((weights * trial) * trial)
+        sum_xl = seq_sum((weights * trial) * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe(det, ok)
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe(det, ok)
+        clipped = this_min > 0
+        this_scale = torch.where(clipped, sum_xl / safe(sum_l2, sum_l2 != 0), this_scale)
+        this_min = torch.where(clipped, torch.zeros_like(this_min), this_min)
+        diff = (this_scale.unsqueeze(1) * trial + this_min.unsqueeze(1)) - x
+        error = seq_sum(weights * (diff * diff))
+        better = ok & (error < best_error) & ~flat
+        codes = torch.where(better.unsqueeze(1), trial, codes)
+        best_error = torch.where(better, error, best_error)
+        scale = torch.where(better, this_scale, scale)
+        minimum = torch.where(better, this_min, minimum)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    codes = torch.where(flat.unsqueeze(1), torch.zeros_like(codes), codes)
+    return scale, -minimum, codes.to(torch.uint8)
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [S], codes [S, n] int64 in 0..nmax) for non-negative x [S, n] (the k-types' sub-block
+    scales and minimums under an importance matrix): 9 candidate scales, then 5 passes moving one
+    code at a time while the weighted fit improves."""
+    peak = x.clamp(min=0).amax(dim=1)  # C: max = MAX(max, x[i]) from 0
+    zero = peak < GROUP_MAX_EPS
+    peak = safe(peak, ~zero)
+
+    def error_of(iscale: torch.Tensor, scale: torch.Tensor, clamp: bool) -> torch.Tensor:
+        levels = nearest_int(iscale.unsqueeze(1) * x)
+        levels = (levels.clamp(max=nmax) if clamp else levels & 0xFF).float()  # C's first pass stores into uint8
+        diff = x - scale.unsqueeze(1) * levels
+        return seq_sum((weights * diff) * diff)
+
+    iscale = rdiv(nmax, peak)
+    best = error_of(iscale, rdiv(1.0, iscale), clamp=False)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        trial = rdiv(f32(np.float32(0.1) * np.float32(step) + np.float32(nmax)), peak)
+        error = error_of(trial, rdiv(1.0, trial), clamp=True)
+        better = error < best
+        best = torch.where(better, error, best)
+        iscale = torch.where(better, trial, iscale)
+    codes = nearest_int(iscale.unsqueeze(1) * x).clamp(max=nmax).to(torch.int64) & 0xFF
+    levels = codes.float()
+    sumlx = seq_sum((weights * x) * levels)
+    suml2 = seq_sum((weights * levels) * levels)
+    for _ in range(5):  # C stops after a pass that changes nothing; such a pass changes nothing here either
+        for index in range(x.shape[1]):
+            w, value, old = weights[:, index], x[:, index], codes[:, index].float()
+            slx = sumlx - (w * value) * old
+            sl2 = suml2 - (w * old) * old
+            open_ = (slx > 0) & (sl2 > 0)
+            new = nearest_int((value * sl2) / safe(slx, open_)).clamp(max=nmax)
+            new_f = new.float()
+            slx = slx + (w * value) * new_f
+            sl2 = sl2 + (w * new_f) * new_f
+            take = open_ & (new.to(torch.int64) != codes[:, index]) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+            codes[:, index] = torch.where(take, new.to(torch.int64) & 0xFF, codes[:, index])
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / safe(suml2, suml2 > 0), torch.zeros_like(sumlx))
+    codes = torch.where(zero.unsqueeze(1), torch.zeros_like(codes), codes)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes
