@@ -10,7 +10,7 @@ import pytest
 
 from endor_ray.engine import Engine, EngineConfig
 from endor_ray.engine.reference import reference_greedy
-from endor_ray.engine.runner import EngineLoop
+from endor_ray.engine.loop import EngineLoop
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from endor_ray.engine.sequence import Sequence

@@ -6,7 +6,7 @@ loop: the scheduler admits waiting sequences (`engine.scheduler`), the model run
 pass for the batch (`engine.model_runner`; `engine.kv_batch`: the newcomers' prefill shares it with
 the running rows' decode), each row picks its next token (a failure there ends that sequence alone),
 and finished or cancelled rows leave. `generate()`/`stream()` run one request to its end;
-`engine.runner.EngineLoop` serves many requests at once from a thread.
+`engine.loop.EngineLoop` serves many requests at once from a thread.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Engine events -> OpenAI responses: a whole response, or server-sent event chunks.
 
-The events are the GPU worker's (`endor_ray.engine.runner`): token events with the text that
+The events are the GPU worker's (`endor_ray.engine.loop`): token events with the text that
 became final (and the token's log-probability when asked), one "completion" event per choice
 when it finishes, then the request's result. A stream sends exactly one choice per chunk; the
 usage chunk only when `stream_options.include_usage` asks for it (as OpenAI does).

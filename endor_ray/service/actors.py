@@ -27,7 +27,7 @@ import torch
 from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, OwnerDiedError, RayActorError
 
 from endor_ray.engine.engine import Engine, EngineConfig
-from endor_ray.engine.runner import EngineLoop
+from endor_ray.engine.loop import EngineLoop
 from endor_ray.engine.scheduler import SchedulerConfig
 from endor_ray.errors import EndorError
 from endor_ray.engine.sampling import SamplingParams
@@ -117,7 +117,7 @@ class WorkerActor:
     """The engine on a GPU (or CPU) worker, its streamed layers coming from shard servers.
 
     An async actor: many requests are in flight at once, and the engine's loop thread
-    (`endor_ray.engine.runner.EngineLoop`) batches them continuously. Cancelling a `stream` call
+    (`endor_ray.engine.loop.EngineLoop`) batches them continuously. Cancelling a `stream` call
     (`ray.cancel`), or its caller going away, lets the request's sequences go at the next pass.
     """
 
@@ -139,7 +139,7 @@ class WorkerActor:
                 "streamed_layers": list(plan.streamed), "node_id": ray.get_runtime_context().get_node_id()}
 
     async def stream(self, prompts: list, params: list[SamplingParams]) -> AsyncIterator[dict[str, Any]]:
-        """The request's events (see `endor_ray.engine.runner`) as the passes produce them."""
+        """The request's events (see `endor_ray.engine.loop`) as the passes produce them."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = self.loop.submit(prompts, params, sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))

@@ -111,7 +111,7 @@ class Service:
         raise EndorError("the GPU worker's stream ended without a result")
 
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[dict]:
-        """A request's events as they come (`endor_ray.engine.runner`: token events, a completion
+        """A request's events as they come (`endor_ray.engine.loop`: token events, a completion
         per sequence, then the result dict). A consumer that stops early cancels the request."""
         import ray
 
