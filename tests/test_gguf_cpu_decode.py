@@ -12,7 +12,8 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
 
 from endor_ray.errors import FormatError  # noqa: E402
-from endor_ray.format import cpu_decode  # noqa: E402
+from endor_ray.format import cpu_decode, encode, gguf_tensor  # noqa: E402
+from endor_ray.format.tensor import decode as reference_decode  # noqa: E402
 
 from test_format import bits_equal  # noqa: E402
 
@@ -39,12 +40,12 @@ def random_blocks(encoding: str, rows: int, cols: int, seed: int, finite: bool =
     generator = torch.Generator().manual_seed(seed)
     num_blocks = rows * cols // block_elems
     blocks = torch.randint(0, 256, (num_blocks, type_size), dtype=torch.uint8, generator=generator)
-    for offset in SCALE_OFFSETS[encoding]:
+    for index, offset in enumerate(SCALE_OFFSETS[encoding]):
         scale = blocks[:, offset:offset + 2].contiguous().view(torch.int16)
         if finite:  # exponent 31 (inf/NaN) -> 30; subnormals, zeros and -0.0 stay
             scale = torch.where((scale & 0x7C00) == 0x7C00, scale & ~0x0400, scale)
-        else:
-            scale[::3] = scale[::3] | 0x7C00  # a third inf or NaN
+        else:  # inf or NaN in every third (d) or fourth (m, dmin) block: some blocks have one of each
+            scale[::3 + index] = scale[::3 + index] | 0x7C00
         blocks[:, offset:offset + 2] = scale.view(torch.uint8).view(num_blocks, 2)
     return blocks.flatten()
 
@@ -70,6 +71,29 @@ def decode(blocks, encoding, rows, cols, dtype, isa=None, threads=1) -> torch.Te
 def test_the_gguf_decoder_is_built_here():
     assert "scalar" in cpu_decode.supported_gguf_isas()
     assert cpu_decode.GGUF_ENCODINGS == tuple(ENCODINGS)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 256), (2, 3, 512)])
+def test_decode_into_dispatches_gguf_tensors(encoding, dtype, shape):
+    """An EncodedTensor of GGUF blocks (the store's path) decodes as gguf-py, and as the format's reference."""
+    rows, cols = shape[0] * (shape[1] if len(shape) == 3 else 1), shape[-1]
+    blocks = random_blocks(encoding, rows, cols, seed=rows)
+    enc = gguf_tensor(blocks, encoding, shape, dtype)
+    expected = reference(blocks, encoding, rows, cols).to(dtype).view(shape)
+    for isa in cpu_decode.supported_gguf_isas():
+        out = torch.full(shape, 7.0, dtype=dtype)
+        assert cpu_decode.decode_into(enc, out, threads=2, isa=isa) is out
+        assert bits_equal(out, expected), isa
+    assert bits_equal(reference_decode(enc), expected)
+
+
+@pytest.mark.parametrize("encoding", ["q4_1", "q6_k"])
+def test_decode_into_an_encoded_weight(encoding):
+    weight = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    enc = encode(weight, encoding=encoding, layout="dense")
+    assert bits_equal(cpu_decode.decode_into(enc, torch.empty_like(weight), threads=2), reference_decode(enc))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -151,7 +175,7 @@ def test_the_c_side_checks_nbytes_itself(isa, encoding):
     rows, cols = 4, block_elems
     blocks = random_blocks(encoding, rows, cols, seed=2)
     out = torch.zeros(rows, cols)
-    lib, ggml_type = cpu_decode._library(), cpu_decode._GGUF_TYPES[encoding][0]
+    lib, ggml_type = cpu_decode._library(), cpu_decode._GGML_TYPES[encoding]
     call = lambda nbytes, first, last, cols=cols: lib.endor_dequant_gguf(  # noqa: E731
         ggml_type, blocks.data_ptr(), nbytes, rows, cols, out.data_ptr(), 2, cpu_decode.ISAS[isa], 0, first, last)
     assert call(blocks.numel() - 1, 0, rows) == -7  # the last row's last byte is missing
@@ -162,3 +186,11 @@ def test_the_c_side_checks_nbytes_itself(isa, encoding):
                                   rows) == -2  # ggml type 1 (F16) is not a block type decoded here
     assert call(blocks.numel(), 0, rows) == 0
     assert bits_equal(out, reference(blocks, encoding, rows, cols))
+
+
+def test_without_the_extension_the_torch_reference_decodes(monkeypatch):
+    monkeypatch.setattr(cpu_decode, "_library", lambda: None)
+    rows, cols = 3, 256
+    blocks = random_blocks("q5_k", rows, cols, seed=9)
+    out = decode(blocks, "q5_k", rows, cols, torch.float16)
+    assert bits_equal(out, reference(blocks, "q5_k", rows, cols).to(torch.float16))

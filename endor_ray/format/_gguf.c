@@ -15,10 +15,10 @@
  * Every position read is fixed by the type and the block index, so the one bounds check is that
  * the rows asked for lie inside `nbytes`; whatever the bytes hold, nothing else is read.
  *
- * Three builds of the same C, chosen at run time (or forced, for tests): AVX-512 (F, BW, VL),
- * AVX2 (with F16C) and the baseline. The per-block loops are plain C that the compiler vectorises
- * at each target's width (element-wise IEEE operations, so every width gives the same bits); the
- * rounding to fp16 / bf16 is written with intrinsics.
+ * Three implementations, chosen at run time (or forced, for tests): AVX-512 (F, BW, VL) and AVX2
+ * (with F16C) unpack 16 codes at a time with SSE2, widen, scale and round them in registers and
+ * store them straight into the output; the portable C (the only one built off x86-64, and the one
+ * a bf16 block with a non-finite scale takes) decodes a block into float32 and rounds it after.
  */
 #include <stdint.h>
 #include <string.h>
@@ -36,7 +36,7 @@ enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8
 
 INLINE float scale_at(const uint8_t *p) { return f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
 
-/* ---- one block -> its float32 values (32 or 256) ----------------------------------------------- */
+/* ---- the portable build: one block -> its float32 values (32 or 256), then rounded ------------- */
 
 INLINE void block_q8_0(const uint8_t *restrict b, float *restrict v) {  /* d, int8 x[32] */
     float d = scale_at(b);
@@ -62,7 +62,9 @@ INLINE void block_q4_1(const uint8_t *restrict b, float *restrict v) {  /* d, m,
     }
 }
 
-INLINE uint32_t le32(const uint8_t *p) { return p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
+INLINE uint32_t le32(const uint8_t *p) {
+    return p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
 
 INLINE void block_q5_0(const uint8_t *restrict b, float *restrict v) {  /* d, qh (bit l: element l's 5th), qs[16] */
     float d = scale_at(b);
@@ -147,97 +149,224 @@ INLINE void block_q6_k(const uint8_t *restrict b, float *restrict v) {
     }
 }
 
-/* ---- float32 -> output dtype, n (a multiple of 16) at a time ------------------------------------ */
-
 INLINE void store_scalar(const float *v, int n, void *out, int dtype, uint16_t nan) {
     uint16_t *o = out;
     if (dtype == ENDOR_F16) for (int i = 0; i < n; i++) o[i] = f32_to_f16(v[i]);
     else for (int i = 0; i < n; i++) o[i] = f32_to_bf16(v[i], nan);
 }
 
+/* fp32 output is written in place; fp16 / bf16 go through a block-sized staging buffer */
+#define PORTABLE_BLOCKS(BLOCK, ELEMS, SIZE)                                                                   \
+    for (int64_t k = first; k < last; k++) {                                                                  \
+        const uint8_t *b = blocks + k * (SIZE);                                                               \
+        if (dtype == ENDOR_F32) {                                                                             \
+            BLOCK(b, (float *)out + k * (ELEMS));                                                             \
+        } else {                                                                                              \
+            BLOCK(b, staging);                                                                                \
+            store_scalar(staging, ELEMS, (uint16_t *)out + k * (ELEMS), dtype, nan);                          \
+        }                                                                                                     \
+    }
+
+static void gguf_scalar(int type, const uint8_t *restrict blocks, void *restrict out, int dtype, uint16_t nan,
+                        int64_t first, int64_t last) {
+    float staging[256];
+    switch (type) {
+    case GGML_Q8_0: PORTABLE_BLOCKS(block_q8_0, 32, 34) break;
+    case GGML_Q4_0: PORTABLE_BLOCKS(block_q4_0, 32, 18) break;
+    case GGML_Q4_1: PORTABLE_BLOCKS(block_q4_1, 32, 20) break;
+    case GGML_Q5_0: PORTABLE_BLOCKS(block_q5_0, 32, 22) break;
+    case GGML_Q5_1: PORTABLE_BLOCKS(block_q5_1, 32, 24) break;
+    case GGML_Q4_K: PORTABLE_BLOCKS(block_q4_k, 256, 144) break;
+    case GGML_Q5_K: PORTABLE_BLOCKS(block_q5_k, 256, 176) break;
+    case GGML_Q6_K: PORTABLE_BLOCKS(block_q6_k, 256, 210) break;
+    }
+}
+
 #ifdef ENDOR_X86
-__attribute__((target("avx2,f16c")))
-static inline __m256i bf16_nan_avx2(__m256 f, __m256i nan) {  /* the bf16 bits in each 32-bit lane's low half */
+/* ---- x86: 16 codes at a time in a register, scaled and rounded straight into the output --------- */
+/* Codes are unpacked with SSE2 into 16 unsigned bytes q (Q8_0's int8 x as x + 128); EMIT then
+ * computes d * float(q - offset) + add for the 16 elements and stores them in the output dtype.
+ * `add` is the type's m (Q4_1, Q5_1), -(dmin * m) (K-types: x - y and x + -y are the same IEEE
+ * result) or -0.0 (x + -0.0 == x for every x, -0.0 included), so each element is exactly the
+ * reference's d * q [+ m | - dm]. */
+
+/* an fp16 scale, widened exactly by vcvtph2ps (the same float as f16_to_f32, without its branches) */
+__attribute__((target("f16c"), always_inline)) static inline float scale_f16c(const uint8_t *p) {
+    return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8));
+}
+
+INLINE __m128i load16(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+INLINE __m128i low_nibbles(__m128i x) { return _mm_and_si128(x, _mm_set1_epi8(15)); }
+INLINE __m128i high_nibbles(__m128i x) { return _mm_and_si128(_mm_srli_epi16(x, 4), _mm_set1_epi8(15)); }
+
+/* 16 lanes of 16 where bit l of qh0 | qh1 << 8 (lane l) is set, else 0 */
+INLINE __m128i fifth_bits(uint8_t qh0, uint8_t qh1) {
+    const __m128i bits = _mm_set1_epi64x((long long)0x8040201008040201ull);
+    __m128i spread = _mm_set_epi64x((long long)(0x0101010101010101ull * qh1), (long long)(0x0101010101010101ull * qh0));
+    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bits), bits), _mm_set1_epi8(16));
+}
+
+/* Q5_K: 16 where bit s of the byte is set, else 0 */
+INLINE __m128i bit_s(__m128i qh, int s) {
+    const __m128i bit = _mm_set1_epi8((char)(1 << s));
+    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(qh, bit), bit), _mm_set1_epi8(16));
+}
+
+/* Q6_K: nibble (low_shift / 4) of low | bits high_shift, high_shift + 1 of high, << 4 */
+INLINE __m128i q6_codes(__m128i low, int low_shift, __m128i high, int high_shift) {
+    __m128i codes = _mm_and_si128(_mm_srl_epi16(low, _mm_cvtsi32_si128(low_shift)), _mm_set1_epi8(15));
+    __m128i top = _mm_and_si128(_mm_srl_epi16(high, _mm_cvtsi32_si128(high_shift)), _mm_set1_epi8(3));
+    return _mm_or_si128(codes, _mm_slli_epi16(top, 4));  /* top <= 3: no bit crosses into the next byte */
+}
+
+#define AVX2 "avx2,f16c"
+#define AVX512 "avx512f,avx512bw,avx512vl,avx2,f16c"
+
+/* A bf16 rounding without a NaN case: a block whose scales are all finite has only finite values
+ * (|d * q| < 2^27), so blocks with a non-finite scale go through the portable code instead. */
+__attribute__((target(AVX2), always_inline)) static inline __m256i bf16_avx2(__m256 f) {  /* in the low halves */
     __m256i u = _mm256_castps_si256(f);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                        _mm256_set1_epi32(0x7F800000));
-    return _mm256_blendv_epi8(rounded, nan, is_nan);
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
 }
 
-__attribute__((target("avx2,f16c")))
-static inline void store_avx2(const float *v, int n, void *out, int dtype, uint16_t nan) {
-    uint16_t *o = out;
-    if (dtype == ENDOR_F16) {
-        for (int i = 0; i < n; i += 8)
-            _mm_storeu_si128((__m128i *)(o + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
-        return;
-    }
-    __m256i nan_bits = _mm256_set1_epi32(nan);
-    for (int i = 0; i < n; i += 16) {
-        __m256i lo = bf16_nan_avx2(_mm256_loadu_ps(v + i), nan_bits);
-        __m256i hi = bf16_nan_avx2(_mm256_loadu_ps(v + i + 8), nan_bits);
-        _mm256_storeu_si256((__m256i *)(o + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8));
+__attribute__((target(AVX2), always_inline))
+static inline void emit_avx2(__m128i q, int offset, float d, float add, void *out, int64_t index, int dtype) {
+    const __m256i off = _mm256_set1_epi32(offset);
+    const __m256 scale = _mm256_set1_ps(d), plus = _mm256_set1_ps(add);
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(q), off));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)), off));
+    lo = _mm256_add_ps(_mm256_mul_ps(scale, lo), plus);
+    hi = _mm256_add_ps(_mm256_mul_ps(scale, hi), plus);
+    if (dtype == ENDOR_F32) {
+        _mm256_storeu_ps((float *)out + index, lo);
+        _mm256_storeu_ps((float *)out + index + 8, hi);
+    } else if (dtype == ENDOR_F16) {
+        __m128i *o = (__m128i *)((uint16_t *)out + index);
+        _mm_storeu_si128(o, _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128(o + 1, _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        __m256i packed = _mm256_packus_epi32(bf16_avx2(lo), bf16_avx2(hi));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), _mm256_permute4x64_epi64(packed, 0xD8));
     }
 }
 
-#define AVX512 "avx512f,avx512bw,avx512vl,avx2,f16c"
-__attribute__((target(AVX512)))
-static inline void store_avx512(const float *v, int n, void *out, int dtype, uint16_t nan) {
-    uint16_t *o = out;
-    if (dtype == ENDOR_F16) {
-        for (int i = 0; i < n; i += 16)
-            _mm256_storeu_si256((__m256i *)(o + i),
-                                _mm512_cvtps_ph(_mm512_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        return;
-    }
-    const __m512i nan_bits = _mm512_set1_epi32(nan), lsb_bit = _mm512_set1_epi32(1);
-    for (int i = 0; i < n; i += 16) {
-        __m512i u = _mm512_castps_si512(_mm512_loadu_ps(v + i));
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb_bit);
+__attribute__((target(AVX512), always_inline))
+static inline void emit_avx512(__m128i q, int offset, float d, float add, void *out, int64_t index, int dtype) {
+    __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q), _mm512_set1_epi32(offset)));
+    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d), x), _mm512_set1_ps(add));
+    if (dtype == ENDOR_F32) {
+        _mm512_storeu_ps((float *)out + index, v);
+    } else if (dtype == ENDOR_F16) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index),
+                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
         __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-        __mmask16 is_nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                                   _mm512_set1_epi32(0x7F800000));
-        _mm256_storeu_si256((__m256i *)(o + i), _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, is_nan, nan_bits)));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + index), _mm512_cvtepi32_epi16(rounded));
     }
 }
-#endif
 
-/* ---- blocks [first, last) of one type, built once per target ------------------------------------ */
+INLINE int finite16(const uint8_t *p) { return (p[1] & 0x7C) != 0x7C; }  /* the fp16 at p is not inf / NaN */
 
-/* fp32 output is written in place; fp16 / bf16 go through a block-sized staging buffer */
-#define BLOCKS(BLOCK, ELEMS, SIZE, STORE)                                                         \
-    for (int64_t k = first; k < last; k++) {                                                      \
-        const uint8_t *b = blocks + k * (SIZE);                                                    \
-        if (dtype == ENDOR_F32) {                                                                 \
-            BLOCK(b, (float *)out + k * (ELEMS));                                                  \
-        } else {                                                                                  \
-            BLOCK(b, staging);                                                                    \
-            STORE(staging, ELEMS, (uint16_t *)out + k * (ELEMS), dtype, nan);                      \
-        }                                                                                         \
+/* One type's blocks [first, last): the rest of the arguments decode block b (the k-th) into the
+ * elements from e0 = k * ELEMS; a bf16 block whose scales are not FINITE takes the PORTABLE path. */
+#define EACH_BLOCK(SIZE, ELEMS, FINITE, PORTABLE, ...)                                                        \
+    for (int64_t k = first; k < last; k++) {                                                                  \
+        const uint8_t *b = blocks + k * (SIZE);                                                               \
+        int64_t e0 = k * (ELEMS);                                                                             \
+        if (dtype == ENDOR_BF16 && !(FINITE)) {                                                               \
+            PORTABLE(b, staging);                                                                             \
+            store_scalar(staging, ELEMS, (uint16_t *)out + e0, ENDOR_BF16, nan);                              \
+            continue;                                                                                         \
+        }                                                                                                     \
+        __VA_ARGS__                                                                                           \
     }
 
-#define GGUF_DECODER(NAME, ATTRIBUTES, STORE)                                                      \
-    ATTRIBUTES static void NAME(int type, const uint8_t *restrict blocks, void *restrict out, int dtype, \
-                                uint16_t nan, int64_t first, int64_t last) {                      \
-        float staging[256] __attribute__((aligned(64)));                                          \
-        switch (type) {                                                                           \
-        case GGML_Q8_0: BLOCKS(block_q8_0, 32, 34, STORE) break;                                  \
-        case GGML_Q4_0: BLOCKS(block_q4_0, 32, 18, STORE) break;                                  \
-        case GGML_Q4_1: BLOCKS(block_q4_1, 32, 20, STORE) break;                                  \
-        case GGML_Q5_0: BLOCKS(block_q5_0, 32, 22, STORE) break;                                  \
-        case GGML_Q5_1: BLOCKS(block_q5_1, 32, 24, STORE) break;                                  \
-        case GGML_Q4_K: BLOCKS(block_q4_k, 256, 144, STORE) break;                                \
-        case GGML_Q5_K: BLOCKS(block_q5_k, 256, 176, STORE) break;                                \
-        case GGML_Q6_K: BLOCKS(block_q6_k, 256, 210, STORE) break;                                \
-        }                                                                                         \
+/* The x86 decoder for one target; `dtype` is a constant in each call of NAME_typed, so its tests
+ * fold away */
+#define X86_DECODER(NAME, TARGET, EMIT)                                                                       \
+    __attribute__((target(TARGET), always_inline)) static inline void NAME##_typed(                           \
+        int type, const uint8_t *restrict blocks, void *restrict out, int dtype, uint16_t nan,                \
+        int64_t first, int64_t last) {                                                                        \
+        const __m128i sign = _mm_set1_epi8((char)0x80);                                                       \
+        float staging[256];                                                                                   \
+        switch (type) {                                                                                       \
+        case GGML_Q8_0: EACH_BLOCK(34, 32, finite16(b), block_q8_0, {                                         \
+            float d = scale_f16c(b);                                                                          \
+            EMIT(_mm_xor_si128(load16(b + 2), sign), 128, d, -0.0f, out, e0, dtype);                          \
+            EMIT(_mm_xor_si128(load16(b + 18), sign), 128, d, -0.0f, out, e0 + 16, dtype);                    \
+        }) break;                                                                                             \
+        case GGML_Q4_0: EACH_BLOCK(18, 32, finite16(b), block_q4_0, {                                         \
+            float d = scale_f16c(b);                                                                          \
+            __m128i qs = load16(b + 2);                                                                       \
+            EMIT(low_nibbles(qs), 8, d, -0.0f, out, e0, dtype);                                               \
+            EMIT(high_nibbles(qs), 8, d, -0.0f, out, e0 + 16, dtype);                                         \
+        }) break;                                                                                             \
+        case GGML_Q4_1: EACH_BLOCK(20, 32, finite16(b) && finite16(b + 2), block_q4_1, {                      \
+            float d = scale_f16c(b), m = scale_f16c(b + 2);                                                   \
+            __m128i qs = load16(b + 4);                                                                       \
+            EMIT(low_nibbles(qs), 0, d, m, out, e0, dtype);                                                   \
+            EMIT(high_nibbles(qs), 0, d, m, out, e0 + 16, dtype);                                             \
+        }) break;                                                                                             \
+        case GGML_Q5_0: EACH_BLOCK(22, 32, finite16(b), block_q5_0, {                                         \
+            float d = scale_f16c(b);                                                                          \
+            __m128i qs = load16(b + 6);                                                                       \
+            EMIT(_mm_or_si128(low_nibbles(qs), fifth_bits(b[2], b[3])), 16, d, -0.0f, out, e0, dtype);        \
+            EMIT(_mm_or_si128(high_nibbles(qs), fifth_bits(b[4], b[5])), 16, d, -0.0f, out, e0 + 16, dtype);  \
+        }) break;                                                                                             \
+        case GGML_Q5_1: EACH_BLOCK(24, 32, finite16(b) && finite16(b + 2), block_q5_1, {                      \
+            float d = scale_f16c(b), m = scale_f16c(b + 2);                                                   \
+            __m128i qs = load16(b + 8);                                                                       \
+            EMIT(_mm_or_si128(low_nibbles(qs), fifth_bits(b[4], b[5])), 0, d, m, out, e0, dtype);             \
+            EMIT(_mm_or_si128(high_nibbles(qs), fifth_bits(b[6], b[7])), 0, d, m, out, e0 + 16, dtype);       \
+        }) break;                                                                                             \
+        case GGML_Q4_K: EACH_BLOCK(144, 256, finite16(b) && finite16(b + 2), block_q4_k, {                    \
+            K_BLOCK(EMIT, b + 16, _mm_setzero_si128())                                                        \
+        }) break;                                                                                             \
+        case GGML_Q5_K: EACH_BLOCK(176, 256, finite16(b) && finite16(b + 2), block_q5_k, {                    \
+            K_BLOCK(EMIT, b + 48, bit_s(load16(b + 16 + part), s))                                            \
+        }) break;                                                                                             \
+        case GGML_Q6_K: EACH_BLOCK(210, 256, finite16(b + 208), block_q6_k, {                                 \
+            float d = scale_f16c(b + 208);                                                                    \
+            const int8_t *scales = (const int8_t *)(b + 192);                                                 \
+            for (int a = 0; a < 2; a++)                                                                       \
+                for (int k4 = 0; k4 < 4; k4++)                                                                \
+                    for (int part = 0; part < 32; part += 16) {                                               \
+                        __m128i q = q6_codes(load16(b + 64 * a + 32 * (k4 & 1) + part), 4 * (k4 >> 1),        \
+                                             load16(b + 128 + 32 * a + part), 2 * k4);                        \
+                        float ds = d * (float)scales[8 * a + 2 * k4 + part / 16];                             \
+                        EMIT(q, 32, ds, -0.0f, out, e0 + 128 * a + 32 * k4 + part, dtype);                    \
+                    }                                                                                         \
+        }) break;                                                                                             \
+        }                                                                                                     \
+    }                                                                                                         \
+    __attribute__((target(TARGET))) static void NAME(int type, const uint8_t *restrict blocks,                \
+                                                     void *restrict out, int dtype, uint16_t nan,             \
+                                                     int64_t first, int64_t last) {                           \
+        if (dtype == ENDOR_F32) NAME##_typed(type, blocks, out, ENDOR_F32, nan, first, last);                 \
+        else if (dtype == ENDOR_F16) NAME##_typed(type, blocks, out, ENDOR_F16, nan, first, last);            \
+        else NAME##_typed(type, blocks, out, ENDOR_BF16, nan, first, last);                                   \
     }
-GGUF_DECODER(gguf_scalar, , store_scalar)
-#ifdef ENDOR_X86
-GGUF_DECODER(gguf_avx2, __attribute__((target("avx2,f16c"))), store_avx2)
-GGUF_DECODER(gguf_avx512, __attribute__((target(AVX512))), store_avx512)
-#endif
+
+/* Q4_K / Q5_K: sub-block s is nibble s % 2 of qs[32 (s / 2) ..], plus HIGH (0 or Q5_K's fifth bits) */
+#define K_BLOCK(EMIT, QS, HIGH)                                                                               \
+    float d = scale_f16c(b), dmin = scale_f16c(b + 2);                                                        \
+    for (int s = 0; s < 8; s++) {                                                                             \
+        float sc, mn;                                                                                         \
+        k_scale_min(b + 4, s, &sc, &mn);                                                                      \
+        float ds = d * sc, minus_dm = -(dmin * mn);                                                           \
+        for (int part = 0; part < 32; part += 16) {                                                           \
+            __m128i packed = load16((QS) + 32 * (s >> 1) + part);                                             \
+            __m128i q = s & 1 ? high_nibbles(packed) : low_nibbles(packed);                                   \
+            EMIT(_mm_or_si128(q, HIGH), 0, ds, minus_dm, out, e0 + 32 * s + part, dtype);                     \
+        }                                                                                                     \
+    }
+
+X86_DECODER(gguf_avx2, AVX2, emit_avx2)
+X86_DECODER(gguf_avx512, AVX512, emit_avx512)
+#endif /* ENDOR_X86 */
 
 /* ---- entry points (ctypes) ---------------------------------------------------------------------- */
 

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from endor_ray.errors import FormatError
+from endor_ray.format.gguf_blocks import GGUF_ENCODINGS, blocks_nbytes, dequantize_blocks
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, EncodedTensor, decode, validate, validate_contents
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,8 @@ _pool: ThreadPoolExecutor | None = None
 _chosen: dict[int, int] = {}  # itemsize -> ISA code, measured once
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # the C side's ENDOR_F16 ...
 _CODE_BITS = {"int8": 8, "int4": 4}
-# GGUF block encodings -> (ggml's type id, the C side's `type`; elements per block; bytes per block).
-# A copy of gguf_blocks.BLOCK_TYPES until that module is committed.
-_GGUF_TYPES = {"q8_0": (8, 32, 34), "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22),
-               "q5_1": (7, 32, 24), "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210)}
-GGUF_ENCODINGS = tuple(_GGUF_TYPES)
+# GGUF block encodings -> ggml's type id (gguf.GGMLQuantizationType), the C side's `type`
+_GGML_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 _bf16_nan: int | None = None
 
 
@@ -233,7 +231,7 @@ def _dequant_gguf(blocks: torch.Tensor, encoding: str, rows: int, cols: int, out
                   first: int, last: int) -> None:
     """Decode rows [first, last) of GGUF blocks into `out` (flat, CPU)."""
     status = _lib.endor_dequant_gguf(
-        _GGUF_TYPES[encoding][0], blocks.data_ptr(), blocks.numel(), rows, cols,
+        _GGML_TYPES[encoding], blocks.data_ptr(), blocks.numel(), rows, cols,
         out.data_ptr(), _DTYPE_CODES[out.dtype], isa, _bf16_nan_bits(), first, last,
     )
     if status:
@@ -250,24 +248,16 @@ def dequantize_gguf_into(blocks: torch.Tensor, encoding: str, rows: int, cols: i
     `threads` splits the rows; `isa` forces an implementation as in `decode_into`. A buffer of the
     wrong size, or cols that do not hold whole blocks, are a FormatError (nothing is read).
     """
-    if encoding not in _GGUF_TYPES:
-        raise FormatError(f"unknown GGUF block encoding {encoding!r}; expected one of {GGUF_ENCODINGS}")
-    _, block_elems, type_size = _GGUF_TYPES[encoding]
-    if cols < 1 or cols % block_elems:
-        raise FormatError(f"a {encoding} tensor's rows must hold whole blocks of {block_elems} weights; "
-                          f"cols = {cols} is not a multiple of {block_elems}")
-    nbytes = rows * (cols // block_elems) * type_size
+    nbytes = blocks_nbytes(encoding, rows, cols)  # FormatError for an unknown type or a partial block
     if blocks.dtype != torch.uint8 or blocks.dim() != 1 or blocks.numel() != nbytes or blocks.device.type != "cpu":
         raise FormatError(f"a [{rows}, {cols}] {encoding} tensor is {nbytes} x uint8 on the CPU, got "
                           f"{blocks.numel()} x {blocks.dtype} ({blocks.dim()}-D) on {blocks.device}")
     if out.numel() != rows * cols or out.dtype not in _DTYPE_CODES or not out.is_contiguous() or out.is_cuda:
         raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype} on {out.device}, need contiguous "
                           f"{rows} x {cols} float16, bfloat16 or float32 on the CPU")
-    if rows == 0:
+    if rows * cols == 0:
         return out
     if _library() is None:
-        from endor_ray.format.gguf_blocks import dequantize_blocks
-
         return out.copy_(dequantize_blocks(blocks, encoding, rows, cols).view(out.shape))
     isa_code = _lib.endor_gguf_best_isa() if isa is None else ISAS[isa]
     per_thread = max(1, _MIN_BLOCKS_PER_THREAD * DEFAULT_BLOCK_SIZE // cols)  # rows worth a thread
