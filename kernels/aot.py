@@ -21,16 +21,19 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from endor_ray.kernels import dequant, expand
+from endor_ray.format.gguf_blocks import GGUF_ENCODINGS
+from endor_ray.kernels import dequant, expand, gguf_dequant
 
 # Per-SM limits (CUDA occupancy calculator): registers, warps, blocks, shared memory, and the
 # allocation granularity of registers (per warp) and shared memory (per block, plus 1 KiB reserved).
@@ -44,8 +47,8 @@ CAPABILITIES = (90, 80)
 @dataclass(frozen=True)
 class KernelResources:
     capability: int
-    variant: str  # raw: "i16" (fp16, bf16) or "i32" (fp32); quantized: e.g. "int4>bf16", "int8>fp16 dense"
-    block_size: int
+    variant: str  # raw: "i16" (fp16, bf16) or "i32" (fp32); quantized: e.g. "int4>bf16", "int8>fp16 dense"; "q4_k>bf16"
+    block_size: int  # the format's block size; GGUF: the block type's elements per block
     num_warps: int
     registers: int  # per thread
     spill_bytes: int  # spill stores
@@ -79,6 +82,7 @@ class Variant:
     block_size: int
     num_warps: int
     maxnreg: int | None
+    enable_fp_fusion: bool = True  # False where the wrapper launches without FMA contraction
 
 
 def _launched(name: str, kernel: Any, arg_types: dict[str, str], flags: dict[str, int | bool], block_size: int,
@@ -126,8 +130,21 @@ def dequant_variants() -> list[Variant]:
     return variants
 
 
+def gguf_variants() -> list[Variant]:
+    """`gguf_dequant_kernel` for every GGUF block type and output dtype, as `dequantize_gguf` launches it."""
+    variants = []
+    for encoding in GGUF_ENCODINGS:
+        for out_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            config = gguf_dequant.launch_config(encoding, dtype)
+            options = {name: config.pop(name) for name in ("num_warps", "maxnreg", "enable_fp_fusion")}
+            arg_types = {"blocks_ptr": "*u8", "out_ptr": "*i16" if out_name == "bf16" else f"*{out_name}", "numel": "i64"}
+            variants.append(Variant(f"{encoding}>{out_name}", gguf_dequant.gguf_dequant_kernel, arg_types, config,
+                                    config["BLOCK_ELEMS"], **options))
+    return variants
+
+
 # Every kernel module's variants, compiled in this order; a new kernel module adds its function here.
-VARIANT_SETS: tuple[Callable[[], list[Variant]], ...] = (expand_variants, dequant_variants)
+VARIANT_SETS: tuple[Callable[[], list[Variant]], ...] = (expand_variants, dequant_variants, gguf_variants)
 
 
 def _tool(name: str) -> str:
@@ -142,7 +159,8 @@ def compile_variant(capability: int, variant: Variant) -> KernelResources:
     # Pointers 16-byte aligned, as in a slot buffer holding a version-2 layer file
     attrs = {(index,): [["tt.divisibility", 16]] for index, kind in enumerate(signature.values()) if kind.startswith("*")}
     source = ASTSource(fn=variant.kernel, signature=signature, attrs=attrs, constexprs=variant.constexprs)
-    options = {"num_warps": variant.num_warps, **({"maxnreg": variant.maxnreg} if variant.maxnreg else {})}
+    options = {"num_warps": variant.num_warps, **({"maxnreg": variant.maxnreg} if variant.maxnreg else {}),
+               "enable_fp_fusion": variant.enable_fp_fusion}
     compiled = triton.compiler.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     arch = "sm_90a" if capability == 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as directory:
@@ -163,8 +181,10 @@ def compile_variant(capability: int, variant: Variant) -> KernelResources:
     )
 
 
-def main() -> None:
-    variants = [variant for variant_set in VARIANT_SETS for variant in variant_set()]
+def main(set_names: list[str]) -> None:
+    """Compile every variant set, or only those named (e.g. `python -m endor_ray.kernels.aot gguf_variants`)."""
+    variants = [variant for variant_set in VARIANT_SETS if not set_names or variant_set.__name__ in set_names
+                for variant in variant_set()]
     for capability in CAPABILITIES:
         for variant in variants:
             resources = compile_variant(capability, variant)
@@ -172,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

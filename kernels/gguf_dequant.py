@@ -38,13 +38,12 @@ import triton
 import triton.language as tl
 
 from endor_ray.errors import FormatError
-from endor_ray.format.gguf_blocks import block_type, blocks_nbytes, dequantize_blocks
-from endor_ray.format.tensor import EncodedTensor, validate
+from endor_ray.format.gguf_blocks import block_type, dequantize_blocks
+from endor_ray.format.tensor import EncodedTensor
+from endor_ray.kernels.launch import MAX_REGISTERS, checked_output
 
 CHUNK = 2048  # elements per program: 4 per thread with 16 warps, a multiple of every block size
 NUM_WARPS = 16
-MAX_REGISTERS = 32  # per thread: 65536 registers / 2048 threads, i.e. 100% occupancy
-OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -203,41 +202,21 @@ def launch_config(encoding: str, out_dtype: torch.dtype) -> dict:
             "enable_fp_fusion": False}
 
 
-def dequantize_gguf_blocks(blocks: torch.Tensor, encoding: str, rows: int, cols: int,
-                           out: torch.Tensor) -> torch.Tensor:
-    """Decode `blocks` ([rows * cols // block_elems * type_size] uint8) into `out` ([rows, cols] or any
-    shape of rows * cols elements; fp16, bf16 or fp32; contiguous, on blocks' device); returns `out`."""
-    nbytes = blocks_nbytes(encoding, rows, cols)  # FormatError for an unknown type or cols not whole blocks
-    if blocks.dtype != torch.uint8 or blocks.dim() != 1 or blocks.numel() != nbytes or not blocks.is_contiguous():
-        raise FormatError(f"{encoding} values for {rows} x {cols} should be {nbytes} contiguous uint8 bytes, "
-                          f"got {blocks.numel()} x {blocks.dtype} ({blocks.dim()}-D)")
-    if blocks.data_ptr() % 2:  # the fp16 scales load as 2-byte words (a store aligns every part to 64)
-        raise FormatError(f"{encoding} values must start at an even address, got {blocks.data_ptr():#x}")
-    if out.dtype not in OUT_DTYPES or out.numel() != rows * cols or out.device != blocks.device:
-        raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype} on {out.device}, need {rows * cols} "
-                          f"elements of float16, bfloat16 or float32 on {blocks.device}")
-    if not out.is_contiguous():
-        raise FormatError("output buffer must be contiguous")
-    if out.numel() == 0:
-        return out
-    target = out.view(-1).view(torch.int16) if out.dtype == torch.bfloat16 else out.view(-1)
-    grid = (triton.cdiv(out.numel(), CHUNK),)
-    gguf_dequant_kernel[grid](blocks, target, out.numel(), **launch_config(encoding, out.dtype))
-    return out
-
-
 def dequantize_gguf(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode a GGUF-encoded tensor (arrays on the GPU, or on CPU under TRITON_INTERPRET=1) into `out`
+    """Decode a GGUF block tensor (arrays on the GPU, or on CPU under TRITON_INTERPRET=1) into `out`
     or a new tensor of enc's shape and dtype. Checks sizes only, never the data (a GPU sync)."""
-    validate(enc)
+    out = checked_output(enc, out)  # validates enc: dense, values alone, exactly its blocks' bytes
     if not enc.gguf:
         raise FormatError(f"dequantize_gguf decodes GGUF block tensors, got a {enc.values_encoding} tensor")
-    if out is None:
-        out = torch.empty(enc.shape, dtype=enc.dtype, device=enc.values.device)
-    elif out.shape != torch.Size(enc.shape) or out.dtype != enc.dtype:
-        raise FormatError(f"output buffer is {tuple(out.shape)} {out.dtype}, need {enc.shape} {enc.dtype}")
-    rows, cols = enc.rows_cols
-    return dequantize_gguf_blocks(enc.values, enc.values_encoding, rows, cols, out)
+    if enc.values.data_ptr() % 2:  # fp16 scales load as 2-byte words (a store aligns every part to 64)
+        raise FormatError(f"{enc.values_encoding} values must start at an even address, "
+                          f"got {enc.values.data_ptr():#x}")
+    if enc.numel == 0:
+        return out
+    target = out.view(-1).view(torch.int16) if enc.dtype == torch.bfloat16 else out.view(-1)
+    grid = (triton.cdiv(enc.numel, CHUNK),)
+    gguf_dequant_kernel[grid](enc.values, target, enc.numel, **launch_config(enc.values_encoding, enc.dtype))
+    return out
 
 
 def dequantize_gguf_reference(enc: EncodedTensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from endor_ray.errors import FormatError
 from endor_ray.format.gguf_blocks import BLOCK_TYPES, GGUF_ENCODINGS
 from endor_ray.format.tensor import EncodedTensor, encode, gguf_tensor
-from endor_ray.kernels.gguf_dequant import CHUNK, dequantize_gguf, dequantize_gguf_blocks, dequantize_gguf_reference
+from endor_ray.kernels.gguf_dequant import CHUNK, dequantize_gguf, dequantize_gguf_reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -124,9 +124,6 @@ def test_writes_into_the_given_buffer():
     out = torch.full((4, 64), 7.0, dtype=torch.bfloat16)
     assert dequantize_gguf(gguf_tensor(blocks, "q4_1", (4, 64), torch.bfloat16), out) is out
     assert_bits_equal(out, oracle(blocks, "q4_1", (4, 64), torch.bfloat16))
-    flat = torch.empty(256, dtype=torch.float16)
-    dequantize_gguf_blocks(blocks, "q4_1", 4, 64, flat)
-    assert_bits_equal(flat.view(4, 64), oracle(blocks, "q4_1", (4, 64), torch.float16))
 
 
 def test_empty_tensor():
@@ -136,26 +133,26 @@ def test_empty_tensor():
 
 def test_bad_inputs_are_format_errors():
     blocks = random_blocks("q8_0", 2, 64, seed=0)  # 2 rows x 2 blocks x 34 bytes
-    out = torch.empty(2, 64)
-    with pytest.raises(FormatError, match="unknown GGUF block encoding"):
-        dequantize_gguf_blocks(blocks, "q3_k", 2, 64, out)
+
+    def tensor(values=blocks, encoding="q8_0", shape=(2, 64), dtype=torch.float16, layout="dense"):
+        return EncodedTensor(shape, dtype, layout, int(np.prod(shape)), values=values, values_encoding=encoding,
+                             group_size=0)
+
+    with pytest.raises(FormatError, match="q3_k"):
+        dequantize_gguf(tensor(encoding="q3_k"))
     with pytest.raises(FormatError, match="whole blocks of 32 weights; cols = 48"):
-        dequantize_gguf_blocks(blocks, "q8_0", 2, 48, torch.empty(2, 48))
-    with pytest.raises(FormatError, match="should be 136 contiguous uint8 bytes, got 135"):
-        dequantize_gguf_blocks(blocks[:-1], "q8_0", 2, 64, out)
-    odd = torch.empty(137, dtype=torch.uint8)[1:]
-    with pytest.raises(FormatError, match="even address"):
-        dequantize_gguf_blocks(odd, "q8_0", 2, 64, out)
+        dequantize_gguf(tensor(shape=(2, 48)))
+    with pytest.raises(FormatError, match="should be 136 x torch.uint8, got 135"):
+        dequantize_gguf(tensor(values=blocks[:-1]))
     with pytest.raises(FormatError, match="uint8"):
-        dequantize_gguf_blocks(blocks.view(torch.int8), "q8_0", 2, 64, out)
-    with pytest.raises(FormatError, match="float16, bfloat16 or float32"):
-        dequantize_gguf_blocks(blocks, "q8_0", 2, 64, torch.empty(2, 64, dtype=torch.float64))
-    with pytest.raises(FormatError, match="contiguous"):
-        dequantize_gguf_blocks(blocks, "q8_0", 2, 64, torch.empty(64, 2).t())
+        dequantize_gguf(tensor(values=blocks.view(torch.int8)))
+    with pytest.raises(FormatError, match="even address"):
+        dequantize_gguf(tensor(values=torch.empty(137, dtype=torch.uint8)[1:]))
     with pytest.raises(FormatError, match="need"):
-        dequantize_gguf(gguf_tensor(blocks, "q8_0", (2, 64), torch.float16), torch.empty(2, 64))
-    bitmap = EncodedTensor((2, 64), torch.float16, "bitmap", 128, values=blocks, values_encoding="q8_0")
+        dequantize_gguf(tensor(), torch.empty(2, 64))
+    with pytest.raises(FormatError, match="contiguous"):
+        dequantize_gguf(tensor(), torch.empty(64, 2, dtype=torch.float16).t())
     with pytest.raises(FormatError, match="layout 'dense' only"):
-        dequantize_gguf(bitmap)
+        dequantize_gguf(tensor(layout="bitmap"))
     with pytest.raises(FormatError, match="decodes GGUF block tensors"):
         dequantize_gguf(encode(torch.randn(2, 64), encoding="int8", layout="dense"))

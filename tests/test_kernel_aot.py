@@ -18,8 +18,8 @@ from endor_ray.kernels.aot import QUANT_VARIANTS, RAW_VARIANTS, KernelResources
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "endor_ray.kernels.aot"], capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "endor_ray.kernels.aot", "expand_variants", "dequant_variants"],
+                            capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in result.stdout.splitlines()]
 
