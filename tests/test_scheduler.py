@@ -142,6 +142,24 @@ def test_a_stream_whose_consumer_stops_frees_its_sequences(engine):
     assert not engine.has_work
 
 
+def test_stream_data_sends_the_events_the_engine_loop_sends(engine, solo):
+    params = [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, logprobs=2)]
+    direct = list(engine.stream_data(PROMPTS[:2], params))
+    data_stream = engine.stream_data(PROMPTS[:1], params[0])
+    next(data_stream)
+    data_stream.close()  # a consumer that stops frees its sequences here too
+    assert not engine.has_work
+    loop = EngineLoop(engine)
+    try:
+        looped = list(loop.submit(PROMPTS[:2], params).events(timeout_s=120))
+    finally:
+        loop.close()
+    assert [event for event in direct if "completions" not in event] == looped[:-1]
+    assert direct[-1]["completions"] == looped[-1]["completions"] and direct[-1].keys() == looped[-1].keys()
+    finished = [event["completion"]["token_ids"] for event in direct if "completion" in event]
+    assert sorted(finished) == sorted(solo[:2]) and any("logprob" in event for event in direct)
+
+
 def test_the_engine_loop_serves_requests_from_threads(engine, solo):
     loop = EngineLoop(engine)
     try:

@@ -11,6 +11,7 @@ and finished or cancelled rows leave. `generate()`/`stream()` run one request to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from endor_ray.engine.kv_batch import RunningBatch
 from endor_ray.engine.model_runner import ModelRunner, eos_token_ids, load_tokenizer  # noqa: F401  (re-exported)
 from endor_ray.engine.prompts import check_prompt
 from endor_ray.engine.results import (  # noqa: F401  (GenerationStats: re-exported, the engine's API)
-    EngineMetrics, GenerationResult, GenerationStats, RequestTracker, TokenEvent,
+    EngineMetrics, GenerationResult, GenerationStats, RequestTracker, TokenEvent, sequence_events,
 )
 from endor_ray.engine.sampling import SamplingParams, make_generator, process_logits, select_token, top_logprobs
 from endor_ray.engine.scheduler import Scheduler, SchedulerConfig
@@ -164,6 +165,19 @@ class Engine:
         """Run one request to its end on this thread: a TokenEvent as each sequence's text becomes
         final, then one GenerationResult. Interrupted (Ctrl-C, a consumer that stops), the request's
         sequences are cancelled and leave the batch."""
+        with contextlib.closing(self._run(prompts, params)) as moves:
+            for move in moves:
+                if isinstance(move, GenerationResult):
+                    yield move
+                    continue
+                seq, position, token_id, text = move
+                if token_id is not None and (text or seq.finished):
+                    yield TokenEvent(position, token_id, text)
+
+    def _run(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None
+             ) -> Iterator[tuple[Sequence, int, int | None, str] | GenerationResult]:
+        """One request stepped to its end: (sequence, its index, token id or None, newly final text)
+        for each of its step events, then the GenerationResult."""
         sequences = self.new_sequences(prompts, params)
         index = {id(seq): position for position, seq in enumerate(sequences)}
         self.add(sequences)
@@ -171,8 +185,8 @@ class Engine:
         try:
             while not all(seq.finished for seq in sequences):
                 for seq, token_id, text in self.step():
-                    if id(seq) in index and token_id is not None and (text or seq.finished):
-                        yield TokenEvent(index[id(seq)], token_id, text)
+                    if id(seq) in index:
+                        yield seq, index[id(seq)], token_id, text
                 tracker.stepped()
         except BaseException:
             self.cancel(sequences)
@@ -191,10 +205,15 @@ class Engine:
     def stream_data(
         self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
     ) -> Iterator[dict[str, Any]]:
-        """`stream()` as plain data (what crosses Ray and HTTP): {"index", "token_id", "text"}
-        events, then {"completions", "stats"}."""
-        for event in self.stream(prompts, params):
-            yield event.to_dict() if isinstance(event, GenerationResult) else event._asdict()
+        """One request as plain data, the events `EngineLoop` sends (`results.sequence_events`):
+        {"index", "token_id", "text"[, "logprob"]}, {"index", "completion"} per sequence, then
+        {"completions", "stats"}."""
+        with contextlib.closing(self._run(prompts, params)) as moves:
+            for move in moves:
+                if isinstance(move, GenerationResult):
+                    yield move.to_dict()
+                else:
+                    yield from sequence_events(*move)
 
     def close(self) -> None:
         """Stop the prefetch threads and free the buffers (safe to call twice)."""

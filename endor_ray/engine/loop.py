@@ -9,6 +9,8 @@ passes produce them:
     {"completions": [...], "stats": {...}}        the whole request finished (last event)
     {"error": "..."}                              the engine failed; the request is over
 
+(the first two from `results.sequence_events`, as `Engine.stream_data` sends them).
+
 Events go to the request's `sink`, a callable run on the stepping thread (an asyncio consumer
 passes `loop.call_soon_threadsafe` wrapped around its queue's put), or by default into a
 thread-safe queue read with `Request.events()`. `cancel(request)` lets its sequences go at the
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from endor_ray.engine.engine import Engine
-from endor_ray.engine.results import Completion, RequestTracker
+from endor_ray.engine.results import RequestTracker, sequence_events
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.engine.sequence import Sequence
 from endor_ray.errors import EndorError
@@ -119,15 +121,8 @@ class EngineLoop:
             request = self._owner.get(id(seq))
             if request is None:
                 continue
-            index = request.index[id(seq)]
-            wants_logprobs = seq.params.logprobs is not None
-            if token_id is not None and (text or seq.finished or wants_logprobs):
-                event = {"index": index, "token_id": token_id, "text": text}
-                if wants_logprobs and seq.output_ids and seq.output_ids[-1] == token_id and seq.logprobs:
-                    event["logprob"] = seq.logprobs[-1]  # (log-probability, [(alternative, log-probability)])
+            for event in sequence_events(seq, request.index[id(seq)], token_id, text):
                 self._send(request, event)
-            if seq.finished:
-                self._send(request, {"index": index, "completion": vars(Completion.of(seq))})
             touched[request.id] = request
         for request in touched.values():
             if request.tracker is not None:

@@ -83,6 +83,26 @@ class GenerationResult(NamedTuple):
         return {"completions": [vars(c).copy() for c in self.completions], "stats": self.stats.to_dict()}
 
 
+def sequence_events(seq: Sequence, index: int, token_id: int | None, text: str) -> list[dict[str, Any]]:
+    """What one step's (sequence, token id or None, newly final text) tells the sequence's request,
+    as plain data (what crosses Ray and HTTP): a token event when text became final, the sequence
+    finished or log-probabilities were asked for, then a completion event if it finished.
+
+        {"index", "token_id", "text"[, "logprob"]}    `logprob`: (log-probability, [(alternative, log-probability)])
+        {"index", "completion": {...}}                Completion's fields
+    """
+    events = []
+    wants_logprobs = seq.params.logprobs is not None
+    if token_id is not None and (text or seq.finished or wants_logprobs):
+        event: dict[str, Any] = {"index": index, "token_id": token_id, "text": text}
+        if wants_logprobs and seq.output_ids and seq.output_ids[-1] == token_id and seq.logprobs:
+            event["logprob"] = seq.logprobs[-1]
+        events.append(event)
+    if seq.finished:
+        events.append({"index": index, "completion": vars(Completion.of(seq))})
+    return events
+
+
 class EngineMetrics:
     """Running figures of the engine (what /health shows): recent passes and finished sequences."""
 
