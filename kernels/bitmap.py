@@ -20,21 +20,27 @@ import triton.language as tl
 
 
 @triton.jit
-def block_run(block_offsets_ptr, block_idx):
-    """(first value index, value count) of block `block_idx`'s run in `values`."""
+def block_run(block_offsets_ptr, BLOCK: tl.constexpr):
+    """(first element, first value index, value count) of this program's block: its run in `values`."""
+    block_idx = tl.program_id(0).to(tl.int64)
     # Load the start first: its latency then hides behind the bitmap loads that follow.
     values_start = tl.load(block_offsets_ptr + block_idx)
     block_count = (tl.load(block_offsets_ptr + block_idx + 1) - values_start).to(tl.int32)
-    return values_start, block_count
+    return block_idx * BLOCK, values_start, block_count
 
 
 @triton.jit
-def chunk_slots(bitmap_ptr, chunk_start, num_bytes, CHUNK: tl.constexpr):
-    """(bits, slot) of the CHUNK elements from `chunk_start`: the bits [CHUNK] int32 (1: kept) and
-    each element's exclusive count of the chunk's set bits before it [CHUNK] int32."""
+def chunk_slots(bitmap_ptr, numel, chunk_start, chunk_first, remaining, CHUNK: tl.constexpr):
+    """(element index, value index, kept, set bits) of the CHUNK elements from `chunk_start`, whose
+    first kept value is `chunk_first` with `remaining` values left in the block: each element's
+    index [CHUNK] int64, its index into `values` [CHUNK] int64, whether it takes that value
+    [CHUNK] bool, and the chunk's count of set bits (int32)."""
     byte_idx = chunk_start // 8 + tl.arange(0, CHUNK // 8)
+    num_bytes = (numel.to(tl.int64) + 7) // 8  # int64: numel may come specialised as int32
     packed = tl.load(bitmap_ptr + byte_idx, mask=byte_idx < num_bytes, other=0).to(tl.int32)
     bits = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1  # [CHUNK // 8, 8]
     bits = tl.reshape(bits, (CHUNK,))  # row-major: element = byte * 8 + bit, LSB first
-    slot = tl.cumsum(bits, axis=0) - bits
-    return bits, slot
+    slot = tl.cumsum(bits, axis=0) - bits  # exclusive: set bits of this chunk before the element
+    # never past the block's own values, whatever the bitmap says (a verified store agrees anyway)
+    kept = (bits != 0) & (slot < remaining)
+    return chunk_start + tl.arange(0, CHUNK), chunk_first + slot, kept, tl.sum(bits, axis=0)

@@ -2,8 +2,7 @@
 
     raw, "bitmap"          expand            (endor_ray.kernels.expand)
     raw, "dense"           a copy of the values
-    int8/int4, "bitmap"    dequantize        (endor_ray.kernels.dequant)
-    int8/int4, "dense"     dequantize_dense  (endor_ray.kernels.dequant)
+    int8/int4, either      dequantize        (endor_ray.kernels.dequant: one kernel per layout)
 
 Each kernel module holds its @triton.jit kernel, its launch wrapper and its torch reference;
 `decompress_reference` dispatches the same way to the references. A further family of value
@@ -20,7 +19,7 @@ import torch
 from endor_ray.errors import FormatError
 from endor_ray.format.quant import QUANTIZED_ENCODINGS
 from endor_ray.format.tensor import EncodedTensor, validate_contents
-from endor_ray.kernels.dequant import dequantize, dequantize_dense, dequantize_reference
+from endor_ray.kernels.dequant import dequantize, dequantize_reference
 from endor_ray.kernels.expand import expand, expand_reference
 from endor_ray.kernels.launch import checked_output
 
@@ -36,7 +35,7 @@ def decompress(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Ten
             return checked_output(enc, out).copy_(enc.values.view(enc.shape))
         return expand(enc, out)
     if enc.values_encoding in QUANTIZED_ENCODINGS:
-        return dequantize_dense(enc, out) if enc.layout == "dense" else dequantize(enc, out)
+        return dequantize(enc, out)
     # A further family goes here, e.g. GGUF block types:
     # if enc.values_encoding in GGUF_ENCODINGS: return dequantize_gguf(enc, out)
     raise FormatError(f"no GPU kernel decodes values encoding {enc.values_encoding!r}; "

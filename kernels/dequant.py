@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from endor_ray.errors import FormatError
+from endor_ray.format.quant import QUANTIZED_ENCODINGS
 from endor_ray.format.tensor import EncodedTensor, decode
 from endor_ray.kernels.bitmap import block_run, chunk_slots
 from endor_ray.kernels.launch import MAX_REGISTERS, checked_output
@@ -78,19 +79,10 @@ def dequantize_kernel(
     QUANT: tl.constexpr,  # 8: int8 codes; 4: int4 codes
     OUT_BF16: tl.constexpr,
 ):
-    block_idx = tl.program_id(0).to(tl.int64)
-    numel = numel.to(tl.int64)
-    block_start = block_idx * BLOCK
-    values_start, block_count = block_run(block_offsets_ptr, block_idx)
-    num_bytes = (numel + 7) // 8
-    chunk_first = values_start  # value index of the current chunk's first value
-    remaining = block_count  # values of this block not yet used by earlier chunks
+    block_start, chunk_first, remaining = block_run(block_offsets_ptr, BLOCK)
     for chunk_start in tl.range(0, BLOCK, CHUNK):
-        elem_idx = block_start + chunk_start + tl.arange(0, CHUNK)
-        bits, slot = chunk_slots(bitmap_ptr, block_start + chunk_start, num_bytes, CHUNK)
-        # never past the block's own values, whatever the bitmap says (a verified store agrees anyway)
-        kept = (bits != 0) & (slot < remaining)
-        value_idx = chunk_first + slot
+        elem_idx, value_idx, kept, chunk_count = chunk_slots(bitmap_ptr, numel, block_start + chunk_start,
+                                                             chunk_first, remaining, CHUNK)
         code = load_codes(values_ptr, value_idx, kept, QUANT)
         row = elem_idx // cols
         row_start = tl.load(row_offsets_ptr + row, mask=kept, other=0)
@@ -98,9 +90,8 @@ def dequantize_kernel(
         # lying row offsets (a damaged tensor) give scale 0, never a read outside the scales
         scale = tl.load(scales_ptr + group, mask=kept & (group >= 0) & (group < num_scales), other=0)
         tl.store(out_ptr + elem_idx, scaled(code, scale, out_ptr, OUT_BF16), mask=elem_idx < numel)
-        chunk_count = tl.sum(bits, axis=0)
-        chunk_first += chunk_count
-        remaining -= chunk_count
+        chunk_first += chunk_count  # value index of the next chunk's first value
+        remaining -= chunk_count  # values of this block not yet used
 
 
 @triton.jit
@@ -136,53 +127,32 @@ def launch_config(block_size: int) -> dict[str, int]:
             "maxnreg": MAX_REGISTERS}
 
 
-def _quantized_args(enc: EncodedTensor, out: torch.Tensor) -> tuple[torch.Tensor, dict[str, int | bool]]:
-    """(the output as the kernels write it, their QUANT/OUT_BF16 flags and launch options)."""
+def dequantize(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode a quantized tensor `enc`, either layout (arrays on the GPU, or on CPU under
+    TRITON_INTERPRET=1), into `out` or a new tensor."""
+    if enc.values_encoding not in QUANTIZED_ENCODINGS:
+        raise FormatError(f"dequantize decodes int8/int4 tensors, got a {enc.values_encoding} one: "
+                          "use endor_ray.kernels.decompress")
+    out = checked_output(enc, out)
+    if enc.numel == 0:
+        return out
     out_bf16 = enc.dtype == torch.bfloat16
     target = out.view(-1).view(torch.int16) if out_bf16 else out.view(-1)  # [numel]
-    flags = {"QUANT": 8 if enc.values_encoding == "int8" else 4, "OUT_BF16": out_bf16}
-    return target, {"BLOCK": enc.block_size, **flags, **launch_config(enc.block_size)}
-
-
-def _check_kind(enc: EncodedTensor, layout: str, what: str) -> None:
-    if enc.layout != layout or not enc.quantized:
-        raise FormatError(f"{what} decodes quantized {layout} tensors, got a {enc.layout} {enc.values_encoding} one: "
-                          "use endor_ray.kernels.decompress")
-
-
-def dequantize(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode a quantized "bitmap" tensor `enc` (arrays on the GPU, or on CPU under
-    TRITON_INTERPRET=1) into `out` or a new tensor."""
-    _check_kind(enc, "bitmap", "dequantize")
-    out = checked_output(enc, out)
-    if enc.numel == 0:
-        return out
-    target, constexprs = _quantized_args(enc, out)
-    dequantize_kernel[(enc.num_blocks,)](
-        enc.bitmap, enc.block_offsets, enc.row_offsets, enc.values, enc.scales, target, enc.numel,
-        enc.rows_cols[1], enc.groups_per_row, enc.group_size, enc.scales.numel(), **constexprs,
-    )
-    return out
-
-
-def dequantize_dense(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode a quantized "dense" tensor `enc` (arrays on the GPU, or on CPU under
-    TRITON_INTERPRET=1) into `out` or a new tensor."""
-    _check_kind(enc, "dense", "dequantize_dense")
-    out = checked_output(enc, out)
-    if enc.numel == 0:
-        return out
-    target, constexprs = _quantized_args(enc, out)
-    dequantize_dense_kernel[(enc.num_blocks,)](
-        enc.values, enc.scales, target, enc.numel, enc.rows_cols[1], enc.groups_per_row, enc.group_size,
-        **constexprs,
-    )
+    constexprs = {"BLOCK": enc.block_size, "QUANT": 8 if enc.values_encoding == "int8" else 4, "OUT_BF16": out_bf16,
+                  **launch_config(enc.block_size)}
+    sizes = (enc.numel, enc.rows_cols[1], enc.groups_per_row, enc.group_size)
+    grid = (enc.num_blocks,)
+    if enc.layout == "dense":
+        dequantize_dense_kernel[grid](enc.values, enc.scales, target, *sizes, **constexprs)
+    else:
+        dequantize_kernel[grid](enc.bitmap, enc.block_offsets, enc.row_offsets, enc.values, enc.scales, target,
+                                *sizes, enc.scales.numel(), **constexprs)
     return out
 
 
 def dequantize_reference(enc: EncodedTensor) -> torch.Tensor:
     """What both kernels compute: the format's own reference decode (`endor_ray.format.decode`),
     which defines the dequantized values they must reproduce bit for bit."""
-    if not enc.quantized:
-        raise FormatError(f"dequantize_reference decodes quantized tensors, got a {enc.values_encoding} one")
+    if enc.values_encoding not in QUANTIZED_ENCODINGS:
+        raise FormatError(f"dequantize_reference decodes int8/int4 tensors, got a {enc.values_encoding} one")
     return decode(enc)

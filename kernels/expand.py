@@ -40,23 +40,14 @@ def expand_kernel(
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    block_idx = tl.program_id(0).to(tl.int64)
-    numel = numel.to(tl.int64)
-    block_start = block_idx * BLOCK
-    values_start, block_count = block_run(block_offsets_ptr, block_idx)
-    num_bytes = (numel + 7) // 8
-    chunk_first = values_start  # value index of the current chunk's first value
-    remaining = block_count  # values of this block not yet used by earlier chunks
+    block_start, chunk_first, remaining = block_run(block_offsets_ptr, BLOCK)
     for chunk_start in tl.range(0, BLOCK, CHUNK):
-        elem_idx = block_start + chunk_start + tl.arange(0, CHUNK)
-        bits, slot = chunk_slots(bitmap_ptr, block_start + chunk_start, num_bytes, CHUNK)
-        # never past the block's own values, whatever the bitmap says (a verified store agrees anyway)
-        kept = (bits != 0) & (slot < remaining)
-        vals = tl.load(values_ptr + chunk_first + slot, mask=kept, other=0)
+        elem_idx, value_idx, kept, chunk_count = chunk_slots(bitmap_ptr, numel, block_start + chunk_start,
+                                                             chunk_first, remaining, CHUNK)
+        vals = tl.load(values_ptr + value_idx, mask=kept, other=0)
         tl.store(out_ptr + elem_idx, vals, mask=elem_idx < numel)
-        chunk_count = tl.sum(bits, axis=0)
-        chunk_first += chunk_count
-        remaining -= chunk_count
+        chunk_first += chunk_count  # value index of the next chunk's first value
+        remaining -= chunk_count  # values of this block not yet used
 
 
 def launch_config(block_size: int) -> dict[str, int]:
