@@ -62,7 +62,7 @@ def main() -> None:
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app({"store": str(store), "model_name": "load", "max_batch_size": 32}), name="endor",
+        serve.run(build_app({"store": str(store), "model_name": "load", "scheduler.max_num_seqs": 32}), name="endor",
                   route_prefix="/")
         client = OpenAI(base_url=f"{BASE}/v1", api_key="unused", timeout=600, max_retries=0)
         client.completions.create(model="load", prompt="warm up", max_tokens=2, temperature=0)

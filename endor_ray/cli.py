@@ -1,21 +1,25 @@
 """The `endor` command: convert, inspect and export compressed model stores.
 
-    endor convert SRC DST [--sparsity 0.5] [--method wanda|sparsegpt|magnitude] [--values raw|int8|int4]
+    endor convert SRC DST [--sparsity 0.5] [--method wanda|sparsegpt|magnitude] [--values raw|int8|int4|keep]
                           [--group-size 128] [--bytes-per-weight B] [--format endor|dense]
                           [--dtype float16|bfloat16|float32] [--calib-text FILE] [--force]
     endor inspect STORE [--json]
     endor export STORE OUT [--force]
     endor generate STORE --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
-                   [--top-p P] [--seed S] [--stop S] [--chat] [--gpu-memory SIZE] [--host-memory SIZE]
-                   [--prefetch D] [--device DEV] [--json] [--address ADDR | --in-process]
+                   [--top-p P] [--seed S] [--stop S] [--chat] [--json] [--in-process] [engine, scheduler
+                   and cluster options: --gpu-memory SIZE --prefetch-depth D --max-num-seqs N --address ADDR ...]
 
 `endor generate` runs on Ray: shard servers hold the layers, a GPU worker streams them. Without
 --address a local single-node Ray is started and stopped; --in-process skips Ray altogether.
     endor verify STORE --prompt TEXT [--max-new-tokens N]   (exit 0 iff identical to transformers)
     endor serve STORE [--host 127.0.0.1] [--port 8000] [--address ADDR]   (OpenAI-compatible API)
 
-SRC is a local Hugging Face checkpoint directory or ``smollm2-135m`` (the embedded default
-model). STORE is a local path or a pyarrow.fs URI (file://, s3://, gs://, hdfs://). Errors caused
+The engine, scheduler and cluster options are the same flags in every command (and in the batch
+job): `endor_ray.utils.options` declares them once, named for the config fields they set.
+
+SRC is a local Hugging Face checkpoint directory, a GGUF file or ``smollm2-135m`` (the embedded
+default model, a Q4_1 GGUF). A GGUF keeps its own blocks unless --sparsity, --values or
+--bytes-per-weight asks to re-compress it. STORE is a local path or a pyarrow.fs URI (file://, s3://, gs://, hdfs://). Errors caused
 by input print one line and exit 1; Ctrl-C exits 130 and leaves nothing half-written.
 """
 
@@ -37,11 +41,16 @@ from endor_ray.utils.units import human_bytes
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from endor_ray.compress.convert import ConvertConfig, convert
+    from endor_ray.compress.convert import KEEP, ConvertConfig, convert
+    from endor_ray.compress.default_model import is_gguf
 
+    values = args.values
+    if values is None:  # a GGUF keeps its own blocks unless a flag asks to re-compress it
+        compressing = args.sparsity is not None or args.bytes_per_weight is not None
+        values = KEEP if is_gguf(args.src) and not compressing else "raw"
     config = ConvertConfig(
         sparsity=args.sparsity, method=args.method, store_format=args.format, dtype=args.dtype,
-        values=args.values, group_size=args.group_size, bytes_per_weight=args.bytes_per_weight,
+        values=values, group_size=args.group_size, bytes_per_weight=args.bytes_per_weight,
         block_size=args.block_size, calib_text=args.calib_text, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, seed=args.seed, force=args.force,
     )
@@ -63,7 +72,9 @@ def print_summary(summary: dict, per_layer: bool = True, per_tensor: bool = Fals
     print(f"model   {summary['model_type']}, {len(summary['layers'])} layers, {summary['dtype']}")
     values = compression.get("values", "raw")
     mixed = compression.get("bytes_per_weight") is not None
-    if mixed:
+    if compression["method"] == "gguf":
+        print(f"values  {values}: the GGUF file's own blocks, kept as they are, format {compression['format']}")
+    elif mixed:
         print(f"pruning {compression['method']}, mixed precision per tensor within {compression['bytes_per_weight']} "
               f"bytes per weight, format {compression['format']}, block size {compression['block_size']}")
     else:
@@ -125,12 +136,14 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
-def _engine_config(args: argparse.Namespace):
-    from endor_ray.engine.engine import EngineConfig
+def _sections(*names: str) -> dict:
+    """The default configs of a command's nested settings (`endor_ray.utils.options`), by section name."""
+    from endor_ray.engine.config import EngineConfig
+    from endor_ray.engine.scheduler import SchedulerConfig
+    from endor_ray.service.driver import ClusterConfig
 
-    return EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
-                        prefetch_depth=args.prefetch, disk_io=getattr(args, "disk_io", "buffered"),
-                        compute_dtype=getattr(args, "compute_dtype", None))
+    made = {"engine": EngineConfig, "scheduler": SchedulerConfig, "cluster": ClusterConfig}
+    return {name: made[name]() for name in names}
 
 
 def _check_prompts(args: argparse.Namespace, store) -> list[str]:
@@ -160,7 +173,7 @@ def _engine(args: argparse.Namespace):
 
     store = _open_store(args.store)
     _check_prompts(args, store)  # before the (slow) engine start
-    return Engine(store, _engine_config(args), progress=not getattr(args, "json", False))
+    return Engine(store, args.engine, progress=not getattr(args, "json", False), scheduler=args.scheduler)
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
@@ -211,12 +224,11 @@ def _generate_in_process(args: argparse.Namespace, params) -> Iterator[dict]:
 
 def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
     """The same events from the Ray service (a local single-node Ray unless --address is given)."""
-    from endor_ray.service.driver import ClusterConfig, connect
+    from endor_ray.service.driver import connect
 
     prompts = _check_prompts(args, _open_store(args.store))  # before Ray starts
-    cluster = ClusterConfig(address=args.address, num_workers=args.workers, shard_memory=args.shard_memory)
     started = time.perf_counter()
-    with connect(args.store, _engine_config(args), cluster) as service:
+    with connect(args.store, args.engine, args.cluster, scheduler=args.scheduler) as service:
         if service.started_ray and not args.json:
             print(f"(started a local Ray for this command: {time.perf_counter() - started:.0f} s with the service; "
                   "`ray start --head --node-ip-address=127.0.0.1` keeps one running for the next commands)",
@@ -257,30 +269,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from endor_ray.serve.app import ServeConfig, run_server
 
     _open_store(args.store)  # a bad store fails here, before Ray and Serve start
-    config = ServeConfig(store=args.store, model_name=args.model_name, address=args.address, device=args.device,
-                         compute_dtype=args.compute_dtype, api_key=args.api_key, protect_health=args.protect_health,
-                         gpu_memory=args.gpu_memory, prefetch=args.prefetch, num_workers=args.workers,
-                         shard_memory=args.shard_memory, max_batch_size=args.max_batch_size,
-                         max_waiting=args.max_waiting)
+    config = ServeConfig(store=args.store, model_name=args.model_name, api_key=args.api_key,
+                         protect_health=args.protect_health, engine=args.engine, scheduler=args.scheduler,
+                         cluster=args.cluster)
     run_server(config, args.host, args.port)
 
 
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_generation_arguments(parser: argparse.ArgumentParser, sections: dict) -> None:
+    """The arguments of `generate` and `verify`: store, prompts, and the nested settings' flags."""
     parser.add_argument("store", help="store path or URI")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
-    parser.add_argument("--gpu-memory", default=None,
-                        help="device tier: a size (8GiB) or a layer count (12); default: 90%% of free GPU "
-                             "memory, or on CPU half the available memory")
-    parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB); default: all")
-    parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead (default 2)")
-    parser.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="compute in this dtype (default: the store's); float32 over a bf16 store makes greedy "
-                             "answers independent of the batch")
-    parser.add_argument("--disk-io", choices=["buffered", "direct"], default="buffered",
-                        help="disk-tier reads through the page cache (default) or with O_DIRECT, leaving it alone")
+    _add_sections(parser, sections)
+
+
+def _add_sections(parser: argparse.ArgumentParser, sections: dict) -> None:
+    from endor_ray.utils.options import add_options
+
+    add_options(parser, sections)
+    parser.set_defaults(sections=sections)  # main() maps the flags given onto these (args.engine, ...)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,13 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.subcommands = sub.choices  # name -> its parser, for errors in the subcommand's words
 
     convert = sub.add_parser("convert", help="prune a checkpoint and write a compressed store")
-    convert.add_argument("src", help=f"local HF checkpoint directory, or {DEFAULT_MODEL_NAME!r} (embedded)")
+    convert.add_argument("src", help=f"local HF checkpoint directory, GGUF file, or {DEFAULT_MODEL_NAME!r} (embedded)")
     convert.add_argument("dst", help="store directory to create")
-    convert.add_argument("--sparsity", type=float, default=0.5, help="fraction of each row pruned, in [0, 1)")
+    convert.add_argument("--sparsity", type=float, default=None,
+                         help="fraction of each row pruned, in [0, 1) (default 0.5; a GGUF: 0, its blocks kept)")
     convert.add_argument("--method", default="wanda", help="wanda (default), sparsegpt (prunes and quantizes "
                          "jointly, altering kept weights) or magnitude")
-    convert.add_argument("--values", default="raw", help="kept values of Linear weights: raw (the stored dtype, "
-                         "default), int8 or int4 (with one scale per --group-size kept values)")
+    convert.add_argument("--values", default=None, help="kept values of Linear weights: raw (the stored dtype, "
+                         "default), int8 or int4 (with one scale per --group-size kept values), or keep (a GGUF's "
+                         "own blocks as they are: the default for a GGUF when --sparsity and --bytes-per-weight "
+                         "are not given)")
     convert.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="kept values per scale (128)")
     convert.add_argument("--bytes-per-weight", type=float, default=None,
                          help="mixed precision: choose each tensor's sparsity and values to fit this many bytes "
@@ -334,45 +345,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     generate = sub.add_parser("generate", help="generate with layers streamed from a store")
-    _add_engine_arguments(generate)
+    _add_generation_arguments(generate, _sections("engine", "scheduler", "cluster"))
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--json", action="store_true", help="print one JSON object with completions and stats")
-    generate.add_argument("--address", default=None,
-                          help="Ray cluster to use: auto, ray://host:port or host:port (default: start a local Ray)")
-    generate.add_argument("--in-process", action="store_true", help="run the engine in this process, without Ray")
-    generate.add_argument("--workers", type=int, default=1, help="GPU worker replicas (Ray mode)")
-    generate.add_argument("--shard-memory", default=None,
-                          help="host memory per node for shard servers (Ray mode; default 70%% of its object store)")
+    generate.add_argument("--in-process", action="store_true",
+                          help="run the engine in this process, without Ray (the cluster options do not apply)")
     generate.set_defaults(func=cmd_generate)
 
     verify = sub.add_parser("verify", help="check greedy tokens against plain transformers on the same weights")
-    _add_engine_arguments(verify)
+    _add_generation_arguments(verify, _sections("engine", "scheduler"))
     verify.set_defaults(func=cmd_verify)
 
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible API with Ray Serve")
     serve.add_argument("store", help="store path or URI (readable from every node)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--address", default=None, help="Ray cluster (default: start a local Ray)")
     serve.add_argument("--model-name", default=None, help="model id clients use (default: the store's folder name)")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--gpu-memory", default=None, help="device tier: a size (8GiB) or a layer count (12)")
-    serve.add_argument("--prefetch", type=int, default=2)
-    serve.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                       help="compute dtype (default: the store's); float32 makes answers independent of the batch")
-    serve.add_argument("--workers", type=int, default=1, help="GPU worker replicas")
-    serve.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="sequences per pass over the weights (requests join and leave at every pass)")
     serve.add_argument("--api-key", default=None,
                        help="clients must send 'Authorization: Bearer KEY' (default: $ENDOR_API_KEY, else open)")
     serve.add_argument("--protect-health", action="store_true", help="with an API key, /health and /metrics need it too")
-    serve.add_argument("--max-waiting", type=int, default=1024,
-                       help="sequences queued beyond the running batch; more get HTTP 429")
+    _add_sections(serve, _serve_sections())
     serve.set_defaults(func=cmd_serve)
     return parser
+
+
+def _serve_sections() -> dict:
+    """`endor serve`'s defaults are the Serve app's (ServeConfig: 32 sequences per pass, 1,024 waiting)."""
+    from endor_ray.serve.config import ServeConfig
+    from endor_ray.utils.options import sections_of
+
+    return sections_of(ServeConfig)
 
 
 WRITES_FILES = ("convert", "export")  # commands whose Ctrl-C message says nothing was half written
@@ -383,15 +388,18 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the subcommand, with its usage (argparse would show the top-level one)
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if getattr(args, "address", "given") is None and not getattr(args, "in_process", False):
-        from endor_ray.service.ray_session import use_loopback_ray
-
-        use_loopback_ray()  # the local Ray this command starts stays on 127.0.0.1
-    elif getattr(args, "address", None):
-        from endor_ray.service.ray_session import use_token_if_present
-
-        use_token_if_present()  # a cluster started with Ray's defaults wants a token
     try:
+        if hasattr(args, "sections"):
+            from endor_ray.utils.options import configs_from
+
+            vars(args).update(configs_from(vars(args), args.sections))  # args.engine, args.scheduler, args.cluster
+        if hasattr(args, "cluster") and not getattr(args, "in_process", False):
+            from endor_ray.service.ray_session import use_loopback_ray, use_token_if_present
+
+            if args.cluster.address is None:
+                use_loopback_ray()  # the local Ray this command starts stays on 127.0.0.1
+            else:
+                use_token_if_present()  # a cluster started with Ray's defaults wants a token
         code = args.func(args)
     except EndorError as exc:
         print(f"endor {args.command}: error: {exc}", file=sys.stderr)

@@ -236,14 +236,75 @@ def test_serve_args_from_the_command_line_and_yaml():
     from endor_ray.errors import ConfigError
     from endor_ray.serve.config import serve_config_from_args
 
-    strings = serve_config_from_args({"store": "s", "max_batch_size": "8", "gpu_memory": "12", "protect_health": "true"})
-    typed = serve_config_from_args({"store": "s", "max_batch_size": 8, "gpu_memory": 12, "protect_health": True})
-    assert strings == typed and strings.max_batch_size == 8 and strings.gpu_memory == 12 and strings.protect_health
-    assert serve_config_from_args({"store": "s", "gpu_memory": "8GiB"}).gpu_memory == "8GiB"
+    strings = serve_config_from_args({"store": "s", "scheduler.max_num_seqs": "8", "engine.gpu_memory": "12",
+                                      "protect_health": "true"})
+    typed = serve_config_from_args({"store": "s", "scheduler": {"max_num_seqs": 8}, "engine": {"gpu_memory": 12},
+                                    "protect_health": True})
+    assert strings == typed and strings.scheduler.max_num_seqs == 8 and strings.engine.gpu_memory == 12 and strings.protect_health
+    assert serve_config_from_args({"store": "s", "engine.gpu_memory": "8GiB"}).engine.gpu_memory == "8GiB"
     with pytest.raises(ConfigError, match="must be a number"):
-        serve_config_from_args({"store": "s", "max_batch_size": "eight"})
+        serve_config_from_args({"store": "s", "scheduler.max_num_seqs": "eight"})
     with pytest.raises(ConfigError, match="unknown Serve app arguments"):
         serve_config_from_args({"store": "s", "batch_wait_ms": "5"})
+
+
+def test_older_flat_serve_args_name_their_nested_spelling():
+    from endor_ray.errors import ConfigError
+    from endor_ray.serve.config import environment_names, serve_config_from_args
+
+    with pytest.raises(ConfigError, match=r"max_batch_size is scheduler\.max_num_seqs, prefetch is engine\.prefetch_depth"):
+        serve_config_from_args({"store": "s", "max_batch_size": "8", "prefetch": "2"})
+    with pytest.raises(ConfigError, match=r"unknown Serve app arguments \['engine.prefetch'\]"):
+        serve_config_from_args({"store": "s", "engine": {"prefetch": 2}})
+    names = environment_names()
+    assert names["ENDOR_SCHEDULER_MAX_NUM_SEQS"] == "scheduler.max_num_seqs" and names["ENDOR_STORE"] == "store"
+
+
+def test_engine_options_are_declared_once_for_every_entry_point():
+    """Every field of the engine, scheduler and cluster configs has one flag, and every entry point has
+    the same flags, mapped onto the same fields; each entry point keeps its own defaults."""
+    import dataclasses
+
+    from endor_ray.engine.config import EngineConfig
+    from endor_ray.engine.scheduler import SchedulerConfig
+    from endor_ray.errors import ConfigError
+    from endor_ray.jobs.config import job_config
+    from endor_ray.jobs.generate import build_parser as job_parser
+    from endor_ray.service.driver import ClusterConfig
+    from endor_ray.cli import build_parser
+    from endor_ray.utils.options import OPTIONS, UNFLAGGED, configs_from
+
+    classes = {"engine": EngineConfig, "scheduler": SchedulerConfig, "cluster": ClusterConfig}
+    for section, cls in classes.items():
+        flagged = [option.field for option in OPTIONS[section]]
+        assert sorted(flagged + sorted(UNFLAGGED.get(section, ()))) == sorted(f.name for f in dataclasses.fields(cls))
+    subcommands = build_parser().subcommands
+
+    def dests(parser) -> set[str]:
+        return {action.dest for action in parser._actions if "." in action.dest}
+
+    everything = {f"{section}.{option.field}" for section in classes for option in OPTIONS[section]}
+    assert dests(subcommands["generate"]) == dests(subcommands["serve"]) == dests(job_parser()) == everything
+    assert dests(subcommands["verify"]) == {name for name in everything if not name.startswith("cluster.")}
+
+    flags = ["--prefetch", "3", "--disk-io", "direct", "--host-memory", "1GiB", "--max-batch-size", "5", "--workers",
+             "2", "--no-spill-to-disk", "--gpu-memory", "12"]
+    args = subcommands["generate"].parse_args(["some/store", *flags])
+    configs = configs_from(vars(args), args.sections)
+    assert configs["engine"] == EngineConfig(prefetch_depth=3, disk_io="direct", host_memory="1GiB", gpu_memory=12)
+    assert configs["scheduler"] == SchedulerConfig(max_num_seqs=5)
+    assert configs["cluster"] == ClusterConfig(num_workers=2, spill_to_disk=False)
+    with pytest.raises(ConfigError, match="engine has no setting prefetch"):
+        configs_from({"engine.prefetch": 2}, args.sections)
+    serve_args = subcommands["serve"].parse_args(["some/store", *flags])
+    assert configs_from(vars(serve_args), serve_args.sections) == {**configs, "scheduler": SchedulerConfig(5, max_waiting=1024)}
+    job = job_config(job_parser().parse_args(["--store", "s", "--input", "i", "--output", "o", *flags]))
+    assert (job.engine, job.cluster) == (configs["engine"], dataclasses.replace(configs["cluster"], timeout_s=600.0))
+    # the defaults users have seen: a server 32 sequences per pass and 1,024 waiting; a job 64 and 600 s
+    serve_default = subcommands["serve"].parse_args(["s"])
+    assert configs_from(vars(serve_default), serve_default.sections)["scheduler"] == SchedulerConfig(32, max_waiting=1024)
+    job = job_config(job_parser().parse_args(["--store", "s", "--input", "i", "--output", "o"]))
+    assert job.scheduler == SchedulerConfig(64) and job.cluster.timeout_s == 600.0 and job.engine == EngineConfig()
 
 
 def test_serve_build_writes_a_deployable_config(tiny_stores, tmp_path):
@@ -253,7 +314,7 @@ def test_serve_build_writes_a_deployable_config(tiny_stores, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     serve = Path(sys.executable).with_name("serve")
-    env = {**os.environ, "ENDOR_STORE": str(tiny_stores["opt"]), "ENDOR_MAX_BATCH_SIZE": "8"}
+    env = {**os.environ, "ENDOR_STORE": str(tiny_stores["opt"]), "ENDOR_SCHEDULER_MAX_NUM_SEQS": "8"}
     done = subprocess.run([serve, "build", "endor_ray.serve:application", "-o", tmp_path / "serve.yaml"], capture_output=True,
                           text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

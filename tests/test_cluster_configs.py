@@ -83,10 +83,13 @@ def test_rayservice_application_matches_build_app():
     assert callable(getattr(serve, attribute))
     assert "store" in app["args"]
     assert set(app["args"]) <= serve.APP_ARGS, set(app["args"]) - serve.APP_ARGS
+    from endor_ray.serve.config import serve_config_from_args
+
+    serve_config_from_args(app["args"])  # the nested settings and the values are valid too
 
 
 def test_rayjob_entrypoint_parses_with_the_job_parser():
-    from endor_ray.engine import EngineConfig
+    from endor_ray.jobs.config import job_config
     from endor_ray.jobs.generate import build_parser
 
     program, flag, module, *argv = shlex.split(load("rayjob.yaml")["spec"]["entrypoint"])
@@ -94,7 +97,7 @@ def test_rayjob_entrypoint_parses_with_the_job_parser():
     importlib.import_module(module)
     args = build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown flag
     assert args.store.startswith("s3://") and args.output.endswith("/")
-    EngineConfig(gpu_memory=args.gpu_memory, prefetch_depth=args.prefetch)  # the values are valid too
+    job_config(args)  # the values are valid too
 
 
 def test_local_cluster_script():

@@ -25,8 +25,8 @@ def server(tiny_stores):
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        app = build_app({"store": str(tiny_stores["llama-gqa"]), "model_name": "tiny", "gpu_memory": 0,
-                         "max_batch_size": 32})
+        app = build_app({"store": str(tiny_stores["llama-gqa"]), "model_name": "tiny", "engine.gpu_memory": 0,
+                         "scheduler.max_num_seqs": 32})
         serve.run(app, name="endor", route_prefix="/")
         yield str(tiny_stores["llama-gqa"])
     finally:
@@ -261,7 +261,7 @@ def test_api_key(server):
 
     from endor_ray.serve import build_app
 
-    serve.run(build_app({"store": server, "model_name": "locked", "gpu_memory": 0, "api_key": "s3cret"}),
+    serve.run(build_app({"store": server, "model_name": "locked", "engine": {"gpu_memory": 0}, "api_key": "s3cret"}),
               name="locked", route_prefix="/locked")
     try:
         url = f"{BASE}/locked/v1"

@@ -3,6 +3,7 @@ Parquet parts out, resumable in O(rows).
 
     python -m endor_ray.jobs.generate --store STORE --input prompts.jsonl --output out/ \\
         [--workers 2] [--batch-size 64] [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--seed S]
+        [the engine, scheduler and cluster options of `endor generate`: --gpu-memory, --prefetch-depth, ...]
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m endor_ray.jobs.generate \\
         --store s3://bucket/stores/model --input s3://bucket/prompts/ --output s3://bucket/out/
 
@@ -34,6 +35,7 @@ import time
 from typing import Any
 
 from endor_ray.errors import ConfigError, EndorError
+from endor_ray.jobs.config import JobConfig, default_of, job_config
 from endor_ray.jobs.parts import OUTPUT_SCHEMA, PartFolder
 
 
@@ -43,25 +45,25 @@ def in_submitted_job() -> bool:
     return "job_submission_id" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
 
 
-def check_output(args: argparse.Namespace) -> None:
+def check_output(config: JobConfig) -> None:
     """Fail before any work where the output would be lost."""
-    if in_submitted_job() and "://" not in args.output and not os.path.isabs(args.output):
+    if in_submitted_job() and "://" not in config.output and not os.path.isabs(config.output):
         raise ConfigError(
-            f"--output {args.output} is relative: inside a Ray job it would be written into the job's temporary "
+            f"--output {config.output} is relative: inside a Ray job it would be written into the job's temporary "
             f"copy of the working directory ({os.getcwd()}), which Ray deletes; give an absolute path on a disk "
             "the head node keeps, or an object-store URI")
 
 
-def check_store(args: argparse.Namespace) -> None:
+def check_store(config: JobConfig) -> None:
     """Fail before starting the service where the store cannot be read from this node."""
     from endor_ray.errors import StoreError
     from endor_ray.store import Store
 
     try:
-        Store(args.store)
+        Store(config.store)
     except StoreError as exc:
         hint = ""
-        if in_submitted_job() and "://" not in args.store and not os.path.isabs(args.store):
+        if in_submitted_job() and "://" not in config.store and not os.path.isabs(config.store):
             hint = (" (inside a Ray job a relative store path is read from the uploaded working directory, which "
                     "leaves out what .gitignore names, such as stores/: give an absolute path or a URI)")
         raise StoreError(f"{exc}{hint}") from None
@@ -94,63 +96,57 @@ class GenerateBatches:
                          "bytes_per_step": [float(stats["bytes_to_device_per_step"])]})
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(config: JobConfig) -> dict[str, Any]:
     import ray
 
-    from endor_ray.engine.sampling import SamplingParams
     from endor_ray.jobs.dataset import prompts_dataset, todo_dataset
     from endor_ray.service.ray_session import init_ray
 
-    check_output(args)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)
-    folder = PartFolder(args.output)
-    job = {"store": args.store, "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                                             "top_p": args.top_p, "seed": args.seed}, "schema": 1}
-    address = args.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    started_ray = init_ray(address, args.timeout)
+    check_output(config)
+    params = config.sampling
+    folder = PartFolder(config.output)
+    job = {"store": config.store, "sampling": {"max_new_tokens": config.max_new_tokens,
+                                               "temperature": config.temperature, "top_p": config.top_p,
+                                               "seed": config.seed}, "schema": 1}
+    address = config.cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    started_ray = init_ray(address, config.cluster.timeout_s)
     try:
-        dataset, total = prompts_dataset(args.input, args.prompt_column, args.id_column)
+        dataset, total = prompts_dataset(config.input, config.prompt_column, config.id_column)
         folder.claim(job)
         done = folder.done_ids()
-        print(f"endor-job: {total} prompts, {len(done)} already in {args.output}, {total - len(done)} to generate",
+        print(f"endor-job: {total} prompts, {len(done)} already in {config.output}, {total - len(done)} to generate",
               file=sys.stderr, flush=True)
         summary = {"rows_total": total, "rows_skipped": len(done), "rows_generated": 0, "tokens": 0}
         if total > len(done):
-            check_store(args)
-            summary.update(generate(args, todo_dataset(dataset, done), params, folder))
+            check_store(config)
+            summary.update(generate(config, todo_dataset(dataset, done), params, folder))
         folder.write_summary(summary)
         print(f"endor-job: done: {summary['rows_generated']} new rows, {summary['tokens']} tokens"
               + (f" at {summary['tokens_per_s']:.1f} tokens/s, {summary['sequences_per_step']:.1f} sequences per pass"
-                 if summary["rows_generated"] else "") + f"; parts in {args.output}", file=sys.stderr, flush=True)
+                 if summary["rows_generated"] else "") + f"; parts in {config.output}", file=sys.stderr, flush=True)
         return summary
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def generate(args, todo, params, folder: PartFolder) -> dict[str, Any]:
+def generate(config: JobConfig, todo, params, folder: PartFolder) -> dict[str, Any]:
     import ray
 
-    from endor_ray.engine.engine import EngineConfig
-    from endor_ray.engine.scheduler import SchedulerConfig
-    from endor_ray.service.driver import ClusterConfig, connect
+    from endor_ray.service.driver import connect
 
-    engine_config = EngineConfig(device=args.device, gpu_memory=args.gpu_memory, host_memory=args.host_memory,
-                                 prefetch_depth=args.prefetch)
-    cluster = ClusterConfig(address="auto", num_workers=args.workers, shard_memory=args.shard_memory,
-                            timeout_s=args.timeout)
-    scheduler = SchedulerConfig(max_num_seqs=args.batch_size)  # each pass holds this many sequences
+    batch_size, num_workers, timeout_s = config.scheduler.max_num_seqs, config.cluster.num_workers, config.cluster.timeout_s
     started = time.monotonic()
     totals = {"rows_generated": 0, "tokens": 0, "steps": 0, "weighted_sequences": 0.0, "bytes": 0.0}
-    with connect(args.store, engine_config, cluster, scheduler=scheduler) as service:
+    # The driver is on the cluster already (run() joined it), so connect() uses that one
+    with connect(config.store, config.engine, config.cluster, scheduler=config.scheduler) as service:
         # Two map actors per GPU worker, batches of twice a pass: while one batch is being committed
         # the worker already runs the other's sequences, so its passes stay full.
         mapped = todo.map_batches(
-            GenerateBatches, batch_size=2 * args.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2 * args.workers),
+            GenerateBatches, batch_size=2 * batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2 * num_workers),
             num_cpus=0, fn_constructor_kwargs={"workers": service.workers, "params": [params],
-                                               "output": args.output, "timeout_s": args.timeout})
+                                               "output": config.output, "timeout_s": timeout_s})
         for counts in mapped.iter_rows():
             totals["rows_generated"] += counts["rows"]
             totals["tokens"] += counts["tokens"]
@@ -162,50 +158,49 @@ def generate(args, todo, params, folder: PartFolder) -> dict[str, Any]:
     return {"rows_generated": totals["rows_generated"], "tokens": totals["tokens"], "wall_s": wall,
             "rows_per_s": totals["rows_generated"] / wall, "tokens_per_s": totals["tokens"] / wall,
             "sequences_per_step": totals["weighted_sequences"] / steps, "bytes_per_step": totals["bytes"] / steps,
-            "workers": args.workers}
+            "workers": num_workers}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from endor_ray.utils.options import add_options, sections_of
+
     parser = argparse.ArgumentParser(prog="python -m endor_ray.jobs.generate",
                                      description="Batch generation with endor-ray on Ray Data (resumable).")
     parser.add_argument("--store", required=True, help="store path or URI (readable from every node)")
     parser.add_argument("--input", required=True, help="JSONL or Parquet: a file, a folder, or a URI")
     parser.add_argument("--output", required=True, help="output folder (or URI) of Parquet parts")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per pass over the weights")
-    parser.add_argument("--address", default=None, help="Ray cluster (default: the job's, else a local Ray)")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    parser.add_argument("--gpu-memory", default=None, help="device tier: a size (8GiB) or a layer count (12)")
-    parser.add_argument("--host-memory", default=None, help="host memory for compressed layers (64GiB)")
-    parser.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead")
-    parser.add_argument("--workers", type=int, default=1, help="GPU workers sharing the shard servers")
-    parser.add_argument("--shard-memory", default=None, help="host memory per node for shard servers")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per batch and for start-up")
-    parser.add_argument("--prompt-column", default="prompt")
-    parser.add_argument("--id-column", default="id")
+    parser.add_argument("--max-new-tokens", type=int, default=default_of("max_new_tokens"))
+    parser.add_argument("--temperature", type=float, default=default_of("temperature"))
+    parser.add_argument("--top-p", type=float, default=default_of("top_p"))
+    parser.add_argument("--seed", type=int, default=default_of("seed"))
+    parser.add_argument("--prompt-column", default=default_of("prompt_column"))
+    parser.add_argument("--id-column", default=default_of("id_column"))
+    # --batch-size (scheduler.max_num_seqs) also sizes the Ray Data batches; --timeout (cluster.timeout_s)
+    # bounds the start-up and each batch.
+    add_options(parser, sections_of(JobConfig))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        config = job_config(args)
+    except EndorError as exc:
+        print(f"endor-job: error: {exc}", file=sys.stderr)
+        return 1
     from endor_ray.service.ray_session import use_loopback_ray, use_token_if_present
 
-    if args.address is None and not os.environ.get("RAY_ADDRESS"):
+    if config.cluster.address is None and not os.environ.get("RAY_ADDRESS"):
         use_loopback_ray()  # the local Ray this job starts stays on 127.0.0.1
     else:
         use_token_if_present()  # a cluster started with Ray's defaults wants a token
     try:
-        if args.batch_size < 1 or args.workers < 1:
-            raise ConfigError("--batch-size and --workers must be >= 1")
-        run(args)
+        run(config)
     except EndorError as exc:
         print(f"endor-job: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"endor-job: interrupted; the parts committed so far are in {args.output}", file=sys.stderr)
+        print(f"endor-job: interrupted; the parts committed so far are in {config.output}", file=sys.stderr)
         return 130
     return 0
 

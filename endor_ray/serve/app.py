@@ -30,7 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from endor_ray.serve import openai_api as api
-from endor_ray.serve.config import APP_ARGS, ServeConfig, serve_config_from_args
+from endor_ray.serve.config import APP_ARGS, ServeConfig, environment_names, serve_config_from_args
 from endor_ray.errors import ConfigError, EndorError
 
 log = logging.getLogger("ray.serve")  # Serve's logger: its handlers add the replica and request context
@@ -83,21 +83,15 @@ class EndorServer:
     worker's stream)."""
 
     def __init__(self, config: ServeConfig):
-        from endor_ray.engine.engine import EngineConfig, load_tokenizer
-        from endor_ray.engine.scheduler import SchedulerConfig
+        from endor_ray.engine.engine import load_tokenizer
         from endor_ray.serve.metrics import ServeMetrics
-        from endor_ray.service.driver import ClusterConfig, connect
+        from endor_ray.service.driver import connect
         from endor_ray.store.store import Store
 
         self.config = config
         self.api_key = config.api_key or os.environ.get("ENDOR_API_KEY") or None
         store = Store(config.store)
-        engine_config = EngineConfig(device=config.device, gpu_memory=config.gpu_memory,
-                                     prefetch_depth=config.prefetch, compute_dtype=config.compute_dtype)
-        scheduler = SchedulerConfig(max_num_seqs=config.max_batch_size, max_waiting=config.max_waiting)
-        self.service = connect(config.store, engine_config,
-                               ClusterConfig(num_workers=config.num_workers, shard_memory=config.shard_memory),
-                               scheduler=scheduler)
+        self.service = connect(config.store, config.engine, config.cluster, scheduler=config.scheduler)
         context = int(store.config.get("max_position_embeddings") or 2**31)
         self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context, config.default_max_tokens)
         self.metrics = ServeMetrics(config.served_name)
@@ -280,8 +274,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 def app_from_environment() -> serve.Application:
     """`endor_ray.serve:application`, the Application `serve build` wants: the arguments of `build_app`
-    from ENDOR_<ARG> environment variables (ENDOR_STORE=s3://... ENDOR_MAX_BATCH_SIZE=16 ...)."""
-    args = {name: os.environ[f"ENDOR_{name.upper()}"] for name in APP_ARGS if f"ENDOR_{name.upper()}" in os.environ}
+    from ENDOR_<ARG> environment variables (ENDOR_STORE=s3://... ENDOR_SCHEDULER_MAX_NUM_SEQS=16 ...)."""
+    args = {name: os.environ[variable] for variable, name in environment_names().items() if variable in os.environ}
     if "store" not in args:
         message = "set ENDOR_STORE (and any other ENDOR_<ARG>) for endor_ray.serve:application, or use build_app with args"
         if Path(sys.argv[0]).name == "serve":
@@ -292,7 +286,7 @@ def app_from_environment() -> serve.Application:
 
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Start Serve on the cluster (a local Ray unless config.address is set) and block until Ctrl-C."""
+    """Start Serve on the cluster (a local Ray unless config.cluster.address is set) and block until Ctrl-C."""
     import ray
 
     from endor_ray.service.ray_session import init_ray
@@ -300,10 +294,10 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
     def stop(signum, frame):  # SIGTERM (kill, Kubernetes) is the normal way to stop: shut down, exit 0
         raise SystemExit(0)
 
-    started_ray = init_ray(config.address)
+    started_ray = init_ray(config.cluster.address)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app({k: v for k, v in dataclasses.asdict(config).items() if k != "address"}),
+        serve.run(build_app(dataclasses.asdict(config)),
                   name="endor", route_prefix="/", blocking=False)
         signal.signal(signal.SIGTERM, stop)  # after Ray's start, which installs its own handler
         print(f"serving {config.served_name!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
