@@ -16,12 +16,13 @@ tests; `dequantize_blocks` is the format's torch reference of the same); the lau
 add into an FMA where the reference rounds twice (every product here is exact in float32, so
 an FMA would round the same today: the flag keeps that from resting on it). The value is then rounded once to the output
 dtype: fp16 by the conversion (round to nearest even), bf16 by integer operations as in
-`endor_ray.kernels.decompress` (so the interpreter and a GPU agree bit for bit), fp32 as it is.
+`endor_ray.kernels.dequant` (so the interpreter and a GPU agree bit for bit), fp32 as it is.
 
 Sizes for the GPU: chunks of 2048 with 16 warps, 4 consecutive elements per thread, capped at 32
-registers (100% occupancy on sm_80 and sm_90). Compiled for sm_90, that is 16-36 SASS instructions
-and 0.8-1.8 global loads per element, against 48-104 and 3-9 with one element per thread loading every
-field byte by byte (estimated, not measured: at an H200's 4.3 TB/s and ~2.5 bytes per element an
+registers (15-26 used, no spills, 100% occupancy on sm_80 and sm_90). Compiled for sm_90, that is
+14-42 SASS instructions (fp16 output 16-36; bf16's integer rounding adds 6) and 0.8-1.8 global
+loads per element, against 48-104 and 3-9 (fp16) with one element per thread loading every field
+byte by byte (estimated, not measured: at an H200's 4.3 TB/s and ~2.5 bytes per element an
 SM has ~17 instruction slots per element, so instructions, not bytes, bound this kernel); 8
 per thread reach the 32-register cap. `tests/test_gguf_kernel_aot.py` compiles every block type x
 output dtype ahead of time and checks registers, spills and occupancy without a GPU.
