@@ -14,9 +14,10 @@ round once to the output dtype; for bfloat16 the rounding is done with integer o
 the interpreter and a GPU agree bit for bit with the torch reference (`endor_ray.format.decode`).
 
 Why chunks of 512 with one element per thread: dequantizing needs more live values per element
-(code, row, group, scale) than a raw expansion; at chunks of 1024 (2 per thread) the kernels
-spilled 112-124 bytes under the 32-register cap, at 512 they fit in 32 registers without spills,
-at 100% occupancy on sm_80 and sm_90 (`tests/test_kernel_aot.py`).
+(code, row, group, scale) than a raw expansion. At chunks of 1024 (2 per thread) under the
+32-register cap `dequantize_kernel` spills 96-108 bytes and `dequantize_dense_kernel` 8-28 (block
+4096, sm_80 and sm_90; the single kernel before the split: 112-124); at 512 both fit in 32
+registers without spills, at 100% occupancy (`tests/test_kernel_aot.py`).
 """
 
 from __future__ import annotations
