@@ -3,6 +3,7 @@
     raw, "bitmap"          expand            (endor_ray.kernels.expand)
     raw, "dense"           a copy of the values
     int8/int4, either      dequantize        (endor_ray.kernels.dequant: one kernel per layout)
+    GGUF blocks, "dense"   dequantize_gguf   (endor_ray.kernels.gguf_dequant)
 
 Each kernel module holds its @triton.jit kernel, its launch wrapper and its torch reference;
 `decompress_reference` dispatches the same way to the references. A further family of value
@@ -17,10 +18,12 @@ from __future__ import annotations
 import torch
 
 from endor_ray.errors import FormatError
+from endor_ray.format.gguf_blocks import GGUF_ENCODINGS
 from endor_ray.format.quant import QUANTIZED_ENCODINGS
 from endor_ray.format.tensor import EncodedTensor, validate_contents
 from endor_ray.kernels.dequant import dequantize, dequantize_reference
 from endor_ray.kernels.expand import expand, expand_reference
+from endor_ray.kernels.gguf_dequant import dequantize_gguf, dequantize_gguf_reference
 from endor_ray.kernels.launch import checked_output
 
 
@@ -36,10 +39,10 @@ def decompress(enc: EncodedTensor, out: torch.Tensor | None = None) -> torch.Ten
         return expand(enc, out)
     if enc.values_encoding in QUANTIZED_ENCODINGS:
         return dequantize(enc, out)
-    # A further family goes here, e.g. GGUF block types:
-    # if enc.values_encoding in GGUF_ENCODINGS: return dequantize_gguf(enc, out)
+    if enc.values_encoding in GGUF_ENCODINGS:
+        return dequantize_gguf(enc, out)
     raise FormatError(f"no GPU kernel decodes values encoding {enc.values_encoding!r}; "
-                      f"supported: raw, {', '.join(QUANTIZED_ENCODINGS)}")
+                      f"supported: raw, {', '.join((*QUANTIZED_ENCODINGS, *GGUF_ENCODINGS))}")
 
 
 def decompress_reference(enc: EncodedTensor) -> torch.Tensor:
@@ -51,6 +54,7 @@ def decompress_reference(enc: EncodedTensor) -> torch.Tensor:
         return expand_reference(enc)
     if enc.values_encoding in QUANTIZED_ENCODINGS:
         return dequantize_reference(enc)
-    # A further family's reference goes here, beside its branch in `decompress`.
+    if enc.values_encoding in GGUF_ENCODINGS:
+        return dequantize_gguf_reference(enc)
     raise FormatError(f"no reference decodes values encoding {enc.values_encoding!r}; "
-                      f"supported: raw, {', '.join(QUANTIZED_ENCODINGS)}")
+                      f"supported: raw, {', '.join((*QUANTIZED_ENCODINGS, *GGUF_ENCODINGS))}")

@@ -14,6 +14,7 @@ import torch
 from endor_ray.errors import FormatError
 from endor_ray.format.gguf_blocks import BLOCK_TYPES, GGUF_ENCODINGS
 from endor_ray.format.tensor import EncodedTensor, encode, gguf_tensor
+from endor_ray.kernels.decompress import decompress, decompress_reference
 from endor_ray.kernels.gguf_dequant import CHUNK, dequantize_gguf, dequantize_gguf_reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -156,3 +157,11 @@ def test_bad_inputs_are_format_errors():
         dequantize_gguf(tensor(layout="bitmap"))
     with pytest.raises(FormatError, match="decodes GGUF block tensors"):
         dequantize_gguf(encode(torch.randn(2, 64), encoding="int8", layout="dense"))
+
+
+def test_decompress_routes_gguf_tensors_here():
+    blocks = random_blocks("q5_k", 2, 512, seed=9)
+    enc = gguf_tensor(blocks, "q5_k", (2, 512), torch.bfloat16)
+    want = oracle(blocks, "q5_k", (2, 512), torch.bfloat16)
+    assert_bits_equal(decompress(enc), want)
+    assert_bits_equal(decompress_reference(enc), want)
