@@ -7,6 +7,10 @@ pruning, the dense layout), decoded into a reused output buffer by every impleme
 the torch reference decode and `torch.Tensor.copy_` of the dense tensor (the memory-speed
 baseline). GB/s = dense bytes written per second. Median of --reps after a warm-up.
 
+GGUF blocks: the same shape as Q4_1, Q8_0 and Q4_K blocks (llama.cpp's reference quantizers on 16
+random rows, tiled to 4096), decoded to bf16 by every implementation on one thread and two, against
+the same copy (`cpu_decode.dequantize_gguf_into`, checked against gguf-py's dequantize).
+
 Kernel: `python -m endor_ray.kernels.aot` in a child process (no TRITON_INTERPRET): registers,
 spills and occupancy of the decoding kernels (expand, dequantize) compiled for sm_90 and sm_80.
 
@@ -27,7 +31,8 @@ from pathlib import Path
 import torch
 
 from endor_ray.format import encode
-from endor_ray.format.cpu_decode import backend, decode_into, supported_isas
+from endor_ray.format.cpu_decode import backend, decode_into, dequantize_gguf_into, supported_gguf_isas, supported_isas
+from endor_ray.format.gguf_blocks import quantize_blocks
 from endor_ray.format.tensor import decode
 
 SHAPE = (4096, 11008)
@@ -44,13 +49,73 @@ def median_s(fn, reps: int) -> float:
     return statistics.median(samples)
 
 
+GGUF_CASES = ("q4_1", "q8_0", "q4_k")
+
+
+def gguf_row(encoding: str, reps: int) -> dict:
+    """bf16 output GB/s of each GGUF decoder on 1 and 2 threads, beside a copy of the dense tensor."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows, cols = SHAPE
+    sample = torch.randn(16, cols, generator=torch.Generator().manual_seed(0))
+    blocks = quantize_blocks(sample, encoding).view(16, -1).repeat(rows // 16, 1).view(-1)  # [nbytes] uint8
+    expected = torch.from_numpy(np.ascontiguousarray(
+        dequantize(blocks.numpy().reshape(rows, -1), GGMLQuantizationType[encoding.upper()]))).to(torch.bfloat16)
+    out, source = torch.empty(SHAPE, dtype=torch.bfloat16), expected.clone()
+    dense_nbytes = out.numel() * out.element_size()
+    copy_s = median_s(lambda: out.copy_(source), reps)
+    copy_cpu_s = median_cpu_s(lambda: out.copy_(source), reps)
+    row = {"dtype": "bfloat16", "values": encoding, "layout": "dense", "shape": SHAPE, "dense_nbytes": dense_nbytes,
+           "encoded_nbytes": blocks.numel(), "load_average_before": os.getloadavg(),
+           "copy_GBps": dense_nbytes / copy_s / 1e9, "decoders": {},
+           "copy_cpu_time_GBps": dense_nbytes / copy_cpu_s / 1e9, "decoders_1t_cpu_time_GBps": {}}
+    for isa in supported_gguf_isas():
+        for threads in (1, 2):
+            decode_s = median_s(lambda: dequantize_gguf_into(blocks, encoding, rows, cols, out, threads, isa), reps)
+            assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+            row["decoders"][f"{isa}-{threads}t"] = dense_nbytes / decode_s / 1e9
+        cpu_s = median_cpu_s(lambda: dequantize_gguf_into(blocks, encoding, rows, cols, out, 1, isa), reps)
+        row["decoders_1t_cpu_time_GBps"][isa] = dense_nbytes / cpu_s / 1e9
+    row["chosen"] = supported_gguf_isas()[-1]
+    row["chosen_1t_vs_copy"] = row["decoders"][f"{row['chosen']}-1t"] / row["copy_GBps"]
+    row["load_average_after"] = os.getloadavg()
+    print(f" bfloat16 {encoding} dense: copy {row['copy_GBps']:.1f} GB/s, "
+          + ", ".join(f"{name} {gbps:.1f}" for name, gbps in row["decoders"].items()) + f" (chosen: {row['chosen']}); "
+          f"CPU time, 1 thread: copy {row['copy_cpu_time_GBps']:.1f}, "
+          + ", ".join(f"{name} {gbps:.1f}" for name, gbps in row["decoders_1t_cpu_time_GBps"].items()))
+    return row
+
+
+def median_cpu_s(fn, reps: int) -> float:
+    """Median CPU time of this thread (less inflated than wall time on a loaded machine)."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        started = time.thread_time()
+        fn()
+        samples.append(time.thread_time() - started)
+    return statistics.median(samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode_bench.json")
+    parser.add_argument("--gguf-only", action="store_true",
+                        help="measure the GGUF rows only and replace them in an existing --out file")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from kernel_bench import machine_info
+
+    if args.gguf_only:
+        result = json.loads(args.out.read_text())
+        result["gguf_decode"] = [gguf_row(encoding, args.reps) for encoding in GGUF_CASES]
+        result["gguf_settings"] = {"reps": args.reps, "statistic": "median", "machine": machine_info()}
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     cores = os.cpu_count() or 1
     rows = []
@@ -83,6 +148,9 @@ def main() -> None:
         print(f"{row['dtype']:>9} {values} {enc.layout}: copy {row['copy_GBps']:.1f} GB/s, torch reference {row['torch_reference_GBps']:.2f}, "
               + ", ".join(f"{name} {gbps:.1f}" for name, gbps in row["decoders"].items()) + f" (chosen: {row['chosen']})")
 
+    gguf_rows = [gguf_row(encoding, args.reps) for encoding in GGUF_CASES]
+    gguf_settings = {"reps": args.reps, "statistic": "median", "machine": machine_info()}
+
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     aot = subprocess.run([sys.executable, "-m", "endor_ray.kernels.aot"], capture_output=True, text=True, env=env,
                          check=True)
@@ -94,7 +162,7 @@ def main() -> None:
               "settings": {"sparsity": 0.5, "reps": args.reps, "statistic": "median", "GB": 1e9, "threads": [1, cores]},
               "target": f">= {TARGET_GBPS} GB/s of dense output on one core",
               "target_met": all(row["chosen_1t_GBps"] >= TARGET_GBPS for row in rows),
-              "decode": rows, "kernel_aot": kernels}
+              "decode": rows, "gguf_decode": gguf_rows, "gguf_settings": gguf_settings, "kernel_aot": kernels}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

