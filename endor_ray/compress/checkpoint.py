@@ -1,5 +1,9 @@
 """Reading a local Hugging Face checkpoint directory lazily, one tensor at a time.
 
+`TensorSource` is what the converter reads from: a config, its architecture, tensor names, one
+tensor at a time and the tokenizer files. `Checkpoint` is the Hugging Face folder;
+`endor_ray.compress.gguf_source.GGUFSource` a GGUF file, which can also hand out its own blocks.
+
 Weights come from ``model.safetensors``, a sharded ``model.safetensors.index.json``, or (only
 through ``torch.load(weights_only=True, mmap=True)``) ``pytorch_model.bin`` and its shards. Nothing
 is read before it is asked for, so a checkpoint larger than RAM can be converted layer by layer.
@@ -10,12 +14,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from endor_ray.models.architecture import Architecture, architecture_from_config
 from endor_ray.errors import StoreError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from endor_ray.compress.gguf_source import Blocks
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -44,7 +51,70 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-class Checkpoint:
+class TensorSource:
+    """A model's tensors by Hugging Face name, read one at a time; `directory` holds config.json and
+    the tokenizer files. Subclasses give the names, shapes and tensors."""
+
+    directory: Path
+    config: dict[str, Any]
+    architecture: Architecture
+
+    @property
+    def tensor_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as floats, read from disk now."""
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """One tensor's shape (nothing is read)."""
+        raise NotImplementedError
+
+    def blocks(self, name: str) -> Blocks | None:
+        """The tensor's own quantized blocks where the source holds them (a GGUF file), else None."""
+        return None
+
+    def layer_names(self) -> dict[int, list[str]]:
+        """layer index -> full tensor names of that layer; every layer must have tensors."""
+        names: dict[int, list[str]] = {idx: [] for idx in range(self.architecture.num_layers)}
+        for name in self.tensor_names:
+            layer_idx, _ = self.architecture.split_name(name)
+            if layer_idx is not None:
+                names[layer_idx].append(name)
+        empty = [idx for idx, layer in names.items() if not layer]
+        if empty:
+            raise UnsupportedModelError(
+                f"layers {empty[:5]} have no tensors under {self.architecture.layer_prefix!r} "
+                f"in {self.directory}; is the checkpoint complete?"
+            )
+        return names
+
+    def layer_nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes all decoder layers take in `dtype` (from the shapes: nothing is read)."""
+        numel = sum(math.prod(self.shape(name)) for names in self.layer_names().values() for name in names)
+        return numel * dtype.itemsize
+
+    def dense_names(self) -> list[str]:
+        """Names of the tensors outside the decoder layers (embeddings, final norm, LM head)."""
+        return [name for name in self.tensor_names if self.architecture.split_name(name)[0] is None]
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self._inside(self.directory / name) for name in TOKENIZER_FILES if (self.directory / name).is_file()]
+
+    def _inside(self, path: Path) -> Path:
+        """`path` if it (its link target included) lies inside `directory`; a Hugging Face hub
+        snapshot may link into its repository's cache folder (snapshots/REV/x -> ../../blobs/y)."""
+        real = path.resolve()
+        roots = [self.directory.resolve()]
+        if self.directory.resolve().parent.name == "snapshots":
+            roots.append(self.directory.resolve().parent.parent)
+        if not any(real == root or root in real.parents for root in roots):
+            raise StoreError(f"{path} points outside the checkpoint {self.directory} (to {real}); refusing to read it")
+        return path
+
+
+class Checkpoint(TensorSource):
     """A local HF checkpoint: its config, architecture, tensor names and lazily loaded tensors."""
 
     def __init__(self, directory: str | Path):
@@ -76,17 +146,6 @@ class Checkpoint:
             "model.safetensors.index.json or pytorch_model.bin"
         )
 
-    def _inside(self, path: Path) -> Path:
-        """`path` if it (its link target included) lies inside the checkpoint; a Hugging Face hub
-        snapshot may link into its repository's cache folder (snapshots/REV/x -> ../../blobs/y)."""
-        real = path.resolve()
-        roots = [self.directory.resolve()]
-        if self.directory.resolve().parent.name == "snapshots":
-            roots.append(self.directory.resolve().parent.parent)
-        if not any(real == root or root in real.parents for root in roots):
-            raise StoreError(f"{path} points outside the checkpoint {self.directory} (to {real}); refusing to read it")
-        return path
-
     def _names_in(self, path: Path) -> list[str]:
         return list(self._open(path).keys())
 
@@ -114,34 +173,6 @@ class Checkpoint:
         handle = self._open(self._file_of[name])
         return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
 
-    def layer_names(self) -> dict[int, list[str]]:
-        """layer index -> full tensor names of that layer; every layer must have tensors."""
-        names: dict[int, list[str]] = {idx: [] for idx in range(self.architecture.num_layers)}
-        for name in self.tensor_names:
-            layer_idx, _ = self.architecture.split_name(name)
-            if layer_idx is not None:
-                names[layer_idx].append(name)
-        empty = [idx for idx, layer in names.items() if not layer]
-        if empty:
-            raise UnsupportedModelError(
-                f"layers {empty[:5]} have no tensors under {self.architecture.layer_prefix!r} "
-                f"in {self.directory}; is the checkpoint complete?"
-            )
-        return names
-
-    def layer_nbytes(self, dtype: torch.dtype) -> int:
-        """Bytes all decoder layers take in `dtype` (from the shapes: nothing is read)."""
-        numel = 0
-        for names in self.layer_names().values():
-            for name in names:
-                handle = self._open(self._file_of[name])
-                shape = handle.get_slice(name).get_shape() if hasattr(handle, "get_slice") else handle[name].shape
-                numel += math.prod(shape)
-        return numel * dtype.itemsize
-
-    def dense_names(self) -> list[str]:
-        """Names of the tensors outside the decoder layers (embeddings, final norm, LM head)."""
-        return [name for name in self.tensor_names if self.architecture.split_name(name)[0] is None]
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self._inside(self.directory / name) for name in TOKENIZER_FILES if (self.directory / name).is_file()]
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._open(self._file_of[name])
+        return tuple(handle.get_slice(name).get_shape() if hasattr(handle, "get_slice") else handle[name].shape)

@@ -1,5 +1,9 @@
 """Checkpoint -> store: prune every decoder layer, encode it, write it, one layer at a time.
 
+With ``values="keep"`` (a GGUF source) nothing is re-compressed: each decoder Linear whose ggml
+type the format stores (`endor_ray.format.gguf_blocks`) keeps the file's own blocks, byte for byte;
+the other tensors are decoded to the stored dtype.
+
 Only one layer's weights are in memory at once (plus the non-layer weights), so a model larger
 than RAM converts. The store is written under a temporary name next to DST and renamed into place
 at the end: an interrupted or failed conversion never leaves something that looks like a store.
@@ -21,11 +25,13 @@ from endor_ray._version import __version__
 from endor_ray.models.architecture import is_prunable
 from endor_ray.utils.atomic import staged_directory
 from endor_ray.utils.system import available_memory_bytes
-from endor_ray.compress.checkpoint import Checkpoint
-from endor_ray.compress.default_model import resolve_source
+from endor_ray.compress.checkpoint import TensorSource
+from endor_ray.compress.default_model import open_source
+from endor_ray.compress.gguf_source import kept_tensors
 from endor_ray.errors import ConfigError, FormatError, StoreError
-from endor_ray.format.quant import DEFAULT_GROUP_SIZE, check_encoding
-from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, VALUES_ENCODINGS, EncodedTensor, check_block_size, encode
+from endor_ray.format.gguf_blocks import GGUF_ENCODINGS
+from endor_ray.format.quant import DEFAULT_GROUP_SIZE, QUANTIZED_ENCODINGS, check_encoding
+from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
 from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight
 from endor_ray.store.manifest import seal
 from endor_ray.compress.mixed import check_budget, choose, measure
@@ -35,15 +41,17 @@ from endor_ray.store.store import (
 )
 
 STORE_FORMATS = ("endor", "dense")
+KEEP = "keep"  # values: a GGUF's own blocks, stored as they are
+CONVERT_VALUES = ("raw", *QUANTIZED_ENCODINGS, KEEP)
 
 
 @dataclass
 class ConvertConfig:
     """How to turn a checkpoint into a store."""
 
-    sparsity: float = 0.5  # fraction of each Linear row set to zero, in [0, 1)
+    sparsity: float | None = None  # fraction of each Linear row set to zero, in [0, 1); None: 0.5 (0 with "keep")
     method: str = "wanda"  # "wanda" or "sparsegpt" (both calibrate) or "magnitude"
-    values: str = "raw"  # kept values of Linear weights: "raw" (the stored dtype), "int8" or "int4"
+    values: str = "raw"  # kept values of Linear weights: "raw" (the stored dtype), "int8", "int4" or "keep"
     group_size: int = DEFAULT_GROUP_SIZE  # kept values per quantization scale
     bytes_per_weight: float | None = None  # mixed precision: per-tensor settings within this budget
     store_format: str = "endor"  # "endor": bitmap-sparse where it pays; "dense": all dense (baseline)
@@ -56,13 +64,18 @@ class ConvertConfig:
     force: bool = False  # replace an existing DST
 
     def __post_init__(self) -> None:
+        if self.sparsity is None:
+            self.sparsity = 0.0 if self.values == KEEP else 0.5
         check_sparsity(self.sparsity)
         if self.method not in METHODS:
             raise ConfigError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.store_format not in STORE_FORMATS:
             raise ConfigError(f"unknown store format {self.store_format!r}; choose one of {', '.join(STORE_FORMATS)}")
-        if self.values not in VALUES_ENCODINGS:
-            raise ConfigError(f"unknown values encoding {self.values!r}; choose one of {', '.join(VALUES_ENCODINGS)}")
+        if self.values not in CONVERT_VALUES:
+            raise ConfigError(f"unknown values encoding {self.values!r}; choose one of {', '.join(CONVERT_VALUES)}")
+        if self.values == KEEP and (self.sparsity > 0 or self.bytes_per_weight is not None):
+            raise ConfigError("--values keep stores a GGUF file's blocks as they are; drop --sparsity and "
+                              "--bytes-per-weight, or re-compress with --values raw, int8 or int4")
         if self.store_format == "dense" and (self.values != "raw" or self.bytes_per_weight is not None):
             raise ConfigError("--format dense is the unquantized baseline; use the endor format for --values "
                               "and --bytes-per-weight")
@@ -71,7 +84,7 @@ class ConvertConfig:
             if self.method == "magnitude":
                 raise ConfigError("--bytes-per-weight measures each setting on calibration inputs: use --method "
                                   "wanda or sparsegpt")
-        if self.values != "raw":
+        if self.values not in ("raw", KEEP):
             try:
                 check_encoding(self.values, self.group_size)
             except FormatError as exc:
@@ -111,10 +124,12 @@ class _LayerWriter:
         return self._bar
 
     def write(self, layer_idx: int, weights: dict[str, torch.Tensor],
-              stats: dict[str, CalibrationStats] | None = None) -> dict[str, torch.Tensor]:
+              stats: dict[str, CalibrationStats] | None = None,
+              kept: dict[str, EncodedTensor] | None = None) -> dict[str, torch.Tensor]:
         """Compress and store one layer; return the weights the store now holds (dtype as given).
 
         `stats`: what calibration gathered for each weight, by name within the layer (None: none ran).
+        `kept`: tensors stored as they are (a GGUF's own blocks), by name within the layer.
         """
         config = self.config
         prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
@@ -122,10 +137,11 @@ class _LayerWriter:
         for name in prunable if stats else []:
             if stats[name].input_sq_sum is None:
                 raise StoreError(f"layer {layer_idx}: {name} saw no calibration input; is it a Linear?")
-        settings = {name: Setting(config.sparsity, config.values) for name in prunable}
+        settings = {name: Setting(config.sparsity, "raw" if config.values == KEEP else config.values)
+                    for name in prunable}
         if config.bytes_per_weight is not None:
             settings = self._choose(layer_idx, weights, prunable, stats)
-        stored, encoded = {}, {}
+        stored, encoded = {}, dict(kept or {})
         for name, weight in weights.items():
             layout = "dense" if config.store_format == "dense" or name not in settings else None
             setting = settings.get(name, Setting(0.0))
@@ -160,17 +176,18 @@ class _LayerWriter:
 
 
 def convert(source: str, destination: str | Path, config: ConvertConfig, progress: bool = True) -> Path:
-    """Convert checkpoint `source` (a local HF directory or the embedded model's name) into a store."""
+    """Convert `source` (a local HF directory, a GGUF file or the embedded model's name) into a store."""
     if "://" in str(destination):
         raise ConfigError(f"stores are written to a local directory; got {destination} (copy it up afterwards)")
     destination = Path(destination)
     if destination.exists() and not config.force:  # fail before the (slow) model preparation
         raise StoreError(f"{destination} already exists; pass --force to replace it")
-    checkpoint = Checkpoint(resolve_source(source))
+    checkpoint = open_source(source, keep_blocks=config.values == KEEP)
     dtype_str = config.dtype or source_dtype(checkpoint.config)
     dtype = DTYPES[dtype_str]
     with staged_directory(destination, config.force) as staging:
         calibration = _write_store(checkpoint, staging, config, dtype, progress)
+        layers = calibration.pop("_layers")
         model_config = dict(checkpoint.config, dtype=dtype_str)
         model_config.pop("torch_dtype", None)
         manifest = {
@@ -178,28 +195,38 @@ def convert(source: str, destination: str | Path, config: ConvertConfig, progres
             "format_version": STORE_FORMAT_VERSION,
             "created_by": f"endor-ray {__version__}",
             "model": {"model_type": checkpoint.architecture.model_type, "dtype": dtype_str, "config": model_config},
-            "compression": {
-                "format": config.store_format, "block_size": config.block_size,
-                "sparsity": config.sparsity if config.bytes_per_weight is None else "mixed",
-                "method": config.method if _compresses(config) else "none",
-                "values": config.values if config.bytes_per_weight is None else "mixed",
-                "group_size": config.group_size, "bytes_per_weight": config.bytes_per_weight,
-                "calibration": calibration,
-            },
+            "compression": _compression(config, calibration, layers),
             "tokenizer_files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
                                 for path in sorted((staging / TOKENIZER_DIR).iterdir())},
             "dense": write_tensor_file(staging / DENSE_FILE, _dense_tensors(checkpoint, dtype), DENSE_FILE),
-            "layers": calibration.pop("_layers"),
+            "layers": layers,
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(seal(manifest), indent=1))
     return destination
 
 
-def _dense_tensors(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[str, EncodedTensor]:
+def _compression(config: ConvertConfig, calibration: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's record of how the layers were made (a kept GGUF: its types, "q4_1" or "q4_k+q6_k")."""
+    record = {
+        "format": config.store_format, "block_size": config.block_size,
+        "sparsity": config.sparsity if config.bytes_per_weight is None else "mixed",
+        "method": config.method if _compresses(config) else "none",
+        "values": config.values if config.bytes_per_weight is None else "mixed",
+        "group_size": config.group_size, "bytes_per_weight": config.bytes_per_weight,
+        "calibration": calibration,
+    }
+    if config.values == KEEP:
+        kept = sorted({tensor["values_encoding"] for layer in layers for tensor in layer["tensors"]
+                       if tensor["values_encoding"] in GGUF_ENCODINGS})
+        record.update(method="gguf", values="+".join(kept) or "raw", group_size=0)
+    return record
+
+
+def _dense_tensors(checkpoint: TensorSource, dtype: torch.dtype) -> dict[str, EncodedTensor]:
     return {name: encode(checkpoint.get(name).to(dtype), layout="dense") for name in checkpoint.dense_names()}
 
 
-def _write_store(checkpoint: Checkpoint, staging: Path, config: ConvertConfig, dtype: torch.dtype, progress: bool) -> dict[str, Any]:
+def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig, dtype: torch.dtype, progress: bool) -> dict[str, Any]:
     """Write tokenizer and layers into `staging`; return the calibration record (+ layer entries)."""
     (staging / TOKENIZER_DIR).mkdir()
     for path in checkpoint.tokenizer_files():
@@ -208,13 +235,18 @@ def _write_store(checkpoint: Checkpoint, staging: Path, config: ConvertConfig, d
     layer_names = checkpoint.layer_names()
     writer = _LayerWriter(staging, config, dtype, architecture.num_layers, progress)
 
-    def load_layer(layer_idx: int, compute_dtype: torch.dtype = dtype) -> dict[str, torch.Tensor]:
+    def load_layer(layer_idx: int, compute_dtype: torch.dtype = dtype, skip: dict | None = None) -> dict[str, torch.Tensor]:
         # Round through the stored dtype first, so pruning scores see the weights that are stored.
-        return {architecture.split_name(full)[1]: checkpoint.get(full).to(dtype).to(compute_dtype)
-                for full in layer_names[layer_idx]}
+        short_names = {full: architecture.split_name(full)[1] for full in layer_names[layer_idx]}
+        return {name: checkpoint.get(full).to(dtype).to(compute_dtype)
+                for full, name in short_names.items() if name not in (skip or {})}
 
     calibration: dict[str, Any] = {"source": "none"}
-    if not needs_calibration(config):
+    if config.values == KEEP:
+        for layer_idx in range(architecture.num_layers):
+            kept = kept_tensors(checkpoint, layer_names[layer_idx], dtype, config.block_size)
+            writer.write(layer_idx, load_layer(layer_idx, skip=kept), kept=kept)
+    elif not needs_calibration(config):
         for layer_idx in range(architecture.num_layers):
             writer.write(layer_idx, load_layer(layer_idx))
     else:
@@ -225,7 +257,7 @@ def _write_store(checkpoint: Checkpoint, staging: Path, config: ConvertConfig, d
 
 
 def _compresses(config: ConvertConfig) -> bool:
-    return config.sparsity > 0 or config.values != "raw" or config.bytes_per_weight is not None
+    return config.sparsity > 0 or config.values not in ("raw", KEEP) or config.bytes_per_weight is not None
 
 
 def needs_calibration(config: ConvertConfig) -> bool:
@@ -238,7 +270,7 @@ def needs_calibration(config: ConvertConfig) -> bool:
 
 
 @torch.no_grad()
-def _calibrated_layers(checkpoint: Checkpoint, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
+def _calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: _LayerWriter, load_layer) -> dict[str, Any]:
     """Run calibration tokens through the model once, pruning and writing each layer as it finishes."""
     from endor_ray.compress.calibration import self_calibration_ids, text_calibration_ids
     from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer, prefetching, stream_layers

