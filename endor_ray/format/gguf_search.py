@@ -30,9 +30,12 @@ def nearest_int(value: torch.Tensor) -> torch.Tensor:
 
 def seq_sum(terms: torch.Tensor) -> torch.Tensor:
     """[..., n] -> [...]: the float32 sum of terms in index order (C's `sum += term` loop)."""
-    # numpy's accumulate adds in order in float32 (torch's sum and numpy's sum are pairwise)
-    columns = np.ascontiguousarray(np.moveaxis(terms.detach().cpu().float().numpy(), -1, 0))
-    return torch.from_numpy(np.add.accumulate(columns, axis=0)[-1].copy())
+    # one vector add per index, over contiguous rows (torch's and numpy's sums are pairwise)
+    columns = terms.detach().float().movedim(-1, 0).contiguous()  # [n, ...]
+    total = torch.zeros(columns.shape[1:], dtype=torch.float32, device=columns.device)
+    for column in columns:
+        total += column
+    return total
 
 
 def rdiv(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
