@@ -281,7 +281,7 @@ def _split(work, count: int, num_threads: int, *args) -> None:
 def decode_into(enc: EncodedTensor, out: torch.Tensor, threads: int = 1, isa: str | None = None) -> torch.Tensor:
     """Decode `enc` (arrays on the CPU) into `out` (contiguous, enc's shape and dtype); return `out`.
 
-    `threads` splits the blocks (rows, for a quantized dense tensor) over that many threads; `isa`
+    `threads` splits the blocks (rows, for a quantized dense or a GGUF tensor) over that many threads; `isa`
     forces an implementation ("avx512", "avx2", "scalar"; tests use it), capped at what the CPU
     runs. Nothing is read outside the arrays, whatever their contents: a bitmap that disagrees
     with nnz or the offsets, or row offsets and scales that do not fit, are a FormatError.
