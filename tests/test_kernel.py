@@ -1,4 +1,4 @@
-"""The Triton decompression kernel against its torch reference and the original, bit for bit.
+"""The Triton decoding kernels (through `decompress`) against their torch references and the original, bit for bit.
 
 Without a GPU the kernel runs under TRITON_INTERPRET=1 (conftest): sizes stay small (about 100
 programs, well under 1M elements) because the interpreter costs milliseconds per program.

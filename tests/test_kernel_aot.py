@@ -1,4 +1,4 @@
-"""The decompression kernel compiled ahead of time for sm_90 and sm_80, as a GPU would run it.
+"""The raw and quantized decoding kernels compiled ahead of time for sm_90 and sm_80, as a GPU would run them.
 
 No GPU is needed: Triton compiles for a CUDA target and its bundled ptxas reports registers and
 spills; the launch shape gives the occupancy (resident warps per SM / 64). The compilation runs
