@@ -137,7 +137,8 @@ def gguf_variants() -> list[Variant]:
         for out_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
             config = gguf_dequant.launch_config(encoding, dtype)
             options = {name: config.pop(name) for name in ("num_warps", "maxnreg", "enable_fp_fusion")}
-            arg_types = {"blocks_ptr": "*u8", "out_ptr": "*i16" if out_name == "bf16" else f"*{out_name}", "numel": "i64"}
+            out_type = "*i16" if out_name == "bf16" else f"*{out_name}"  # bf16: its bits
+            arg_types = {"blocks_ptr": "*u8", "out_ptr": out_type, "numel": "i64"}
             variants.append(Variant(f"{encoding}>{out_name}", gguf_dequant.gguf_dequant_kernel, arg_types, config,
                                     config["BLOCK_ELEMS"], **options))
     return variants

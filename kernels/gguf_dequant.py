@@ -12,9 +12,10 @@ program). A block's own scalars (its fp16 scales) load as a [blocks, 1] column, 
 the elements it holds of that block; each element loads the few other bytes it needs (its nibble,
 its high bit(s), its 6-bit packed sub-block scale and minimum) and computes its float32 value with
 exactly gguf-py's float32 operations, in gguf-py's order (`gguf.quants`, the oracle of the
-tests; `dequantize_blocks` is the format's torch reference of the same); the launch passes ``enable_fp_fusion=False`` so a GPU never contracts a multiply and an
-add into an FMA where the reference rounds twice (every product here is exact in float32, so
-an FMA would round the same today: the flag keeps that from resting on it). The value is then rounded once to the output
+tests; `dequantize_blocks` is the format's torch reference of the same); the launch passes
+``enable_fp_fusion=False`` so a GPU never contracts a multiply and an add into an FMA where the
+reference rounds twice (every product here is exact in float32, so an FMA would round the same
+today: the flag keeps that from resting on it). The value is then rounded once to the output
 dtype: fp16 by the conversion (round to nearest even), bf16 by integer operations as in
 `endor_ray.kernels.dequant` (so the interpreter and a GPU agree bit for bit), fp32 as it is.
 

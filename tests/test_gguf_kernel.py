@@ -1,9 +1,9 @@
 """The GGUF block dequantization kernel under TRITON_INTERPRET=1 against gguf-py, bit for bit.
 
 The oracle is gguf-py's own `gguf.quants.dequantize` (float32), rounded once to the output dtype
-by torch: independent of the kernel and of the format's torch reference (checked against it too). Block bytes are drawn at random with finite fp16 scales
-(every code, sub-block scale and high bit pattern occurs), plus gguf-py's own quantization of
-random weights where gguf-py has a quantizer.
+by torch: independent of the kernel and of the format's torch reference (checked against it too).
+Block bytes are drawn at random with finite fp16 scales (every code, sub-block scale and high bit
+pattern occurs), plus the blocks llama.cpp's quantizers write (gguf-py's and the format's).
 """
 
 import gguf

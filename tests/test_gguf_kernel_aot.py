@@ -50,7 +50,8 @@ def compiled() -> list[dict]:
 
 def test_every_target_block_type_and_dtype_compiles(compiled):
     combos = {(kernel["capability"], kernel["variant"]) for kernel in compiled}
-    assert combos == {(cap, f"{encoding}>{out}") for cap in (90, 80) for encoding in GGUF_ENCODINGS for out in OUT_NAMES}
+    assert combos == {(cap, f"{encoding}>{out}") for cap in (90, 80)
+                      for encoding in GGUF_ENCODINGS for out in OUT_NAMES}
     assert len(compiled) == 2 * 8 * 3
     assert {kernel["kernel"] for kernel in compiled} == {"gguf_dequant_kernel"}
 
