@@ -223,7 +223,7 @@ INLINE __m128i q6_codes(__m128i low, int low_shift, __m128i high, int high_shift
 #define AVX512 "avx512f,avx512bw,avx512vl,avx2,f16c"
 
 /* A bf16 rounding without a NaN case: a block whose scales are all finite has only finite values
- * (|d * q| < 2^27), so blocks with a non-finite scale go through the portable code instead. */
+ * (below 2^29 in magnitude), so blocks with a non-finite scale go through the portable code instead. */
 __attribute__((target(AVX2), always_inline)) static inline __m256i bf16_avx2(__m256 f) {  /* in the low halves */
     __m256i u = _mm256_castps_si256(f);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
