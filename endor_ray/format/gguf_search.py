@@ -30,8 +30,12 @@ def nearest_int(value: torch.Tensor) -> torch.Tensor:
 
 def seq_sum(terms: torch.Tensor) -> torch.Tensor:
     """[..., n] -> [...]: the float32 sum of terms in index order (C's `sum += term` loop)."""
-    # one vector add per index, over contiguous rows (torch's and numpy's sums are pairwise)
-    columns = terms.detach().float().movedim(-1, 0).contiguous()  # [n, ...]
+    return _sum_rows(terms.detach().float().movedim(-1, 0).contiguous())
+
+
+def _sum_rows(columns: torch.Tensor) -> torch.Tensor:
+    """[n, S] -> [S]: the sum over the first axis in index order, one vector add per index (torch's
+    and numpy's own sums are pairwise)."""
     total = torch.zeros(columns.shape[1:], dtype=torch.float32, device=columns.device)
     for column in columns:
         total += column
@@ -67,11 +71,13 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = No
     amax = magnitude.amax(dim=1)
     zero = amax < GROUP_MAX_EPS
     peak = safe(first_extreme(x, magnitude.argmax(dim=1), amax > 0), ~zero)  # first largest, as C's `>`
-    weights = x * x if weights is None else weights
+    xt = x.t().contiguous()  # [n, S]: a block's elements down a column
+    wt = xt * xt if weights is None else weights.t().contiguous()
+    wx = wt * xt
 
     def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        levels = nearest_int(iscale.unsqueeze(1) * x).clamp(-nmax, nmax - 1).float()
-        return levels, seq_sum((weights * x) * levels), seq_sum((weights * levels) * levels)
+        levels = nearest_int(iscale * xt).clamp(-nmax, nmax - 1).float()
+        return levels, _sum_rows(wx * levels), _sum_rows((wt * levels) * levels)
 
     levels, sumlx, suml2 = trial(rdiv(-nmax, peak))
     scale = torch.where(suml2 != 0, sumlx / safe(suml2, suml2 != 0), torch.zeros_like(sumlx))
@@ -81,11 +87,11 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = No
             continue
         candidate, sumlx, suml2 = trial(rdiv(-f32(np.float32(nmax) + np.float32(0.1) * np.float32(step)), peak))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = torch.where(better.unsqueeze(1), candidate, levels)
+        levels = torch.where(better, candidate, levels)
         new_scale = sumlx / safe(suml2, suml2 > 0)
         scale = torch.where(better, new_scale, scale)
         best = torch.where(better, new_scale * sumlx, best)
-    codes = torch.where(zero.unsqueeze(1), torch.zeros_like(levels), levels + nmax)
+    codes = torch.where(zero, torch.zeros_like(levels), levels + nmax).t().contiguous()
     return torch.where(zero, torch.zeros_like(scale), scale), codes.to(torch.uint8)
 
 
@@ -94,27 +100,29 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
     """(scale [S], the_min [S], codes [S, n] uint8 in 0..nmax) for blocks x [S, n]: a scale and a
     minimum (at most 0) by weighted least squares over nstep + 1 candidate ranges (make_qkx2_quants
     and make_qkx3_quants with use_mad false, which are the same search for given weights)."""
+    xt, wt = x.t().contiguous(), weights.t().contiguous()  # [n, S]: a block's elements down a column
     low = x.amin(dim=1)
     minimum = torch.where(low > 0, torch.zeros_like(low), low)
     maximum = x.amax(dim=1)
-    sum_w = seq_sum(weights)
-    sum_x = seq_sum(weights * x)
+    sum_w = _sum_rows(wt)
+    sum_x = _sum_rows(wt * xt)
     flat = maximum <= minimum
 
     def codes_for(iscale: torch.Tensor) -> torch.Tensor:
-        return nearest_int(iscale.unsqueeze(1) * (x - minimum.unsqueeze(1))).clamp(0, nmax).float()
+        return nearest_int(iscale * (xt - minimum)).clamp(0, nmax).float()
 
     iscale = rdiv(nmax, safe(maximum - minimum, ~flat))
     scale = rdiv(1.0, iscale)
     codes = codes_for(iscale)
-    diff = (scale.unsqueeze(1) * codes + minimum.unsqueeze(1)) - x
-    best_error = seq_sum(weights * (diff * diff))
+    diff = (scale * codes + minimum) - xt
+    best_error = _sum_rows(wt * (diff * diff))
     for step in range(nstep + 1):
         factor = f32(f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax))
         trial = codes_for(rdiv(factor, safe(maximum - minimum, ~flat)))  # C divides by the current range
-        sum_l = seq_sum(weights * trial)
-        sum_l2 = seq_sum((weights * trial) * trial)
-        sum_xl = seq_sum((weights * trial) * x)
+        weighted = wt * trial
+        sum_l = _sum_rows(weighted)
+        sum_l2 = _sum_rows(weighted * trial)
+        sum_xl = _sum_rows(weighted * xt)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe(det, ok)
@@ -122,16 +130,16 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
         clipped = this_min > 0
         this_scale = torch.where(clipped, sum_xl / safe(sum_l2, sum_l2 != 0), this_scale)
         this_min = torch.where(clipped, torch.zeros_like(this_min), this_min)
-        diff = (this_scale.unsqueeze(1) * trial + this_min.unsqueeze(1)) - x
-        error = seq_sum(weights * (diff * diff))
+        diff = (this_scale * trial + this_min) - xt
+        error = _sum_rows(wt * (diff * diff))
         better = ok & (error < best_error) & ~flat
-        codes = torch.where(better.unsqueeze(1), trial, codes)
+        codes = torch.where(better, trial, codes)
         best_error = torch.where(better, error, best_error)
         scale = torch.where(better, this_scale, scale)
         minimum = torch.where(better, this_min, minimum)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    codes = torch.where(flat.unsqueeze(1), torch.zeros_like(codes), codes)
-    return scale, -minimum, codes.to(torch.uint8)
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
+    return scale, -minimum, codes.t().contiguous().to(torch.uint8)
 
 
 def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
