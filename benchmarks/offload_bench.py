@@ -38,47 +38,21 @@ from typing import Any
 import torch
 
 from kernel_bench import CUDA, H2D_NBYTES, machine_info, pinned_h2d_gbps  # this folder
+from offload_models import SEED, Run, model_decode, prune_layers, random_checkpoint, synchronize  # this folder
 
-from endor_ray.models.architecture import is_prunable
 from endor_ray.utils.atomic import staged_directory
 from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.engine.engine import Engine, EngineConfig, GenerationStats
 from endor_ray.engine.reference import load_dense_model
-from endor_ray.compress.prune import prune_weight
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.store.store import Store
 
 GPU_SHAPE = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                  vocab_size=32000)  # Llama-2-70B
 BASE_SPARSITY = 0.5  # (a), (b) and the first Endor store hold these weights
-SEED = 0
 WARMUP = 1
 TARGETS = {"speedup_vs_accelerate": 2.0, "speedup_vs_dense_engine": 1.7, "vs_ideal": 1.15}
-Run = tuple[float, list[list[int]], dict[str, Any] | None]  # (s per decode step, tokens, engine stats)
 Rows = tuple[list[dict[str, Any]], dict[int, list[list[int]]]]  # (table rows, greedy tokens per batch size)
-
-
-def random_checkpoint(shape: dict[str, int], num_layers: int, dtype: torch.dtype = torch.float16):
-    """A random-weight LlamaForCausalLM on the CPU (fixed seed), and a tokenizer mapping "t<id>" to <id>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    config = LlamaConfig(**shape, num_hidden_layers=num_layers, max_position_embeddings=4096,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{token}": token for token in range(3, shape["vocab_size"])}}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return model, PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-@torch.no_grad()
-def prune_layers(model, sparsity: float, device: torch.device) -> None:
-    """Magnitude-prune every decoder-layer Linear weight in place, sorting on `device` (fast on a GPU)."""
-    for name, param in model.model.layers.named_parameters():
-        if is_prunable(name, param):
-            param.copy_(prune_weight(param.to(device), sparsity, "magnitude").cpu())
 
 
 def store_name(sparsity: float) -> str:
@@ -117,11 +91,6 @@ def prompt_ids(batch: int, prompt_len: int, vocab_size: int) -> list[list[int]]:
     return torch.randint(3, vocab_size, (batch, prompt_len), generator=generator).tolist()
 
 
-def synchronize() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def settle(engine: Engine) -> None:
     """Wait for the prefetches in flight, then the device, so a timing window closes cleanly."""
     engine.source.wait_idle()
@@ -148,26 +117,6 @@ def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> Run:
     wall, steps = time.perf_counter() - started, new_tokens - 1
     stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, 0.0, engine.source.reset_stats()).to_dict()
     return stats["s_per_step"], [seq.output_ids for seq in sequences], stats
-
-
-@torch.inference_mode()
-def model_decode(model, ids: list[list[int]], new_tokens: int, device: torch.device) -> Run:
-    """Greedy decoding of a transformers model with its KV cache, timing the decode steps only."""
-    from transformers import DynamicCache
-
-    input_ids = torch.tensor(ids, device=device)  # [batch, prompt_len] int64
-    mask = torch.ones_like(input_ids)
-    cache, tokens, started = DynamicCache(config=model.config), [], 0.0
-    for step in range(new_tokens):
-        if step == 1:  # after the prefill
-            synchronize()
-            started = time.perf_counter()
-        logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-        input_ids = logits[:, -1, :].argmax(dim=-1, keepdim=True)  # [batch, 1]
-        mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)
-        tokens.append(input_ids)
-    synchronize()
-    return (time.perf_counter() - started) / (new_tokens - 1), torch.cat(tokens, dim=1).tolist(), None
 
 
 def bench(label: str, decode: Callable[[list[list[int]]], Run], streamed_nbytes: int, args: argparse.Namespace,

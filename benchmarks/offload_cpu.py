@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from offload_models import model_decode, prune_layers, random_checkpoint  # this folder
+
 from endor_ray.engine.engine import Engine, EngineConfig, GenerationStats
 from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.sampling import SamplingParams
@@ -65,8 +67,6 @@ Run = tuple[float, list[int], dict[str, Any] | None]  # (s per decode step, gree
 
 def prepare(root: Path, shape: dict[str, int], num_layers: int, dtype: torch.dtype) -> dict[str, Path]:
     """A pruned random checkpoint and its dense and Endor stores under `root` (built once, reused)."""
-    from offload_bench import prune_layers, random_checkpoint  # this folder
-
     paths = {"checkpoint": root / "hf-pruned", "dense": root / "store-dense", "endor": root / "store-endor"}
     if all((paths[name] / marker).is_file() for name, marker in
            (("checkpoint", "config.json"), ("dense", "manifest.json"), ("endor", "manifest.json"))):
@@ -165,8 +165,6 @@ def engine_arm(store: Store, host: bool, threads: int) -> tuple[Engine, Callable
 def accelerate_arm(checkpoint: Path, num_layers: int, dtype: torch.dtype, offload_dir: Path, threads: int):
     """Accelerate's disk offload; a hook after each decoder layer evicts that layer's byte range."""
     from transformers import AutoModelForCausalLM
-
-    from offload_bench import model_decode
 
     device_map = {name: "cpu" for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
     device_map |= {f"model.layers.{idx}": "disk" for idx in range(num_layers)}

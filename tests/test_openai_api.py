@@ -115,3 +115,31 @@ def test_sampling_controls_reach_the_engine(frontend):
     [score] = request(frontend, {"prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 0})
     assert score.params.max_new_tokens == 0 and score.params.prompt_logprobs == 0
     assert refused({"prompt": "x", "max_tokens": 0}, api.CompletionRequest, frontend).param == "max_tokens"
+
+
+def test_logprobs_are_shaped_alike_in_responses_and_stream_chunks(frontend):
+    """One shaping for a whole response and a stream's chunk: a chunk's object is the response's entry
+    for that token (the legacy text offset counted from the chunk's own token)."""
+    tokenizer = frontend.tokenizer
+    ids = tokenizer("The capital of France").input_ids
+    entries = [[-0.5 - index, [[token_id, -0.5 - index], [7, -3.0]]] for index, token_id in enumerate(ids)]
+    completion = {"token_ids": ids, "logprobs": entries, "prompt_token_ids": ids[:2], "prompt_logprobs": [None, entries[1]]}
+    texts = [tokenizer.decode([token_id]) for token_id in ids]
+    chat = frontend.response_logprobs(completion, chat=True, echo=False, count=None)
+    assert [item["token"] for item in chat["content"]] == texts
+    assert [item["logprob"] for item in chat["content"]] == [entry[0] for entry in entries]
+    seven = tokenizer.decode([7])
+    assert chat["content"][0]["top_logprobs"][1] == {"token": seven, "logprob": -3.0, "bytes": list(seven.encode())}
+    legacy = frontend.response_logprobs(completion, chat=False, echo=False, count=2)
+    assert legacy["tokens"] == texts and legacy["token_logprobs"] == [entry[0] for entry in entries]
+    assert legacy["text_offset"] == [sum(len(text) for text in texts[:index]) for index in range(len(texts))]
+    assert legacy["top_logprobs"][0] == {texts[0]: -0.5, seven: -3.0}
+    for index, (token_id, entry) in enumerate(zip(ids, entries)):
+        assert frontend.logprobs(True, [token_id], [entry]) == {"content": [chat["content"][index]]}
+        assert frontend.logprobs(False, [token_id], [entry]) == {
+            "tokens": [texts[index]], "token_logprobs": [entry[0]], "top_logprobs": [legacy["top_logprobs"][index]],
+            "text_offset": [0]}
+    echoed = frontend.response_logprobs(completion, chat=False, echo=True, count=2)
+    assert echoed["tokens"] == texts[:2] + texts and echoed["token_logprobs"][:3] == [None, entries[1][0], entries[0][0]]
+    assert frontend.response_logprobs({**completion, "logprobs": None}, chat=True, echo=False, count=None) is None
+    assert frontend.response_logprobs(completion, chat=False, echo=False, count=None) is None

@@ -30,7 +30,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from endor_ray.serve import openai_api as api
-from endor_ray.serve.config import APP_ARGS, ServeConfig, environment_names, serve_config_from_args
+from endor_ray.serve.config import APP_ARGS, ServeConfig, environment_names, serve_config_from_args  # noqa: F401
+from endor_ray.serve.responses import Shaper
 from endor_ray.errors import ConfigError, EndorError
 
 log = logging.getLogger("ray.serve")  # Serve's logger: its handlers add the replica and request context
@@ -41,18 +42,6 @@ app = FastAPI(title="endor-ray", description="OpenAI-compatible API for offloade
 
 def _error(exc: api.APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
-
-
-def api_error(exc: EndorError) -> api.APIError:
-    """The HTTP error for an engine-side failure: 429 (queue full), 400 (refused), 503 (failed)."""
-    from endor_ray.engine.scheduler import QueueFull
-
-    if isinstance(exc, QueueFull):
-        return api.APIError(429, str(exc), code="queue_full")
-    if isinstance(exc, ConfigError):
-        return api.APIError(400, str(exc))
-    message = str(exc)
-    return api.APIError(503, message if message.startswith("generation failed") else f"generation failed: {message}")
 
 
 def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,8 +182,6 @@ class EndorServer:
         return await self._handle(request, api.ChatRequest, "/v1/chat/completions")
 
     async def _handle(self, request: Request, kind: type, route: str):
-        from endor_ray.serve.responses import Shaper
-
         started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or api.new_id("chatcmpl" if kind is api.ChatRequest else "cmpl")
         if not self._authorized(request):
@@ -217,7 +204,7 @@ class EndorServer:
             except StopAsyncIteration:
                 first = None
             except EndorError as exc:
-                return self._log(request_id, route, _error(api_error(exc)), started)
+                return self._log(request_id, route, _error(api.api_error(exc)), started)
             self._log(request_id, route, None, started, status=200, prompt_tokens=shaper.prompt_tokens)
             return StreamingResponse(shaper.stream(first, events), media_type="text/event-stream",
                                      headers={"x-request-id": request_id})
@@ -229,7 +216,7 @@ class EndorServer:
             else:
                 raise EndorError("the request ended without a result")
         except EndorError as exc:
-            return self._log(request_id, route, _error(api_error(exc)), started)
+            return self._log(request_id, route, _error(api.api_error(exc)), started)
         failed = [c for c in result["completions"] if c["finish_reason"] == "error"]
         if failed:  # this request's own failure (its sampling), never its neighbours'
             return self._log(request_id, route, _error(api.APIError(500, f"generation failed: {failed[0]['error']}")),

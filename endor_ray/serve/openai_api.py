@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from endor_ray.engine.sampling import SamplingParams
-from endor_ray.errors import ConfigError
+from endor_ray.errors import ConfigError, EndorError
 from endor_ray.serve.protocol import (  # noqa: F401  (the protocol's names, re-exported for the app and tests)
     MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, TextPart, _Sampling, parse, parse_plain,
 )
@@ -104,15 +104,19 @@ class Frontend:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def completion_logprobs(self, completion: dict, echo: bool, count: int | None) -> dict | None:
-        """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
-        if count is None:
-            return None
-        ids, entries = list(completion["token_ids"]), list(completion["logprobs"] or [])
-        if echo:
-            ids = completion["prompt_token_ids"] + ids
-            entries = list(completion["prompt_logprobs"] or [None] * len(completion["prompt_token_ids"])) + entries
-        tokens = [self.token_text(token_id) for token_id in ids]
+    def logprobs(self, chat: bool, token_ids: list[int], entries: list) -> dict:
+        """OpenAI's logprobs object for these tokens, in a whole response or a stream's chunk: chat's
+        {"content": [{token, logprob, bytes, top_logprobs}]} or the legacy completions' {tokens,
+        token_logprobs, top_logprobs, text_offset} (offsets from the first of these tokens). An entry is
+        [logprob, [[alternative id, logprob]...]], or None where a token has none (a prompt's first)."""
+        if chat:
+            def item(token_id: int, logprob: float) -> dict:
+                text = self.token_text(token_id)
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+            return {"content": [{**item(token_id, entry[0]), "top_logprobs": [item(alt, lp) for alt, lp in entry[1]]}
+                                for token_id, entry in zip(token_ids, entries)]}
+        tokens = [self.token_text(token_id) for token_id in token_ids]
         offsets, position = [], 0
         for token in tokens:
             offsets.append(position)
@@ -124,16 +128,16 @@ class Frontend:
             "text_offset": offsets,
         }
 
-    def chat_logprobs(self, completion: dict) -> dict | None:
-        if completion["logprobs"] is None:
+    def response_logprobs(self, completion: dict, chat: bool, echo: bool, count: int | None) -> dict | None:
+        """A whole completion's logprobs object (echo: the prompt's tokens first), None if not asked for."""
+        asked = completion["logprobs"] is not None if chat else count is not None  # chat: top_logprobs asked
+        if not asked:
             return None
-
-        def item(token_id: int, logprob: float) -> dict:
-            text = self.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-        return {"content": [{**item(token_id, entry[0]), "top_logprobs": [item(alt, lp) for alt, lp in entry[1]]}
-                            for token_id, entry in zip(completion["token_ids"], completion["logprobs"])]}
+        ids, entries = list(completion["token_ids"]), list(completion["logprobs"] or [])
+        if echo:
+            ids = completion["prompt_token_ids"] + ids
+            entries = list(completion["prompt_logprobs"] or [None] * len(completion["prompt_token_ids"])) + entries
+        return self.logprobs(chat, ids, entries)
 
     def prompt_text(self, completion: dict) -> str:
         return self.tokenizer.decode(completion["prompt_token_ids"])
@@ -150,6 +154,18 @@ def _token_id(key: str) -> int:
         return int(key)
     except ValueError:
         raise APIError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
+
+
+def api_error(exc: EndorError) -> APIError:
+    """The HTTP error for an engine-side failure: 429 (queue full), 400 (refused), 503 (failed)."""
+    from endor_ray.engine.scheduler import QueueFull
+
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), code="queue_full")
+    if isinstance(exc, ConfigError):
+        return APIError(400, str(exc))
+    message = str(exc)
+    return APIError(503, message if message.startswith("generation failed") else f"generation failed: {message}")
 
 
 def new_id(prefix: str) -> str:

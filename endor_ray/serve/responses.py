@@ -33,8 +33,7 @@ class Shaper:
             text = completion["text"]
             if self.echo:
                 text = self.frontend.prompt_text(completion) + text
-            logprobs = (self.frontend.chat_logprobs(completion) if self.chat
-                        else self.frontend.completion_logprobs(completion, self.echo, self.logprobs))
+            logprobs = self.frontend.response_logprobs(completion, self.chat, self.echo, self.logprobs)
             shaped.append({"text": text, "logprobs": logprobs, "finish_reason": _reason(completion),
                            "tokens": len(completion["token_ids"])})
         shape = api.chat_response if self.chat else api.completion_response
@@ -68,27 +67,14 @@ class Shaper:
             if include_usage:
                 yield api.usage_chunk(self.request_id, self.model, self.chat, api.usage(self.prompt_tokens, generated))
         except EndorError as exc:
-            from endor_ray.serve.app import api_error
-
-            yield api.error_chunk(api_error(exc))
+            yield api.error_chunk(api.api_error(exc))
         finally:
             await events.aclose()  # a client gone mid-stream: the worker lets the sequences go
         yield api.STREAM_END
 
     def _token_logprobs(self, event: dict) -> dict | None:
         entry = event.get("logprob")
-        if entry is None:
-            return None
-        token_id, (logprob, alternatives) = event["token_id"], entry
-        text = self.frontend.token_text(token_id)
-        if self.chat:
-            def item(tid: int, lp: float) -> dict:
-                piece = self.frontend.token_text(tid)
-                return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
-
-            return {"content": [{**item(token_id, logprob), "top_logprobs": [item(a, lp) for a, lp in alternatives]}]}
-        return {"tokens": [text], "token_logprobs": [logprob],
-                "top_logprobs": [{self.frontend.token_text(a): lp for a, lp in alternatives}], "text_offset": [0]}
+        return None if entry is None else self.frontend.logprobs(self.chat, [event["token_id"]], [entry])
 
 
 def _reason(completion: dict) -> str:
