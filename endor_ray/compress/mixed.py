@@ -2,8 +2,11 @@
 
 M2Cache keeps neurons at FP16/INT8/INT4 by importance; a store can vary the setting per tensor.
 For every prunable tensor of a decoder layer, `measure` compresses it under each candidate
-setting (`CANDIDATES`: sparsity 0/30/50/70% x raw/INT8/INT4) and records the bytes it would move
-and its *relative output error* on the calibration inputs::
+setting (`CANDIDATES`: sparsity 0/30/50/70% x raw/INT8/INT4, and without pruning the GGUF
+32-element block types q8_0/q4_0/q4_1/q5_0/q5_1, quantized with importance-weighted rounding,
+`endor_ray.compress.rounding`; the k-types' quantizers are too slow to measure for every tensor
+and are taken only when asked for with ``--values``) and records
+the bytes it would move and its *relative output error* on the calibration inputs::
 
     error = tr(dW H dW^T) / tr(W H W^T),   dW = W_stored - W,   H = sum_t x_t x_t^T
 
@@ -25,11 +28,16 @@ from dataclasses import dataclass
 import torch
 
 from endor_ray.errors import ConfigError
-from endor_ray.format.tensor import VALUES_ENCODINGS, decode, encode
-from endor_ray.compress.setting import CalibrationStats, Setting, prune
+from endor_ray.compress.rounding import WEIGHTED_ENCODINGS
+from endor_ray.format.gguf_blocks import BLOCK_TYPES
+from endor_ray.format.quant import QUANTIZED_ENCODINGS
+from endor_ray.format.tensor import decode, encode
+from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight, prune
 
 SPARSITIES = (0.0, 0.3, 0.5, 0.7)
-CANDIDATES = tuple(Setting(sparsity, values) for sparsity in SPARSITIES for values in VALUES_ENCODINGS)
+GROUP_ENCODINGS = ("raw", *QUANTIZED_ENCODINGS)  # with the bitmap: any sparsity
+CANDIDATES = (tuple(Setting(sparsity, values) for sparsity in SPARSITIES for values in GROUP_ENCODINGS)
+              + tuple(Setting(0.0, values) for values in WEIGHTED_ENCODINGS))
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,14 @@ def measure(weight: torch.Tensor, stats: CalibrationStats, dtype: torch.dtype, b
     options = []
     for sparsity in SPARSITIES:
         pruned = prune(weight, sparsity, "wanda", stats).to(dtype)  # once for the three encodings
-        for values in VALUES_ENCODINGS:
+        for values in GROUP_ENCODINGS:
             encoded = encode(pruned, block_size, encoding=values, group_size=group_size)
             options.append(Option(Setting(sparsity, values), encoded.nbytes,
                                   output_error(weight, decode(encoded), stats.hessian)))
+    for values in WEIGHTED_ENCODINGS:
+        if weight.shape[-1] % BLOCK_TYPES[values].block_elems == 0:
+            encoded, held = compress_weight(weight, Setting(0.0, values), "wanda", dtype, block_size, group_size, stats)
+            options.append(Option(Setting(0.0, values), encoded.nbytes, output_error(weight, held, stats.hessian)))
     return options
 
 

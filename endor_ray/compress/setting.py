@@ -3,7 +3,10 @@
 A *setting* is the pair (sparsity, values encoding). `compress_weight` applies one to a weight:
 magnitude and Wanda prune exactly per row and then round the kept values to the nearest code
 (`endor_ray.format.quant`); SparseGPT prunes and quantizes jointly, compensating each choice on
-the weights not yet chosen (`endor_ray.compress.sparsegpt`). It returns the encoded tensor and the
+the weights not yet chosen (`endor_ray.compress.sparsegpt`). A GGUF block encoding (q4_1, q4_k,
+...; dense, no pruning) is quantized block by block, with the block parameters searched for the
+least error weighted by the calibration inputs' squared activations where they were gathered
+(`endor_ray.compress.rounding`), llama.cpp's reference rounding otherwise. It returns the encoded tensor and the
 weight the store now holds (decoded by the reference decoder), which the converter feeds to the
 next layer's calibration and the mixed-precision choice measures.
 """
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from endor_ray.errors import StoreError
+from endor_ray.format.gguf_blocks import GGUF_ENCODINGS
 from endor_ray.format.tensor import EncodedTensor, decode, encode
 from endor_ray.compress.prune import prune_weight
 
@@ -24,7 +28,7 @@ class Setting:
     """How one tensor is stored: the fraction of each row pruned and how kept values are encoded."""
 
     sparsity: float
-    values: str = "raw"  # "raw" (the stored dtype) | "int8" | "int4"
+    values: str = "raw"  # "raw" (the stored dtype) | "int8" | "int4" | a GGUF block type (no pruning)
 
     def __str__(self) -> str:
         return f"{self.sparsity:.0%}/{self.values}"
@@ -55,6 +59,8 @@ def compress_weight(
 ) -> tuple[EncodedTensor, torch.Tensor]:
     """(encoded tensor, the decoded weight in `dtype`) for `weight` under `setting` by `method`."""
     stats = stats or CalibrationStats()
+    if setting.values in GGUF_ENCODINGS:
+        return _block_encode(weight, setting, dtype, block_size, stats)
     if method == "sparsegpt" and (setting.sparsity > 0 or setting.values != "raw"):
         from endor_ray.compress.sparsegpt import sparsegpt
 
@@ -67,4 +73,18 @@ def compress_weight(
     else:
         pruned = prune(weight, setting.sparsity, method, stats)
         encoded = encode(pruned.to(dtype), block_size, layout=layout, encoding=setting.values, group_size=group_size)
+    return encoded, decode(encoded)
+
+
+def _block_encode(weight: torch.Tensor, setting: Setting, dtype: torch.dtype, block_size: int,
+                  stats: CalibrationStats) -> tuple[EncodedTensor, torch.Tensor]:
+    """A GGUF block encoding of the whole weight (dense layout), importance-weighted where possible."""
+    from endor_ray.compress.rounding import quantize_weighted
+
+    if setting.sparsity > 0:
+        raise StoreError(f"{setting.values} blocks hold every element (dense layout): use sparsity 0")
+    rows_weight = weight.reshape(-1, weight.shape[-1]) if weight.dim() != 2 else weight
+    blocks = quantize_weighted(rows_weight, setting.values, stats.input_sq_sum)
+    encoded = EncodedTensor(tuple(weight.shape), dtype, "dense", weight.numel(), values=blocks, block_size=block_size,
+                            values_encoding=setting.values)
     return encoded, decode(encoded)
