@@ -101,3 +101,53 @@ def choose(options: dict[str, list[Option]], budget_bytes: float) -> dict[str, S
 def check_budget(bytes_per_weight: float) -> None:
     if not (math.isfinite(bytes_per_weight) and 0 < bytes_per_weight):
         raise ConfigError(f"--bytes-per-weight must be a positive number, got {bytes_per_weight}")
+
+
+def choose_global(options: dict[str, list[Option]], budget_bytes: float) -> dict[str, Setting]:
+    """One setting per tensor for a budget over many tensors (a whole model): Lagrangian choice.
+
+    The exact Pareto search of `choose` grows with the number of tensors; for hundreds of them
+    each tensor takes, for a price ``lam`` per byte, the option of least ``error + lam * bytes``
+    (the total bytes fall as ``lam`` grows), ``lam`` is bisected to the cheapest price whose
+    choice fits, and the bytes left are then spent greedily on the upgrades that remove the most
+    error per byte. Every choice it can return fits the budget; ConfigError when none can.
+    """
+    names = list(options)
+    least = sum(min(option.nbytes for option in options[name]) for name in names)
+    if least > budget_bytes:
+        raise ConfigError(f"the cheapest settings need {least} bytes where the budget leaves "
+                          f"{budget_bytes:.0f}: raise --bytes-per-weight")
+
+    def pick(lam: float) -> dict[str, Option]:
+        return {name: min(options[name], key=lambda option: (option.error + lam * option.nbytes, option.nbytes))
+                for name in names}
+
+    def total(chosen: dict[str, Option]) -> int:
+        return sum(option.nbytes for option in chosen.values())
+
+    chosen = pick(0.0)
+    if total(chosen) > budget_bytes:
+        high = 1.0
+        while total(pick(high)) > budget_bytes:
+            high *= 4
+        low = 0.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if total(pick(middle)) > budget_bytes else (low, middle)
+        chosen = pick(high)
+    left = budget_bytes - total(chosen)
+    while True:  # spend what is left on the best error removed per byte that still fits
+        best = None
+        for name in names:
+            current = chosen[name]
+            for option in options[name]:
+                extra = option.nbytes - current.nbytes
+                gain = current.error - option.error
+                if gain > 0 and extra <= left and (extra <= 0 or best is None or gain / extra > best[0]):
+                    best = (float("inf") if extra <= 0 else gain / extra, name, option)
+        if best is None:
+            break
+        _, name, option = best
+        left -= option.nbytes - chosen[name].nbytes
+        chosen[name] = option
+    return {name: option.setting for name, option in chosen.items()}
