@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cuda_model import CudaModel
+from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.layer_source import LayerSource
 from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.tiers import TierPlan
@@ -42,7 +43,8 @@ def run_passes(store_path, model: CudaModel, reader_class=RecordingReader, passe
     expected = {idx: {name: decode(enc) for name, enc in store.layer_tensors(idx).items()}
                 for idx in range(store.num_layers)}
     reader = reader_class(store, plan.host, ops=model, progress=False)
-    source = LayerSource(reader, plan, torch.device("cpu"), prefetch_depth, timeout_s=60, progress=False, ops=model)
+    source = LayerSource(reader, plan, torch.device("cpu"), EngineConfig(prefetch_depth=prefetch_depth, fetch_timeout_s=60),
+                         progress=False, ops=model)
     computed = 0
     try:
         for _ in range(passes):
@@ -130,9 +132,33 @@ def test_close_frees_slots_and_stops_threads(store_path):
     model = CudaModel()
     store = Store(str(store_path))
     source = LayerSource(StoreReader(store, (), ops=model, progress=False), TierPlan((), (), tuple(range(6))),
-                         torch.device("cpu"), 2, timeout_s=60, progress=False, ops=model)
+                         torch.device("cpu"), EngineConfig(prefetch_depth=2, fetch_timeout_s=60), progress=False, ops=model)
     source.acquire(0)  # schedules prefetches of layers 1 and 2 as well
     source.release(0)
     source.close()
-    assert not source._free_slots and not source._in_flight and not source.resident
+    assert not source._free_slots and not source._prefetcher.in_flight and not source.resident
     assert not [t for t in threading.enumerate() if t.name.startswith(("endor-read", "endor-transfer"))]
+
+
+def test_the_prefetcher_fetches_ahead_in_order_and_drops_wrong_guesses():
+    from endor_ray.utils.prefetch import Prefetcher
+
+    started, dropped, room = [], [], [True]
+    prefetcher = Prefetcher([2, 4, 6], depth=2, start=lambda key: started.append(key) or key if room[0] else None,
+                            drop=dropped.extend)
+    assert prefetcher.claim(2) is None and prefetcher.start(2) == 2
+    prefetcher.ahead(2)
+    assert started == [2, 4, 6]
+    prefetcher.finish(2)
+    assert prefetcher.claim(4) == 4
+    prefetcher.finish(4)
+    prefetcher.ahead(4)  # cyclic: after the last key, the first of the next pass
+    assert started == [2, 4, 6, 2] and sorted(prefetcher.in_flight) == [2, 6]
+    assert prefetcher.claim(4) is None and sorted(dropped) == [2, 6] and not prefetcher.in_flight  # out of order
+    room[0] = False
+    prefetcher.ahead(4)  # no room: nothing starts
+    assert not prefetcher.in_flight
+    room[0] = True
+    last = Prefetcher([0, 1, 2], depth=2, start=lambda key: key, drop=dropped.extend, cyclic=False)
+    last.ahead(1)
+    assert list(last.in_flight) == [2]

@@ -44,12 +44,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.device import CudaOps, aligned_empty
 from endor_ray.engine.source_stats import SlotTiming, SourceStats
 from endor_ray.engine.tiers import TierPlan
-from endor_ray.errors import ConfigError, EndorError
+from endor_ray.errors import EndorError
 from endor_ray.format.cpu_decode import decode_into
 from endor_ray.store.store import tensors_from_buffer
+from endor_ray.utils.prefetch import Prefetcher
 
 
 @dataclass
@@ -75,30 +77,30 @@ class _Fetch:
 class LayerSource:
     """Serves each decoder layer's dense weights on the compute device, prefetching ahead."""
 
-    def __init__(self, reader, plan: TierPlan, device: torch.device, prefetch_depth: int = 2,
-                 timeout_s: float = 600.0, progress: bool = True, decode_threads: int | None = None,
-                 ops: CudaOps | None = None, compute_dtype: torch.dtype | None = None):
-        """`ops` replaces the CUDA operations (tests pass a model of CUDA); `decode_threads` is
-        how many threads a CPU decode splits over (None: every core); `compute_dtype` (None: the
-        store's) is the dtype of the dense weights handed out, converted after decoding."""
-        if prefetch_depth < 0:
-            raise ConfigError(f"prefetch depth must be >= 0, got {prefetch_depth}")
+    def __init__(self, reader, plan: TierPlan, device: torch.device, config: EngineConfig | None = None, *,
+                 ops: CudaOps | None = None, progress: bool = True):
+        """`config` (default: EngineConfig()) gives the prefetch depth, the fetch timeout, the CPU
+        decode's threads and the dtype of the dense weights handed out (converted after decoding;
+        None: the store's); `ops` replaces the CUDA operations (tests pass a model of CUDA)."""
+        config = config or EngineConfig()
         self.reader, self.plan, self.device = reader, plan, device
         self.ops = ops if ops is not None else CudaOps(device) if device.type == "cuda" else None
-        self.timeout_s, self.prefetch_depth, self.compute_dtype = timeout_s, prefetch_depth, compute_dtype
-        self.decode_threads = decode_threads or os.cpu_count() or 1
+        self.timeout_s, self.prefetch_depth = config.fetch_timeout_s, config.prefetch_depth
+        self.compute_dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else None
+        self.decode_threads = config.decode_threads or os.cpu_count() or 1
         self.stats = SourceStats()
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
         self._streamed = plan.streamed
-        self._position = {layer_idx: position for position, layer_idx in enumerate(self._streamed)}
-        self._in_flight: dict[int, _Fetch] = {}
+        # The streamed layers in flight (read, transferred, or in use until released)
+        self._prefetcher: Prefetcher[_Fetch] = Prefetcher(self._streamed, self.prefetch_depth, self._schedule,
+                                                          self._forget)
         self._free_slots: deque[_Slot] = deque()
         self._io = self._transfer = None
         try:
             for layer_idx in tqdm(plan.device, desc="resident", unit="layer", disable=not progress or not plan.device):
                 self.resident[layer_idx] = self._load_resident(layer_idx)
             self._buffer_nbytes = max((reader.buffer_nbytes(i) for i in self._streamed), default=0)
-            self._free_slots.extend(self._new_slot() for _ in range(min(prefetch_depth + 1, len(self._streamed))))
+            self._free_slots.extend(self._new_slot() for _ in range(min(self.prefetch_depth + 1, len(self._streamed))))
             if self._streamed:
                 self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-read")
                 self._transfer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-transfer")
@@ -208,22 +210,22 @@ class LayerSource:
             events["decompress_end"].record(self._decompress_stream)
             slot.ready.record(self._decompress_stream)
 
-    def _schedule(self, layer_idx: int) -> _Fetch:
+    def _schedule(self, layer_idx: int) -> _Fetch | None:
+        """Start fetching the layer into a free slot (None: every slot is taken)."""
+        if not self._free_slots:
+            return None
         fetch = _Fetch(self._free_slots.popleft(), Future())
         if fetch.slot.timing is not None:  # on this thread: only the compute thread touches those stats
             fetch.slot.timing.begin_use(self.stats)
         request = self.reader.request(layer_idx)  # issued now: several can be in flight
-        self._in_flight[layer_idx] = fetch
         self._io.submit(self._read, layer_idx, request, fetch)
         return fetch
 
-    def _drain(self) -> None:
-        """Forget prefetches (asked for out of order, or after an error). Slots go back to the free
-        list once their fetch ended: the stages run fetches in order, so none is still writing."""
-        self.wait_idle()
-        for fetch in self._in_flight.values():
-            self._free_slots.append(fetch.slot)
-        self._in_flight.clear()
+    def _forget(self, fetches: list[_Fetch]) -> None:
+        """Dropped prefetches (asked for out of order, or after an error): their slots go back to the
+        free list once their fetch ended (the stages run fetches in order, so none is still writing)."""
+        self._wait(fetches)
+        self._free_slots.extend(fetch.slot for fetch in fetches)
         if self.ops is not None:
             self.ops.synchronize()
 
@@ -233,21 +235,20 @@ class LayerSource:
         """The layer's dense weights, ready for the compute stream; prefetches what follows."""
         if layer_idx in self.resident:
             return self.resident[layer_idx]
-        fetch = self._in_flight.get(layer_idx)
-        if fetch is None:
-            self._drain()
-            fetch = self._schedule(layer_idx)
+        fetch = self._prefetcher.claim(layer_idx)
+        if fetch is None:  # not guessed: the guesses were dropped, so a slot is free
+            fetch = self._prefetcher.start(layer_idx)
         waited = time.perf_counter()
         try:
             tier = fetch.done.result(timeout=self.timeout_s)
         except FutureTimeout:
-            self._drain()
+            self._prefetcher.drop()
             raise EndorError(
                 f"layer {layer_idx} did not arrive within {self.timeout_s:.0f} s; check the store's "
                 "storage (a slow or hung disk, object store or shard server)"
             ) from None
         except BaseException:
-            self._drain()  # forget the failed fetch: the next request for the layer reads it anew
+            self._prefetcher.drop()  # forget the failed fetch: the next request for the layer reads it anew
             raise
         self.stats.stall_s += time.perf_counter() - waited
         self.stats.hits[tier] += 1
@@ -257,24 +258,14 @@ class LayerSource:
             stream.wait_event(fetch.slot.ready)
             events["compute_start"].record(stream)
         fetch.acquired_at = time.perf_counter()
-        self._prefetch_after(layer_idx)
+        self._prefetcher.ahead(layer_idx)
         return fetch.slot.weights
-
-    def _prefetch_after(self, layer_idx: int) -> None:
-        position = self._position[layer_idx]
-        for ahead in range(1, self.prefetch_depth + 1):
-            upcoming = self._streamed[(position + ahead) % len(self._streamed)]
-            if upcoming in self._in_flight:
-                continue
-            if not self._free_slots:
-                break
-            self._schedule(upcoming)
 
     def release(self, layer_idx: int) -> None:
         """The compute that used the layer's weights has been issued; its slot may be refilled."""
         if layer_idx in self.resident:
             return
-        fetch = self._in_flight.pop(layer_idx)
+        fetch = self._prefetcher.finish(layer_idx)
         if self.ops is not None:
             stream, slot = self.ops.current_stream(), fetch.slot
             slot.free.record(stream)
@@ -286,8 +277,11 @@ class LayerSource:
 
     def wait_idle(self) -> None:
         """Wait (within one timeout in all) until every scheduled fetch has been issued."""
+        self._wait(list(self._prefetcher.in_flight.values()))
+
+    def _wait(self, fetches: list[_Fetch]) -> None:
         deadline = time.monotonic() + self.timeout_s
-        for fetch in list(self._in_flight.values()):
+        for fetch in fetches:
             try:
                 fetch.done.result(timeout=max(deadline - time.monotonic(), 0.0))
             except Exception:  # noqa: BLE001 - a failed prefetch reports itself when acquired
@@ -297,7 +291,7 @@ class LayerSource:
         """A copy of the stats so far (CUDA timings folded in: a device synchronisation)."""
         if self.ops is not None:
             self.ops.synchronize()
-            for slot in list(self._free_slots) + [fetch.slot for fetch in self._in_flight.values()]:
+            for slot in list(self._free_slots) + [fetch.slot for fetch in self._prefetcher.in_flight.values()]:
                 slot.timing.fold_all(self.stats)
         return copy.deepcopy(self.stats)
 
@@ -306,7 +300,7 @@ class LayerSource:
         self.wait_idle()
         if self.ops is not None:
             self.ops.synchronize()
-            for slot in list(self._free_slots) + [fetch.slot for fetch in self._in_flight.values()]:
+            for slot in list(self._free_slots) + [fetch.slot for fetch in self._prefetcher.in_flight.values()]:
                 slot.timing.fold_all(self.stats)
         stats, self.stats = self.stats, SourceStats()
         return stats
@@ -319,7 +313,7 @@ class LayerSource:
         self._io = self._transfer = None
         if self.ops is not None:  # prefetches may still be copying into the buffers released below
             self.ops.synchronize()
-        self._in_flight.clear()
+        self._prefetcher.in_flight.clear()
         self._free_slots.clear()  # the slots' device buffers, pinned buffers and dense weights
         self.resident.clear()
         self.reader.close()

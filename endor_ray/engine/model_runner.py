@@ -58,9 +58,7 @@ class ModelRunner:
             reader = StoreReader(self.store, self.plan.host, ops, verify_disk_reads=config.verify_disk_reads,
                                  direct_io=config.disk_io == "direct", progress=progress)
         try:
-            self.source = LayerSource(reader, self.plan, self.device, config.prefetch_depth, config.fetch_timeout_s,
-                                      progress, config.decode_threads, ops,
-                                      self.dtype if self.dtype != self.store.dtype else None)
+            self.source = LayerSource(reader, self.plan, self.device, config, ops=ops, progress=progress)
             layers = decoder_layers(self.model, self.store.architecture)
             for layer_idx, weights in self.source.resident.items():
                 materialize_layer(layers[layer_idx], weights)

@@ -130,24 +130,28 @@ def prefetching(load_layer: LoadLayer, num_layers: int, cyclic: bool = True) -> 
     layer, the next pass's layer 0). At most two layers are in memory at once."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from endor_ray.utils.prefetch import Prefetcher
+
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-prefetch")
-    pending: dict[int, Any] = {}
+
+    def cancel(futures: list) -> None:
+        for future in futures:
+            future.cancel()
+
+    prefetcher = Prefetcher(range(num_layers), 1, lambda layer_idx: pool.submit(load_layer, layer_idx), cancel, cyclic)
 
     def load(layer_idx: int) -> dict:
-        future = pending.pop(layer_idx, None)
-        for stale in list(pending):  # an out-of-order request: drop what was guessed
-            pending.pop(stale).cancel()
+        future = prefetcher.claim(layer_idx)  # None: out of order, what was guessed is cancelled
+        if future is not None:
+            prefetcher.finish(layer_idx)
         weights = future.result() if future is not None else load_layer(layer_idx)
-        following = layer_idx + 1
-        if following < num_layers or cyclic:
-            pending[following % num_layers] = pool.submit(load_layer, following % num_layers)
+        prefetcher.ahead(layer_idx)
         return weights
 
     try:
         yield load
     finally:
-        for future in pending.values():
-            future.cancel()
+        prefetcher.drop()
         pool.shutdown(wait=True)
 
 

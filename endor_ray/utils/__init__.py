@@ -1,2 +1,3 @@
 """Small helpers every stage may use: sizes for people (`units`), whole-or-nothing writes
-(`atomic`). Imports nothing of endor_ray but `endor_ray.errors`."""
+(`atomic`), fetching ahead of use over a fixed order of layers (`prefetch`). Imports nothing of
+endor_ray but `endor_ray.errors`."""
