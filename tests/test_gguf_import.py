@@ -28,8 +28,10 @@ from conftest import make_checkpoint, read_manifest
 
 Q8_0, Q4_0, F16, F32 = (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.F16,
                         GGMLQuantizationType.F32)
-# HF name within a layer -> (GGUF name, type written): attention in Q8_0, the MLP in Q4_0, norms in F32.
+# HF name within a layer -> (GGUF name, type written): attention in Q8_0, the MLP in Q4_0, norms and biases in F32.
 TINY_LAYER = {
+    "self_attn.q_proj.bias": ("attn_q.bias", F32), "self_attn.k_proj.bias": ("attn_k.bias", F32),
+    "self_attn.v_proj.bias": ("attn_v.bias", F32),
     "self_attn.q_proj.weight": ("attn_q.weight", Q8_0), "self_attn.k_proj.weight": ("attn_k.weight", Q8_0),
     "self_attn.v_proj.weight": ("attn_v.weight", Q8_0), "self_attn.o_proj.weight": ("attn_output.weight", Q8_0),
     "mlp.gate_proj.weight": ("ffn_gate.weight", Q4_0), "mlp.up_proj.weight": ("ffn_up.weight", Q4_0),
@@ -38,6 +40,16 @@ TINY_LAYER = {
 }
 TINY_DENSE = {"model.embed_tokens.weight": ("token_embd.weight", F16), "model.norm.weight": ("output_norm.weight", F32),
               "lm_head.weight": ("output.weight", Q8_0)}
+FAMILIES = {"llama-gqa": "llama", "qwen2": "qwen2"}  # tiny checkpoint -> GGUF architecture (llama permutes q/k)
+
+
+def tiny_gguf_name(name: str) -> tuple[str, GGMLQuantizationType]:
+    """(GGUF name, type written) of HF tensor `name` in the tiny GGUFs."""
+    if name in TINY_DENSE:
+        return TINY_DENSE[name]
+    _, _, layer_idx, short = name.split(".", 3)
+    gguf_name, qtype = TINY_LAYER[short]
+    return f"blk.{layer_idx}.{gguf_name}", qtype
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -56,17 +68,18 @@ def gguf_of(weight: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     return quantize(array, qtype)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tmp_path_factory):
     """(GGUF path, the HF config and weights it was made from). The file carries a byte-level
     tokenizer (256 one-byte tokens), so transformers builds its config and tokenizer as for any GGUF."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     root = tmp_path_factory.mktemp("tiny-gguf")
-    hf_dir = make_checkpoint(root / "hf", "llama-gqa")
+    hf_dir = make_checkpoint(root / "hf", request.param)
     config = json.loads((hf_dir / "config.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
-    writer = GGUFWriter(root / "tiny.gguf", "llama")
+    architecture = FAMILIES[request.param]
+    writer = GGUFWriter(root / "tiny.gguf", architecture)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -84,11 +97,10 @@ def tiny(tmp_path_factory):
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(0)
-    names = {f"model.layers.{idx}.{name}": (f"blk.{idx}.{gguf_name}", qtype)
-             for idx in range(config["num_hidden_layers"]) for name, (gguf_name, qtype) in TINY_LAYER.items()}
-    for name, (gguf_name, qtype) in {**names, **TINY_DENSE}.items():
-        data = gguf_of(weights[name], qtype)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+    for name, weight in weights.items():
+        gguf_name, qtype = tiny_gguf_name(name)
+        data = gguf_of(weight, qtype)
+        if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = llama_cpp_permute(data, config["num_attention_heads" if "q_proj" in name
                                                   else "num_key_value_heads"])
         writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype in (Q8_0, Q4_0) else None)
@@ -97,11 +109,6 @@ def tiny(tmp_path_factory):
     writer.write_tensors_to_file()
     writer.close()
     return root / "tiny.gguf", config, weights
-
-
-def _qtype(name: str) -> GGMLQuantizationType:
-    return {**{f"model.layers.{idx}.{short}": qtype for idx in range(3) for short, (_, qtype) in TINY_LAYER.items()},
-            **{name: qtype for name, (_, qtype) in TINY_DENSE.items()}}[name]
 
 
 def test_hf_row_order_undoes_llama_cpp_permute():
@@ -120,7 +127,7 @@ def test_names_values_and_blocks_of_a_tiny_gguf(tiny):
     assert source.config["rms_norm_eps"] == np.float32(config["rms_norm_eps"])  # GGUF keeps a float32
     assert sorted(source.tensor_names) == sorted(weights)
     for name, weight in weights.items():
-        qtype = _qtype(name)
+        qtype = tiny_gguf_name(name)[1]
         assert source.shape(name) == tuple(weight.shape), name
         # Blocks are per row, so quantizing the HF (un-permuted) weight is an independent reference.
         expected = gguf_of(weight, qtype)
@@ -134,7 +141,7 @@ def test_names_values_and_blocks_of_a_tiny_gguf(tiny):
 
 
 def test_cli_keeps_the_blocks_of_a_tiny_gguf(tiny, tmp_path, capsys):
-    path, _, weights = tiny
+    path, config, weights = tiny
     source = GGUFSource(path)
     store = tmp_path / "store"
     assert main(["convert", str(path), str(store), "--block-size", "256", "--quiet"]) == 0  # keep: the default
@@ -143,17 +150,18 @@ def test_cli_keeps_the_blocks_of_a_tiny_gguf(tiny, tmp_path, capsys):
     compression = read_manifest(store)["compression"]
     assert (compression["method"], compression["values"], compression["sparsity"]) == ("gguf", "q4_0+q8_0", 0.0)
     opened = Store(str(store))
-    for layer_idx in range(3):
-        tensors = opened.layer_tensors(layer_idx)
-        for short, (_, qtype) in TINY_LAYER.items():
-            name, enc = f"model.layers.{layer_idx}.{short}", tensors[short]
-            expected = gguf_of(weights[name], qtype)
-            if qtype == F32:
-                assert enc.values_encoding == "raw"
-            else:
-                assert enc.values_encoding == qtype.name.lower() and enc.layout == "dense"
-                assert torch.equal(enc.values, torch.from_numpy(expected).reshape(-1)), name
-            assert torch.equal(decode(enc), source.get(name)), name
+    stored = {f"model.layers.{layer_idx}.{short}": enc for layer_idx in range(config["num_hidden_layers"])
+              for short, enc in opened.layer_tensors(layer_idx).items()}
+    assert sorted(stored) == sorted(name for name in weights if ".layers." in name)
+    for name, enc in stored.items():
+        qtype = tiny_gguf_name(name)[1]
+        expected = gguf_of(weights[name], qtype)
+        if qtype == F32:
+            assert enc.values_encoding == "raw"
+        else:
+            assert enc.values_encoding == qtype.name.lower() and enc.layout == "dense"
+            assert torch.equal(enc.values, torch.from_numpy(expected).reshape(-1)), name
+        assert torch.equal(decode(enc), source.get(name)), name
 
 
 def test_a_gguf_recompresses_from_its_dequantized_weights(tiny, tmp_path):
@@ -182,10 +190,12 @@ def test_engine_matches_transformers_on_a_tiny_kept_store(tiny, tmp_path):
     assert any(expected)
 
 
-def test_a_file_that_is_not_gguf_is_a_clean_error(tmp_path, capsys):
+def test_a_file_that_is_not_gguf_is_a_clean_error(tiny, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a model")
-    assert main(["convert", str(tmp_path / "notes.txt"), str(tmp_path / "store")]) == 1
-    assert "as a GGUF file" in capsys.readouterr().err
+    (tmp_path / "short.gguf").write_bytes(tiny[0].read_bytes()[:200])  # cut inside the metadata
+    for name in ("notes.txt", "short.gguf"):
+        assert main(["convert", str(tmp_path / name), str(tmp_path / "store")]) == 1
+        assert "as a GGUF file" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
 
 
@@ -225,7 +235,7 @@ def test_embedded_blocks_are_the_files_own(kept_stores):
     for layer_idx in range(30):
         tensors = store.layer_tensors(layer_idx)
         for short, (gguf_short, _) in TINY_LAYER.items():
-            if "norm" in short:
+            if not short.endswith("_proj.weight"):
                 continue
             gguf_name = f"blk.{layer_idx}.{gguf_short}"
             expected = unpermute.process(np.array(gguf_tensors[gguf_name].data), gguf_name).weights
@@ -268,6 +278,16 @@ def test_engine_matches_transformers_on_the_kept_blocks(kept_stores, tmp_path):
         completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     assert [completion.token_ids for completion in completions] == expected
     assert any(expected)
+
+
+@pytest.mark.slow
+def test_the_embedded_model_is_its_gguf_only_when_blocks_are_kept(smollm2_dir):
+    from endor_ray.compress.checkpoint import Checkpoint
+    from endor_ray.compress.default_model import open_source
+
+    kept = open_source("smollm2-135m", keep_blocks=True)
+    assert isinstance(kept, GGUFSource) and kept.directory == smollm2_dir
+    assert type(open_source("smollm2-135m")) is Checkpoint  # re-compression reads the cached folder, as before
 
 
 @pytest.mark.slow

@@ -44,8 +44,6 @@ LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -55,7 +53,7 @@ LAYER_NAMES = {
 DENSE_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 SKIPPED_NAMES = ("rope_freqs.weight",)
 PERMUTED_ARCHITECTURES = ("llama",)  # whose q/k rows convert_hf_to_gguf.py reorders
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # general.architecture values read here
+GGUF_ARCHITECTURES = ("llama", "qwen2")  # general.architecture values read here (mistral files say llama)
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ class GGUFSource(TensorSource):
         self.path = Path(path)
         try:
             self._reader = GGUFReader(self.path)
-        except (OSError, ValueError) as exc:  # gguf-py raises ValueError for a bad magic or version
+        except (OSError, ValueError, IndexError) as exc:  # gguf-py's words for a bad magic or a short file
             raise StoreError(f"cannot read {self.path} as a GGUF file: {exc}") from exc
         self.gguf_architecture = str(self._field("general.architecture"))
         if self.gguf_architecture not in GGUF_ARCHITECTURES:
