@@ -43,7 +43,7 @@ def check_against_transformers(store, placement: str, prompts: list[str], max_ne
     assert [c.token_ids for c in completions] == expected
     assert any(len(ids) > 0 for ids in expected)
     streamed_layers = len(plan.host) + len(plan.disk)
-    assert stats.source.hits["host"] + stats.source.hits["disk"] == stats.steps * streamed_layers
+    assert stats.source.hits["host"] + stats.source.hits["disk"] == stats.passes * streamed_layers
     if placement == "disk":
         assert plan.disk and not plan.host and stats.source.hits["host"] == 0
     if placement == "mixed":
@@ -89,6 +89,8 @@ def test_budget_parsing():
 def test_check_prompt(smollm2_dir):
     from transformers import AutoTokenizer
 
+    import pickle
+
     from endor_ray.engine.prompts import PromptTooLong, check_prompt, context_limit
 
     assert context_limit({"max_position_embeddings": 4096}) == 4096
@@ -109,6 +111,8 @@ def test_check_prompt(smollm2_dir):
     with pytest.raises(PromptTooLong, match="exceeds the model's context of 64 tokens") as too_long:
         check_prompt(tokenizer, expected, 65 - len(expected), 64)
     assert (too_long.value.prompt_tokens, too_long.value.max_new_tokens) == (len(expected), 65 - len(expected))
+    copied = pickle.loads(pickle.dumps(too_long.value))  # how it crosses Ray
+    assert str(copied) == str(too_long.value) and copied.max_context == 64
 
 
 def test_bad_input(tiny_stores, tmp_path):
@@ -188,7 +192,7 @@ def test_streaming_text_and_stop_strings(smollm2_store):
     assert stopped[0].finish_reason == "stop"
     assert stop not in stopped[0].text and text.startswith(stopped[0].text)
     assert "".join(pieces) == stopped[0].text
-    assert stats.source.hits["device"] == stats.steps * 30  # everything resident: nothing streams
+    assert stats.source.hits["device"] == stats.passes * 30  # everything resident: nothing streams
 
 
 def test_a_failed_layer_read_is_retried_by_the_next_request(tiny_stores):

@@ -16,10 +16,11 @@ class PromptTooLong(ConfigError):
     """The prompt plus the tokens asked for exceed the model's context (the numbers travel for
     callers that word it their own way, e.g. the OpenAI API's context_length_exceeded)."""
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_context: int):
+    # Built from the message alone, like every EndorError: Ray pickles errors by their args and the
+    # driver re-raises them as type(error)(message); the numbers are extras.
+    def __init__(self, message: str, prompt_tokens: int = 0, max_new_tokens: int = 0, max_context: int = 0):
+        super().__init__(message)
         self.prompt_tokens, self.max_new_tokens, self.max_context = prompt_tokens, max_new_tokens, max_context
-        super().__init__(f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"context of {max_context} tokens; shorten the prompt or lower max_new_tokens")
 
 
 def context_limit(model_config: dict[str, Any]) -> int:
@@ -46,5 +47,7 @@ def check_prompt(tokenizer, prompt: str | list[int], max_new_tokens: int, max_co
     if not ids:
         raise ConfigError("a prompt tokenizes to no tokens; give some text")
     if len(ids) + max_new_tokens > max_context:
-        raise PromptTooLong(len(ids), max_new_tokens, max_context)
+        raise PromptTooLong(f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                            f"context of {max_context} tokens; shorten the prompt or lower max_new_tokens",
+                            len(ids), max_new_tokens, max_context)
     return ids
