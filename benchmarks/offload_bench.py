@@ -116,7 +116,7 @@ def engine_decode(engine: Engine, ids: list[list[int]], new_tokens: int) -> Run:
     settle(engine)
     wall, steps = time.perf_counter() - started, new_tokens - 1
     stats = GenerationStats(len(ids), steps, len(ids) * steps, wall, 0.0, engine.source.reset_stats()).to_dict()
-    return stats["s_per_step"], [seq.output_ids for seq in sequences], stats
+    return stats["s_per_pass"], [seq.output_ids for seq in sequences], stats
 
 
 def bench(label: str, decode: Callable[[list[list[int]]], Run], streamed_nbytes: int, args: argparse.Namespace,

@@ -157,7 +157,7 @@ def engine_arm(store: Store, host: bool, threads: int) -> tuple[Engine, Callable
         engine.source.wait_idle()
         wall, steps = time.perf_counter() - started, new_tokens - 1
         stats = GenerationStats(1, steps, steps, wall, 0.0, engine.source.reset_stats()).to_dict()
-        return stats["s_per_step"], sequences[0].output_ids, stats
+        return stats["s_per_pass"], sequences[0].output_ids, stats
 
     return engine, run
 
@@ -265,7 +265,7 @@ def run_cpu(args, out_path: Path, machine: dict[str, Any]) -> dict[str, Any]:
         stats = run[2]
         if not stats or not stats["time_s"]["read"]:
             return None
-        return stats["bytes_to_device_per_step"] * stats["steps"] / stats["time_s"]["read"] / 1e9
+        return stats["bytes_to_device_per_pass"] * stats["passes"] / stats["time_s"]["read"] / 1e9
 
     dense_read = statistics.median(read_GBps(run) for run in results["dense-disk"]) if "dense-disk" in results else None
     rows = []

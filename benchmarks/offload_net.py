@@ -169,7 +169,7 @@ def run(args, paths: dict[str, Path], sizes: dict[str, int], worker_store: int) 
         for round_idx in range(args.rounds + 1):
             for name, service in services.items():
                 result = service.generate([prompt], params)
-                step = result["stats"]["decode_s_per_step"]
+                step = result["stats"]["decode_s_per_pass"]
                 print(f"round {round_idx} {name:>6}: {step:.2f} s/step (load {os.getloadavg()[0]:.2f})", flush=True)
                 if round_idx:
                     timings[name].append(step)

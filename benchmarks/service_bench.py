@@ -188,7 +188,7 @@ def bench_generation(store_path: Path, args: argparse.Namespace) -> tuple[list[d
                     started = time.perf_counter()
                     result = generate(prompts)
                     if repeat >= WARMUP:
-                        runs[system].append((result["stats"]["decode_s_per_step"], time.perf_counter() - started, result))
+                        runs[system].append((result["stats"]["decode_s_per_pass"], time.perf_counter() - started, result))
             for system, timed in runs.items():
                 rows.append(generation_row(system, batch, timed))
                 tokens[system, batch] = [completion["token_ids"] for completion in timed[0][2]["completions"]]

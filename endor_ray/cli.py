@@ -241,8 +241,8 @@ def print_stats(stats: dict, file=sys.stdout) -> None:
     times = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stats["time_s"].items())
     link = f", link {stats['link_GBps']:.1f} GB/s" if stats["link_GBps"] else ""
     print(f"-- {stats['new_tokens']} tokens for {stats['sequences']} sequences in {stats['wall_s']:.2f} s: "
-          f"{stats['tokens_per_s']:.2f} tokens/s, {stats['s_per_step']:.3f} s per pass over the weights", file=file)
-    print(f"-- {human_bytes(stats['bytes_to_device_per_step'])} streamed per pass{link}; time: {times}", file=file)
+          f"{stats['tokens_per_s']:.2f} tokens/s, {stats['s_per_pass']:.3f} s per pass over the weights", file=file)
+    print(f"-- {human_bytes(stats['bytes_to_device_per_pass'])} streamed per pass{link}; time: {times}", file=file)
     print(f"-- layer hits per tier: {hits}", file=file)
 
 

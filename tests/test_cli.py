@@ -142,7 +142,7 @@ def test_generate_json_and_verify(tiny_stores, capsys):
     result = json.loads(stdout)
     assert [c["prompt"] for c in result["completions"]] == ["Hello there", "A"]
     assert all(0 < len(c["token_ids"]) <= 4 for c in result["completions"])
-    assert {"tokens_per_s", "bytes_to_device_per_step", "time_s", "tier_hits"} <= set(result["stats"])
+    assert {"tokens_per_s", "bytes_to_device_per_pass", "time_s", "tier_hits"} <= set(result["stats"])
     assert result["stats"]["tier_hits"]["device"] > 0 and result["stats"]["tier_hits"]["host"] > 0
     code, stdout, _ = run(["verify", store, "--prompt", "Hello there", "--prompt", "A", "--max-new-tokens", "5",
                            "--gpu-memory", "0", "--host-memory", "0"], capsys)

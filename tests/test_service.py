@@ -65,7 +65,7 @@ def test_shards_on_two_nodes_worker_on_the_third(cluster, tiny_stores, expected)
         assert worker_info["node_id"] not in shard_nodes
         result = service.generate(PROMPTS, PARAMS)
         assert [c["token_ids"] for c in result["completions"]] == expected
-        assert result["stats"]["tier_hits"]["remote"] == result["stats"]["steps"] * 3
+        assert result["stats"]["tier_hits"]["remote"] == result["stats"]["passes"] * 3
 
         events = list(service.stream(PROMPTS, PARAMS))
         final = events[-1]

@@ -35,31 +35,31 @@ class GenerationStats:
     """Throughput and where the time went, for one request (one generate() call)."""
 
     sequences: int
-    steps: int  # passes over the weights while the request was running
+    passes: int  # passes over the weights while the request was running
     new_tokens: int
     wall_s: float
     prefill_s: float  # until the request's first token: its prompts through every layer
     source: SourceStats = field(repr=False)
-    sequences_per_step: float = 0.0  # live sequences of all requests per pass, on average
+    mean_sequences_per_pass: float = 0.0  # live sequences of all requests per pass, on average
 
     def to_dict(self) -> dict[str, Any]:
         source = self.source
         return {
             "sequences": self.sequences,
-            "steps": self.steps,
+            "passes": self.passes,
             "new_tokens": self.new_tokens,
             "wall_s": self.wall_s,
             "tokens_per_s": self.new_tokens / self.wall_s if self.wall_s else 0.0,
-            "s_per_step": self.wall_s / self.steps if self.steps else 0.0,
+            "s_per_pass": self.wall_s / self.passes if self.passes else 0.0,
             "prefill_s": self.prefill_s,
             "ttft_s": self.prefill_s,  # time to the request's first token
             # time per output token after the first, per sequence
             "tpot_s": ((self.wall_s - self.prefill_s) / (self.new_tokens / self.sequences - 1)
                        if self.sequences and self.new_tokens > self.sequences else None),
-            # decode steps only: one token per sequence per pass over the weights
-            "decode_s_per_step": (self.wall_s - self.prefill_s) / (self.steps - 1) if self.steps > 1 else None,
-            "sequences_per_step": self.sequences_per_step,
-            "bytes_to_device_per_step": source.bytes_to_device / self.steps if self.steps else 0,
+            # decode passes only: one token per sequence per pass over the weights
+            "decode_s_per_pass": (self.wall_s - self.prefill_s) / (self.passes - 1) if self.passes > 1 else None,
+            "mean_sequences_per_pass": self.mean_sequences_per_pass,
+            "bytes_to_device_per_pass": source.bytes_to_device / self.passes if self.passes else 0,
             "link_GBps": source.bytes_to_device / source.transfer_s / 1e9 if source.transfer_s else None,
             "time_s": {"transfer": source.transfer_s, "read": source.read_s,
                        "decompress": source.decompress_s, "compute_streamed": source.compute_s,
@@ -154,11 +154,11 @@ class RequestTracker:
     def result(self) -> GenerationResult:
         engine = self.engine
         wall = time.perf_counter() - self.started
-        steps = engine.metrics.passes - self.passes_start
+        passes = engine.metrics.passes - self.passes_start
         served = engine.metrics.sequences_served - self.served_start
         source = engine.source.snapshot() - self.source_start
-        source.hits["device"] = steps * len(engine.plan.device)  # resident layers run unhooked
+        source.hits["device"] = passes * len(engine.plan.device)  # resident layers run unhooked
         completions = [Completion.of(seq) for seq in self.sequences]
         return GenerationResult(completions, GenerationStats(
-            len(self.sequences), steps, sum(len(c.token_ids) for c in completions), wall,
-            self.first_token_s or 0.0, source, served / steps if steps else 0.0))
+            len(self.sequences), passes, sum(len(c.token_ids) for c in completions), wall,
+            self.first_token_s or 0.0, source, served / passes if passes else 0.0))

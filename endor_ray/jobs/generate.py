@@ -91,9 +91,9 @@ class GenerateBatches:
                 for prompt_id, prompt, c in zip(ids, prompts, result["completions"])]
         self.folder.commit(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA))
         stats = result["stats"]
-        return pa.table({"rows": [len(rows)], "tokens": [stats["new_tokens"]], "steps": [stats["steps"]],
-                         "sequences_per_step": [stats["sequences_per_step"]],
-                         "bytes_per_step": [float(stats["bytes_to_device_per_step"])]})
+        return pa.table({"rows": [len(rows)], "tokens": [stats["new_tokens"]], "steps": [stats["passes"]],
+                         "sequences_per_step": [stats["mean_sequences_per_pass"]],
+                         "bytes_per_step": [float(stats["bytes_to_device_per_pass"])]})
 
 
 def run(config: JobConfig) -> dict[str, Any]:

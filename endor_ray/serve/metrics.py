@@ -48,8 +48,8 @@ class ServeMetrics:
             self.ttft.labels(self.model).observe(stats["ttft_s"])
         if stats.get("tpot_s") is not None:
             self.tpot.labels(self.model).observe(stats["tpot_s"])
-        if stats.get("bytes_to_device_per_step") is not None:
-            self.bytes_per_pass.labels(self.model).set(stats["bytes_to_device_per_step"])
+        if stats.get("bytes_to_device_per_pass") is not None:
+            self.bytes_per_pass.labels(self.model).set(stats["bytes_to_device_per_pass"])
         for tier, hits in (stats.get("tier_hits") or {}).items():
             self.tier_hits.labels(self.model, tier).set(hits)
 
