@@ -199,9 +199,14 @@ def test_a_file_that_is_not_gguf_is_a_clean_error(tiny, tmp_path, capsys):
     assert not (tmp_path / "store").exists()
 
 
-def test_keep_is_refused_where_it_cannot_apply(tiny_checkpoints, tmp_path):
+def test_keep_is_refused_where_it_cannot_apply(tiny_checkpoints, tmp_path, capsys):
     with pytest.raises(ConfigError, match="Hugging Face folder"):
         convert(str(tiny_checkpoints["llama-gqa"]), tmp_path / "store", ConvertConfig(values="keep"), progress=False)
+    assert main(["convert", str(tiny_checkpoints["llama-gqa"]), str(tmp_path / "store"), "--values", "keep"]) == 1
+    assert "--values keep stores a GGUF file's own blocks" in capsys.readouterr().err
+    assert main(["convert", "smollm2-135m", str(tmp_path / "store"), "--values", "keep", "--sparsity", "0.5"]) == 1
+    assert "drop --sparsity" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
     with pytest.raises(ConfigError, match="--values keep"):
         ConvertConfig(values="keep", sparsity=0.5)
     with pytest.raises(ConfigError, match="--values keep"):
