@@ -157,3 +157,22 @@ def test_cli_on_the_cluster_and_unreachable_address(cluster, tiny_stores, capsys
                                  capture_output=True, text=True, timeout=120)
     assert unreachable.returncode == 1
     assert "no Ray cluster answers at 127.0.0.1:1" in unreachable.stderr and "Traceback" not in unreachable.stderr
+
+
+def test_a_stream_whose_consumer_stops_cancels_its_request(cluster, tiny_stores):
+    import asyncio
+    import threading
+    import time
+
+    with connect(str(tiny_stores["llama-gqa"]), EngineConfig(gpu_memory=0)) as service:
+        events = service.stream(PROMPTS, SamplingParams(max_new_tokens=100))
+        assert "token_id" in next(events)
+        events.close()  # the consumer went away: the worker lets the request go
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            [stats] = asyncio.run(service.worker_stats())
+            if stats["running"] + stats["waiting"] == 0:
+                break
+            time.sleep(0.2)
+        assert stats["running"] + stats["waiting"] == 0 and stats["finished"].get("cancelled") == len(PROMPTS)
+        assert not [thread for thread in threading.enumerate() if thread.name == "endor-stream"]

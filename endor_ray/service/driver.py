@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,27 +113,10 @@ class Service:
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[dict]:
         """A request's events as they come (`endor_ray.engine.loop`: token events, a completion
         per sequence, then the result dict). A consumer that stops early cancels the request."""
-        import ray
+        return _blocking(self.astream(prompts, params))
 
-        worker = self.workers[next(self._next_worker)]
-        events = worker.stream.options(num_returns="streaming").remote(list(prompts), self._params(prompts, params))
-        try:
-            while True:
-                ready, _ = ray.wait([events], timeout=self.timeout_s)  # the limit is per event, not per request
-                if not ready:
-                    raise EndorError(f"no token from the GPU worker within {self.timeout_s:.0f} s; check its node")
-                try:
-                    ref = next(events)
-                except StopIteration:
-                    return
-                event = _get(ref, self.timeout_s, "generation")
-                if "error" in event:
-                    raise EndorError(event["error"])
-                yield event
-        finally:
-            ray.cancel(events)  # a consumer that stops early (a client gone, an error) frees the worker
-
-    async def astream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
+    async def astream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None
+                      ) -> AsyncIterator[dict]:
         """`stream` for asyncio callers (the Serve app): cancelling the consumer cancels the request."""
         import asyncio
 
@@ -202,6 +185,40 @@ class Service:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _blocking(events: AsyncIterator[dict]) -> Iterator[dict]:
+    """An async generator consumed from plain code, on an event loop of its own thread (so it works
+    whether or not the caller's thread runs an event loop: a script, a notebook). A consumer that
+    stops, fails or is interrupted cancels the step in flight and closes the generator."""
+    import asyncio
+    import threading
+
+    async def step():
+        return await events.__anext__()
+
+    async def cancel_and_close():
+        running = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in running:  # a step the consumer stopped waiting for (Ctrl-C)
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await events.aclose()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="endor-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                event = asyncio.run_coroutine_threadsafe(step(), loop).result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        asyncio.run_coroutine_threadsafe(cancel_and_close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 def _get(ref, timeout_s: float, what: str):
