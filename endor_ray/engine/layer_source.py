@@ -27,6 +27,8 @@ waits on the host except the reuse of a slot's host buffer; the order is kept by
     compute stream:     wait ready -> run the layer -> record free          (engine, via hooks)
     I/O thread:         host_free.synchronize() before the reader writes the host buffer again
 
+Which layers are in flight and which come next is `utils.prefetch.Prefetcher`'s bookkeeping (the
+calibration passes' prefetcher shares it): a layer asked for out of order drops the guesses.
 `tests/test_stream_order.py` runs this code under a model of CUDA's streams and events and
 checks every slot access against happens-before.
 """
