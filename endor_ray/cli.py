@@ -146,10 +146,12 @@ def _sections(*names: str) -> dict:
     return {name: made[name]() for name in names}
 
 
-def _check_prompts(args: argparse.Namespace, store) -> list[str]:
-    """The prompts to run (chat-templated with --chat), checked before any engine or cluster starts:
-    none empty, none too long for the model's context."""
+def _check_prompts(args: argparse.Namespace, store) -> list[list[int]]:
+    """The prompts' token ids (chat-templated with --chat), checked before any engine or cluster starts
+    by the engine's own check (`check_prompt`, against the context it uses); the engine is sent these
+    ids and tokenizes nothing again."""
     from endor_ray.engine.engine import load_tokenizer
+    from endor_ray.engine.prompts import PromptTooLong, check_prompt, context_limit
 
     if not args.prompt:
         raise ConfigError("give at least one --prompt")
@@ -158,21 +160,21 @@ def _check_prompts(args: argparse.Namespace, store) -> list[str]:
     if args.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {args.max_new_tokens}")
     tokenizer = load_tokenizer(store)
-    prompts = _prompts(args, tokenizer)
-    context = int(store.config.get("max_position_embeddings") or 2**31)
-    for index, prompt in enumerate(prompts):
-        length = len(tokenizer(prompt).input_ids)
-        if length + args.max_new_tokens > context:
-            raise ConfigError(f"prompt {index} has {length} tokens; with max_new_tokens={args.max_new_tokens} it "
-                              f"exceeds the model's context of {context} tokens; shorten it or lower --max-new-tokens")
-    return prompts
+    context = context_limit(store.config)
+    checked = []
+    for index, prompt in enumerate(_prompts(args, tokenizer)):
+        try:
+            checked.append(check_prompt(tokenizer, prompt, args.max_new_tokens, context))
+        except PromptTooLong as exc:
+            raise ConfigError(f"prompt {index} has {exc.prompt_tokens} tokens; with max_new_tokens={exc.max_new_tokens} "
+                              f"it exceeds the model's context of {exc.max_context} tokens; shorten it or lower "
+                              "--max-new-tokens") from None
+    return checked
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, store):
     from endor_ray.engine.engine import Engine
 
-    store = _open_store(args.store)
-    _check_prompts(args, store)  # before the (slow) engine start
     return Engine(store, args.engine, progress=not getattr(args, "json", False), scheduler=args.scheduler)
 
 
@@ -201,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             echoed = True
         if "completions" in event:
             result = event
-        elif single and "text" in event:  # (a sequence's "completion" event carries no new text)
+        elif single and "token_id" in event:  # (the other events: a sequence's completion, the result)
             print(event["text"], end="", flush=True)
     if args.json:
         for user, completion in zip(args.prompt, result["completions"]):
@@ -218,22 +220,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _generate_in_process(args: argparse.Namespace, params) -> Iterator[dict]:
     """Token events, then the result dict, from an engine in this process."""
-    with _engine(args) as engine:
-        yield from engine.stream_data(_prompts(args, engine.tokenizer), params)
+    store = _open_store(args.store)
+    prompt_ids = _check_prompts(args, store)  # before the (slow) engine start
+    with _engine(args, store) as engine:
+        yield from engine.stream_data(prompt_ids, params)
 
 
 def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
     """The same events from the Ray service (a local single-node Ray unless --address is given)."""
     from endor_ray.service.driver import connect
 
-    prompts = _check_prompts(args, _open_store(args.store))  # before Ray starts
+    prompt_ids = _check_prompts(args, _open_store(args.store))  # before Ray starts
     started = time.perf_counter()
     with connect(args.store, args.engine, args.cluster, scheduler=args.scheduler) as service:
         if service.started_ray and not args.json:
             print(f"(started a local Ray for this command: {time.perf_counter() - started:.0f} s with the service; "
                   "`ray start --head --node-ip-address=127.0.0.1` keeps one running for the next commands)",
                   file=sys.stderr)
-        yield from service.stream(prompts, params)
+        yield from service.stream(prompt_ids, params)
 
 
 def print_stats(stats: dict, file=sys.stdout) -> None:
@@ -250,10 +254,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from endor_ray.engine.reference import reference_greedy
     from endor_ray.engine.sampling import SamplingParams
 
-    with _engine(args) as engine:
-        prompts = _prompts(args, engine.tokenizer)
-        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens))
-        expected = reference_greedy(engine, prompts, args.max_new_tokens)
+    store = _open_store(args.store)
+    prompt_ids = _check_prompts(args, store)  # before the (slow) engine start
+    with _engine(args, store) as engine:
+        completions, _ = engine.generate(prompt_ids, SamplingParams(max_new_tokens=args.max_new_tokens))
+        # transformers tokenizes the text itself: the reference shares nothing with the engine's path
+        expected = reference_greedy(engine, _prompts(args, engine.tokenizer), args.max_new_tokens)
     identical = True
     for index, (completion, reference_ids) in enumerate(zip(completions, expected)):
         if completion.token_ids == reference_ids:

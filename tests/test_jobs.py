@@ -298,7 +298,7 @@ def test_twenty_thousand_prompts_exactly_once(local_ray, tiny_stores, tmp_path):
     assert len(ids) == 20_000 and len(set(ids)) == 20_000
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     print(f"20,000 prompts: {summary['rows_per_s']:.0f} rows/s, {summary['tokens_per_s']:.0f} tokens/s, "
-          f"{summary['sequences_per_step']:.0f} sequences per pass")
+          f"{summary['mean_sequences_per_pass']:.0f} sequences per pass")
     rows = by_id(table)
     sample = random.Random(0).sample(sorted(rows), 8)
     with Engine(store, EngineConfig(gpu_memory=0), progress=False) as engine:

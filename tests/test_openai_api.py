@@ -143,3 +143,17 @@ def test_logprobs_are_shaped_alike_in_responses_and_stream_chunks(frontend):
     assert echoed["tokens"] == texts[:2] + texts and echoed["token_logprobs"][:3] == [None, entries[1][0], entries[0][0]]
     assert frontend.response_logprobs({**completion, "logprobs": None}, chat=True, echo=False, count=None) is None
     assert frontend.response_logprobs(completion, chat=False, echo=False, count=None) is None
+
+
+def test_choices_carry_the_token_ids_they_were_checked_as(frontend):
+    """Each prompt is tokenized once (whatever n is) and its ids are what the GPU worker is sent."""
+    def choices(prompt) -> list:
+        return frontend.requests(api.parse(json.dumps({"model": "smol", "prompt": prompt, "max_tokens": 3, "n": 2})
+                                           .encode(), api.CompletionRequest))
+
+    hello, hi = frontend.tokenizer("Hello there").input_ids, frontend.tokenizer("Hi").input_ids
+    texts = choices(["Hello there", "Hi"])
+    assert [choice.prompt_ids for choice in texts] == [hello, hello, hi, hi]
+    assert [choice.prompt for choice in texts] == ["Hello there", "Hello there", "Hi", "Hi"]
+    assert [choice.prompt_tokens for choice in texts] == [len(hello), len(hello), len(hi), len(hi)]
+    assert [(choice.prompt, choice.prompt_ids) for choice in choices([5, 6, 7])] == [([5, 6, 7], [5, 6, 7])] * 2

@@ -19,7 +19,7 @@ beside the parts holds the totals. Rows appear in the order they finish.
 
 How it runs: the driver starts the endor-ray service once (shard servers, `--workers` GPU
 workers) and Ray Data streams the prompts through a pool of small actors (`map_batches`), each
-sending its batches to one GPU worker, whose engine batches continuously across all the
+checking its batches' prompts (tokenized there, once) and sending their token ids to one GPU worker, whose engine batches continuously across all the
 batches it receives; progress is Ray Data's (rows, rows/s).
 
 Inside a Ray job (`ray job submit`) it joins that cluster; with --address that one; otherwise a
@@ -70,30 +70,47 @@ def check_store(config: JobConfig) -> None:
 
 
 class GenerateBatches:
-    """A Ray Data map actor: sends each batch of prompts to its GPU worker, commits the finished
-    rows as one part, and returns one row of counts for the driver's totals."""
+    """A Ray Data map actor: checks each batch's prompts (`check_prompt`: tokenized here, once, against
+    the engine's context) and sends their token ids to its GPU worker, commits the finished rows as
+    one part, and returns one row of counts for the driver's totals."""
 
-    def __init__(self, workers: list, params: list, output: str, timeout_s: float):
+    def __init__(self, workers: list, params: list, output: str, timeout_s: float, store: str):
         import ray
+
+        from endor_ray.engine.engine import load_tokenizer
+        from endor_ray.engine.prompts import context_limit
+        from endor_ray.store import Store
 
         self.params, self.folder, self.timeout_s = params, PartFolder(output), timeout_s
         # Spread the map actors over the GPU workers (each worker batches all it receives)
         self.worker = workers[hash(ray.get_runtime_context().get_actor_id()) % len(workers)]
+        opened = Store(store)
+        self.tokenizer, self.max_context = load_tokenizer(opened), context_limit(opened.config)
+
+    def prompt_ids(self, prompt_id: str, prompt: str) -> list[int]:
+        from endor_ray.engine.prompts import check_prompt
+
+        try:
+            return check_prompt(self.tokenizer, prompt, self.params[0].max_new_tokens, self.max_context)
+        except ConfigError as exc:
+            raise ConfigError(f"the prompt of id {prompt_id!r}: {exc}") from None
 
     def __call__(self, batch):
         import pyarrow as pa
         import ray
 
         ids, prompts = batch.column("id").to_pylist(), batch.column("prompt").to_pylist()
-        result = ray.get(self.worker.generate.remote(prompts, [self.params[0]] * len(prompts)), timeout=self.timeout_s)
+        prompt_ids = [self.prompt_ids(prompt_id, prompt) for prompt_id, prompt in zip(ids, prompts)]
+        # Token ids, not text: the GPU worker tokenizes nothing again (its check of ids is free)
+        result = ray.get(self.worker.generate.remote(prompt_ids, [self.params[0]] * len(prompts)), timeout=self.timeout_s)
         rows = [{"id": prompt_id, "prompt": prompt, "text": c["text"], "token_ids": c["token_ids"],
                  "finish_reason": c["finish_reason"], "num_tokens": len(c["token_ids"])}
                 for prompt_id, prompt, c in zip(ids, prompts, result["completions"])]
         self.folder.commit(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA))
         stats = result["stats"]
-        return pa.table({"rows": [len(rows)], "tokens": [stats["new_tokens"]], "steps": [stats["passes"]],
-                         "sequences_per_step": [stats["mean_sequences_per_pass"]],
-                         "bytes_per_step": [float(stats["bytes_to_device_per_pass"])]})
+        return pa.table({"rows": [len(rows)], "tokens": [stats["new_tokens"]], "passes": [stats["passes"]],
+                         "mean_sequences_per_pass": [stats["mean_sequences_per_pass"]],
+                         "bytes_to_device_per_pass": [float(stats["bytes_to_device_per_pass"])]})
 
 
 def run(config: JobConfig) -> dict[str, Any]:
@@ -122,7 +139,7 @@ def run(config: JobConfig) -> dict[str, Any]:
             summary.update(generate(config, todo_dataset(dataset, done), params, folder))
         folder.write_summary(summary)
         print(f"endor-job: done: {summary['rows_generated']} new rows, {summary['tokens']} tokens"
-              + (f" at {summary['tokens_per_s']:.1f} tokens/s, {summary['sequences_per_step']:.1f} sequences per pass"
+              + (f" at {summary['tokens_per_s']:.1f} tokens/s, {summary['mean_sequences_per_pass']:.1f} sequences per pass"
                  if summary["rows_generated"] else "") + f"; parts in {config.output}", file=sys.stderr, flush=True)
         return summary
     finally:
@@ -137,7 +154,7 @@ def generate(config: JobConfig, todo, params, folder: PartFolder) -> dict[str, A
 
     batch_size, num_workers, timeout_s = config.scheduler.max_num_seqs, config.cluster.num_workers, config.cluster.timeout_s
     started = time.monotonic()
-    totals = {"rows_generated": 0, "tokens": 0, "steps": 0, "weighted_sequences": 0.0, "bytes": 0.0}
+    totals = {"rows_generated": 0, "tokens": 0, "passes": 0, "weighted_sequences": 0.0, "bytes": 0.0}
     # The driver is on the cluster already (run() joined it), so connect() uses that one
     with connect(config.store, config.engine, config.cluster, scheduler=config.scheduler) as service:
         # Two map actors per GPU worker, batches of twice a pass: while one batch is being committed
@@ -146,19 +163,21 @@ def generate(config: JobConfig, todo, params, folder: PartFolder) -> dict[str, A
             GenerateBatches, batch_size=2 * batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2 * num_workers),
             num_cpus=0, fn_constructor_kwargs={"workers": service.workers, "params": [params],
-                                               "output": config.output, "timeout_s": timeout_s})
+                                               "output": config.output, "timeout_s": timeout_s,
+                                               "store": config.store})
         for counts in mapped.iter_rows():
             totals["rows_generated"] += counts["rows"]
             totals["tokens"] += counts["tokens"]
-            totals["steps"] += counts["steps"]
-            totals["weighted_sequences"] += counts["sequences_per_step"] * counts["steps"]
-            totals["bytes"] += counts["bytes_per_step"] * counts["steps"]
+            totals["passes"] += counts["passes"]
+            totals["weighted_sequences"] += counts["mean_sequences_per_pass"] * counts["passes"]
+            totals["bytes"] += counts["bytes_to_device_per_pass"] * counts["passes"]
     wall = time.monotonic() - started
-    steps = max(totals["steps"], 1)
+    passes = max(totals["passes"], 1)
     return {"rows_generated": totals["rows_generated"], "tokens": totals["tokens"], "wall_s": wall,
             "rows_per_s": totals["rows_generated"] / wall, "tokens_per_s": totals["tokens"] / wall,
-            "sequences_per_step": totals["weighted_sequences"] / steps, "bytes_per_step": totals["bytes"] / steps,
-            "workers": num_workers}
+            # each batch's figures over the passes it ran in (batches share passes: no total count of passes)
+            "mean_sequences_per_pass": totals["weighted_sequences"] / passes,
+            "bytes_to_device_per_pass": totals["bytes"] / passes, "workers": num_workers}
 
 
 def build_parser() -> argparse.ArgumentParser:

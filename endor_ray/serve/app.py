@@ -73,6 +73,7 @@ class EndorServer:
 
     def __init__(self, config: ServeConfig):
         from endor_ray.engine.engine import load_tokenizer
+        from endor_ray.engine.prompts import context_limit
         from endor_ray.serve.metrics import ServeMetrics
         from endor_ray.service.driver import connect
         from endor_ray.store.store import Store
@@ -81,8 +82,8 @@ class EndorServer:
         self.api_key = config.api_key or os.environ.get("ENDOR_API_KEY") or None
         store = Store(config.store)
         self.service = connect(config.store, config.engine, config.cluster, scheduler=config.scheduler)
-        context = int(store.config.get("max_position_embeddings") or 2**31)
-        self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context, config.default_max_tokens)
+        self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context_limit(store.config),
+                                     config.default_max_tokens)
         self.metrics = ServeMetrics(config.served_name)
         self.started = int(time.time())
 
@@ -197,7 +198,8 @@ class EndorServer:
         except api.APIError as exc:
             return self._log(request_id, route, _error(exc), started)
         shaper = Shaper(self.frontend, parsed, request_id, choices)
-        events = self.service.astream([c.prompt for c in choices], [c.params for c in choices])
+        # The token ids the replica checked: the worker tokenizes nothing again
+        events = self.service.astream([c.prompt_ids for c in choices], [c.params for c in choices])
         if parsed.stream:
             try:
                 first = await anext(events)  # a refused request is an HTTP error, not a broken stream

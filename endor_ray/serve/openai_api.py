@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from endor_ray.engine.prompts import PromptTooLong, check_prompt
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.errors import ConfigError, EndorError
 from endor_ray.serve.protocol import (  # noqa: F401  (the protocol's names, re-exported for the app and tests)
@@ -20,10 +21,15 @@ from endor_ray.serve.protocol import (  # noqa: F401  (the protocol's names, re-
 )
 
 class Choice:
-    """One sequence to generate: its prompt (text or token ids), parameters and prompt length."""
+    """One sequence to generate: its prompt as given (text or token ids), the token ids it was checked
+    as (what the GPU worker is sent: it tokenizes nothing again), and its parameters."""
 
-    def __init__(self, prompt: str | list[int], params: SamplingParams, prompt_tokens: int):
-        self.prompt, self.params, self.prompt_tokens = prompt, params, prompt_tokens
+    def __init__(self, prompt: str | list[int], prompt_ids: list[int], params: SamplingParams):
+        self.prompt, self.prompt_ids, self.params = prompt, prompt_ids, params
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 class Frontend:
@@ -50,10 +56,21 @@ class Frontend:
         prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string, token list, or list of them", param="prompt")
-        for ids in prompts:
-            if not isinstance(ids, str) and any(not 0 <= token < self.vocab_size for token in ids):
-                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         return prompts
+
+    def prompt_ids(self, prompt: str | list[int], max_tokens: int) -> list[int]:
+        """The prompt's token ids, checked against the context the engine uses (`check_prompt`, the
+        one check), or the API's 400: context_length_exceeded, or what else is wrong with the prompt."""
+        try:
+            return check_prompt(self.tokenizer, prompt, max_tokens, self.max_context)
+        except PromptTooLong as exc:
+            raise APIError(400, f"this model's maximum context length is {exc.max_context} tokens, but "
+                                f"{exc.prompt_tokens + exc.max_new_tokens} were requested ({exc.prompt_tokens} in the "
+                                f"prompt, {exc.max_new_tokens} for the completion); shorten the prompt or lower "
+                                "max_tokens", param="max_tokens" if exc.prompt_tokens < exc.max_context else "prompt",
+                           code="context_length_exceeded") from None
+        except ConfigError as exc:  # no tokens, ids outside the vocabulary
+            raise APIError(400, str(exc), param="prompt") from None
 
     def requests(self, request: _Sampling) -> list[Choice]:
         """One Choice per prompt and per n, checked against the context."""
@@ -71,18 +88,13 @@ class Frontend:
         if asked == 0 and not echo:
             raise APIError(400, "max_tokens 0 only scores a prompt: it needs echo", param="max_tokens")
         choices = []
-        for prompt in [prompt for prompt in self.prompts(request) for _ in range(request.n)]:
-            prompt_tokens = len(prompt) if not isinstance(prompt, str) else len(self.tokenizer(prompt).input_ids)
-            if prompt_tokens == 0:
-                raise APIError(400, "a prompt tokenizes to no tokens; give some text", param="prompt")
-            room = self.max_context - prompt_tokens
-            # No max_tokens (chat): as much as the context leaves, up to the server's default.
-            max_tokens = asked if asked is not None else min(self.default_max_tokens, max(room, 1))
-            if max_tokens > room:
-                raise APIError(400, f"this model's maximum context length is {self.max_context} tokens, but "
-                                    f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
-                                    f"{max_tokens} for the completion); shorten the prompt or lower max_tokens",
-                               param="max_tokens" if room > 0 else "prompt", code="context_length_exceeded")
+        checked = []
+        for prompt in self.prompts(request):  # tokenized once, whatever n is
+            # No max_tokens (chat): as much as the context leaves, up to the server's default, at least 1.
+            ids = self.prompt_ids(prompt, asked if asked is not None else 1)
+            checked += [(prompt, ids)] * request.n
+        for prompt, ids in checked:
+            max_tokens = asked if asked is not None else min(self.default_max_tokens, self.max_context - len(ids))
             seed = None if request.seed is None else (request.seed + len(choices)) % 2**64  # n choices differ
             try:
                 params = SamplingParams(
@@ -96,7 +108,7 @@ class Frontend:
                     0 if echo and max_tokens == 0 else None)
             except ConfigError as exc:
                 raise APIError(400, str(exc)) from None
-            choices.append(Choice(prompt, params, prompt_tokens))
+            choices.append(Choice(prompt, ids, params))
         return choices
 
     # -- responses -----------------------------------------------------------------------------------
