@@ -245,7 +245,7 @@ def test_operations_routes(client):
     assert status == 404 and body["error"]["message"].startswith("no route")
     with urllib.request.urlopen(f"{BASE}/metrics", timeout=30) as answer:
         metrics = answer.read().decode()
-    assert "endor_requests_total" in metrics and "endor_sequences_per_pass" in metrics
+    assert "endor_requests_total" in metrics and "endor_mean_sequences_per_pass" in metrics
     assert "endor_time_to_first_token_seconds_bucket" in metrics
     request = urllib.request.Request(f"{BASE}/v1/completions", headers={"x-request-id": "my-id-1",
                                                                          "Content-Type": "application/json"},
@@ -454,3 +454,20 @@ def test_a_dead_worker_is_replaced_and_health_says_so(client, server):
     assert seen_unhealthy
     response = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_endor_serve_hands_its_flags_to_the_app_unchanged():
+    """`endor serve` builds a ServeConfig from its flags and `run_server` passes it to `build_app` as
+    plain data (dataclasses.asdict): nested mappings that come back as the same config."""
+    import dataclasses
+
+    from endor_ray.cli import build_parser
+    from endor_ray.serve.config import ServeConfig, serve_config_from_args
+    from endor_ray.utils.options import configs_from
+
+    args = build_parser().subcommands["serve"].parse_args(
+        ["some/store", "--max-batch-size", "7", "--prefetch", "1", "--address", "auto", "--no-verify-disk-reads"])
+    config = ServeConfig(store="some/store", **configs_from(vars(args), args.sections))
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_waiting, config.engine.prefetch_depth) == (7, 1024, 1)
+    assert config.cluster.address == "auto" and not config.engine.verify_disk_reads
+    assert serve_config_from_args(dataclasses.asdict(config)) == config

@@ -31,11 +31,13 @@ class ServeMetrics:
                               labels, buckets=LATENCY_BUCKETS, registry=registry)
         self.waiting = Gauge("endor_queue_sequences", "sequences waiting for a pass", labels, registry=registry)
         self.running = Gauge("endor_running_sequences", "sequences in the running batch", labels, registry=registry)
-        self.per_pass = Gauge("endor_sequences_per_pass", "mean live sequences per pass over the weights", labels,
-                              registry=registry)
+        # Named as in /health, a request's stats and the job summary: passes, mean_sequences_per_pass, ...
+        self.mean_sequences_per_pass = Gauge("endor_mean_sequences_per_pass",
+                                             "mean live sequences per pass over the weights", labels, registry=registry)
         self.passes = Gauge("endor_passes", "passes over the weights so far", labels, registry=registry)
-        self.bytes_per_pass = Gauge("endor_bytes_per_pass", "bytes moved to the device per pass (last request)",
-                                    labels, registry=registry)
+        self.bytes_to_device_per_pass = Gauge("endor_bytes_to_device_per_pass",
+                                              "bytes moved to the device per pass (last request)", labels,
+                                              registry=registry)
         self.tier_hits = Gauge("endor_tier_hits", "layer fetches by tier (last request)", ("model", "tier"),
                                registry=registry)
 
@@ -49,7 +51,7 @@ class ServeMetrics:
         if stats.get("tpot_s") is not None:
             self.tpot.labels(self.model).observe(stats["tpot_s"])
         if stats.get("bytes_to_device_per_pass") is not None:
-            self.bytes_per_pass.labels(self.model).set(stats["bytes_to_device_per_pass"])
+            self.bytes_to_device_per_pass.labels(self.model).set(stats["bytes_to_device_per_pass"])
         for tier, hits in (stats.get("tier_hits") or {}).items():
             self.tier_hits.labels(self.model, tier).set(hits)
 
@@ -57,6 +59,6 @@ class ServeMetrics:
         if batching is not None:
             self.waiting.labels(self.model).set(batching["waiting"])
             self.running.labels(self.model).set(batching["running"])
-            self.per_pass.labels(self.model).set(batching["mean_sequences_per_pass"])
+            self.mean_sequences_per_pass.labels(self.model).set(batching["mean_sequences_per_pass"])
             self.passes.labels(self.model).set(batching["passes"])
         return generate_latest(self.registry)
