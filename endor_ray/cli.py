@@ -102,9 +102,10 @@ def print_summary(summary: dict, per_layer: bool = True, per_tensor: bool = Fals
 
 
 def _short_setting(tensor: dict) -> str:
-    """'q 30/8' for self_attn.q_proj.weight at 30% sparsity with INT8 values (16: the raw dtype)."""
+    """'q 30/8' for self_attn.q_proj.weight at 30% sparsity with INT8 values (16: the raw dtype;
+    a GGUF block type by its name: 'down 0/q4_1')."""
     name = tensor["name"].removesuffix(".weight").split(".")[-1].removesuffix("_proj")
-    bits = {"int8": "8", "int4": "4"}.get(tensor["values"], "16")
+    bits = {"int8": "8", "int4": "4", "raw": "16"}.get(tensor["values"], tensor["values"])
     return f"{name} {round(tensor['sparsity'] * 100)}/{bits}"
 
 

@@ -53,7 +53,8 @@ def test_mixed_and_quantized_stores_show_their_settings(checkpoint, tmp_path, ca
     code, stdout, _ = run(["inspect", str(mixed)], capsys)
     assert code == 0 and "mixed precision per tensor within 0.6 bytes per weight" in stdout
     rows = [line for line in stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == 3 and all(re.search(r"q \d+/(4|8|16) k \d+/(4|8|16) .* down \d+/(4|8|16)$", row) for row in rows)
+    setting = r"\d+/(4|8|16|q\d_[01k])"  # sparsity / value bits, or a GGUF block type
+    assert len(rows) == 3 and all(re.search(rf"q {setting} k {setting} .* down {setting}$", row) for row in rows)
     code, stdout, _ = run(["inspect", str(mixed), "--tensors"], capsys)
     assert code == 0 and len([line for line in stdout.splitlines() if "_proj.weight" in line]) == 3 * 7
     code, _, _ = run(["convert", str(checkpoint), str(int4), "--method", "magnitude", "--values", "int4", "--quiet"],

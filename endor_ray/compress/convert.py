@@ -34,7 +34,7 @@ from endor_ray.format.quant import DEFAULT_GROUP_SIZE, QUANTIZED_ENCODINGS, chec
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
 from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight
 from endor_ray.store.manifest import seal
-from endor_ray.compress.mixed import check_budget, choose, measure
+from endor_ray.compress.mixed import check_budget, choose_global, measure
 from endor_ray.compress.prune import METHODS, InputNormCollector, check_sparsity
 from endor_ray.store.store import (
     DENSE_FILE, MANIFEST_NAME, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name, write_tensor_file,
@@ -114,6 +114,8 @@ class _LayerWriter:
     def __init__(self, staging: Path, config: ConvertConfig, dtype: torch.dtype, num_layers: int, progress: bool):
         self.staging, self.config, self.dtype = staging, config, dtype
         self.entries: list[dict[str, Any] | None] = [None] * num_layers
+        self.measured: dict[int, tuple[int, int, dict[str, list]]] = {}  # whole-model budget: options per layer
+        self.planned: dict[int, dict[str, Setting]] = {}  # ... and the settings chosen from them
         self.progress, self._bar = progress, None
 
     @property
@@ -161,18 +163,40 @@ class _LayerWriter:
 
     def _choose(self, layer_idx: int, weights: dict[str, torch.Tensor], prunable: list[str],
                 stats: dict[str, CalibrationStats]) -> dict[str, Setting]:
-        """Mixed precision: each prunable tensor's setting within the layer's byte budget."""
+        """Mixed precision: each prunable tensor's setting, from the whole model's plan (`plan`)."""
+        if layer_idx not in self.planned:
+            raise StoreError(f"layer {layer_idx} has no mixed-precision plan (internal: measure and plan first)")
+        return self.planned[layer_idx]
+
+    def measure(self, layer_idx: int, weights: dict[str, torch.Tensor], stats: dict[str, CalibrationStats],
+                sensitivities: dict[str, torch.Tensor] | None = None) -> None:
+        """Record one layer's options for the whole model's plan (nothing is written); with the
+        loss's output sensitivities (`endor_ray.compress.sensitivity`), errors are predicted losses."""
         config = self.config
+        prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
         fixed = sum(encode(weights[name].to(self.dtype), layout="dense").nbytes
                     for name in weights if name not in prunable)
         numel = sum(weight.numel() for weight in weights.values())
-        options = {name: measure(weights[name], stats[name], self.dtype, config.block_size, config.group_size)
-                   for name in prunable}
+        options = {}
+        for name in prunable:  # "self_attn.q_proj.weight" -> its module's "{layer}.self_attn.q_proj"
+            row_weights = None if sensitivities is None else sensitivities[f"{layer_idx}.{name.rpartition('.')[0]}"]
+            options[name] = measure(weights[name], stats[name], self.dtype, config.block_size, config.group_size,
+                                    row_weights)
+        self.measured[layer_idx] = (fixed, numel, options)
+
+    def plan(self) -> None:
+        """One budget for all decoder layers: each tensor's setting by `choose_global` over every
+        measured layer (bytes may move to the layers whose tensors lose most per byte)."""
+        fixed = sum(entry[0] for entry in self.measured.values())
+        numel = sum(entry[1] for entry in self.measured.values())
+        options = {(layer_idx, name): candidates for layer_idx, entry in self.measured.items()
+                   for name, candidates in entry[2].items()}
         least = fixed + sum(min(option.nbytes for option in candidates) for candidates in options.values())
-        if least > config.bytes_per_weight * numel:
-            raise ConfigError(f"layer {layer_idx} needs at least {least / numel:.3f} bytes per weight even at its "
-                              f"cheapest settings; raise --bytes-per-weight (got {config.bytes_per_weight})")
-        return choose(options, config.bytes_per_weight * numel - fixed)
+        if least > self.config.bytes_per_weight * numel:
+            raise ConfigError(f"the decoder layers need at least {least / numel:.3f} bytes per weight even at their "
+                              f"cheapest settings; raise --bytes-per-weight (got {self.config.bytes_per_weight})")
+        for (layer_idx, name), setting in choose_global(options, self.config.bytes_per_weight * numel - fixed).items():
+            self.planned.setdefault(layer_idx, {})[name] = setting
 
 
 def convert(source: str, destination: str | Path, config: ConvertConfig, progress: bool = True) -> Path:
@@ -330,7 +354,44 @@ def _calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: 
             collector.enabled = True
 
     layers = decoder_layers(model, architecture)
+    if config.bytes_per_weight is not None:
+        # One budget for the whole model: every layer's options are measured first, on the
+        # unpruned model's activations, then the plan is made and the pass below applies it. A
+        # model that fits in memory also gets the loss's sensitivity to each Linear's outputs,
+        # which puts every tensor's error on the scale of the loss.
+        sensitivities = None
+        if checkpoint.layer_nbytes(torch.float32) < 0.5 * available_memory_bytes():
+            sensitivities = _loss_sensitivities(model, layers, load_compute, ids)
+
+        def measure_only(layer_idx: int, layer, args: tuple, kwargs: dict, output):
+            weights = dict(layer.state_dict())
+            writer.measure(layer_idx, weights, {
+                name: CalibrationStats(collector.input_sq_sum(f"{layer_idx}.{name}"),
+                                       collector.hessian(f"{layer_idx}.{name}")) for name in weights},
+                sensitivities)
+            collector.clear()
+            return output
+
+        with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
+              stream_layers(model, architecture, load_next, after_layer=measure_only)):
+            model(input_ids=ids, use_cache=False)
+        writer.plan()
     with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
           stream_layers(model, architecture, load_next, after_layer=prune_and_rerun)):
         model(input_ids=ids, use_cache=False)
     return record
+
+
+def _loss_sensitivities(model, layers, load_layer, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every Linear's output sensitivity on the calibration ids, the whole model in memory once."""
+    from endor_ray.compress.sensitivity import output_sensitivities
+    from endor_ray.models.skeleton import materialize_layer, release_layer
+
+    for layer_idx, layer in enumerate(layers):
+        materialize_layer(layer, load_layer(layer_idx))
+    try:
+        with torch.enable_grad():
+            return output_sensitivities(model, layers, ids)
+    finally:
+        for layer in layers:
+            release_layer(layer)

@@ -1,20 +1,23 @@
-"""Mixed precision per tensor: each tensor's sparsity and value encoding, chosen for a byte budget.
+"""Mixed precision per tensor: each tensor's sparsity and value encoding, chosen for one byte budget.
 
 M2Cache keeps neurons at FP16/INT8/INT4 by importance; a store can vary the setting per tensor.
-For every prunable tensor of a decoder layer, `measure` compresses it under each candidate
+For every prunable tensor of every decoder layer, `measure` compresses it under each candidate
 setting (`CANDIDATES`: sparsity 0/30/50/70% x raw/INT8/INT4, and without pruning the GGUF
 32-element block types q8_0/q4_0/q4_1/q5_0/q5_1, quantized with importance-weighted rounding,
 `endor_ray.compress.rounding`; the k-types' quantizers are too slow to measure for every tensor
-and are taken only when asked for with ``--values``) and records
-the bytes it would move and its *relative output error* on the calibration inputs::
+and are taken only when asked for with ``--values``) and records the bytes it would move and its
+error on the calibration inputs (``dW = W_stored - W``, ``H = sum_t x_t x_t^T``)::
 
-    error = tr(dW H dW^T) / tr(W H W^T),   dW = W_stored - W,   H = sum_t x_t x_t^T
+    loss ~ sum_i g_i dW_i H dW_i^T        with g the loss's sensitivity to each output channel
+    error = tr(dW H dW^T) / tr(W H W^T)   without it (a model too large to hold for a backward pass)
 
-(the squared error the Linear's outputs would carry over the calibration tokens, relative to
-their energy, so tensors of different scale compare). `choose` then picks one setting per tensor
-so that the layer's bytes per weight (norms and all) stay within the budget with the least
-summed error, exactly (a small multiple-choice knapsack, solved over Pareto sets). The budget
-holds per layer, so a model converts streaming, one layer in memory.
+The first is what the model's loss rises by to second order (`endor_ray.compress.sensitivity`),
+so the errors of every tensor of every layer are on one scale; the second is scale-free per
+tensor, but equal relative errors do not cost the model equally (on SmolLM2 it pruned layer 0's
+attention to 70% to buy q4_1 elsewhere). `choose_global` then picks one setting per tensor so
+that all decoder layers together (norms and all) stay within ``--bytes-per-weight`` with the
+least summed error: bytes go where they buy the most. `choose` is the exact small knapsack
+(Pareto sets), the reference `choose_global` is tested against.
 
 Candidates are measured with Wanda pruning and round-to-nearest codes (cheap); a store converted
 with ``--method sparsegpt`` then applies SparseGPT with the chosen settings.
@@ -47,17 +50,24 @@ class Option:
     error: float
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(dW H dW^T) / tr(W H W^T): the relative squared error of the Linear's outputs."""
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> float:
+    """tr(dW H dW^T) / tr(W H W^T), the relative squared error of the Linear's outputs; with
+    `row_weights` g ([out]) the loss it predicts instead, sum_i g_i dW_i H dW_i^T
+    (`endor_ray.compress.sensitivity`)."""
     weight = weight.float()
     delta = approx.float() - weight
+    per_row = ((delta @ hessian) * delta).sum(dim=1)  # [out]
+    if row_weights is not None:
+        return float((row_weights.float() * per_row).sum())
     energy = float(((weight @ hessian) * weight).sum())
-    return float(((delta @ hessian) * delta).sum()) / energy if energy > 0 else 0.0
+    return float(per_row.sum()) / energy if energy > 0 else 0.0
 
 
 def measure(weight: torch.Tensor, stats: CalibrationStats, dtype: torch.dtype, block_size: int,
-            group_size: int) -> list[Option]:
-    """Bytes and relative output error of `weight` under every candidate setting."""
+            group_size: int, row_weights: torch.Tensor | None = None) -> list[Option]:
+    """Bytes and output error (`output_error`, relative or, with `row_weights`, the predicted
+    loss) of `weight` under every candidate setting."""
     if stats.hessian is None:
         raise ConfigError("mixed precision needs the calibration Hessians (internal: collect with hessians=True)")
     options = []
@@ -66,11 +76,12 @@ def measure(weight: torch.Tensor, stats: CalibrationStats, dtype: torch.dtype, b
         for values in GROUP_ENCODINGS:
             encoded = encode(pruned, block_size, encoding=values, group_size=group_size)
             options.append(Option(Setting(sparsity, values), encoded.nbytes,
-                                  output_error(weight, decode(encoded), stats.hessian)))
+                                  output_error(weight, decode(encoded), stats.hessian, row_weights)))
     for values in WEIGHTED_ENCODINGS:
         if weight.shape[-1] % BLOCK_TYPES[values].block_elems == 0:
             encoded, held = compress_weight(weight, Setting(0.0, values), "wanda", dtype, block_size, group_size, stats)
-            options.append(Option(Setting(0.0, values), encoded.nbytes, output_error(weight, held, stats.hessian)))
+            options.append(Option(Setting(0.0, values), encoded.nbytes,
+                                  output_error(weight, held, stats.hessian, row_weights)))
     return options
 
 
