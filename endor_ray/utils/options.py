@@ -107,7 +107,7 @@ def configs_from(values: Mapping[str, Any], sections: Mapping[str, Config]) -> d
     for section, config in sections.items():
         kinds = typing.get_type_hints(type(config))
         names = {field.name for field in dataclasses.fields(config)}
-        given = {key.partition(".")[2]: value for key, value in values.items() if key.partition(".")[0] == section}
+        given = {key.partition(".")[2]: value for key, value in values.items() if key.startswith(section + ".")}
         unknown = sorted(set(given) - names)
         if unknown:
             raise ConfigError(f"{section} has no setting {', '.join(unknown)}; its settings: {', '.join(sorted(names))}")
