@@ -256,6 +256,7 @@ def summary_table(rows: list[dict]) -> list[dict]:
             "type": kind, "bytes_per_weight": round(plain["bytes_per_weight"], 4),
             "perplexity": round(plain["perplexity"], 2),
             "perplexity_imatrix": round(weighted["perplexity"], 2) if weighted else None,
+            "bytes_per_weight_imatrix": round(weighted["bytes_per_weight"], 4) if weighted else None,
             "ours_best_within": best and {"name": best["name"], "bytes_per_weight": round(best["bytes_per_weight"], 4),
                                           "perplexity": round(best["perplexity"], 2)},
         })
