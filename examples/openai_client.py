@@ -1,7 +1,7 @@
 """An OpenAI client against `endor serve`: a chat answer streamed token by token, then several
 completions sent at once (they share passes over the weights).
 
-    endor serve stores/smollm2-135m-mixed065 &           # in one terminal, or in the background
+    endor serve stores/smollm2-135m-q4_1 &           # in one terminal, or in the background
     python examples/openai_client.py [--base-url http://127.0.0.1:8000/v1] [--wait 120]
 
 --wait waits that many seconds for the server to come up (Ray and Serve take 10-30 s to start).
