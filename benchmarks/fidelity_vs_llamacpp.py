@@ -60,6 +60,9 @@ CALIB_SAMPLES, CALIB_SEQ_LEN, CALIB_SEED = 64, 128, 0  # endor convert's self-ca
 # Our rows: the strongest settings the code has (benchmarks/results/fidelity.json), spread over
 # 0.45-1.1 bytes per weight, in the order they are run (most informative first).
 OURS = {
+    # --bytes-per-weight alone at llama.cpp types' bytes (Q2_K, Q4_0): the whole-model budget's defaults
+    "ours-budget-0.5293": dict(bytes_per_weight=0.5293),
+    "ours-budget-0.5625": dict(bytes_per_weight=0.5625),
     "ours-gptq-int4-g32": dict(method="sparsegpt", sparsity=0.0, values="int4", group_size=32),
     "ours-kept-gguf": dict(method="magnitude", values="keep"),  # the embedded Q4_1 GGUF's own blocks
     "ours-mixed-0.65-g32": dict(method="sparsegpt", bytes_per_weight=0.65, group_size=32),
