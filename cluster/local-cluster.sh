@@ -27,14 +27,16 @@
 # a token in ~/.ray/auth_token if there is none (`ray get-auth-token --generate`). Clients on this
 # machine need `export RAY_AUTH_MODE=token` (they read the same token file). For a quick local
 # trial on a machine nobody else can reach you may `export RAY_AUTH_MODE=disabled` before `start`
-# and in the shells that run `endor generate` or `ray job submit`. Real clusters keep token
+# and in the shells that run `endor generate` or `ray job submit`, with ALLOW_UNAUTHENTICATED_CLUSTER=1
+# (`start` refuses disabled auth without it: the nodes listen on the network). Real clusters keep token
 # authentication on (see cluster/README.md).
 #
 # Settings (environment): RAY (the ray command; default the repo's .venv/bin/ray, else `ray`),
 # PORT (GCS, 6379), DASHBOARD_PORT (8265), CLIENT_PORT (Ray client server, 10001),
 # AGENT_PORT (dashboard agent of the head, 52365; shard node k uses AGENT_PORT + k) -- pick ports
 # outside Ray's worker port range 10002-19999,
-# OBJECT_STORE_MEMORY (bytes per node, default 1 GiB), STATE_DIR (/tmp/endor-cluster-$PORT; keep it
+# OBJECT_STORE_MEMORY (bytes per node, default 1 GiB), ALLOW_UNAUTHENTICATED_CLUSTER (1: start with
+# RAY_AUTH_MODE=disabled), STATE_DIR (/tmp/endor-cluster-$PORT; keep it
 # short: Ray's socket paths under it must stay below 107 bytes).
 set -euo pipefail
 
@@ -52,7 +54,7 @@ unset RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER  # at 0, `ray start --address` refuses t
 
 usage() {
     sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
-    echo "Settings: RAY PORT DASHBOARD_PORT CLIENT_PORT AGENT_PORT OBJECT_STORE_MEMORY STATE_DIR (see the script)."
+    echo "Settings: RAY PORT DASHBOARD_PORT CLIENT_PORT AGENT_PORT OBJECT_STORE_MEMORY ALLOW_UNAUTHENTICATED_CLUSTER STATE_DIR (see the script)."
 }
 
 # Start one node in the background with --block; remember its pid.
@@ -101,6 +103,14 @@ cmd_start() {
     [[ "$num_shard_nodes" =~ ^[0-9]+$ ]] || { echo "N must be a number, got '$num_shard_nodes'" >&2; exit 2; }
     if [[ -s "$STATE_DIR/pids" ]]; then
         echo "a cluster from this script seems to run already ($STATE_DIR/pids); run '$0 stop' first" >&2
+        exit 1
+    fi
+    # A multi-node Ray listens on the machine's interface (see Addresses above); without token auth
+    # its GCS, raylets, job agent and Serve replicas take code from anyone who reaches them.
+    if [[ "${RAY_AUTH_MODE:-token}" == disabled && "${ALLOW_UNAUTHENTICATED_CLUSTER:-0}" != 1 ]]; then
+        echo "RAY_AUTH_MODE=disabled: these nodes would listen on this machine's network interface and run code" \
+             "for anyone who reaches them (Ray's GCS, raylets, job API); keep token auth (unset RAY_AUTH_MODE) or," \
+             "on a network nobody else can reach, set ALLOW_UNAUTHENTICATED_CLUSTER=1" >&2
         exit 1
     fi
     local name port

@@ -279,7 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServeConfig(store=args.store, model_name=args.model_name, api_key=args.api_key,
                          protect_health=args.protect_health, engine=args.engine, scheduler=args.scheduler,
                          cluster=args.cluster)
-    run_server(config, args.host, args.port)
+    run_server(config, args.host, args.port, allow_unauthenticated_cluster=args.allow_unauthenticated_cluster)
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, sections: dict) -> None:
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="clients must send 'Authorization: Bearer KEY' (default: $ENDOR_API_KEY, else open)")
     serve.add_argument("--protect-health", action="store_true", help="with an API key, /health and /metrics need it too")
+    serve.add_argument("--allow-unauthenticated-cluster", action="store_true",
+                       help="serve on a cluster whose nodes listen beyond loopback although Ray's token auth is off "
+                            "(anyone who reaches them can run code: only on a network nobody else can reach)")
     _add_sections(serve, _serve_sections())
     serve.set_defaults(func=cmd_serve)
     return parser

@@ -125,7 +125,8 @@ def _script_env(state_dir: str, base_port: int) -> dict:
 
     return {**os.environ, "PORT": str(base_port), "DASHBOARD_PORT": str(base_port + 1),
             "CLIENT_PORT": str(base_port + 2), "AGENT_PORT": str(base_port + 3),
-            "STATE_DIR": state_dir, "RAY_AUTH_MODE": "disabled", "OBJECT_STORE_MEMORY": str(200 << 20)}
+            "STATE_DIR": state_dir, "RAY_AUTH_MODE": "disabled", "ALLOW_UNAUTHENTICATED_CLUSTER": "1",
+            "OBJECT_STORE_MEMORY": str(200 << 20)}
 
 
 def test_local_cluster_refuses_a_taken_port(state_dir):

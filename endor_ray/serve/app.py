@@ -35,6 +35,7 @@ from endor_ray.serve.responses import Shaper
 from endor_ray.errors import ConfigError, EndorError
 
 log = logging.getLogger("ray.serve")  # Serve's logger: its handlers add the replica and request context
+KEEP_ALIVE_S = 10  # an idle keep-alive HTTP connection is closed after this (Serve's default keeps it 90 s)
 
 
 app = FastAPI(title="endor-ray", description="OpenAI-compatible API for offloaded inference")
@@ -74,10 +75,12 @@ class EndorServer:
     def __init__(self, config: ServeConfig):
         from endor_ray.engine.engine import load_tokenizer
         from endor_ray.engine.prompts import context_limit
+        from endor_ray.serve.listeners import bind_replica_grpc_to_node
         from endor_ray.serve.metrics import ServeMetrics
         from endor_ray.service.driver import connect
         from endor_ray.store.store import Store
 
+        bind_replica_grpc_to_node()  # before Serve starts this replica's gRPC server (after __init__)
         self.config = config
         self.api_key = config.api_key or os.environ.get("ENDOR_API_KEY") or None
         store = Store(config.store)
@@ -274,10 +277,14 @@ def app_from_environment() -> serve.Application:
     return build_app(args)
 
 
-def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Start Serve on the cluster (a local Ray unless config.cluster.address is set) and block until Ctrl-C."""
+def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
+               allow_unauthenticated_cluster: bool = False) -> None:
+    """Start Serve on the cluster (a local Ray unless config.cluster.address is set) and block until Ctrl-C.
+    A cluster whose nodes listen beyond loopback with Ray's auth off is refused unless allowed
+    (`endor_ray.serve.listeners`); HTTP connections idle for KEEP_ALIVE_S are closed."""
     import ray
 
+    from endor_ray.serve.listeners import check_cluster_exposure
     from endor_ray.service.ray_session import init_ray
 
     def stop(signum, frame):  # SIGTERM (kill, Kubernetes) is the normal way to stop: shut down, exit 0
@@ -285,7 +292,8 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -
 
     started_ray = init_ray(config.cluster.address)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        check_cluster_exposure(allow_unauthenticated_cluster)
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S})
         serve.run(build_app(dataclasses.asdict(config)),
                   name="endor", route_prefix="/", blocking=False)
         signal.signal(signal.SIGTERM, stop)  # after Ray's start, which installs its own handler
