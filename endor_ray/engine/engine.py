@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from endor_ray.engine.config import EngineConfig
+from endor_ray.engine.grammar import GrammarState, apply_mask, grammar_tokenizer
 from endor_ray.engine.kv_batch import RunningBatch
 from endor_ray.engine.model_runner import ModelRunner, eos_token_ids, load_tokenizer  # noqa: F401  (re-exported)
 from endor_ray.engine.prompts import check_prompt
@@ -50,6 +51,7 @@ class Engine:
         self.scheduler = Scheduler(scheduler or SchedulerConfig())
         self.batch = RunningBatch(self.device, self.pad_id, runner.new_cache)
         self.metrics = EngineMetrics()
+        self._grammar_tokenizer = None  # llguidance's view of the tokenizer, built at the first grammar (~0.5 s)
 
     def new_sequences(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                       ) -> list[Sequence]:
@@ -66,9 +68,18 @@ class Engine:
             if not isinstance(prompt, str):  # token ids (checked where they entered, cheap to check again)
                 prompt = self.tokenizer.decode(ids)
             seq = Sequence(prompt, ids, seq_params, make_generator(seq_params, torch.device("cpu")))
+            if seq_params.grammar is not None:  # compiled here, on the caller's thread, not inside a pass
+                seq.grammar = GrammarState(self.grammar_tokenizer(), seq_params.grammar)
             self.scheduler.check_fits(seq)
             sequences.append(seq)
         return sequences
+
+    def grammar_tokenizer(self):
+        """The llguidance tokenizer for this store's tokenizer (built once)."""
+        if self._grammar_tokenizer is None:
+            vocab_size = max(self.store.config.get("vocab_size") or 0, len(self.tokenizer))
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, vocab_size, self.eos_ids)
+        return self._grammar_tokenizer
 
     def add(self, sequences: list[Sequence]) -> None:
         """Queue sequences for the next passes (QueueFull when the queue is full)."""
@@ -136,6 +147,11 @@ class Engine:
                 end_ids = set() if params.ignore_eos else self.eos_ids
                 processed = raw if params.plain else process_logits(raw, params, seq.prompt_ids, seq.output_ids,
                                                                     end_ids)
+                if seq.grammar is not None:
+                    constrained = apply_mask(processed, seq.grammar.allowed)
+                    if torch.isneginf(constrained).all():  # e.g. min_tokens hid the only allowed end: the grammar wins
+                        constrained = apply_mask(raw.double(), seq.grammar.allowed)
+                    processed = constrained
                 token_id = select_token(processed, params, seq.generator)
                 logprob = (top_logprobs(torch.log_softmax(raw.double(), dim=-1), token_id, params.logprobs)
                            if params.logprobs is not None else None)

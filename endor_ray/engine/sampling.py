@@ -43,6 +43,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
+    # llguidance grammar, serialized (`engine.grammar`: from a JSON schema, regex, choice, Lark): every
+    # token is one the grammar allows; the sequence stops ("stop") once the grammar is complete
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -71,6 +74,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(text, str) or not text for text in self.stop):
             raise ConfigError("stop strings must be non-empty strings")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ConfigError("grammar must be a non-empty string (see endor_ray.engine.grammar)")
 
     @property
     def greedy(self) -> bool:
@@ -80,7 +85,7 @@ class SamplingParams:
     def plain(self) -> bool:
         """Greedy with nothing that changes the logits: an argmax over the batch will do."""
         return (self.greedy and not self.logit_bias and self.min_tokens == 0 and self.presence_penalty == 0.0
-                and self.frequency_penalty == 0.0 and self.repetition_penalty == 1.0)
+                and self.frequency_penalty == 0.0 and self.repetition_penalty == 1.0 and self.grammar is None)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from endor_ray.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from endor_ray.engine.grammar import GrammarState
 
 
 @dataclass
@@ -18,6 +22,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
+    grammar: GrammarState | None = None  # its grammar's matcher and next mask (params.grammar), freed at the end
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # completion text, cut before a stop string
     # "stop" (EOS or stop string) | "length" | "cancelled" (its caller left) | "error" (see `error`)
@@ -41,6 +46,7 @@ class Sequence:
         """End the sequence for a reason of its own (cancelled, error); the text so far stands."""
         self.finish_reason, self.error = reason, error
         self.finished_at = time.monotonic()
+        self.grammar = None
         return self._flush()
 
     def append(self, token_id: int, tokenizer, eos_ids: set[int],
@@ -50,8 +56,10 @@ class Sequence:
         if self.first_token_at is None:
             self.first_token_at = now
         if (token_id in eos_ids and not self.params.ignore_eos) or token_id in self.params.stop_token_ids:
-            self.finish_reason, self.finished_at = "stop", now
+            self.finish_reason, self.finished_at, self.grammar = "stop", now, None
             return self._flush()
+        if self.grammar is not None and not self.grammar.advance(token_id):  # the mask allowed it: a bug
+            return self.finish("error", f"the grammar refused token {token_id}: {self.grammar.error}")
         self.output_ids.append(token_id)
         if logprob is not None:
             self.logprobs = (self.logprobs or []) + [logprob]
@@ -61,10 +69,12 @@ class Sequence:
             if cut != -1:
                 self.text = self.text[:cut]
                 self.finish_reason = "stop"
+        if self.finish_reason is None and self.grammar is not None and self.grammar.finished:
+            self.finish_reason = "stop"  # the grammar is complete: only the end of the sequence may follow
         if self.finish_reason is None and len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
         if self.finished:
-            self.finished_at = now
+            self.finished_at, self.grammar = now, None
             return self._flush()
         # Hold back what may still turn into a stop string, and an incomplete UTF-8 character.
         safe = len(self.text) - self._held_back()
