@@ -37,7 +37,8 @@ from endor_ray.store.manifest import seal
 from endor_ray.compress.mixed import check_budget, choose_global, measure
 from endor_ray.compress.prune import METHODS, InputNormCollector, check_sparsity
 from endor_ray.store.store import (
-    DENSE_FILE, MANIFEST_NAME, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name, write_tensor_file,
+    DENSE_FILE, MANIFEST_NAME, PART_ALIGNMENT, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name,
+    write_tensor_file,
 )
 
 STORE_FORMATS = ("endor", "dense")
@@ -176,6 +177,10 @@ class _LayerWriter:
         prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
         fixed = sum(encode(weights[name].to(self.dtype), layout="dense").nbytes
                     for name in weights if name not in prunable)
+        # The budget is the layer files' bytes (what bytes per weight reports), so their header and
+        # alignment count too: about one padded part and its JSON entry (~100 bytes) per tensor (a
+        # SmolLM2 layer of GGUF blocks has ~960 such bytes; this allows ~1550).
+        fixed += 8 + PART_ALIGNMENT + len(weights) * (PART_ALIGNMENT + 100)
         numel = sum(weight.numel() for weight in weights.values())
         options = {}
         for name in prunable:  # "self_attn.q_proj.weight" -> its module's "{layer}.self_attn.q_proj"

@@ -3,8 +3,9 @@
 M2Cache keeps neurons at FP16/INT8/INT4 by importance; a store can vary the setting per tensor.
 For every prunable tensor of every decoder layer, `measure` compresses it under each candidate
 setting (`CANDIDATES`: sparsity 0/30/50/70% x raw/INT8/INT4, and without pruning the GGUF
-32-element block types q8_0/q4_0/q4_1/q5_0/q5_1, quantized with importance-weighted rounding,
-`endor_ray.compress.rounding`; the k-types' quantizers are too slow to measure for every tensor
+32-element block types q8_0/q4_0/q4_1/q5_0/q5_1: q4_0..q5_1 by GPTQ on the block grid
+(`endor_ray.compress.gptq_blocks`), as the store will then hold them, q8_0 by importance-weighted
+rounding (`endor_ray.compress.rounding`); the k-types' quantizers are too slow to measure for every tensor
 and are taken only when asked for with ``--values``) and records the bytes it would move and its
 error on the calibration inputs (``dW = W_stored - W``, ``H = sum_t x_t x_t^T``)::
 
@@ -19,8 +20,9 @@ that all decoder layers together (norms and all) stay within ``--bytes-per-weigh
 least summed error: bytes go where they buy the most. `choose` is the exact small knapsack
 (Pareto sets), the reference `choose_global` is tested against.
 
-Candidates are measured with Wanda pruning and round-to-nearest codes (cheap); a store converted
-with ``--method sparsegpt`` then applies SparseGPT with the chosen settings.
+The bitmap and INT8/INT4 candidates are measured with Wanda pruning and round-to-nearest codes
+(cheap); a store converted with ``--method sparsegpt`` then applies SparseGPT with the chosen
+settings.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from endor_ray.compress.rounding import WEIGHTED_ENCODINGS
 from endor_ray.format.gguf_blocks import BLOCK_TYPES
 from endor_ray.format.quant import QUANTIZED_ENCODINGS
 from endor_ray.format.tensor import decode, encode
-from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight, prune
+from endor_ray.compress.gptq_blocks import gptq_blocks
+from endor_ray.compress.setting import GPTQ_ENCODINGS, CalibrationStats, Setting, block_tensor, compress_weight, prune
 
 SPARSITIES = (0.0, 0.3, 0.5, 0.7)
 GROUP_ENCODINGS = ("raw", *QUANTIZED_ENCODINGS)  # with the bitmap: any sparsity
@@ -89,11 +92,17 @@ def _measure_all(weight: torch.Tensor, stats: CalibrationStats, dtype: torch.dty
         for values in GROUP_ENCODINGS:
             encoded = encode(pruned, block_size, encoding=values, group_size=group_size)
             held.append((Setting(sparsity, values), encoded.nbytes, decode(encoded)))
-    for values in WEIGHTED_ENCODINGS:
-        if weight.shape[-1] % BLOCK_TYPES[values].block_elems == 0:
+    fitting = [values for values in WEIGHTED_ENCODINGS if weight.shape[-1] % BLOCK_TYPES[values].block_elems == 0]
+    by_gptq = [values for values in fitting if values in GPTQ_ENCODINGS] if weight.dim() == 2 else []
+    # GPTQ's encodings share one factorization and column loop (as `compress_weight` would make each)
+    gptq = gptq_blocks(weight, stats.hessian, by_gptq, stats.input_sq_sum) if by_gptq else {}
+    for values in fitting:
+        if values in gptq:
+            encoded, approx = block_tensor(weight, values, gptq[values], dtype, block_size)
+        else:
             encoded, approx = compress_weight(weight, Setting(0.0, values), "wanda", dtype, block_size, group_size,
                                               stats)
-            held.append((Setting(0.0, values), encoded.nbytes, approx))
+        held.append((Setting(0.0, values), encoded.nbytes, approx))
     options = []
     for setting, nbytes, approx in held:
         relative = output_error(weight, approx, stats.hessian)

@@ -60,8 +60,7 @@ def quantize_weighted(weight: torch.Tensor, encoding: str, importance: torch.Ten
         raise ConfigError(f"{encoding} needs columns in multiples of {block} and one importance per column; "
                           f"got a {tuple(weight.shape)} weight and {tuple(importance.shape)} importances")
     x = weight.detach().float().cpu()
-    sigma2 = 2 * x.square().mean(dim=1, keepdim=True)  # [rows, 1]
-    w = importance.float().cpu().clamp(min=0)[None, :] * torch.sqrt(sigma2 + x.square())  # [rows, cols]
+    w = block_weights(x, importance.cpu())  # [rows, cols]
     xb, wb = x.reshape(-1, block), w.reshape(-1, block)
     d = torch.empty(xb.shape[0])
     m = torch.zeros(xb.shape[0])
@@ -73,6 +72,30 @@ def quantize_weighted(weight: torch.Tensor, encoding: str, importance: torch.Ten
         else:
             d[part], m[part], codes[part] = _search_with_min(xb[part], wb[part], _WITH_MIN[encoding])
     return pack_32(encoding, d, m, codes).reshape(-1)
+
+
+def search_blocks(x: torch.Tensor, w: torch.Tensor, encoding: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float16-valued scale [B], minimum [B] (0 for the symmetric types), codes [B, 32]) of the
+    blocks x [B, 32] searched for the least error weighted by w [B, 32]."""
+    if encoding in _SYMMETRIC:
+        d, codes = _search_symmetric(x, w, *_SYMMETRIC[encoding])
+        return d, torch.zeros_like(d), codes
+    return _search_with_min(x, w, _WITH_MIN[encoding])
+
+
+def block_weights(x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] search weights importance_j * sqrt(sigma2 + x_j^2) of a weight x ([rows, cols])."""
+    sigma2 = 2 * x.square().mean(dim=1, keepdim=True)  # [rows, 1]
+    return importance.float().clamp(min=0)[None, :] * torch.sqrt(sigma2 + x.square())
+
+
+def code_range(encoding: str) -> tuple[int, int]:
+    """The (lowest, highest) code of a 32-element type, as `pack_32` takes them (signed for the symmetric ones)."""
+    if encoding in _SYMMETRIC:
+        low, high = _SYMMETRIC[encoding]
+        return -low, high
+    return 0, _WITH_MIN[encoding]
 
 
 def _f16(value: torch.Tensor) -> torch.Tensor:
