@@ -1,4 +1,4 @@
-"""GGUF block dequantization on the GPU: llama.cpp's blocks (Q8_0 ... Q6_K) -> dense rows.
+"""GGUF block dequantization on the GPU: llama.cpp's blocks (Q8_0 ... Q6_K, Q3_K, Q2_K, IQ4_NL) -> dense rows.
 
 A tensor with ``values_encoding`` one of ``GGUF_ENCODINGS`` (layout "dense", see
 `endor_ray.format.gguf_blocks` for the spec) stores only ``values``: uint8 blocks, the rows' blocks
@@ -40,12 +40,23 @@ import triton
 import triton.language as tl
 
 from endor_ray.errors import FormatError
-from endor_ray.format.gguf_blocks import block_type, dequantize_blocks
+from endor_ray.format.gguf_blocks import IQ4_NL_VALUES, block_type, dequantize_blocks
 from endor_ray.format.tensor import EncodedTensor
 from endor_ray.kernels.launch import MAX_REGISTERS, checked_output
 
 CHUNK = 2048  # elements per program: 4 per thread with 16 warps, a multiple of every block size
 NUM_WARPS = 16
+
+
+def _codebook_word(first: int) -> int:
+    """IQ4_NL levels first .. first + 3, each + 128 (so 1..241), as the bytes of one signed int32."""
+    word = sum((IQ4_NL_VALUES[first + byte] + 128) << (8 * byte) for byte in range(4))
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+# The 16-level codebook in four int32 words (Triton has no constant arrays): 3 selects and a shift per element
+_IQ4_NL_WORD_0, _IQ4_NL_WORD_1 = tl.constexpr(_codebook_word(0)), tl.constexpr(_codebook_word(4))
+_IQ4_NL_WORD_2, _IQ4_NL_WORD_3 = tl.constexpr(_codebook_word(8)), tl.constexpr(_codebook_word(12))
 
 
 @triton.jit
@@ -153,6 +164,36 @@ def _q6_k(block_ptr, index, mask):  # ql: 128 bytes, qh: 64 bytes, scales: int8[
 
 
 @triton.jit
+def _q3_k(block_ptr, index, mask):  # hmask: 32 bytes, qs: 64 bytes, scales: 12 bytes, d: fp16 @108
+    sub = index // 16  # 16 sub-blocks of 16, each with a signed 6-bit scale
+    low = (_byte(block_ptr, 32 + index // 128 * 32 + index % 32, mask) >> (index // 32 % 4 * 2)) & 3
+    high = (_byte(block_ptr, index % 32, mask) >> (index // 32)) & 1  # set: no offset of -4
+    scale_low = (_byte(block_ptr, 96 + sub % 8, mask) >> (sub // 8 * 4)) & 0xF
+    scale_high = (_byte(block_ptr, 104 + sub % 4, mask) >> (sub // 4 * 2)) & 3
+    d = _fp16(block_ptr, 108, mask) * ((scale_low | (scale_high << 4)) - 32).to(tl.float32)
+    return d * (low - 4 + high * 4).to(tl.float32)
+
+
+@triton.jit
+def _q2_k(block_ptr, index, mask):  # scales: 16 bytes (scale | min << 4), qs: 64 bytes, d, dmin: fp16 @80
+    packed = _byte(block_ptr, index // 16, mask)
+    d = _fp16(block_ptr, 80, mask) * (packed & 0xF).to(tl.float32)
+    dm = _fp16(block_ptr, 82, mask) * (packed >> 4).to(tl.float32)
+    code = (_byte(block_ptr, 16 + index // 128 * 32 + index % 32, mask) >> (index // 32 % 4 * 2)) & 3
+    return d * code.to(tl.float32) - dm
+
+
+@triton.jit
+def _iq4_nl(block_ptr, index, mask):  # d: fp16, qs: 16 bytes of nibbles indexing the codebook
+    d = _fp16(block_ptr, 0, mask)
+    nibble = _nibble(block_ptr, 2, index, mask)
+    word = tl.where(nibble < 8, tl.where(nibble < 4, _IQ4_NL_WORD_0, _IQ4_NL_WORD_1),
+                    tl.where(nibble < 12, _IQ4_NL_WORD_2, _IQ4_NL_WORD_3))
+    level = ((word >> (nibble % 4 * 8)) & 0xFF) - 128
+    return d * level.to(tl.float32)
+
+
+@triton.jit
 def gguf_dequant_kernel(
     blocks_ptr,  # [numel // BLOCK_ELEMS * TYPE_SIZE] uint8: the blocks in order
     out_ptr,  # [numel] float16 | float32 | int16 (bfloat16 bits)
@@ -183,9 +224,15 @@ def gguf_dequant_kernel(
         value = _q4_k(block_ptr, index, mask)
     elif ENCODING == "q5_k":
         value = _q5_k(block_ptr, index, mask)
-    else:
-        tl.static_assert(ENCODING == "q6_k")
+    elif ENCODING == "q6_k":
         value = _q6_k(block_ptr, index, mask)
+    elif ENCODING == "q3_k":
+        value = _q3_k(block_ptr, index, mask)
+    elif ENCODING == "q2_k":
+        value = _q2_k(block_ptr, index, mask)
+    else:
+        tl.static_assert(ENCODING == "iq4_nl")
+        value = _iq4_nl(block_ptr, index, mask)
     if OUT_BF16:  # round to nearest even by integer ops, the same under the interpreter and on a GPU
         word = value.to(tl.int32, bitcast=True)
         rounded = (word + 0x7FFF + ((word >> 16) & 1)) >> 16

@@ -25,7 +25,7 @@ from endor_ray.store.store import tensors_from_buffer, write_tensor_file
 
 QTYPES = {name: getattr(gguf.GGMLQuantizationType, name.upper()) for name in GGUF_ENCODINGS}
 F16_OFFSETS = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q4_k": [0, 2],
-               "q5_k": [0, 2], "q6_k": [208]}  # where each block's f16 scales lie
+               "q5_k": [0, 2], "q6_k": [208], "q3_k": [108], "q2_k": [80, 82], "iq4_nl": [0]}  # each block's f16 scales
 RTN_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the types gguf-py quantizes
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -148,6 +148,46 @@ def test_hand_built_k_blocks():
     assert np.array_equal(out.numpy()[0], expected)
 
 
+def test_hand_built_low_bit_blocks():
+    """q3_k, q2_k and iq4_nl from the spec's element formulas, block bytes written by hand."""
+    rng = np.random.default_rng(8)
+    codes = rng.integers(0, 8, 256)  # q3_k: low 2 bits | high bit << 2, element e = 128 h + 32 k + l
+    qs, hmask = bytearray(64), bytearray(32)
+    for e, code in enumerate(codes):
+        h, rest = divmod(e, 128)
+        k, l = divmod(rest, 32)
+        qs[32 * h + l] |= (int(code) & 3) << (2 * k)
+        hmask[e % 32] |= (int(code) >> 2) << (e // 32)
+    sc = rng.integers(0, 64, 16)  # 6-bit, stored + 32
+    scales = bytearray(12)
+    for s, value in enumerate(sc):
+        scales[s % 8] |= (int(value) & 15) << (4 * (s // 8))
+        scales[8 + s % 4] |= (int(value) >> 4) << (2 * (s // 4))
+    block = bytes(hmask) + bytes(qs) + bytes(scales) + f16(0.25)
+    q = (codes & 3) - 4 * (1 - (codes >> 2))
+    expected = np.repeat(np.float32(0.25) * (sc - 32).astype(np.float32), 16) * q.astype(np.float32)
+    out = dequantize_blocks(torch.frombuffer(bytearray(block), dtype=torch.uint8), "q3_k", 1, 256)
+    assert np.array_equal(out.numpy()[0], expected)
+
+    codes2 = rng.integers(0, 4, 256)
+    qs2 = bytearray(64)
+    for e, code in enumerate(codes2):
+        h, rest = divmod(e, 128)
+        k, l = divmod(rest, 32)
+        qs2[32 * h + l] |= int(code) << (2 * k)
+    sc2, mn2 = rng.integers(0, 16, 16), rng.integers(0, 16, 16)
+    block = bytes((sc2 | (mn2 << 4)).astype(np.uint8)) + bytes(qs2) + f16(0.5) + f16(0.125)
+    expected = (np.repeat(np.float32(0.5) * sc2.astype(np.float32), 16) * codes2.astype(np.float32)
+                - np.repeat(np.float32(0.125) * mn2.astype(np.float32), 16))
+    out = dequantize_blocks(torch.frombuffer(bytearray(block), dtype=torch.uint8), "q2_k", 1, 256)
+    assert np.array_equal(out.numpy()[0], expected)
+
+    book = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]  # kvalues_iq4nl
+    nibbles = bytes(j | ((15 - j) << 4) for j in range(16))  # element j: level j, element 16 + j: 15 - j
+    out = dequantize_blocks(torch.frombuffer(bytearray(f16(-0.5) + nibbles), dtype=torch.uint8), "iq4_nl", 1, 32)
+    assert np.array_equal(out.numpy()[0], np.float32(-0.5) * np.array(book + book[::-1], np.float32))
+
+
 def weights(rows: int, cols: int, seed: int) -> np.ndarray:
     """Normal weights at mixed magnitudes with exact zeros: ties, tiny and empty blocks."""
     rng = np.random.default_rng(seed)
@@ -172,13 +212,27 @@ def _libggml() -> ctypes.CDLL | None:
     return ctypes.CDLL(found[-1]) if found else None
 
 
+def _ggml_function(lib: ctypes.CDLL, encoding: str, reference: bool) -> ctypes._CFuncPtr:
+    """libggml's quantize_row_<type>_ref (src, dst, k), or quantize_<type> (src, dst, nrow, n_per_row,
+    quant_weights); iq4_nl's reference is quantize_iq4_nl without weights (what llama-quantize writes:
+    its _ref row function takes no search)."""
+    name = encoding[:-1] + "K" if encoding.endswith("_k") else encoding
+    if reference and encoding != "iq4_nl":
+        function = getattr(lib, f"quantize_row_{name}_ref")
+        function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+        return function
+    function = getattr(lib, f"quantize_{name}")
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    function.restype = ctypes.c_size_t
+    if not reference:
+        return function
+    return lambda src, dst, numel: function(src, dst, 1, numel, None)
+
+
 @pytest.mark.skipif(_libggml() is None, reason="no built llama.cpp (libggml-base.so) under ~/.cache/endor-ray")
 @pytest.mark.parametrize("encoding", GGUF_ENCODINGS)
 def test_quantize_equals_llama_cpp_reference(encoding):
-    lib = _libggml()
-    suffix = encoding[3:].upper() if encoding.endswith("k") else encoding[3:]
-    quantize_row = getattr(lib, f"quantize_row_{encoding[:2]}_{suffix}_ref")
-    quantize_row.argtypes, quantize_row.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    quantize_row = _ggml_function(_libggml(), encoding, reference=True)
     for seed in range(3):
         w = weights(8, 1024, seed)
         w[0, :64] = -0.0  # all-zero blocks of either sign
@@ -192,11 +246,7 @@ def test_quantize_equals_llama_cpp_reference(encoding):
 @pytest.mark.parametrize("encoding", GGUF_ENCODINGS)
 def test_importance_quantize_equals_llama_cpp(encoding):
     """With an importance matrix: llama.cpp's quantize_<type>(src, dst, nrow, n_per_row, quant_weights)."""
-    lib = _libggml()
-    suffix = encoding[3:].upper() if encoding.endswith("k") else encoding[3:]
-    quantize = getattr(lib, f"quantize_{encoding[:2]}_{suffix}")
-    quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    quantize.restype = ctypes.c_size_t
+    quantize = _ggml_function(_libggml(), encoding, reference=False)
     rng = np.random.default_rng(4)
     for seed in range(2):
         w = weights(8, 512, seed)
@@ -220,6 +270,18 @@ def test_importance_lowers_the_weighted_error():
         assert errors[1] < errors[0], encoding
     with pytest.raises(FormatError, match="512 finite, non-negative"):
         quantize_blocks(w, "q4_0", -importance)
+
+
+def test_importance_lowers_the_weighted_error_of_the_low_bit_types():
+    rng = np.random.default_rng(9)
+    w = torch.from_numpy(rng.standard_normal((64, 512)).astype(np.float32))
+    importance = torch.from_numpy(rng.exponential(1.0, 512).astype(np.float32) ** 3)
+    for encoding in ("q3_k", "q2_k", "iq4_nl"):
+        errors = []
+        for given in (None, importance):
+            back = dequantize_blocks(quantize_blocks(w, encoding, given), encoding, 64, 512)
+            errors.append(float((((back - w) ** 2) * importance).sum()))
+        assert errors[1] < 0.6 * errors[0], encoding  # measured: 0.45 (q3_k), 0.26 (q2_k), 0.50 (iq4_nl)
 
 
 def test_all_zero_blocks_follow_llama_cpp():
@@ -253,12 +315,14 @@ def test_quantize_follows_the_rounding_rule(encoding):
         # by at most |code| * |d| * 2^-11 + |m| * 2^-11
         slack = (np.abs(codes).max() * np.abs(d) + np.abs(m)) * 2.0 ** -10 + 1e-12
         assert (np.abs(back - x) <= nearest + slack).all()
-    else:  # k-types: within one step of the sub-block's scale
+    else:  # k-types and iq4_nl: within one step of the sub-block's scale (q2_k: 4 levels)
         error = np.abs(back - x).max(axis=1)
-        assert (error <= np.abs(x).max(axis=1) / (7 if encoding == "q4_k" else 15) + 1e-6).all()
+        steps = {"q4_k": 7, "q3_k": 7, "q2_k": 3, "iq4_nl": 7}.get(encoding, 15)
+        assert (error <= np.abs(x).max(axis=1) / steps + 1e-6).all()
     rmse = np.sqrt(((back - x) ** 2).mean() / (x ** 2).mean())
     measured = {"q8_0": 0.0084, "q4_0": 0.082, "q4_1": 0.117, "q5_0": 0.058, "q5_1": 0.054, "q4_k": 0.075,
-                "q5_k": 0.047, "q6_k": 0.025}  # relative RMSE on these weights when written
+                "q5_k": 0.047, "q6_k": 0.025, "q3_k": 0.092, "q2_k": 0.33, "iq4_nl": 0.081}  # relative RMSE on
+    # these weights when written
     assert rmse < 1.4 * measured[encoding]
 
 
@@ -344,3 +408,4 @@ def test_bytes_per_weight():
     per_weight = {name: block.type_size / block.block_elems for name, block in BLOCK_TYPES.items()}
     assert per_weight["q4_1"] == 0.625 and per_weight["q4_0"] == per_weight["q4_k"] == 0.5625
     assert math.isclose(per_weight["q6_k"], 0.8203125)
+    assert per_weight["q3_k"] == 0.4296875 and per_weight["q2_k"] == 0.328125 and per_weight["iq4_nl"] == 0.5625

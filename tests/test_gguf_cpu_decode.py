@@ -19,10 +19,10 @@ from test_format import bits_equal  # noqa: E402
 
 ISAS = ["avx512", "avx2", "scalar"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ENCODINGS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+ENCODINGS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl"]
 SCALE_OFFSETS = {  # byte offsets of each block's f16 scales (llama.cpp's block layouts)
     "q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
-    "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,),
+    "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q3_k": (108,), "q2_k": (80, 82), "iq4_nl": (0,),
 }
 
 
@@ -163,7 +163,7 @@ def test_short_or_long_buffers_and_partial_blocks_are_refused(encoding):
     with pytest.raises(FormatError, match="output buffer"):
         cpu_decode.dequantize_gguf_into(blocks, encoding, rows, cols, torch.empty(rows, cols + 1))
     with pytest.raises(FormatError, match="unknown GGUF"):
-        cpu_decode.dequantize_gguf_into(blocks, "q3_k", rows, cols, out)
+        cpu_decode.dequantize_gguf_into(blocks, "iq2_xs", rows, cols, out)  # a ggml type not decoded
 
 
 @pytest.mark.parametrize("isa", ISAS)

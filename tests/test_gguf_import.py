@@ -21,7 +21,8 @@ from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.compress.default_model import gguf_path
 from endor_ray.compress.gguf_source import GGUFSource, hf_row_order
 from endor_ray.errors import ConfigError
-from endor_ray.format import decode
+from endor_ray.format import decode, quantize_blocks
+from endor_ray.format.cpu_decode import decode_into
 from endor_ray.store import Store
 
 from conftest import make_checkpoint, read_manifest
@@ -41,6 +42,10 @@ TINY_LAYER = {
 TINY_DENSE = {"model.embed_tokens.weight": ("token_embd.weight", F16), "model.norm.weight": ("output_norm.weight", F32),
               "lm_head.weight": ("output.weight", Q8_0)}
 FAMILIES = {"llama-gqa": "llama", "qwen2": "qwen2"}  # tiny checkpoint -> GGUF architecture (llama permutes q/k)
+Q3_K, Q2_K, IQ4_NL = GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q2_K, GGMLQuantizationType.IQ4_NL
+LOW_BIT = (Q3_K, Q2_K, IQ4_NL)  # gguf-py cannot quantize these: their blocks come from the format's port of
+# llama.cpp's quantizers (bit-exact against libggml in test_gguf_blocks.py)
+LOW_BIT_LAYER = {"self_attn": Q3_K, "mlp.gate_proj": Q2_K, "mlp.up_proj": Q2_K, "mlp.down_proj": IQ4_NL}
 
 
 def tiny_gguf_name(name: str) -> tuple[str, GGMLQuantizationType]:
@@ -65,21 +70,29 @@ def gguf_of(weight: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
         return array.astype(np.float32)
     if qtype == F16:
         return array.astype(np.float16)
+    if qtype in LOW_BIT:
+        return quantize_blocks(weight, qtype.name.lower()).numpy().reshape(array.shape[0], -1)
     return quantize(array, qtype)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def tiny(request, tmp_path_factory):
-    """(GGUF path, the HF config and weights it was made from). The file carries a byte-level
-    tokenizer (256 one-byte tokens), so transformers builds its config and tokenizer as for any GGUF."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
+    """(GGUF path, the HF config and weights it was made from): Q8_0 attention, a Q4_0 MLP."""
     root = tmp_path_factory.mktemp("tiny-gguf")
     hf_dir = make_checkpoint(root / "hf", request.param)
-    config = json.loads((hf_dir / "config.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
-    architecture = FAMILIES[request.param]
-    writer = GGUFWriter(root / "tiny.gguf", architecture)
+    config = json.loads((hf_dir / "config.json").read_text())
+    write_gguf(root / "tiny.gguf", FAMILIES[request.param], config, weights, tiny_gguf_name)
+    return root / "tiny.gguf", config, weights
+
+
+def write_gguf(path, architecture: str, config: dict, weights: dict, naming) -> None:
+    """A GGUF file of `weights` (HF names; `naming(name)` gives its GGUF name and type) as llama.cpp's
+    converter writes one, with a byte-level tokenizer (256 one-byte tokens) so that transformers
+    builds its config and tokenizer as for any GGUF."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    writer = GGUFWriter(path, architecture)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -98,17 +111,16 @@ def tiny(request, tmp_path_factory):
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(0)
     for name, weight in weights.items():
-        gguf_name, qtype = tiny_gguf_name(name)
+        gguf_name, qtype = naming(name)
         data = gguf_of(weight, qtype)
         if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = llama_cpp_permute(data, config["num_attention_heads" if "q_proj" in name
                                                   else "num_key_value_heads"])
-        writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype in (Q8_0, Q4_0) else None)
+        writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype not in (F32, F16) else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return root / "tiny.gguf", config, weights
 
 
 def test_hf_row_order_undoes_llama_cpp_permute():
@@ -162,6 +174,43 @@ def test_cli_keeps_the_blocks_of_a_tiny_gguf(tiny, tmp_path, capsys):
             assert enc.values_encoding == qtype.name.lower() and enc.layout == "dense"
             assert torch.equal(enc.values, torch.from_numpy(expected).reshape(-1)), name
         assert torch.equal(decode(enc), source.get(name)), name
+
+
+def low_bit_gguf_name(name: str) -> tuple[str, GGMLQuantizationType]:
+    """The tiny GGUF's names, with attention in Q3_K, gate and up in Q2_K, down in IQ4_NL."""
+    gguf_name, qtype = tiny_gguf_name(name)
+    for prefix, low_bit in LOW_BIT_LAYER.items():
+        if f".{prefix}" in name and name.endswith("proj.weight"):
+            return gguf_name, low_bit
+    return gguf_name, qtype
+
+
+def test_low_bit_blocks_are_kept_exactly(tmp_path):
+    """A GGUF holding Q3_K, Q2_K and IQ4_NL tensors converts with --values keep to a store of the
+    file's own bytes, decoded (torch reference and C decoder) as gguf-py de-quantizes them."""
+    hf_dir = make_checkpoint(tmp_path / "hf", "llama-gqa", hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=2)  # rows of whole 256-weight blocks everywhere
+    config = json.loads((hf_dir / "config.json").read_text())
+    weights = load_file(hf_dir / "model.safetensors")
+    path = tmp_path / "low-bit.gguf"
+    write_gguf(path, "llama", config, weights, low_bit_gguf_name)
+    assert {tensor.tensor_type for tensor in GGUFReader(path).tensors} >= set(LOW_BIT)
+    store = tmp_path / "store"
+    assert main(["convert", str(path), str(store), "--values", "keep", "--quiet"]) == 0
+    assert read_manifest(store)["compression"]["values"] == "iq4_nl+q2_k+q3_k"
+    opened, source = Store(str(store)), GGUFSource(path)
+    for layer_idx in range(config["num_hidden_layers"]):
+        for short, enc in opened.layer_tensors(layer_idx).items():
+            name = f"model.layers.{layer_idx}.{short}"
+            qtype = low_bit_gguf_name(name)[1]
+            if qtype not in LOW_BIT:
+                continue
+            expected = gguf_of(weights[name], qtype)  # per row: the HF-order weight's blocks
+            assert enc.values_encoding == qtype.name.lower()
+            assert torch.equal(enc.values, torch.from_numpy(expected).reshape(-1)), name
+            want = torch.from_numpy(dequantize(expected, qtype)).reshape(weights[name].shape)
+            assert torch.equal(decode(enc), want) and torch.equal(source.get(name), want), name
+            assert torch.equal(decode_into(enc, torch.empty_like(want), threads=2), want), name
 
 
 def test_a_gguf_recompresses_from_its_dequantized_weights(tiny, tmp_path):

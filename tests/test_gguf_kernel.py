@@ -21,7 +21,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 # Byte offsets of each type's fp16 scales within its block (gguf-py's dequantize_blocks splits)
 FP16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
-               "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+               "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "q3_k": (108,), "q2_k": (80, 82), "iq4_nl": (0,)}
 
 
 def qtype(encoding: str) -> gguf.GGMLQuantizationType:
@@ -56,7 +56,8 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def test_a_chunk_starts_on_a_block_boundary():
-    assert set(GGUF_ENCODINGS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}
+    assert set(GGUF_ENCODINGS) == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k",
+                                   "iq4_nl"}
     for encoding, block in BLOCK_TYPES.items():
         assert gguf.GGML_QUANT_SIZES[qtype(encoding)] == (block.block_elems, block.type_size)
         assert CHUNK % block.block_elems == 0
@@ -139,8 +140,8 @@ def test_bad_inputs_are_format_errors():
         return EncodedTensor(shape, dtype, layout, int(np.prod(shape)), values=values, values_encoding=encoding,
                              group_size=0)
 
-    with pytest.raises(FormatError, match="q3_k"):
-        dequantize_gguf(tensor(encoding="q3_k"))
+    with pytest.raises(FormatError, match="iq2_xs"):
+        dequantize_gguf(tensor(encoding="iq2_xs"))
     with pytest.raises(FormatError, match="whole blocks of 32 weights; cols = 48"):
         dequantize_gguf(tensor(shape=(2, 48)))
     with pytest.raises(FormatError, match="should be 136 x torch.uint8, got 135"):

@@ -52,7 +52,7 @@ def test_every_target_block_type_and_dtype_compiles(compiled):
     combos = {(kernel["capability"], kernel["variant"]) for kernel in compiled}
     assert combos == {(cap, f"{encoding}>{out}") for cap in (90, 80)
                       for encoding in GGUF_ENCODINGS for out in OUT_NAMES}
-    assert len(compiled) == 2 * 8 * 3
+    assert len(compiled) == 2 * len(GGUF_ENCODINGS) * 3
     assert {kernel["kernel"] for kernel in compiled} == {"gguf_dequant_kernel"}
 
 
@@ -62,6 +62,11 @@ def test_no_spills_and_full_occupancy(compiled):
         assert kernel["spill_bytes"] == 0, kernel
         assert kernel["registers"] <= 32, kernel
         assert kernel["occupancy"] == 1.0, kernel
+
+
+def test_no_fused_multiply_add_in_q2_k_s_scale_then_minimum():
+    counts = run_without_interpreter("-c", FMA_SCRIPT, "q2_k>fp32")
+    assert [count["fma"] > 0 for count in counts] == [False, True]  # as launched: none; the control: fused
 
 
 def test_no_fused_multiply_add_where_gguf_py_rounds_a_product_then_a_sum():

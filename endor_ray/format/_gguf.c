@@ -1,13 +1,16 @@
 /* GGUF (ggml) block encodings on the CPU: rows of blocks -> dense rows of fp16 / bf16 / fp32.
  *
  * The spec is endor_ray.format.gguf_blocks (byte layouts of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
- * Q5_K, Q6_K as llama.cpp writes them). Element values are the float32 numbers gguf-py's
+ * Q5_K, Q6_K, Q3_K, Q2_K, IQ4_NL as llama.cpp writes them). Element values are the float32 numbers gguf-py's
  * `gguf.quants.dequantize` computes: the same operations in the same order, each rounded to float32
  * on its own (the extension is compiled with -ffp-contract=off, so no multiply-add is fused):
  *   Q8_0, Q4_0, Q5_0:  d * q                      (q signed: x, nibble - 8, 5-bit - 16)
  *   Q4_1, Q5_1:        (d * q) + m
  *   Q4_K, Q5_K:        (d * sc) * q - (dmin * m)  (sc, m: the sub-block's 6-bit scale and minimum)
  *   Q6_K:              (d * sc) * q               (sc int8, q 6-bit - 32)
+ *   Q3_K:              (d * sc) * q               (sc 6-bit - 32, q 2-bit - 4 unless its high bit)
+ *   Q2_K:              (d * sc) * q - (dmin * m)  (sc, m: the sub-block's 4-bit scale and minimum)
+ *   IQ4_NL:            d * kv                     (kv the codebook's value at the nibble)
  * with every fp16 block scale widened exactly. The float32 result is then rounded to nearest even
  * into fp16 (vcvtps2ph or its bit-exact software twin), bf16 (integer rounding; a NaN becomes the
  * pattern torch gives, passed in) or kept as fp32: bit-identical to torch's `.to(dtype)`.
@@ -30,7 +33,10 @@
 
 /* ggml's type ids (gguf.GGMLQuantizationType), the `type` argument */
 enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
-       GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
+       GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ4_NL = 20 };
+
+/* IQ4_NL's 16 levels (ggml's kvalues_iq4nl) */
+static const int8_t IQ4_NL_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -149,6 +155,49 @@ INLINE void block_q6_k(const uint8_t *restrict b, float *restrict v) {
     }
 }
 
+/* Q3_K: hmask[32], qs[64], scales[12], d. Element 128 h + 32 k + l: 2 bits at bit 2k of qs[32 h + l],
+ * minus 4 unless bit 4 h + k of hmask[l] is set; sub-block s = e / 16 has the signed 6-bit scale
+ * q3_scale(s). Q2_K (scales[16] = scale | min << 4, qs[64], d, dmin) packs its 2 bits the same way. */
+INLINE int q3_scale(const uint8_t *scales, int s) {
+    return (((scales[s % 8] >> (4 * (s / 8))) & 15) | ((scales[8 + s % 4] >> (2 * (s / 4))) & 3) << 4) - 32;
+}
+
+INLINE void block_q3_k(const uint8_t *restrict b, float *restrict v) {
+    const uint8_t *hmask = b, *qs = b + 32;
+    float d = scale_at(b + 108);
+    for (int h = 0; h < 2; h++)
+        for (int k = 0; k < 4; k++)
+            for (int half = 0; half < 2; half++) {
+                float ds = d * (float)q3_scale(b + 96, 8 * h + 2 * k + half);
+                for (int l = 16 * half; l < 16 * half + 16; l++) {
+                    int q = ((qs[32 * h + l] >> (2 * k)) & 3) - ((hmask[l] >> (4 * h + k)) & 1 ? 0 : 4);
+                    v[128 * h + 32 * k + l] = ds * (float)q;
+                }
+            }
+}
+
+INLINE void block_q2_k(const uint8_t *restrict b, float *restrict v) {
+    const uint8_t *scales = b, *qs = b + 16;
+    float d = scale_at(b + 80), dmin = scale_at(b + 82);
+    for (int h = 0; h < 2; h++)
+        for (int k = 0; k < 4; k++)
+            for (int half = 0; half < 2; half++) {
+                int s = 8 * h + 2 * k + half;
+                float ds = d * (float)(scales[s] & 15), dm = dmin * (float)(scales[s] >> 4);
+                for (int l = 16 * half; l < 16 * half + 16; l++)
+                    v[128 * h + 32 * k + l] = ds * (float)((qs[32 * h + l] >> (2 * k)) & 3) - dm;
+            }
+}
+
+INLINE void block_iq4_nl(const uint8_t *restrict b, float *restrict v) {  /* d, qs[16] as Q4_0, a codebook */
+    float d = scale_at(b);
+    const uint8_t *qs = b + 2;
+    for (int l = 0; l < 16; l++) {
+        v[l] = d * (float)IQ4_NL_VALUES[qs[l] & 15];
+        v[l + 16] = d * (float)IQ4_NL_VALUES[qs[l] >> 4];
+    }
+}
+
 INLINE void store_scalar(const float *v, int n, void *out, int dtype, uint16_t nan) {
     uint16_t *o = out;
     if (dtype == ENDOR_F16) for (int i = 0; i < n; i++) o[i] = f32_to_f16(v[i]);
@@ -179,6 +228,9 @@ static void gguf_scalar(int type, const uint8_t *restrict blocks, void *restrict
     case GGML_Q4_K: PORTABLE_BLOCKS(block_q4_k, 256, 144) break;
     case GGML_Q5_K: PORTABLE_BLOCKS(block_q5_k, 256, 176) break;
     case GGML_Q6_K: PORTABLE_BLOCKS(block_q6_k, 256, 210) break;
+    case GGML_Q3_K: PORTABLE_BLOCKS(block_q3_k, 256, 110) break;
+    case GGML_Q2_K: PORTABLE_BLOCKS(block_q2_k, 256, 84) break;
+    case GGML_IQ4_NL: PORTABLE_BLOCKS(block_iq4_nl, 32, 18) break;
     }
 }
 
@@ -206,10 +258,15 @@ INLINE __m128i fifth_bits(uint8_t qh0, uint8_t qh1) {
     return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bits), bits), _mm_set1_epi8(16));
 }
 
-/* Q5_K: 16 where bit s of the byte is set, else 0 */
-INLINE __m128i bit_s(__m128i qh, int s) {
+/* `value` where bit s of the byte is set, else 0 (Q5_K's fifth bits: 16; Q3_K's third: 4) */
+INLINE __m128i bit_value(__m128i qh, int s, int value) {
     const __m128i bit = _mm_set1_epi8((char)(1 << s));
-    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(qh, bit), bit), _mm_set1_epi8(16));
+    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(qh, bit), bit), _mm_set1_epi8((char)value));
+}
+
+/* Q3_K / Q2_K: bits shift, shift + 1 of each byte (the 16-bit shift's carried bits are masked off) */
+INLINE __m128i crumbs(__m128i x, int shift) {
+    return _mm_and_si128(_mm_srl_epi16(x, _mm_cvtsi32_si128(shift)), _mm_set1_epi8(3));
 }
 
 /* Q6_K: nibble (low_shift / 4) of low | bits high_shift, high_shift + 1 of high, << 4 */
@@ -326,7 +383,7 @@ INLINE int finite16(const uint8_t *p) { return (p[1] & 0x7C) != 0x7C; }  /* the 
             K_BLOCK(EMIT, b + 16, _mm_setzero_si128())                                                        \
         }) break;                                                                                             \
         case GGML_Q5_K: EACH_BLOCK(176, 256, finite16(b) && finite16(b + 2), block_q5_k, {                    \
-            K_BLOCK(EMIT, b + 48, bit_s(load16(b + 16 + part), s))                                            \
+            K_BLOCK(EMIT, b + 48, bit_value(load16(b + 16 + part), s, 16))                                            \
         }) break;                                                                                             \
         case GGML_Q6_K: EACH_BLOCK(210, 256, finite16(b + 208), block_q6_k, {                                 \
             float d = scale_f16c(b + 208);                                                                    \
@@ -339,6 +396,37 @@ INLINE int finite16(const uint8_t *p) { return (p[1] & 0x7C) != 0x7C; }  /* the 
                         float ds = d * (float)scales[8 * a + 2 * k4 + part / 16];                             \
                         EMIT(q, 32, ds, -0.0f, out, e0 + 128 * a + 32 * k4 + part, dtype);                    \
                     }                                                                                         \
+        }) break;                                                                                             \
+        case GGML_Q3_K: EACH_BLOCK(110, 256, finite16(b + 108), block_q3_k, {                                 \
+            float d = scale_f16c(b + 108);  /* codes low | high bit << 2 in 0..7, the value code - 4 */      \
+            for (int h = 0; h < 2; h++)                                                                       \
+                for (int k4 = 0; k4 < 4; k4++)                                                                \
+                    for (int part = 0; part < 32; part += 16) {                                               \
+                        __m128i q = _mm_or_si128(crumbs(load16(b + 32 + 32 * h + part), 2 * k4),              \
+                                                 bit_value(load16(b + part), 4 * h + k4, 4));                 \
+                        float ds = d * (float)q3_scale(b + 96, 8 * h + 2 * k4 + part / 16);                   \
+                        EMIT(q, 4, ds, -0.0f, out, e0 + 128 * h + 32 * k4 + part, dtype);                     \
+                    }                                                                                         \
+        }) break;                                                                                             \
+        case GGML_Q2_K: EACH_BLOCK(84, 256, finite16(b + 80) && finite16(b + 82), block_q2_k, {               \
+            float d = scale_f16c(b + 80), dmin = scale_f16c(b + 82);                                          \
+            for (int h = 0; h < 2; h++)                                                                       \
+                for (int k4 = 0; k4 < 4; k4++)                                                                \
+                    for (int part = 0; part < 32; part += 16) {                                               \
+                        int s = 8 * h + 2 * k4 + part / 16;                                                   \
+                        float ds = d * (float)(b[s] & 15), minus_dm = -(dmin * (float)(b[s] >> 4));           \
+                        EMIT(crumbs(load16(b + 16 + 32 * h + part), 2 * k4), 0, ds, minus_dm, out,            \
+                             e0 + 128 * h + 32 * k4 + part, dtype);                                           \
+                    }                                                                                         \
+        }) break;                                                                                             \
+        case GGML_IQ4_NL: EACH_BLOCK(18, 32, finite16(b), block_iq4_nl, {                                     \
+            /* the codebook + 128 (1..241) looked up by pshufb; EMIT takes the 128 off again */               \
+            const __m128i book = _mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129, (char)141,         \
+                                               (char)153, (char)166, (char)181, (char)197, (char)217, (char)241); \
+            float d = scale_f16c(b);                                                                          \
+            __m128i qs = load16(b + 2);                                                                       \
+            EMIT(_mm_shuffle_epi8(book, low_nibbles(qs)), 128, d, -0.0f, out, e0, dtype);                     \
+            EMIT(_mm_shuffle_epi8(book, high_nibbles(qs)), 128, d, -0.0f, out, e0 + 16, dtype);               \
         }) break;                                                                                             \
         }                                                                                                     \
     }                                                                                                         \
@@ -386,6 +474,9 @@ static int geometry(int type, int64_t *elems, int64_t *size) {
     case GGML_Q4_K: *elems = 256, *size = 144; return 1;
     case GGML_Q5_K: *elems = 256, *size = 176; return 1;
     case GGML_Q6_K: *elems = 256, *size = 210; return 1;
+    case GGML_Q3_K: *elems = 256, *size = 110; return 1;
+    case GGML_Q2_K: *elems = 256, *size = 84; return 1;
+    case GGML_IQ4_NL: *elems = 32, *size = 18; return 1;
     }
     return 0;
 }

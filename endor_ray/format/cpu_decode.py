@@ -16,7 +16,7 @@ about 18 GB/s of dense output with AVX-512 against 10 with AVX2). The one place 
 consistent with itself, the bfloat16 pattern of a NaN (from non-finite scales only: 0xFFFF from
 its vectorised x86 code, 0x7FC0 from its scalar code), is asked of torch once and reproduced.
 
-GGUF block encodings (q8_0 ... q6_k, endor_ray.format.gguf_blocks) are decoded by `_gguf.c` in the
+GGUF block encodings (q8_0 ... q6_k, q3_k, q2_k, iq4_nl: endor_ray.format.gguf_blocks) are decoded by `_gguf.c` in the
 same library, rows split over the threads, bit-identical to gguf-py's dequantize then torch's
 rounding to the tensor's dtype; they take the widest implementation the CPU runs.
 
@@ -53,7 +53,8 @@ _chosen: dict[int, int] = {}  # itemsize -> ISA code, measured once
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # the C side's ENDOR_F16 ...
 _CODE_BITS = {"int8": 8, "int4": 4}
 # GGUF block encodings -> ggml's type id (gguf.GGMLQuantizationType), the C side's `type`
-_GGML_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+_GGML_TYPES = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+               "q3_k": 11, "q2_k": 10, "iq4_nl": 20}
 _bf16_nan: int | None = None
 
 

@@ -22,6 +22,11 @@ Within a block (all fields little-endian; ``f16`` is an IEEE half, read exactly 
                        qs u8[128] @48
     q6_k  256   210    ql u8[128] @0, qh u8[64] @128,              (d * float(sc[s])) * (q - 32)
                        sc int8[16] @192, d f16 @208
+    q3_k  256   110    hmask u8[32] @0, qs u8[64] @32,             (d * float(sc[s])) * q
+                       scales u8[12] @96, d f16 @108
+    q2_k  256    84    scales u8[16] @0, qs u8[64] @16,            (d * sc[s]) * q - (dmin * mn[s])
+                       d f16 @80, dmin f16 @82
+    iq4_nl 32    18    d @0, qs u8[16] @2                         q = KV[nib(e)]; d * q
 
 where, for the 32-element types, ``nib(e)`` is the low nibble of ``qs[e]`` for ``e < 16`` and the
 high nibble of ``qs[e - 16]`` otherwise, and ``bit(e)`` is bit ``e`` of ``qh``. For q4_k/q5_k the
@@ -32,7 +37,14 @@ scale bytes ``S``: for ``s < 4`` ``sc = S[s] & 63``, ``mn = S[s + 4] & 63``; for
 ``sc = (S[s + 4] & 15) | (S[s - 4] >> 6) << 4``, ``mn = (S[s + 4] >> 4) | (S[s] >> 6) << 4``. For
 q6_k ``e = 128 h + 32 k + l`` (``h`` in 0..1, ``k`` in 0..3): the low 4 bits are the low
 (``k < 2``) or high (``k >= 2``) nibble of ``ql[64 h + 32 (k % 2) + l]``, the high 2 bits bits
-``2k, 2k+1`` of ``qh[32 h + l]``; its sub-block of 16 is ``s = e // 16``.
+``2k, 2k+1`` of ``qh[32 h + l]``; its sub-block of 16 is ``s = e // 16``. q3_k and q2_k split
+``e`` the same way: their 2-bit part is bits ``2k, 2k+1`` of ``qs[32 h + l]`` and the sub-block of
+16 is ``s = e // 16``. For q2_k ``q`` is that 2-bit part (0..3), ``sc[s] = scales[s] & 15`` and
+``mn[s] = scales[s] >> 4``. For q3_k ``q = low - 4 * (1 - hbit)`` (-4..3; a set high bit means no
+offset), ``hbit`` bit ``e // 32`` of ``hmask[e % 32]``, and the signed 6-bit scale is
+``sc[s] = ((S[s % 8] >> 4 (s // 8)) & 15 | ((S[8 + s % 4] >> 2 (s // 4)) & 3) << 4) - 32`` from the
+12 scale bytes ``S``. iq4_nl is q4_0's layout with a non-uniform codebook: ``KV = (-127, -104, -83,
+-65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)`` (ggml's ``kvalues_iq4nl``).
 
 Each product and sum above is one IEEE float32 operation in the order written (no fused
 multiply-add): exactly gguf-py's ``gguf.quants.dequantize`` and llama.cpp's ``dequantize_row_*``.
@@ -41,8 +53,8 @@ Non-finite values arise only from non-finite f16 scales, which llama.cpp never w
 must still read nothing outside the block.
 
 Bytes per weight: q8_0 1.0625, q4_0 0.5625, q4_1 0.625, q5_0 0.6875, q5_1 0.75, q4_k 0.5625,
-q5_k 0.6875, q6_k 0.8203 (``type_size / block_elems``); a tensor is ``rows * cols / block_elems *
-type_size`` bytes.
+q5_k 0.6875, q6_k 0.8203, q3_k 0.4297, q2_k 0.3281, iq4_nl 0.5625 (``type_size / block_elems``); a
+tensor is ``rows * cols / block_elems * type_size`` bytes.
 
 Encoding (`quantize_blocks`) is llama.cpp's quantizers ported in C's float32 order, bit for bit
 (`endor_ray.format.gguf_quantize`): the reference functions ``quantize_row_*_ref`` of
@@ -70,12 +82,13 @@ class BlockType:
     type_size: int
 
 
-GGUF_ENCODINGS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+GGUF_ENCODINGS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl")
 BLOCK_TYPES: dict[str, BlockType] = {
     block.name: block for block in (
         BlockType("q8_0", 32, 34), BlockType("q4_0", 32, 18), BlockType("q4_1", 32, 20),
         BlockType("q5_0", 32, 22), BlockType("q5_1", 32, 24), BlockType("q4_k", 256, 144),
-        BlockType("q5_k", 256, 176), BlockType("q6_k", 256, 210),
+        BlockType("q5_k", 256, 176), BlockType("q6_k", 256, 210), BlockType("q3_k", 256, 110),
+        BlockType("q2_k", 256, 84), BlockType("iq4_nl", 32, 18),
     )
 }
 
@@ -120,8 +133,29 @@ def k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+
+
+def q3_k_scales(scales: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, 16] int16: q3_k's signed 6-bit sub-block scales from its 12 scale bytes."""
+    low = torch.cat([scales[:, 0:8] & 0x0F, scales[:, 0:8] >> 4], dim=1)  # sub-block s: nibble s // 8 of S[s % 8]
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=scales.device).view(1, 4, 1)
+    high = ((scales[:, 8:12].unsqueeze(1) >> shifts) & 3).flatten(1)  # bits 2 (s // 4) of S[8 + s % 4]
+    return (low | (high << 4)).to(torch.int16) - 32
+
+
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, 256] uint8: the 2-bit parts of q3_k / q2_k's 64 bytes qs, element 128 h + 32 k + l
+    from bits 2k of qs[32 h + l]."""
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=qs.device).view(1, 1, 4, 1)
+    return ((qs.reshape(qs.shape[0], 2, 1, 32) >> shifts) & 3).reshape(qs.shape[0], 256)
+
+
 def _decode_32(blocks: torch.Tensor, encoding: str) -> torch.Tensor:
     d = _f16(blocks, 0)  # [num_blocks, 1]
+    if encoding == "iq4_nl":
+        values = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+        return d * values[_nibbles(blocks[:, 2:18]).long()]
     if encoding == "q8_0":
         return blocks[:, 2:34].contiguous().view(torch.int8).float() * d
     if encoding == "q4_0":
@@ -135,6 +169,18 @@ def _decode_32(blocks: torch.Tensor, encoding: str) -> torch.Tensor:
 
 def _decode_k(blocks: torch.Tensor, encoding: str) -> torch.Tensor:
     num_blocks = blocks.shape[0]
+    if encoding == "q3_k":
+        shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(1, 8, 1)
+        high = ((blocks[:, 0:32].unsqueeze(1) >> shifts) & 1).reshape(num_blocks, 256)  # bit e // 32 of hmask[e % 32]
+        q = (_crumbs(blocks[:, 32:96]).to(torch.int16) - 4 * (1 - high.to(torch.int16))).float()
+        scale = _f16(blocks, 108) * q3_k_scales(blocks[:, 96:108]).float()  # [num_blocks, 16]
+        return (scale.unsqueeze(-1) * q.view(num_blocks, 16, 16)).reshape(num_blocks, 256)
+    if encoding == "q2_k":
+        sc = blocks[:, 0:16]
+        scale = (_f16(blocks, 80) * (sc & 0x0F).float()).unsqueeze(-1)  # [num_blocks, 16, 1]
+        minimum = (_f16(blocks, 82) * (sc >> 4).float()).unsqueeze(-1)
+        q = _crumbs(blocks[:, 16:80]).float().view(num_blocks, 16, 16)
+        return (scale * q - minimum).reshape(num_blocks, 256)
     if encoding == "q6_k":
         ql = blocks[:, 0:128].reshape(num_blocks, 2, 64)  # two halves of 128 elements
         low = torch.cat([ql & 0x0F, ql >> 4], dim=2)  # [num_blocks, 2, 128]: element 32k + l of a half

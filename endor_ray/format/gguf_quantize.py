@@ -19,6 +19,8 @@ the row, twice that of the super-block for the k-types; q6_k takes ``importance`
 q5_0 search 19 scales, q4_1 / q5_1 37 ranges with a minimum, and the k-types choose their 6-bit
 sub-block scales by ``make_qp_quants``; q8_0 ignores it, as llama.cpp does.
 
+q3_k, q2_k and iq4_nl are quantized by `endor_ray.format.gguf_lowbit` (the same ports, its docstring).
+
 Every float32 operation runs in C's order (`endor_ray.format.gguf_search`), so the bytes equal
 libggml's (tests compare against a built libggml where one is present, and against gguf-py's
 ``quantize`` for the five types it implements, which agree except where a block's largest
@@ -32,6 +34,7 @@ import torch
 
 from endor_ray.errors import FormatError
 from endor_ray.format.gguf_blocks import BLOCK_TYPES
+from endor_ray.format.gguf_lowbit import quantize_iq4_nl, quantize_q2_k, quantize_q3_k
 from endor_ray.format.gguf_search import (
     GROUP_MAX_EPS, first_extreme, make_qkx_quants, make_qp_quants, make_qx_quants, nearest_int, rdiv, safe,
     seq_sum, sqrtf,
@@ -192,7 +195,10 @@ def quantize_rows(weight: torch.Tensor, encoding: str, importance: torch.Tensor 
         return torch.empty(0, dtype=torch.uint8, device=weight.device)
     per_block = None if importance is None else importance.repeat(rows).view(-1, block.block_elems)
     blocks_x = x.view(-1, block.block_elems)
-    if encoding == "q8_0" or (block.block_elems == 32 and importance is None):
+    low_bit = {"q3_k": quantize_q3_k, "q2_k": quantize_q2_k, "iq4_nl": quantize_iq4_nl}
+    if encoding in low_bit:
+        blocks = low_bit[encoding](blocks_x, per_block)
+    elif encoding == "q8_0" or (block.block_elems == 32 and importance is None):
         blocks = _reference_32(blocks_x, encoding)
     elif block.block_elems == 32:
         sigma2 = seq_sum(x * x) / cols  # [rows]: the row's mean x^2

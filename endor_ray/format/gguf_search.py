@@ -1,5 +1,5 @@
 """llama.cpp's scale searches (ggml-quants.c ``make_qx_quants``, ``make_qkx2/3_quants``,
-``make_qp_quants``) in torch, vectorised over blocks, every float32 operation in C's order.
+``make_qp_quants``, ``make_q3_quants``) in torch, vectorised over blocks, every float32 operation in C's order.
 
 The quantizers in `endor_ray.format.gguf_quantize` are built from these. Three things make torch
 agree with C bit for bit: sums accumulate element by element, left to right (`seq_sum`; torch's
@@ -96,10 +96,15 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = No
 
 
 def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                    nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    nstep: int, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale [S], the_min [S], codes [S, n] uint8 in 0..nmax) for blocks x [S, n]: a scale and a
     minimum (at most 0) by weighted least squares over nstep + 1 candidate ranges (make_qkx2_quants
-    and make_qkx3_quants with use_mad false, which are the same search for given weights)."""
+    and make_qkx3_quants, which are the same search for given weights); candidates are compared by
+    the weighted squared error, or with `use_mad` the weighted absolute error (q2_k's reference)."""
+
+    def error_of(diff: torch.Tensor) -> torch.Tensor:
+        return _sum_rows(wt * (diff.abs() if use_mad else diff * diff))
+
     xt, wt = x.t().contiguous(), weights.t().contiguous()  # [n, S]: a block's elements down a column
     low = x.amin(dim=1)
     minimum = torch.where(low > 0, torch.zeros_like(low), low)
@@ -114,8 +119,7 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
     iscale = rdiv(nmax, safe(maximum - minimum, ~flat))
     scale = rdiv(1.0, iscale)
     codes = codes_for(iscale)
-    diff = (scale * codes + minimum) - xt
-    best_error = _sum_rows(wt * (diff * diff))
+    best_error = error_of((scale * codes + minimum) - xt)
     for step in range(nstep + 1):
         factor = f32(f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + np.float32(nmax))
         trial = codes_for(rdiv(factor, safe(maximum - minimum, ~flat)))  # C divides by the current range
@@ -130,8 +134,7 @@ def make_qkx_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: flo
         clipped = this_min > 0
         this_scale = torch.where(clipped, sum_xl / safe(sum_l2, sum_l2 != 0), this_scale)
         this_min = torch.where(clipped, torch.zeros_like(this_min), this_min)
-        diff = (this_scale * trial + this_min) - xt
-        error = _sum_rows(wt * (diff * diff))
+        error = error_of((this_scale * trial + this_min) - xt)
         better = ok & (error < best_error) & ~flat
         codes = torch.where(better, trial, codes)
         best_error = torch.where(better, error, best_error)
@@ -187,3 +190,44 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     scale = torch.where(suml2 > 0, sumlx / safe(suml2, suml2 > 0), torch.zeros_like(sumlx))
     codes = torch.where(zero.unsqueeze(1), torch.zeros_like(codes), codes)
     return torch.where(zero, torch.zeros_like(scale), scale), codes
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [S], codes [S, n] uint8 in 0..2 nmax - 1; all 0 for an empty block) for blocks x [S, n]:
+    symmetric, the largest magnitude at -nmax, then 5 passes moving one code at a time while the
+    x^2-weighted fit improves (make_q3_quants with do_rmse, q3_k's reference)."""
+    magnitude = x.abs()
+    amax = magnitude.amax(dim=1)
+    zero = amax < GROUP_MAX_EPS
+    peak = safe(first_extreme(x, magnitude.argmax(dim=1), amax > 0), ~zero)
+    levels = nearest_int(rdiv(-nmax, peak).unsqueeze(1) * x).clamp(-nmax, nmax - 1)  # [S, n] int32
+    weights = x * x
+    sumlx = seq_sum((weights * x) * levels.float())
+    suml2 = seq_sum((weights * levels.float()) * levels.float())
+    for _ in range(5):  # C stops after a pass that changes nothing; such a pass changes nothing here either
+        for index in range(x.shape[1]):
+            w, value, old = weights[:, index], x[:, index], levels[:, index].float()
+            slx = sumlx - (w * value) * old
+            sl2 = suml2 - (w * old) * old
+            open_ = slx > 0
+            new = nearest_int((value * sl2) / safe(slx, open_)).clamp(-nmax, nmax - 1)
+            new_f = new.float()
+            slx = slx + (w * value) * new_f
+            sl2 = sl2 + (w * new_f) * new_f
+            take = open_ & (new != levels[:, index]) & (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+            levels[:, index] = torch.where(take, new, levels[:, index])
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / safe(suml2, suml2 > 0), torch.zeros_like(sumlx))
+    codes = torch.where(zero.unsqueeze(1), torch.zeros_like(levels), levels + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), codes.to(torch.uint8)
+
+
+def best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """int64 indices: C's best_index_int8, the nearest of the sorted levels `values` [n] float32 to
+    each x (below the first or above the last: the end; a tie between two: the upper one)."""
+    upper = torch.searchsorted(values, x.contiguous(), right=True).clamp(1, values.numel() - 1)
+    lower_value, upper_value = values[upper - 1], values[upper]
+    index = torch.where(x - lower_value < upper_value - x, upper - 1, upper)
+    index = torch.where(x <= values[0], torch.zeros_like(index), index)
+    return torch.where(x >= values[-1], torch.full_like(index, values.numel() - 1), index)
