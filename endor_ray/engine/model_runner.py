@@ -69,6 +69,9 @@ class ModelRunner:
             self.max_context = context_limit(self.store.config)
             # The module that returns the final hidden states: the LM head runs on the positions needed
             self._body = operator.attrgetter(self.store.architecture.body_path)(self.model)
+            from endor_ray.models.masks import has_sliding_layers
+
+            self._sliding = has_sliding_layers(self.model.config)
             # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
             self._cache_arg = "cache" if "cache" in inspect.signature(self._body.forward).parameters else "past_key_values"
         except BaseException:
@@ -105,9 +108,14 @@ class ModelRunner:
         return hooks
 
     def new_cache(self):
-        """An empty KV cache for a running batch (transformers' own)."""
+        """An empty KV cache for a running batch (transformers' own; full layers only where the
+        model has sliding ones, whose windows `forward` masks by token position)."""
         from transformers import DynamicCache
 
+        if self._sliding:
+            from endor_ray.models.masks import full_cache
+
+            return full_cache()
         return DynamicCache(config=self.model.config)
 
     def forward(self, inputs: dict[str, torch.Tensor], cache, newcomers: list[Sequence]
@@ -116,15 +124,22 @@ class ModelRunner:
         newcomer (the batch's last rows) that asks for its prompt's log-probabilities, keyed by
         id(sequence), [prompt length - 1, vocab] logits predicting its prompt tokens 1.. (the LM head
         runs on those positions only)."""
+        from endor_ray.models.skeleton import head_logits
+
+        if self._sliding:  # the running batch's cache holds padding between tokens: windows count tokens
+            from endor_ray.models.masks import layer_type_masks
+
+            inputs = {**inputs, "attention_mask": layer_type_masks(self.model.config, inputs["attention_mask"], cache,
+                                                                   inputs["position_ids"], self.dtype)}
         hidden = self._body(**inputs, use_cache=True, **{self._cache_arg: cache}).last_hidden_state
-        last = self.model.lm_head(hidden[:, -1, :])  # [rows, vocab]
+        last = head_logits(self.model, hidden[:, -1, :])  # [rows, vocab]
         prompt_logits = {}
         rows, block = hidden.shape[0], hidden.shape[1]
         first_newcomer = rows - len(newcomers)
         for offset, seq in enumerate(newcomers):
             if seq.params.prompt_logprobs is not None:
                 length = len(seq.prompt_ids)
-                prompt_logits[id(seq)] = self.model.lm_head(hidden[first_newcomer + offset, block - length:block - 1])
+                prompt_logits[id(seq)] = head_logits(self.model, hidden[first_newcomer + offset, block - length:block - 1])
         return last, prompt_logits
 
     def close(self) -> None:

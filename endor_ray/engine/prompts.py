@@ -26,6 +26,8 @@ class PromptTooLong(ConfigError):
 def context_limit(model_config: dict[str, Any]) -> int:
     """Tokens a sequence may hold: max_position_embeddings, capped by a sliding window in use."""
     limit = int(model_config.get("max_position_embeddings") or 2**31)
+    if "sliding_attention" in (model_config.get("layer_types") or []):
+        return limit  # layers named sliding get a full cache and a window masked by token (models.masks)
     window = model_config.get("sliding_window")
     if isinstance(window, int) and window > 0 and model_config.get("use_sliding_window", True):
         limit = min(limit, window)  # transformers' cache would drop the columns past the window

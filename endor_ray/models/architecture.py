@@ -25,6 +25,11 @@ LAYER_PREFIXES: dict[str, str] = {
     "qwen2": "model.layers.",
     "qwen3": "model.layers.",
     "opt": "model.decoder.layers.",
+    "gemma2": "model.layers.",
+    "gemma3_text": "model.layers.",
+    "phi3": "model.layers.",
+    "olmo2": "model.layers.",
+    "granite": "model.layers.",
 }
 
 

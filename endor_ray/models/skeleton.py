@@ -64,9 +64,17 @@ def build_skeleton(
             continue
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         if any(tensor.is_meta for _, tensor in own):
-            # Non-persistent buffers (rotary inv_freq) are not in any checkpoint: recompute them
-            # with transformers' own initialisation, as from_pretrained does.
-            module.to_empty(device=device, recurse=False)
+            # Non-persistent buffers (rotary inv_freq, Gemma's embed_scale) are not in any checkpoint:
+            # recompute them with transformers' own initialisation, as from_pretrained does. Tensors
+            # the checkpoint gave (Gemma's embedding beside its embed_scale) are flagged so that
+            # transformers' init functions leave them as they are.
+            for name, tensor in own:
+                if not tensor.is_meta:
+                    tensor._is_hf_initialized = True
+                elif name in module._parameters:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(tensor, device=device), requires_grad=False)
+                else:
+                    module._buffers[name] = torch.empty_like(tensor, device=device)
             model._init_weights(module)
     missing = [
         name for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
@@ -75,6 +83,22 @@ def build_skeleton(
     if missing:
         raise UnsupportedModelError(f"the checkpoint lacks non-layer tensors: {missing[:5]}")
     return model
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """[..., vocab] logits from final hidden states [..., hidden], as the family's CausalLM forward
+    makes them: the LM head, then Granite's division by logits_scaling, Cohere's logit_scale and
+    Gemma's final soft-capping (cap * tanh(logits / cap))."""
+    config = model.config
+    logits = model.lm_head(hidden)
+    if config.model_type in ("granite",):
+        logits = logits / config.logits_scaling
+    if config.model_type in ("cohere", "cohere2"):
+        logits = logits * config.logit_scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def materialize_layer(layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
