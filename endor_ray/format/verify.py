@@ -7,13 +7,20 @@ store runs it on every verified read (`endor_ray.store.store.tensors_from_buffer
 decoder and the GPU kernel may take a block's or row's values from the offsets alone. Costs a
 per-byte popcount of the bitmap (numpy), about 1/50 of a decode. Dense tensors, GGUF block
 tensors among them, have no counts: `validate` already fixed their sizes.
+
+`check_finite` reads the numbers themselves: raw values, int8/int4 scales and llama.cpp blocks
+(dequantized) must be finite. A CRC says the bytes are the ones written, not that a NaN was not
+written there on purpose. `endor inspect --verify` runs it on every tensor; the per-layer read on
+the decode path does not (it would cost a pass over every value per token streamed).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from endor_ray.errors import FormatError
+from endor_ray.format.gguf_blocks import dequantize_blocks
 from endor_ray.format.tensor import EncodedTensor
 
 
@@ -58,3 +65,20 @@ def _check_row_counts(enc: EncodedTensor) -> None:
     if wrong.size:
         row = int(wrong[0])
         raise FormatError(f"row {row} has {int(per_row[row])} set bits but its offsets give {int(counts[row])} values")
+
+
+def check_finite(enc: EncodedTensor) -> None:
+    """FormatError unless every number the tensor decodes from is finite: its raw values, its
+    int8/int4 scales, or (GGUF blocks) its dequantized values."""
+    if enc.gguf:
+        rows, cols = enc.rows_cols
+        numbers, what = dequantize_blocks(enc.values, enc.values_encoding, rows, cols), "dequantized values"
+    elif enc.quantized:
+        numbers, what = enc.scales, "scales"
+    else:
+        numbers, what = enc.values, "values"
+    finite = torch.isfinite(numbers.reshape(-1))
+    if not bool(finite.all()):
+        first = int(torch.nonzero(~finite)[0])
+        raise FormatError(f"{int((~finite).sum())} of its {finite.numel()} {what} are NaN or infinite (the first "
+                          f"at index {first}: {float(numbers.reshape(-1)[first])}); re-run endor convert")

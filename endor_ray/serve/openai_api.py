@@ -16,6 +16,7 @@ from typing import Any
 from endor_ray.engine.prompts import PromptTooLong, check_prompt
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.errors import ConfigError, EndorError
+from endor_ray.serve.structured_output import request_grammar
 from endor_ray.serve.protocol import (  # noqa: F401  (the protocol's names, re-exported for the app and tests)
     MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, TextPart, _Sampling, parse, parse_plain,
 )
@@ -89,6 +90,7 @@ class Frontend:
             raise APIError(400, "max_tokens 0 only scores a prompt: it needs echo", param="max_tokens")
         choices = []
         checked = []
+        grammar = request_grammar(request)  # response_format, structured_outputs (a 400 if unsupported)
         for prompt in self.prompts(request):  # tokenized once, whatever n is
             # No max_tokens (chat): as much as the context leaves, up to the server's default, at least 1.
             ids = self.prompt_ids(prompt, asked if asked is not None else 1)
@@ -105,7 +107,7 @@ class Frontend:
                     frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
                     logit_bias=logit_bias, logprobs=logprobs,
                     prompt_logprobs=(request.logprobs or 0) if echo and request.logprobs is not None else
-                    0 if echo and max_tokens == 0 else None)
+                    0 if echo and max_tokens == 0 else None, grammar=grammar)
             except ConfigError as exc:
                 raise APIError(400, str(exc)) from None
             choices.append(Choice(prompt, ids, params))

@@ -23,7 +23,8 @@ NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "max_tokens", "max_
                       "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "echo",
                       "suffix", "best_of", "stream_options", "response_format", "tools", "tool_choice", "user",
                       "top_k", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "repetition_penalty",
-                      "metadata", "store", "service_tier", "parallel_tool_calls")
+                      "metadata", "store", "service_tier", "parallel_tool_calls", "structured_outputs",
+                      "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 METADATA_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # accepted, no effect
 
 
@@ -73,7 +74,12 @@ class _Sampling(BaseModel):
     frequency_penalty: Finite = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: Finite = Field(1.0, gt=0.0, le=10.0)
     logit_bias: dict[str, Finite] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # checked into a grammar (serve/structured_output.py)
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar, json_object
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older spellings of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -176,10 +182,6 @@ def _check_parts(messages: Any) -> None:
 
 def _refuse_unsupported(request: _Sampling) -> None:
     """Fields that parse but ask for something this server does not do: a 400 naming them."""
-    fmt = request.response_format
-    if fmt is not None and fmt.get("type") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} (structured output) is not supported by this "
-                            "server; ask for text", param="response_format", code="unsupported_parameter")
     if request.tools:
         raise APIError(400, "tools (function calling) are not supported by this server", param="tools",
                        code="unsupported_parameter")

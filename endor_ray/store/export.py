@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -23,16 +24,14 @@ from endor_ray.store.store import Store
 def export_checkpoint(store: Store, out: str | Path, force: bool = False, progress: bool = True) -> Path:
     """Write the store's weights, decoded, as an HF checkpoint directory at `out`.
 
-    Every tensor is verified as it is read; the names and shapes are checked against the
-    architecture's model before anything is written, and what was written (config, tokenizer)
+    Every tensor is verified as it is read; the config is checked against the tensors (names and
+    shapes against the architecture's model, a positive context) before anything is written, and what was written (config, tokenizer)
     is loaded back with transformers before the directory appears.
     """
-    from endor_ray.models.skeleton import check_tensors_match, meta_model
+    from endor_ray.store.audit import check_against_model
 
     architecture = store.architecture
-    check_tensors_match(meta_model(store.config), architecture,
-                        [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in store.manifest["layers"]],
-                        store.location)
+    check_against_model(store)  # names, shapes (non-layer too) and context: a config that lies is not written
     num_shards = store.num_layers + 1
     weight_map: dict[str, str] = {}
     total_nbytes = 0
@@ -42,15 +41,15 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
         (staging / "config.json").write_text(json.dumps(store.config, indent=2))
 
         shard = f"model-{1:05d}-of-{num_shards:05d}.safetensors"
-        dense = {name: decode(enc) for name, enc in store.dense_tensors().items()}
+        dense = _finite({name: decode(enc) for name, enc in store.dense_tensors().items()}, "non-layer weights")
         save_file(dense, str(staging / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(dense, shard))
         total_nbytes += sum(t.numel() * t.element_size() for t in dense.values())
 
         for layer_idx in tqdm(range(store.num_layers), desc="export", unit="layer", disable=not progress):
             shard = f"model-{layer_idx + 2:05d}-of-{num_shards:05d}.safetensors"
-            layer = {architecture.full_name(layer_idx, name): decode(enc)
-                     for name, enc in store.layer_tensors(layer_idx).items()}
+            layer = _finite({architecture.full_name(layer_idx, name): decode(enc)
+                             for name, enc in store.layer_tensors(layer_idx).items()}, f"layer {layer_idx}")
             save_file(layer, str(staging / shard), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(layer, shard))
             total_nbytes += sum(t.numel() * t.element_size() for t in layer.values())
@@ -59,6 +58,15 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         _check_loadable(staging, has_tokenizer=any(name.startswith("tokenizer") for name in store.tokenizer_files()))
     return Path(out)
+
+
+def _finite(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """`tensors`, or StoreError naming the first that holds a NaN or infinity (CRCs prove bytes, not numbers)."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise StoreError(f"{where}: tensor {name} holds NaN or infinite values; the store was tampered with "
+                             "or damaged: re-run endor convert")
+    return tensors
 
 
 def _check_loadable(directory: Path, has_tokenizer: bool) -> None:

@@ -7,12 +7,18 @@ is left alone (what a model larger than memory wants; the buffer and the read si
 aligned, which `DIRECT_ALIGNMENT` and the caller's buffer capacity guarantee). A file system
 that refuses O_DIRECT (tmpfs) is read buffered instead, with one warning. Other locations
 (``s3://``, ``gs://``, ``hdfs://``) go through pyarrow's `readinto`.
+
+A store's files are only ever regular files: a FIFO, socket or device put in a file's place is
+refused before it is read (`regular_size`, from `os.stat`, then `fstat` of the descriptor opened
+with O_NONBLOCK, so neither the check nor the open can block on it), and a file's size is
+compared with the size the manifest gives before a byte is read.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from typing import Any
 
 import numpy as np
@@ -35,10 +41,33 @@ def _as_array(buffer: torch.Tensor | np.ndarray) -> np.ndarray:
     return buffer.numpy() if isinstance(buffer, torch.Tensor) else buffer
 
 
+def regular_size(path: str, status: os.stat_result | None = None) -> int:
+    """The size of the regular file `path` (or of its `status`); StoreError for anything else."""
+    try:
+        status = os.stat(path) if status is None else status
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    if not stat.S_ISREG(status.st_mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(status.st_mode), "not a file")
+        raise StoreError(f"{path} is {kind}, not a regular file: a store holds only the files endor convert wrote; "
+                         "re-run endor convert")
+    return status.st_size
+
+
+def check_size(path: str, size: int, nbytes: int) -> None:
+    """StoreError unless the file's `size` is the manifest's `nbytes` (checked before any allocation)."""
+    if size != nbytes:
+        raise StoreError(f"{path} has {size} bytes but the manifest says {nbytes}: the file is truncated "
+                         "or was replaced; re-run endor convert")
+
+
 def read_local(path: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False) -> None:
     """Read the whole local file `path`, which must be `nbytes` long, into `buffer[:nbytes]`."""
     array = _as_array(buffer)
-    flags = os.O_RDONLY
+    check_size(path, regular_size(path), nbytes)
+    # O_NONBLOCK: were the file swapped for a FIFO since the stat, the open returns instead of waiting
+    flags = os.O_RDONLY | os.O_NONBLOCK
     if direct and hasattr(os, "O_DIRECT") and _direct_allowed(path, array, nbytes):
         flags |= os.O_DIRECT
     try:
@@ -49,10 +78,7 @@ def read_local(path: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct
             return read_local(path, buffer, nbytes, direct=False)
         raise StoreError(f"cannot read {path}: {exc}") from exc
     try:
-        size = os.fstat(fd).st_size
-        if size != nbytes:
-            raise StoreError(f"{path} has {size} bytes but the manifest says {nbytes}: the file is truncated "
-                             "or was replaced; re-run endor convert")
+        check_size(path, regular_size(path, os.fstat(fd)), nbytes)
         view = memoryview(array)
         limit = direct_capacity(nbytes) if flags & getattr(os, "O_DIRECT", 0) else nbytes
         position = 0

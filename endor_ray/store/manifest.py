@@ -8,7 +8,11 @@ A manifest is checked in this order when a store is opened:
    hand or by damage, is refused;
 3. the schema (`Manifest` below): every field present, of its type and range (one-line errors
    naming the field), no extra fields inside entries;
-4. the architecture's layer count, and file names that stay inside the store.
+4. the architecture's layer count, and file names that stay inside the store;
+5. the model config's sizes (`check_model_config`): each one present a positive integer below
+   2**31 (a zero head count or a negative context fails here, in one line, not deep inside
+   transformers). What only transformers can judge (an activation's name, a rope type) and
+   whether the config fits the tensors are `endor inspect --verify`'s (`endor_ray.store.audit`).
 
 Version 2 also lists each tokenizer file with its SHA-256. Its tensor checksums cover what the
 tensor *is*: its ``crc32`` is CRC-32 over
@@ -121,3 +125,17 @@ def tensor_header(file_name: str, layer_idx: int | None, position: int, entry: d
         fields["group_size"] = entry["group_size"]
     return json.dumps({"file": file_name, "layer": layer_idx, "position": position, **fields}, sort_keys=True,
                       separators=(",", ":")).encode()
+
+
+# Sizes a decoder config may give (each architecture uses some): each must be a positive int.
+CONFIG_SIZES = ("hidden_size", "intermediate_size", "ffn_dim", "num_attention_heads", "num_key_value_heads",
+                "num_hidden_layers", "vocab_size", "max_position_embeddings", "head_dim", "word_embed_proj_dim")
+
+
+def check_model_config(config: dict[str, Any], where: str) -> None:
+    """Step 5 of the module docstring; StoreError naming the field."""
+    for key in CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31):
+            raise StoreError(f"{where} is malformed: model.config.{key} is {str(value)[:40]!r}, not a positive "
+                             "integer below 2**31; re-run endor convert")

@@ -56,12 +56,14 @@ from endor_ray.format.tensor import (
     EncodedTensor, checksum, crc32, dtype_from_name, dtype_name, tensor_bytes, validate, validate_contents,
 )
 from endor_ray.format.verify import check_counts
-from endor_ray.store.manifest import check as check_manifest, tensor_header
+from endor_ray.store.manifest import check as check_manifest, check_model_config, tensor_header
 
 STORE_FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 PART_ALIGNMENT = 64  # bytes; version 2 starts every part of a tensor file at a multiple of it
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 256 << 20  # a 1000-layer model's manifest is a few MB: more is not a manifest
+MAX_TOKENIZER_FILE_BYTES = 1 << 30  # tokenizer files are MBs; no size from the manifest proves them
 DENSE_FILE = "dense.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
@@ -217,6 +219,9 @@ def _safe_relative(store: str, name: Any) -> str:
     if (not isinstance(name, str) or not name or name.startswith("/") or "\\" in name
             or posixpath.normpath(name) != name or name.split("/")[0] == ".."):
         raise StoreError(f"{store}/{MANIFEST_NAME} points outside the store ({name!r}); the manifest is corrupted")
+    if any(ord(char) < 32 or char == "\x7f" for char in name):  # a NUL ends the path in C: never ours
+        raise StoreError(f"{store}/{MANIFEST_NAME} names a file with a NUL or control character ({name!r}); "
+                         "the manifest is corrupted: re-run endor convert")
     return name
 
 
@@ -228,11 +233,12 @@ class Store:
 
     def __post_init__(self) -> None:
         self.fs, self.root = _filesystem(self.location)
+        self._proven_layers: set[int] = set()  # layers whose file size was compared with the manifest
         self.manifest = self._read_manifest()
 
     def _read_manifest(self) -> dict[str, Any]:
         try:
-            raw = self.read_bytes(MANIFEST_NAME)
+            raw = self.read_bytes(MANIFEST_NAME, max_nbytes=MAX_MANIFEST_BYTES)
         except StoreError as exc:
             raise StoreError(
                 f"{self.location} is not an endor store (no readable {MANIFEST_NAME}); "
@@ -241,9 +247,10 @@ class Store:
         where = f"{self.location}/{MANIFEST_NAME}"
         try:
             manifest = json.loads(raw.tobytes())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise StoreError(f"{where} is malformed ({exc}); re-run endor convert") from None
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, an int of 5000 digits
+            raise StoreError(f"{where} is malformed ({str(exc).splitlines()[0][:200]}); re-run endor convert") from None
         check_manifest(manifest, where, READABLE_VERSIONS)
+        check_model_config(manifest["model"]["config"], where)
         layers = manifest["layers"]
         architecture = architecture_from_config(manifest["model"]["config"])
         if len(layers) != architecture.num_layers:
@@ -268,24 +275,42 @@ class Store:
                              "holds only its own files: re-run endor convert")
         return path
 
-    def read_bytes(self, name: str, mmap: bool = False) -> np.ndarray:
-        """A whole file of the store as a writable [nbytes] uint8 array (one sequential read)."""
+    def read_bytes(self, name: str, mmap: bool = False, nbytes: int | None = None,
+                   max_nbytes: int = MAX_TOKENIZER_FILE_BYTES) -> np.ndarray:
+        """A whole file of the store as a writable [nbytes] uint8 array (one sequential read).
+
+        The file's size is compared before anything is allocated: with the manifest's `nbytes`
+        where it gives one, else with `max_nbytes` (a sparse 1 TiB file is refused, not read)."""
         path = self._path(name)
         import pyarrow
 
         try:
+            size = self._file_size(path)
+            if nbytes is not None:
+                files.check_size(path, size, nbytes)
+            elif size > max_nbytes:
+                raise StoreError(f"{path} has {size} bytes, more than the {max_nbytes} such a file may have: "
+                                 "the store was tampered with or damaged; re-run endor convert")
             if mmap and self.fs.type_name == "local":
                 return np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable, lazy
-            size = self.fs.get_file_info(path).size
-            if size is None:
-                raise FileNotFoundError(path)
             buffer = np.empty(size, dtype=np.uint8)
             with self.fs.open_input_file(path) as f:
                 if size and f.readinto(buffer) != size:
                     raise OSError(f"short read from {path}")
             return buffer
-        except (OSError, pyarrow.ArrowException, ValueError) as exc:
+        except (OSError, pyarrow.ArrowException, ValueError, MemoryError) as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def _file_size(self, path: str) -> int:
+        """The size of a store file, which must be a regular file (never opened to find out)."""
+        if self.fs.type_name == "local":
+            return files.regular_size(path)
+        import pyarrow.fs
+
+        info = self.fs.get_file_info(path)
+        if info.type != pyarrow.fs.FileType.File or info.size is None:
+            raise StoreError(f"cannot read {path}: not a file ({info.type.name})")
+        return info.size
 
     def read_into(self, name: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False) -> None:
         """Read a whole file of `nbytes` bytes into `buffer[:nbytes]` (see `endor_ray.store.files`)."""
@@ -315,12 +340,20 @@ class Store:
         return len(self.manifest["layers"])
 
     def layer_entry(self, layer_idx: int) -> dict[str, Any]:
+        """A layer's manifest entry, its file's size proven (a regular file of `nbytes` bytes) the
+        first time: callers allocate buffers from `nbytes` before they read."""
         if not 0 <= layer_idx < self.num_layers:
             raise StoreError(f"layer {layer_idx} out of range: the store has {self.num_layers} layers")
-        return self.manifest["layers"][layer_idx]
+        entry = self.manifest["layers"][layer_idx]
+        if layer_idx not in self._proven_layers:
+            path = self._path(entry["file"])
+            files.check_size(path, self._file_size(path), entry["nbytes"])
+            self._proven_layers.add(layer_idx)
+        return entry
 
     def layer_bytes(self, layer_idx: int, mmap: bool = False) -> np.ndarray:
-        return self.read_bytes(self.layer_entry(layer_idx)["file"], mmap=mmap)
+        entry = self.layer_entry(layer_idx)
+        return self.read_bytes(entry["file"], mmap=mmap, nbytes=entry["nbytes"])
 
     def layer_tensors(self, layer_idx: int, verify: bool = True, mmap: bool = False) -> dict[str, EncodedTensor]:
         """One decoder layer's encoded tensors, by name within the layer."""
@@ -330,7 +363,8 @@ class Store:
     def dense_tensors(self, verify: bool = True) -> dict[str, EncodedTensor]:
         """The non-layer tensors, by full checkpoint name."""
         entry = self.manifest["dense"]
-        return tensors_from_buffer(torch.from_numpy(self.read_bytes(entry["file"])), entry, verify, self.version)
+        return tensors_from_buffer(torch.from_numpy(self.read_bytes(entry["file"], nbytes=entry["nbytes"])), entry,
+                                   verify, self.version)
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """Tokenizer file name -> contents (version 2: checked against the manifest's SHA-256)."""
