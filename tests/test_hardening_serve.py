@@ -119,3 +119,262 @@ def test_the_local_cluster_refuses_to_start_unauthenticated():
     done = subprocess.run(["bash", script, "start", "1"], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "ALLOW_UNAUTHENTICATED_CLUSTER=1" in done.stderr
     assert not Path(state_dir, "pids").exists()
+
+
+# -- fair admission (the scheduler alone) -------------------------------------------------------
+
+def _seqs(count: int, length: int = 3):
+    from endor_ray.engine.sampling import SamplingParams
+    from endor_ray.engine.sequence import Sequence
+
+    return [Sequence("x", list(range(length)), SamplingParams(max_new_tokens=4)) for _ in range(count)]
+
+
+def test_admission_interleaves_requests_and_keeps_rows_for_later_ones():
+    """A 100-sequence request used to hold the whole queue ahead of a later 1-sequence one (FIFO)."""
+    from endor_ray.engine.scheduler import Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_waiting=200, max_seqs_per_request=6))
+    big, small = _seqs(100), _seqs(1)
+    scheduler.add(big)
+    running = scheduler.admit([])
+    assert running == big[:6]  # its share: 2 rows stay free
+    scheduler.add(small)
+    assert scheduler.admit(running) == small  # the later request joins at the next pass
+    again = _seqs(2)
+    scheduler.add(again)
+    turn = scheduler.admit([])
+    assert turn[:4] == [big[6], again[0], big[7], again[1]]  # round-robin: one of each request in turn
+    assert turn == [big[6], again[0], big[7], again[1], *big[8:12]] and len(scheduler) == 100 - 6 - 6
+
+
+def test_a_request_larger_than_the_queue_is_refused_at_once_and_a_full_queue_says_so():
+    from endor_ray.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+    from endor_ray.errors import ConfigError
+
+    scheduler = Scheduler(SchedulerConfig(max_waiting=10))
+    with pytest.raises(ConfigError, match="this request has 11 sequences; the server queues at most 10"):
+        scheduler.add(_seqs(11))
+    scheduler.add(_seqs(8))
+    with pytest.raises(QueueFull, match="8 sequences are waiting already and this request's 3 would pass the limit "
+                                        "of 10; retry later"):
+        scheduler.add(_seqs(3))
+
+
+def test_stop_strings_are_searched_in_the_new_text_only():
+    """Each token searched the whole text for every stop string (quadratic); a match straddling
+    the new token's start is still found."""
+    from endor_ray.engine.sampling import SamplingParams
+    from endor_ray.engine.sequence import Sequence
+
+    class Letters:  # token id -> one letter
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + token % 26) for token in ids)
+
+    class Counting(str):
+        calls: list = []
+
+        def find(self, sub, start=0, *rest):
+            Counting.calls.append(len(self) - start)
+            return super().find(sub, start, *rest)
+
+    seq = Sequence("x", [0], SamplingParams(max_new_tokens=400, stop=("xyz",)))
+    letters = Letters()
+    for token in range(300):  # a..z repeated: "xyz" first ends at token 25
+        seq.append(token % 23, letters, set())  # a..w: never "xyz"
+    assert not seq.finished
+    original = letters.decode
+    letters.decode = lambda ids, skip_special_tokens=True: Counting(original(ids))
+    seq.append(23, letters, set())
+    seq.append(24, letters, set())
+    assert Counting.calls and max(Counting.calls) < 20  # the new text and a margin, not 300 characters
+    seq.append(25, letters, set())
+    assert seq.finished and seq.finish_reason == "stop" and len(seq.text) == 300  # cut before "xyz"
+
+
+# -- one in-process server for the requests ---------------------------------------------------------
+
+PORT = 8126
+BASE = f"http://127.0.0.1:{PORT}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_stores):
+    import ray
+    from ray import serve
+
+    from endor_ray.serve import build_app
+    from endor_ray.serve.app import KEEP_ALIVE_S
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT, "keep_alive_timeout_s": KEEP_ALIVE_S})
+        serve.run(build_app({"store": str(tiny_stores["llama-gqa"]), "model_name": "tiny", "engine.gpu_memory": 0,
+                             "scheduler.max_num_seqs": 8, "scheduler.max_waiting": 100}),
+                  name="endor", route_prefix="/")
+        yield str(tiny_stores["llama-gqa"])
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def call(path: str, body=None, method: str | None = None, headers: dict | None = None) -> tuple[int, dict | str]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{BASE}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            raw = answer.read().decode()
+            status = answer.status
+    except urllib.error.HTTPError as error:
+        raw, status = error.read().decode(), error.code
+    try:
+        return status, json.loads(raw) if raw else ""
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def refused(path: str, body, status: int = 400) -> dict:
+    got, answer = call(path, body)
+    assert got == status and isinstance(answer, dict) and set(answer["error"]) == {"message", "type", "param", "code"}, \
+        (got, answer)
+    return answer["error"]
+
+
+def test_costly_requests_are_refused_naming_the_cap(server):
+    from endor_ray.serve import limits
+
+    error = refused("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "stop": [f"s{i}" for i in range(17)]})
+    assert error["code"] == "too_many_stop_strings" and str(limits.MAX_STOP_STRINGS) in error["message"]
+    error = refused("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "stop": "x" * 257})
+    assert error["code"] == "stop_string_too_long" and "256" in error["message"]
+    error = refused("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "logit_bias": {str(i): 1 for i in range(301)}})
+    assert error["code"] == "too_many_logit_bias_entries" and "300" in error["message"]
+    started = time.monotonic()
+    error = refused("/v1/completions", {"prompt": ["Hi"] * 64, "n": 16, "max_tokens": 2})
+    assert error["code"] == "too_many_sequences" and "1024 sequences" in error["message"] and "128" in error["message"]
+    assert time.monotonic() - started < 5  # at once, before any tokenizing
+    # larger than this server's whole queue (100): a 400 at once, not a 429 after the work
+    error = refused("/v1/completions", {"prompt": ["Hi"] * 8, "n": 16, "max_tokens": 2})
+    assert "queues at most 100" in error["message"]
+
+
+def test_logit_bias_keys_must_be_token_ids_of_the_vocabulary(server):
+    for key in ("-1", "49152", "1_0", " 7", "07", "abc", "9" * 30):
+        error = refused("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "logit_bias": {key: 5}})
+        assert error["param"] == "logit_bias" and "token ids in [0, 49152)" in error["message"], key
+    status, answer = call("/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0,
+                                              "logit_bias": {"1234": 100}})
+    assert status == 200
+    _, tokens = call("/tokenize", {"prompt": answer["choices"][0]["text"], "add_special_tokens": False})
+    assert set(tokens["tokens"]) == {1234}  # the bias takes effect
+
+
+def test_malformed_requests_are_4xx_with_an_openai_body(server):
+    digits = "1" * 5000
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        body = {"/v1/completions": '{"prompt": "x", "max_tokens": %s}',
+                "/v1/chat/completions": '{"messages": [{"role": "user", "content": "x"}], "n": %s}',
+                "/tokenize": '{"prompt": "x", "model": %s}', "/detokenize": '{"tokens": [%s]}'}[path] % digits
+        assert "4300 digits" in refused(path, body.encode())["message"], path
+    assert "surrogate" in refused("/tokenize", b'{"\\ud800": 1}')["message"]
+    assert "surrogate" in refused("/v1/completions", b'{"prompt": "x", "logit_bias": {"\\udc00": 1}}')["message"]
+    assert refused("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2,
+                                            "max_tokens": 2})["param"] == "top_logprobs"
+    assert refused("/tokenize", {"prompt": "x", "model": "gpt-9"}, status=404)["code"] == "model_not_found"
+    assert refused("/detokenize", {"tokens": [1], "model": "gpt-9"}, status=404)["code"] == "model_not_found"
+    assert refused("/tokenize", {"prompt": "x", "add_special_tokens": "yes"})["param"] == "add_special_tokens"
+
+
+def test_a_denormal_temperature_is_greedy(server):
+    """temperature 1e-320 passed validation and failed in the pass (logits / 1e-320 = inf): a 500."""
+    greedy = call("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
+    tiny = call("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 1e-320, "seed": 3})
+    assert tiny[0] == greedy[0] == 200 and tiny[1]["choices"][0]["text"] == greedy[1]["choices"][0]["text"]
+
+
+def test_tokenize_honours_add_special_tokens(server):
+    from endor_ray.engine.engine import load_tokenizer
+    from endor_ray.store.store import Store
+
+    tokenizer = load_tokenizer(Store(server))
+    for flag in (True, False):
+        status, answer = call("/tokenize", {"prompt": "Hello there", "add_special_tokens": flag, "model": "tiny"})
+        assert status == 200 and answer["tokens"] == tokenizer("Hello there", add_special_tokens=flag).input_ids
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_streamed_requests_and_every_status(server):
+    from openai import OpenAI
+
+    before = call("/metrics")[1]
+    client = OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=120)
+    streamed = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="Hi", max_tokens=5,
+                                                                      temperature=0, stream=True) if c.choices]
+    assert streamed
+    call("/v1/nowhere", {})
+    refused("/v1/completions", {"prompt": "Hi", "max_tokens": -1})
+    after = call("/metrics")[1]
+    assert (_metric(after, "endor_requests_total", route="/v1/completions", status="200")
+            - _metric(before, "endor_requests_total", route="/v1/completions", status="200")) == 1
+    assert (_metric(after, "endor_generation_tokens_total") - _metric(before, "endor_generation_tokens_total")) == 5
+    assert (_metric(after, "endor_time_to_first_token_seconds_count")
+            - _metric(before, "endor_time_to_first_token_seconds_count")) == 1
+    assert _metric(after, "endor_requests_total", status="404") > _metric(before, "endor_requests_total", status="404")
+    assert (_metric(after, "endor_requests_total", route="/v1/completions", status="400")
+            - _metric(before, "endor_requests_total", route="/v1/completions", status="400")) == 1
+
+
+def test_head_health_and_the_docs_behind_the_key(server):
+    from ray import serve
+
+    from endor_ray.serve import build_app
+
+    assert call("/health", method="HEAD")[0] == 200
+    serve.run(build_app({"store": server, "model_name": "locked", "engine": {"gpu_memory": 0}, "api_key": "k3y",
+                         "protect_health": True}), name="locked", route_prefix="/locked")
+    try:
+        for path in ("/locked/docs", "/locked/openapi.json", "/locked/health", "/locked/metrics"):
+            assert call(path)[0] == 401, path
+            assert call(path, headers={"Authorization": "Bearer k3y"})[0] == 200, path
+    finally:
+        serve.delete("locked")
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(server):
+    import socket
+
+    from endor_ray.serve.app import KEEP_ALIVE_S
+
+    with socket.create_connection(("127.0.0.1", PORT), timeout=KEEP_ALIVE_S + 20) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        while connection.recv(65536):  # drain the rest of the answer; b"": the server closed it
+            pass
+        assert KEEP_ALIVE_S - 1 < time.monotonic() - started < KEEP_ALIVE_S + 15
+
+
+def test_health_stays_200_while_a_shard_server_restarts(server):
+    """A shard kill made /health 503 for seconds while every request succeeded."""
+    import ray
+
+    [shard] = [a for a in ray.util.list_named_actors(all_namespaces=True) if "shard" in a["name"]]
+    ray.kill(ray.get_actor(shard["name"], namespace=shard["namespace"]), no_restart=False)
+    statuses = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status, body = call("/health")
+        statuses.append((status, body.get("status") if isinstance(body, dict) else body))
+        if statuses[-1] == (200, "ok") and len(statuses) > 3:
+            break
+        time.sleep(0.3)
+    assert all(status == 200 for status, _ in statuses), statuses
+    assert call("/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200

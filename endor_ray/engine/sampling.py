@@ -21,6 +21,7 @@ import torch
 from endor_ray.errors import ConfigError
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for
+MIN_TEMPERATURE = 1e-6  # a lower temperature is greedy (temperature 0)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below MIN_TEMPERATURE sampling is argmax in effect, and logits / a denormal overflow to inf
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def plain(self) -> bool:
@@ -104,9 +106,11 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: lis
     """[vocab] float64 logits after the controls that change the distribution (see the module)."""
     logits = logits.double().clone()
     vocab = logits.numel()
-    for token_id, bias in params.logit_bias:
-        if 0 <= token_id < vocab:
-            logits[token_id] += bias
+    if params.logit_bias:  # one indexed add, whatever the number of entries
+        ids = torch.tensor([token_id for token_id, _ in params.logit_bias], dtype=torch.long)
+        biases = torch.tensor([bias for _, bias in params.logit_bias], dtype=torch.float64)
+        inside = (ids >= 0) & (ids < vocab)
+        logits.index_add_(0, ids[inside], biases[inside])
     if len(output_ids) < params.min_tokens:
         for token_id in end_ids | set(params.stop_token_ids):
             if 0 <= token_id < vocab:

@@ -1,15 +1,23 @@
 """Which waiting sequences join the next pass over the weights (continuous batching).
 
 A pass over the weights costs the same for one sequence as for many, so the engine admits
-waiting sequences at every pass, first come first served, as long as the limits of
-`SchedulerConfig` allow, and finished or cancelled sequences leave at every pass. A plain class:
-the engine calls it from its stepping thread; `add` and `cancel` may come from any thread.
+waiting sequences at every pass as long as the limits of `SchedulerConfig` allow, and finished or
+cancelled sequences leave at every pass. A plain class: the engine calls it from its stepping
+thread; `add` and `cancel` may come from any thread.
+
+Fairness: each `add` is one request. Admission is round-robin over the waiting requests, oldest
+first: one sequence of each in turn (first come first served within a request), so a request of
+many sequences cannot make a later small one wait for all of them. With `max_seqs_per_request`
+no request holds more rows of a pass than that, which keeps rows free for requests that arrive
+while a big one runs (a running row is never taken back). A request that is larger than the
+whole queue is refused at once (ConfigError), one that does not fit beside the waiting ones is
+QueueFull (retry later).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from endor_ray.engine.sequence import Sequence
@@ -31,12 +39,21 @@ class SchedulerConfig:
     # KV cache budget in tokens: each running sequence reserves prompt + max_new_tokens. None: no limit.
     max_cache_tokens: int | None = None
     max_waiting: int = 4096  # sequences queued beyond the running ones; more is QueueFull
+    # Rows of a pass one request may hold (None: all); fewer keeps rows for requests arriving later
+    max_seqs_per_request: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1 or self.max_waiting < 0:
             raise ConfigError("max_num_seqs and max_prefill_tokens must be >= 1, max_waiting >= 0")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise ConfigError(f"max_cache_tokens must be >= 1 or None, got {self.max_cache_tokens}")
+        if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
+            raise ConfigError(f"max_seqs_per_request must be >= 1 or None, got {self.max_seqs_per_request}")
+
+    @property
+    def rows_per_request(self) -> int:
+        """Rows of a pass one request may hold."""
+        return min(self.max_num_seqs, self.max_seqs_per_request or self.max_num_seqs)
 
 
 def reserved_tokens(seq: Sequence) -> int:
@@ -45,11 +62,13 @@ def reserved_tokens(seq: Sequence) -> int:
 
 
 class Scheduler:
-    """A FIFO of waiting sequences and the admission rule."""
+    """The waiting sequences, one FIFO per request, and the admission rule (round-robin over requests)."""
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.waiting: deque[Sequence] = deque()
+        self.requests: deque[deque[Sequence]] = deque()  # oldest request first
+        self._num_waiting = 0
+        self._num_requests = 0  # numbers the requests (Sequence.request)
         self._lock = threading.Lock()
 
     def check_fits(self, seq: Sequence) -> None:
@@ -60,34 +79,56 @@ class Scheduler:
                               f"needs {reserved_tokens(seq)} tokens of KV cache; the server allows {budget}")
 
     def add(self, sequences: list[Sequence]) -> None:
+        """Queue one request's sequences: ConfigError if they could never be queued, QueueFull if
+        they do not fit now."""
         for seq in sequences:
             self.check_fits(seq)
+        limit = self.config.max_waiting
+        if len(sequences) > limit:
+            raise ConfigError(f"this request has {len(sequences)} sequences; the server queues at most {limit}: "
+                              "send fewer prompts or a lower n")
+        if not sequences:
+            return
         with self._lock:
-            if len(self.waiting) + len(sequences) > self.config.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} sequences are waiting already (the limit is "
-                                f"{self.config.max_waiting}); retry later")
-            self.waiting.extend(sequences)
+            if self._num_waiting + len(sequences) > limit:
+                raise QueueFull(f"the queue is full: {self._num_waiting} sequences are waiting already and this "
+                                f"request's {len(sequences)} would pass the limit of {limit}; retry later")
+            self._num_requests += 1
+            for seq in sequences:
+                seq.request = self._num_requests
+            self.requests.append(deque(sequences))
+            self._num_waiting += len(sequences)
 
     def take_cancelled(self) -> list[Sequence]:
         """Cancelled sequences that never ran: out of the queue, for the engine to report."""
         with self._lock:
-            cancelled = [seq for seq in self.waiting if seq.cancelled]
+            cancelled = [seq for queue in self.requests for seq in queue if seq.cancelled]
             if cancelled:
-                self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
+                kept = (deque(seq for seq in queue if not seq.cancelled) for queue in self.requests)
+                self.requests = deque(queue for queue in kept if queue)
+                self._num_waiting -= len(cancelled)
         return cancelled
 
     def admit(self, running: list[Sequence]) -> list[Sequence]:
-        """Waiting sequences to join the next pass beside `running` (FIFO, within the limits).
-        The first in line always joins an empty batch, whatever the prefill bound says."""
+        """Waiting sequences to join the next pass beside `running`: round-robin over requests,
+        within the limits (a limit that stops the next in turn ends this pass's admission). The
+        first in line always joins an empty batch, whatever the prefill bound says."""
         config = self.config
         reserved = sum(reserved_tokens(seq) for seq in running)
+        held = Counter(seq.request for seq in running)  # rows each request holds
         admitted: list[Sequence] = []
         block = 0
         with self._lock:
-            while self.waiting and len(running) + len(admitted) < config.max_num_seqs:
-                seq = self.waiting[0]
+            passed = 0  # requests in a row skipped for holding their share of the rows
+            while self.requests and passed < len(self.requests) and len(running) + len(admitted) < config.max_num_seqs:
+                queue = self.requests[0]
+                seq = queue[0]
                 if seq.cancelled:
                     break  # take_cancelled() reports it before the next admission
+                if held[seq.request] >= config.rows_per_request:
+                    self.requests.rotate(-1)
+                    passed += 1
+                    continue
                 longest = max(block, len(seq.prompt_ids))
                 alone = not running and not admitted
                 if not alone and (len(running) + len(admitted) + 1) * longest > config.max_prefill_tokens:
@@ -95,9 +136,15 @@ class Scheduler:
                 if (config.max_cache_tokens is not None and not alone
                         and reserved + reserved_tokens(seq) > config.max_cache_tokens):
                     break
-                admitted.append(self.waiting.popleft())
-                block, reserved = longest, reserved + reserved_tokens(seq)
+                admitted.append(queue.popleft())
+                self._num_waiting -= 1
+                held[seq.request] += 1
+                block, reserved, passed = longest, reserved + reserved_tokens(seq), 0
+                if queue:
+                    self.requests.rotate(-1)  # the next request's turn
+                else:
+                    self.requests.popleft()
         return admitted
 
     def __len__(self) -> int:
-        return len(self.waiting)
+        return self._num_waiting

@@ -10,6 +10,8 @@ import torch
 
 from endor_ray.engine.sampling import SamplingParams
 
+STOP_MARGIN = 8  # characters before the new text that a new token's decoding may have changed
+
 if TYPE_CHECKING:
     from endor_ray.engine.grammar import GrammarState
 
@@ -29,6 +31,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None  # what went wrong with this sequence alone (finish_reason "error")
     cancelled: bool = False  # set from any thread; the engine lets it go at the next pass
+    request: int = 0  # the number the scheduler gave the request it came in (round-robin admission)
     # per generated token (if asked): (its log-probability, [(alternative id, log-probability)])
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     # per prompt token (if asked): the same, None for the first token (nothing predicts it)
@@ -63,9 +66,13 @@ class Sequence:
         self.output_ids.append(token_id)
         if logprob is not None:
             self.logprobs = (self.logprobs or []) + [logprob]
+        checked = len(self.text)
         self.text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
         for stop in self.params.stop:
-            cut = self.text.find(stop)
+            # Only the new text (and the stop's length before it, which a match may straddle): the
+            # text before was searched already. STOP_MARGIN: decoding may rewrite the last characters
+            # (an incomplete UTF-8 character, spaces cleaned up before punctuation).
+            cut = self.text.find(stop, max(0, checked - len(stop) - STOP_MARGIN))
             if cut != -1:
                 self.text = self.text[:cut]
                 self.finish_reason = "stop"

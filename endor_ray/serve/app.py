@@ -31,18 +31,65 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from endor_ray.serve import openai_api as api
 from endor_ray.serve.config import APP_ARGS, ServeConfig, environment_names, serve_config_from_args  # noqa: F401
+from endor_ray.serve.limits import check_costs
 from endor_ray.serve.responses import Shaper
 from endor_ray.errors import ConfigError, EndorError
 
 log = logging.getLogger("ray.serve")  # Serve's logger: its handlers add the replica and request context
+BODY_TIMEOUT_S = 30  # a request body that takes longer to arrive is a 408 (a stalled client frees its slot)
 KEEP_ALIVE_S = 10  # an idle keep-alive HTTP connection is closed after this (Serve's default keeps it 90 s)
 
 
 app = FastAPI(title="endor-ray", description="OpenAI-compatible API for offloaded inference")
 
 
-def _error(exc: api.APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+DOCS_ROUTES = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # FastAPI's own
+
+
+def _error(exc: api.APIError) -> Response:
+    # json.dumps escapes what UTF-8 cannot carry (a lone surrogate a client sent, echoed in a message)
+    return Response(json.dumps(exc.body()), status_code=exc.status, media_type="application/json")
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, or a 408 if the client stalls sending it for BODY_TIMEOUT_S."""
+    try:
+        return await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise api.APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s") from None
+
+
+class _CountedAndGuarded:
+    """ASGI middleware: counts every HTTP request by route and status (streams and 5xx included:
+    the status is the one sent, 500 if none was), and under --protect-health keeps FastAPI's docs
+    routes behind the key. Pure ASGI, so a client's disconnect still cancels its handler."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        server = getattr(scope.get("app", app).state, "server", None) if scope["type"] == "http" else None
+        if server is None:
+            return await self.inner(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path") or "") or "/"
+        if path in DOCS_ROUTES and not server._authorized(Request(scope), open_route=True):
+            server.metrics.count(path, 401)
+            return await server._unauthorized()(scope, receive, send)
+        sent = {}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, sending)
+        finally:
+            route = scope.get("route")  # the route template that matched (FastAPI sets it), not the raw path
+            server.metrics.count(getattr(route, "path", "unmatched"), sent.get("status", 500))
+
+
+app.add_middleware(_CountedAndGuarded)
 
 
 def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,6 +102,13 @@ def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
             "recent_sequences_per_pass": [rows for w in workers for rows in w["recent_sequences_per_pass"]],
             "mean_ttft_s": workers[0]["mean_ttft_s"] if len(workers) == 1 else None,
             "mean_tpot_s": workers[0]["mean_tpot_s"] if len(workers) == 1 else None}
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    """What no route turned into an answer: a 500 with an OpenAI body (the traceback goes to the log)."""
+    log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc)
+    return _error(api.APIError(500, f"internal error ({type(exc).__name__}); the server's log has the details"))
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -81,10 +135,11 @@ class EndorServer:
         from endor_ray.store.store import Store
 
         bind_replica_grpc_to_node()  # before Serve starts this replica's gRPC server (after __init__)
+        app.state.server = self  # for the middleware (one server per replica process)
         self.config = config
         self.api_key = config.api_key or os.environ.get("ENDOR_API_KEY") or None
         store = Store(config.store)
-        self.service = connect(config.store, config.engine, config.cluster, scheduler=config.scheduler)
+        self.service = connect(config.store, config.engine, config.cluster, scheduler=config.worker_scheduler)
         self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context_limit(store.config),
                                      config.default_max_tokens)
         self.metrics = ServeMetrics(config.served_name)
@@ -100,27 +155,44 @@ class EndorServer:
         return _error(api.APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                                    code="invalid_api_key"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(self, request: Request):
-        """200 with the batching figures while every GPU worker and shard server answers; 503 (a
-        readiness check for Serve and Kubernetes) while one is dead or restarting."""
+        """200 "ok" with the batching figures while every GPU worker and shard server answers; 200
+        "degraded" while some do not but a GPU worker does (requests are still served: a shard
+        server's layers come from its restart or the store); 503 "unavailable" (a readiness check for
+        Serve and Kubernetes) while no GPU worker answers."""
         if not self._authorized(request, open_route=True):
             return self._unauthorized()
-        try:
-            workers = await self.service.worker_stats()
-        except EndorError as exc:
-            return JSONResponse({"status": "unavailable", "model": self.config.served_name, "reason": str(exc)},
-                                status_code=503)
-        return {"status": "ok", "model": self.config.served_name, "batching": _merged(workers), "workers": workers}
+        workers, problems = await self._component_stats()
+        if not workers:
+            return JSONResponse({"status": "unavailable", "model": self.config.served_name,
+                                 "reason": "; ".join(problems)}, status_code=503)
+        body = {"status": "degraded" if problems else "ok", "model": self.config.served_name,
+                "batching": _merged(workers), "workers": workers}
+        return {**body, "problems": problems} if problems else body
+
+    async def _component_stats(self, timeout_s: float = 5.0) -> tuple[list[dict[str, Any]], list[str]]:
+        """The figures of the GPU workers that answer within timeout_s, and what does not answer."""
+        async def ask(ref, what: str):
+            try:
+                return await asyncio.wait_for(ref, timeout_s)
+            except Exception as exc:  # noqa: BLE001 - dead, restarting or slow: each is reported, none raised
+                return EndorError(f"{what} does not answer ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                                  if str(exc) else f"{what} does not answer ({type(exc).__name__})")
+
+        workers = self.service.workers
+        answers = await asyncio.gather(*[ask(w.stats.remote(), f"GPU worker {i}") for i, w in enumerate(workers)],
+                                       *[ask(shard.ready.remote(), f"the shard server on node {node[:8]}")
+                                         for node, shard in self.service.shards.items()])
+        problems = [str(answer) for answer in answers if isinstance(answer, EndorError)]
+        return [answer for answer in answers[:len(workers)] if not isinstance(answer, EndorError)], problems
 
     @app.get("/metrics")
     async def prometheus(self, request: Request):
         if not self._authorized(request, open_route=True):
             return self._unauthorized()
-        try:
-            batching = _merged(await self.service.worker_stats())
-        except EndorError:
-            batching = None
+        workers, _ = await self._component_stats()
+        batching = _merged(workers) if workers else None
         return Response(self.metrics.render(batching), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -148,7 +220,11 @@ class EndorServer:
         if not self._authorized(request):
             return self._unauthorized()
         try:
-            body = api.parse_plain(await request.body(), ("prompt", "messages", "model", "add_special_tokens"))
+            body = api.parse_plain(await _body(request), ("prompt", "messages", "model", "add_special_tokens"))
+            self._check_plain_model(body)
+            add_special = body.get("add_special_tokens", True)
+            if not isinstance(add_special, bool):
+                raise api.APIError(400, "add_special_tokens must be true or false", param="add_special_tokens")
             if "messages" in body:
                 chat = api.parse(json.dumps({"messages": body["messages"]}).encode(), api.ChatRequest)
                 text = self.frontend.prompts(chat)[0]
@@ -156,7 +232,8 @@ class EndorServer:
                 text = body["prompt"]
             else:
                 raise api.APIError(400, "give a prompt (text) or messages", param="prompt")
-            tokens = await asyncio.to_thread(lambda: self.frontend.tokenizer(text).input_ids)
+            tokens = await asyncio.to_thread(lambda: self.frontend.tokenizer(text, add_special_tokens=add_special
+                                                                             ).input_ids)
         except api.APIError as exc:
             return _error(exc)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.frontend.max_context}
@@ -167,7 +244,8 @@ class EndorServer:
         if not self._authorized(request):
             return self._unauthorized()
         try:
-            body = api.parse_plain(await request.body(), ("tokens", "model"))
+            body = api.parse_plain(await _body(request), ("tokens", "model"))
+            self._check_plain_model(body)
             tokens = body.get("tokens")
             if not isinstance(tokens, list) or any(type(t) is not int or not 0 <= t < self.frontend.vocab_size
                                                    for t in tokens):
@@ -176,6 +254,13 @@ class EndorServer:
         except api.APIError as exc:
             return _error(exc)
         return {"prompt": self.frontend.tokenizer.decode(tokens)}
+
+    def _check_plain_model(self, body: dict[str, Any]) -> None:
+        """/tokenize and /detokenize: a `model` other than the served one is a 404, as elsewhere."""
+        model = body.get("model")
+        if model is not None and model != self.config.served_name:
+            raise api.APIError(404, f"the model {model!r} does not exist; this server serves "
+                                    f"{self.config.served_name!r}", param="model", code="model_not_found")
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -195,7 +280,8 @@ class EndorServer:
             if length > api.MAX_BODY_BYTES:  # before reading it
                 raise api.APIError(413, f"the request body has {length} bytes; this server takes at most "
                                         f"{api.MAX_BODY_BYTES}")
-            parsed = api.parse(await request.body(), kind)
+            parsed = api.parse(await _body(request), kind)
+            check_costs(parsed)  # caps on what one request may cost, before any tokenizing
             # Templates and tokenizers take time on long prompts: off the event loop (/health stays quick)
             choices = await asyncio.to_thread(self.frontend.requests, parsed)
         except api.APIError as exc:
@@ -211,7 +297,8 @@ class EndorServer:
             except EndorError as exc:
                 return self._log(request_id, route, _error(api.api_error(exc)), started)
             self._log(request_id, route, None, started, status=200, prompt_tokens=shaper.prompt_tokens)
-            return StreamingResponse(shaper.stream(first, events), media_type="text/event-stream",
+            return StreamingResponse(shaper.stream(first, self._recorded(events, shaper.prompt_tokens)),
+                                     media_type="text/event-stream",
                                      headers={"x-request-id": request_id})
         try:
             async for event in events:
@@ -230,14 +317,23 @@ class EndorServer:
         return self._log(request_id, route, response, started, stats=result["stats"],
                          prompt_tokens=shaper.prompt_tokens)
 
+    async def _recorded(self, events, prompt_tokens: int):
+        """A stream's events, its result's figures recorded in the metrics as it passes."""
+        try:
+            async for event in events:
+                if "stats" in event:
+                    self.metrics.generated(event["stats"], prompt_tokens)
+                yield event
+        finally:
+            await events.aclose()
+
     def _log(self, request_id: str, route: str, response, started: float, status: int | None = None,
              stats: dict | None = None, prompt_tokens: int = 0):
-        """One line per request: id, route, status, tokens, latency (prompts only with --log-prompts)."""
+        """One line per request: id, route, status, tokens, latency (prompts only with --log-prompts);
+        a whole response's figures to the metrics (the middleware counts every request)."""
         status = status if status is not None else response.status_code
-        if stats is not None or status >= 400:
-            self.metrics.request_done(route, status, stats)
         if stats is not None:
-            self.metrics.prompt_tokens.labels(self.config.served_name).inc(prompt_tokens)
+            self.metrics.generated(stats, prompt_tokens)
         generated = stats["new_tokens"] if stats else 0
         log.info("request %s %s %d prompt_tokens=%d generated=%d %.3fs", request_id, route, status, prompt_tokens,
                  generated, time.perf_counter() - started)

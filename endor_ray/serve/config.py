@@ -53,6 +53,16 @@ class ServeConfig:
     def served_name(self) -> str:
         return self.model_name or PurePosixPath(self.store.rstrip("/")).name
 
+    @property
+    def worker_scheduler(self) -> SchedulerConfig:
+        """The GPU workers' scheduler: unless max_seqs_per_request is set, one request holds at most
+        all but an eighth of a pass's rows (at least one kept), so a client arriving while a big
+        request runs joins at the next pass instead of waiting for its rows to finish."""
+        if self.scheduler.max_seqs_per_request is not None:
+            return self.scheduler
+        rows = self.scheduler.max_num_seqs
+        return dataclasses.replace(self.scheduler, max_seqs_per_request=max(1, rows - max(1, rows // 8)))
+
 
 SECTIONS = tuple(sections_of(ServeConfig))  # the nested configs: "engine", "scheduler", "cluster"
 PLAIN_ARGS = tuple(f.name for f in dataclasses.fields(ServeConfig) if f.name not in SECTIONS)

@@ -1,6 +1,8 @@
 """Prometheus metrics of the served model, on `/metrics` of the serving port.
 
-Request-level series are counted by the HTTP front as requests finish; engine-level series
+Request-level series are counted by the HTTP front as requests finish (every request, streamed
+or not, by route and status, 5xx included; token and latency figures when a generation's result
+arrives, also at the end of a stream); engine-level series
 (queue, running sequences, sequences per pass, bytes moved per pass, tier hits) are read from
 the GPU workers when `/metrics` is scraped. Each app has its own registry (several apps or tests
 in one process do not collide).
@@ -41,10 +43,13 @@ class ServeMetrics:
         self.tier_hits = Gauge("endor_tier_hits", "layer fetches by tier (last request)", ("model", "tier"),
                                registry=registry)
 
-    def request_done(self, route: str, status: int, stats: dict[str, Any] | None = None) -> None:
+    def count(self, route: str, status: int) -> None:
+        """One HTTP request answered (every route, streamed or not, any status)."""
         self.requests.labels(self.model, route, str(status)).inc()
-        if stats is None:
-            return
+
+    def generated(self, stats: dict[str, Any], prompt_tokens: int) -> None:
+        """A generation request's figures (whole or streamed) when its result arrives."""
+        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
         self.generation_tokens.labels(self.model).inc(stats.get("new_tokens", 0))
         if stats.get("ttft_s") is not None:
             self.ttft.labels(self.model).observe(stats["ttft_s"])

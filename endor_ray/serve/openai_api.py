@@ -17,6 +17,7 @@ from endor_ray.engine.prompts import PromptTooLong, check_prompt
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.errors import ConfigError, EndorError
 from endor_ray.serve.structured_output import request_grammar
+from endor_ray.serve.limits import logit_bias_entries
 from endor_ray.serve.protocol import (  # noqa: F401  (the protocol's names, re-exported for the app and tests)
     MAX_BODY_BYTES, APIError, ChatRequest, CompletionRequest, TextPart, _Sampling, parse, parse_plain,
 )
@@ -80,7 +81,7 @@ class Frontend:
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         logprobs = (request.top_logprobs or 0) if chat and request.logprobs else None if chat else request.logprobs
         echo = not chat and request.echo
-        logit_bias = tuple((_token_id(key), bias) for key, bias in (request.logit_bias or {}).items())
+        logit_bias = logit_bias_entries(request.logit_bias, self.vocab_size)
         asked = request.max_completion_tokens if chat else request.max_tokens
         if chat and request.max_completion_tokens is not None and request.max_tokens is not None:
             asked = min(request.max_tokens, request.max_completion_tokens)
@@ -161,13 +162,6 @@ def _text(content: str | list[TextPart] | None) -> str:
     if content is None:
         return ""
     return content if isinstance(content, str) else "".join(part.text for part in content)
-
-
-def _token_id(key: str) -> int:
-    try:
-        return int(key)
-    except ValueError:
-        raise APIError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias") from None
 
 
 def api_error(exc: EndorError) -> APIError:

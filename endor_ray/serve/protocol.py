@@ -9,6 +9,7 @@ harmless metadata (`METADATA_FIELDS`). docs/API.md lists every field and what ha
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +26,7 @@ NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "max_tokens", "max_
                       "top_k", "min_p", "min_tokens", "stop_token_ids", "ignore_eos", "repetition_penalty",
                       "metadata", "store", "service_tier", "parallel_tool_calls", "structured_outputs",
                       "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_TOO_MANY_DIGITS = f"the request body holds a number of more than {sys.get_int_max_str_digits()} digits"
 METADATA_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # accepted, no effect
 
 
@@ -123,6 +125,8 @@ def parse(raw: bytes, kind: type[_Sampling]) -> _Sampling:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise APIError(400, "the request body nests too deeply") from None
+    except ValueError:  # Python's int-str limit (a number of thousands of digits)
+        raise APIError(400, _TOO_MANY_DIGITS) from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     data = {key: value for key, value in data.items()
@@ -155,14 +159,16 @@ def parse_plain(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "the request body is not valid JSON") from None
+    except ValueError:  # Python's int-str limit
+        raise APIError(400, _TOO_MANY_DIGITS) from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
-    extra = sorted(set(data) - set(allowed))
-    if extra:
-        raise APIError(400, f"{extra[0]!r} is not supported here", param=extra[0], code="unsupported_parameter")
     bad_text = _first_unencodable(data)
     if bad_text is not None:
         raise APIError(400, f"{bad_text} holds a lone UTF-16 surrogate (invalid Unicode)", param=bad_text)
+    extra = sorted(set(data) - set(allowed))
+    if extra:
+        raise APIError(400, f"{extra[0]!r} is not supported here", param=extra[0], code="unsupported_parameter")
     return data
 
 
@@ -194,6 +200,8 @@ def _refuse_unsupported(request: _Sampling) -> None:
     if isinstance(request, CompletionRequest) and request.suffix:
         raise APIError(400, "suffix (insertion) is not supported by this model", param="suffix",
                        code="unsupported_parameter")
+    if isinstance(request, ChatRequest) and request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options needs stream: true", param="stream_options")
 
@@ -208,6 +216,9 @@ def _first_unencodable(value, path: str = "") -> str | None:
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
+        if isinstance(key, str) and _first_unencodable(key) is not None:  # a key itself (named escaped)
+            escaped = key.encode("utf-8", "backslashreplace").decode("utf-8")
+            return f"{path}.{escaped}" if path else escaped
         found = _first_unencodable(item, f"{path}.{key}" if path else str(key))
         if found is not None:
             return found

@@ -61,6 +61,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("max_waiting", "sequences queued beyond the running ones; more are refused (HTTP 429)"),
         Option("max_prefill_tokens", "padded prompt tokens a pass that admits newcomers may add"),
         Option("max_cache_tokens", "KV cache budget in tokens (prompt + max_new_tokens per sequence); default: no limit"),
+        Option("max_seqs_per_request", "rows of a pass one request may hold, the rest kept for requests that arrive "
+                                       "later; default: all (endor serve: all but an eighth)"),
     ),
     "cluster": (
         Option("address", "Ray cluster: auto, ray://host:port or host:port; default: a Ray job's cluster, the one "
