@@ -88,7 +88,7 @@ def test_prompts_as_token_ids_lists_and_text_parts(frontend):
 
 def test_no_field_is_silently_dropped(frontend):
     for body, param in [({"prompt": "x", "frobnicate": 1}, "frobnicate"),
-                        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+                        ({"prompt": "x", "response_format": {"type": "yaml"}}, "response_format"),
                         ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
                         ({"prompt": "x", "best_of": 3}, "best_of"),
                         ({"prompt": "x", "suffix": "end"}, "suffix")]:
