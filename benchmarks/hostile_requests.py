@@ -1,0 +1,159 @@
+"""Other clients' latency beside hostile requests (issue 21): each within 2x of idle?
+
+A Serve app on 127.0.0.1 (Serve's defaults: 32 rows per pass, 1,024 waiting) over a store with
+SmolLM2's 49k vocabulary (default: a random-weight GQA Llama made under --workdir, as the tests'
+tiny store). Idle: the median time of a 4-token greedy completion sent alone (--probes times).
+Then for each hostile request, sent again as soon as it finishes (one at a time, from its own
+thread), the same probes and their median. The hostile requests are the issue's (now refused
+with a 400 at once: their answer time is reported) and the largest each cap lets through.
+
+    python benchmarks/hostile_requests.py [--store STORE]  ->  benchmarks/results/hostile_requests-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+PORT = 8312
+BASE = f"http://127.0.0.1:{PORT}"
+PROBE = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+
+
+def post(body: dict) -> tuple[int, float]:
+    """(HTTP status, seconds) of one completion request."""
+    request = urllib.request.Request(f"{BASE}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    begin = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=600) as answer:
+            answer.read()
+            status = answer.status
+    except urllib.error.HTTPError as error:
+        error.read()
+        status = error.code
+    return status, time.perf_counter() - begin
+
+
+def hostile_requests() -> dict[str, dict]:
+    from endor_ray.serve import limits
+
+    stops = [f"never {index}" for index in range(100_000)]
+    return {
+        "100000 stop strings, n=4 (issue)": {"prompt": "Once upon a time", "n": 4, "max_tokens": 64, "stop": stops},
+        f"{limits.MAX_STOP_STRINGS} stop strings of {limits.MAX_STOP_CHARS} chars, n=4 (cap)": {
+            "prompt": "Once upon a time", "n": 4, "max_tokens": 64,
+            "stop": [f"{index:03d}" + "z" * (limits.MAX_STOP_CHARS - 3) for index in range(limits.MAX_STOP_STRINGS)]},
+        "logit_bias on all 49152 ids, n=16 (issue)": {"prompt": "Once upon a time", "n": 16, "max_tokens": 64,
+                                                       "logit_bias": {str(i): 0.5 for i in range(49152)}},
+        f"logit_bias {limits.MAX_LOGIT_BIAS} entries, n=16 (cap)": {
+            "prompt": "Once upon a time", "n": 16, "max_tokens": 64,
+            "logit_bias": {str(i): 0.5 for i in range(limits.MAX_LOGIT_BIAS)}},
+        "64 prompts x n=16 = 1024 sequences (issue)": {"prompt": ["Once upon a time"] * 64, "n": 16, "max_tokens": 16},
+        f"8 prompts x n=16 = {limits.MAX_SEQUENCES_PER_REQUEST} sequences (cap)": {
+            "prompt": ["Once upon a time"] * 8, "n": 16, "max_tokens": 64},
+    }
+
+
+def probes(count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        status, seconds = post(PROBE)
+        assert status == 200, status
+        times.append(seconds)
+    return times
+
+
+def under(body: dict, count: int) -> dict:
+    """The probes' times while `body` is sent over and over; the hostile answers' statuses and times."""
+    stop, answers = threading.Event(), []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            answers.append(post(body))
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the hostile request is in the queue or running
+    times = probes(count)
+    stop.set()
+    thread.join(timeout=600)
+    return {"probe_median_s": statistics.median(times), "probe_max_s": max(times),
+            "hostile_statuses": sorted({status for status, _ in answers}),
+            "hostile_median_s": statistics.median(seconds for _, seconds in answers) if answers else None}
+
+
+def tiny_store(workdir: Path) -> Path:
+    """A random-weight GQA Llama with SmolLM2's tokenizer (49152 ids), as tests/conftest.py's tiny store."""
+    store = workdir / "tiny-llama-gqa"
+    if (store / "manifest.json").is_file():
+        return store
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_checkpoint
+
+    from endor_ray.compress.convert import ConvertConfig, convert
+    from endor_ray.compress.default_model import default_model_dir
+
+    checkpoint = make_checkpoint(workdir / "tiny-ckpt", "llama-gqa", vocab_size=49152)
+    for path in default_model_dir().iterdir():
+        if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy(path, checkpoint / path.name)
+    return convert(str(checkpoint), store, ConvertConfig(method="magnitude", block_size=256), progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "endor-hostile")
+    parser.add_argument("--probes", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hostile_requests-cpu.json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    import ray
+    from ray import serve
+
+    from endor_ray.serve import build_app
+    from kernel_bench import machine_info
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    store = args.store or str(tiny_store(args.workdir))
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.run(build_app({"store": str(store), "model_name": "hostile", "engine.gpu_memory": 0}), name="endor",
+                  route_prefix="/")
+        probes(3)  # warm-up
+        idle = statistics.median(probes(args.probes))
+        rows = {}
+        for name, body in hostile_requests().items():
+            rows[name] = row = under(body, args.probes)
+            row["ratio_to_idle"] = row["probe_median_s"] / idle
+            print(f"{name:55s} probe {row['probe_median_s']:.3f} s (x{row['ratio_to_idle']:.2f}, max "
+                  f"{row['probe_max_s']:.3f}); hostile {row['hostile_statuses']} in {row['hostile_median_s']:.3f} s",
+                  flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result = {"idle_probe_median_s": idle, "probe": PROBE, "rows": rows, "machine": machine_info(),
+              "load_average": os.getloadavg()}
+    print(f"idle probe median {idle:.3f} s; load average {os.getloadavg()}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
