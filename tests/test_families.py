@@ -27,7 +27,7 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD_ID,
               eos_token_id=EOS_ID, bos_token_id=None, initializer_range=0.1)
 SLIDING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
 # family -> (config fields, fields that switch the family's feature off for the "it matters" check)
 FAMILIES = {
@@ -43,9 +43,19 @@ FAMILIES = {
     "olmo2": (dict(model_type="olmo2"), None),
     "granite": (dict(model_type="granite", embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
                      logits_scaling=0.25), None),
-    "llama3-rope": (dict(model_type="llama", tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE),
+    "llama3-rope": (dict(model_type="llama", tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
                     dict(rope_parameters=dict(rope_type="default", rope_theta=500000.0))),
     "qwen3": (dict(model_type="qwen3", head_dim=16), None),
+    "gemma": (dict(model_type="gemma", head_dim=16), None),
+    "cohere": (dict(model_type="cohere", logit_scale=0.25), None),
+    "cohere2": (dict(model_type="cohere2", num_hidden_layers=4, sliding_window=8, layer_types=SLIDING,
+                     logit_scale=0.25), dict(sliding_window=4096)),
+    "olmo3": (dict(model_type="olmo3", num_hidden_layers=4, sliding_window=8, layer_types=SLIDING),
+              dict(sliding_window=4096)),
+    "smollm3": (dict(model_type="smollm3", no_rope_layers=[1, 0]), None),
+    "stablelm": (dict(model_type="stablelm"), None),
+    "starcoder2": (dict(model_type="starcoder2", sliding_window=None), None),
+    "phi": (dict(model_type="phi"), None),
 }
 PROMPTS = ["The capital of France is", "Once upon a time, in a village by the sea", "def add(a, b):", "Hi"]
 MAX_NEW_TOKENS = [6, 3, 8, 5]  # rows leave at different passes and the waiting prompts join

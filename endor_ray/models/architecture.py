@@ -30,6 +30,14 @@ LAYER_PREFIXES: dict[str, str] = {
     "phi3": "model.layers.",
     "olmo2": "model.layers.",
     "granite": "model.layers.",
+    "gemma": "model.layers.",
+    "cohere": "model.layers.",
+    "cohere2": "model.layers.",
+    "olmo3": "model.layers.",
+    "smollm3": "model.layers.",
+    "stablelm": "model.layers.",
+    "starcoder2": "model.layers.",
+    "phi": "model.layers.",
 }
 
 
