@@ -28,9 +28,10 @@ import torch
 
 from endor_ray.format.gguf_blocks import IQ4_NL_VALUES, q3_k_scales
 from endor_ray.format.gguf_search import (
-    best_index, first_extreme, make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants, nearest_int, rdiv,
-    safe, seq_sum, sqrtf, GROUP_MAX_EPS,
+    GROUP_MAX_EPS, best_index, first_extreme, make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants,
+    nearest_int, rdiv, safe, seq_sum, sqrtf,
 )
+from endor_ray.format.gguf_search import _sum_rows as sum_rows  # [n, S] -> [S] in index order
 
 
 def _fp16_bytes(value: torch.Tensor) -> torch.Tensor:
@@ -133,10 +134,12 @@ def quantize_iq4_nl(x: torch.Tensor, importance: torch.Tensor | None) -> torch.T
     amax = magnitude.amax(dim=1)
     zero = amax < GROUP_MAX_EPS
     peak = safe(first_extreme(x, magnitude.argmax(dim=1), amax > 0), ~zero)
+    xt, wt = x.t().contiguous(), weights.t().contiguous()  # [32, B]: a block's elements down a column
 
     def fit(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = values[best_index(values, inverse.unsqueeze(1) * x)]
-        return seq_sum((weights * q) * x), seq_sum((weights * q) * q)
+        level = best_index(values, inverse * xt)[1]
+        weighted = wt * level
+        return sum_rows(weighted * xt), sum_rows(weighted * level)
 
     sumqx, sumq2 = fit(rdiv(1.0, -peak / -127.0))
     d = torch.where(sumq2 > 0, sumqx / safe(sumq2, sumq2 > 0), torch.zeros_like(sumqx))
@@ -148,5 +151,5 @@ def quantize_iq4_nl(x: torch.Tensor, importance: torch.Tensor | None) -> torch.T
         best = torch.where(better, d * sumqx, best)
     d = torch.where(zero, torch.zeros_like(d), d)
     inverse = torch.where(d != 0, rdiv(1.0, safe(d, d != 0)), torch.zeros_like(d))
-    codes = best_index(values, inverse.unsqueeze(1) * x).to(torch.uint8)  # with the unrounded scale, as C
+    codes = best_index(values, inverse.unsqueeze(1) * x)[0].to(torch.uint8)  # with the unrounded scale, as C
     return torch.cat([_fp16_bytes(d), codes[:, :16] | (codes[:, 16:] << 4)], dim=1)

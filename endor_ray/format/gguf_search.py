@@ -223,11 +223,11 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     return torch.where(zero, torch.zeros_like(scale), scale), codes.to(torch.uint8)
 
 
-def best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """int64 indices: C's best_index_int8, the nearest of the sorted levels `values` [n] float32 to
-    each x (below the first or above the last: the end; a tie between two: the upper one)."""
-    upper = torch.searchsorted(values, x.contiguous(), right=True).clamp(1, values.numel() - 1)
-    lower_value, upper_value = values[upper - 1], values[upper]
-    index = torch.where(x - lower_value < upper_value - x, upper - 1, upper)
-    index = torch.where(x <= values[0], torch.zeros_like(index), index)
-    return torch.where(x >= values[-1], torch.full_like(index, values.numel() - 1), index)
+def best_index(values: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 indices, float32 levels): C's best_index_int8, the nearest of the sorted levels
+    `values` [n] float32 to each x by C's test ``x - below < above - x`` (a tie: the upper one;
+    beyond either end, that end: the clamped neighbours' test already gives it)."""
+    upper = torch.searchsorted(values, x.contiguous(), right=True).clamp_(1, values.numel() - 1)
+    below, above = values[upper - 1], values[upper]
+    lower = (x - below) < (above - x)
+    return upper - lower.long(), torch.where(lower, below, above)
