@@ -109,9 +109,38 @@ BASE = f"http://127.0.0.1:{PORT}"
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir, tmp_path_factory):
-    """The embedded SmolLM2 unpruned (a model that writes sensible JSON), served on 127.0.0.1."""
+def local_ray():
     import ray
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_batch_job_with_a_json_schema(local_ray, tiny_stores, tmp_path):
+    import jsonschema
+
+    from endor_ray.jobs.generate import main
+    from endor_ray.jobs.parts import PartFolder
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(index), "prompt": f"Person {index}:"}) + "\n" for index in range(6)))
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    argv = ["--store", str(tiny_stores["llama-gqa"]), "--input", str(prompts), "--output", str(tmp_path / "out"),
+            "--max-new-tokens", "80", "--gpu-memory", "0", "--json-schema", str(schema)]
+    assert main(argv) == 0
+    table = PartFolder(str(tmp_path / "out")).read_all()
+    assert table.num_rows == 6 and set(table.column("finish_reason").to_pylist()) == {"stop"}
+    for text in table.column("text").to_pylist():
+        jsonschema.validate(json.loads(text), PERSON)
+    schema.write_text(json.dumps({"type": "strnig"}))
+    assert main(argv[:-2] + ["--json-schema", str(schema), "--output", str(tmp_path / "other")]) == 1
+
+
+@pytest.fixture(scope="module")
+def server(local_ray, smollm2_dir, tmp_path_factory):
+    """The embedded SmolLM2 unpruned (a model that writes sensible JSON), served on 127.0.0.1."""
     from ray import serve
 
     from endor_ray.compress.convert import ConvertConfig, convert
@@ -119,7 +148,6 @@ def server(smollm2_dir, tmp_path_factory):
 
     store = convert(str(smollm2_dir), tmp_path_factory.mktemp("smollm2-dense") / "store",
                     ConvertConfig(method="magnitude", sparsity=0.0), progress=False)
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         serve.run(build_app({"store": str(store), "model_name": "smol", "engine.gpu_memory": 0}),
@@ -127,7 +155,6 @@ def server(smollm2_dir, tmp_path_factory):
         yield str(store)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture

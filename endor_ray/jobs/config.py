@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.engine.scheduler import SchedulerConfig
+from endor_ray.errors import ConfigError
 from endor_ray.service.driver import ClusterConfig
 from endor_ray.utils.options import configs_from, sections_of
 
@@ -39,14 +43,36 @@ class JobConfig:
     seed: int | None = None
     prompt_column: str = "prompt"
     id_column: str = "id"
+    json_schema: str | None = None  # a JSON schema file every row's output follows (strict; see engine.grammar)
     engine: EngineConfig = field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = field(default_factory=job_scheduler)
     cluster: ClusterConfig = field(default_factory=job_cluster)
 
     @property
+    def schema(self) -> dict[str, Any] | None:
+        """The --json-schema file's schema (None without one); ConfigError if unreadable or not JSON."""
+        if self.json_schema is None:
+            return None
+        try:
+            schema = json.loads(Path(self.json_schema).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--json-schema {self.json_schema}: cannot read a JSON schema ({exc})") from None
+        if not isinstance(schema, dict):
+            raise ConfigError(f"--json-schema {self.json_schema}: a JSON schema is an object, got {type(schema).__name__}")
+        return schema
+
+    @property
     def sampling(self) -> SamplingParams:
+        """The rows' sampling parameters (with --json-schema, the grammar its schema compiles to)."""
+        from endor_ray.engine.grammar import json_schema_grammar
+
+        schema = self.schema
+        try:
+            grammar = None if schema is None else json_schema_grammar(schema, strict=True)
+        except ConfigError as exc:
+            raise ConfigError(f"--json-schema {self.json_schema}: {exc}") from None
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed)
+                              seed=self.seed, grammar=grammar)
 
 
 SECTIONS = tuple(sections_of(JobConfig))

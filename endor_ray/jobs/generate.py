@@ -3,6 +3,7 @@ Parquet parts out, resumable in O(rows).
 
     python -m endor_ray.jobs.generate --store STORE --input prompts.jsonl --output out/ \\
         [--workers 2] [--batch-size 64] [--max-new-tokens 64] [--temperature 0] [--top-p 1] [--seed S]
+        [--json-schema schema.json]
         [the engine, scheduler and cluster options of `endor generate`: --gpu-memory, --prefetch-depth, ...]
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m endor_ray.jobs.generate \\
         --store s3://bucket/stores/model --input s3://bucket/prompts/ --output s3://bucket/out/
@@ -125,6 +126,8 @@ def run(config: JobConfig) -> dict[str, Any]:
     job = {"store": config.store, "sampling": {"max_new_tokens": config.max_new_tokens,
                                                "temperature": config.temperature, "top_p": config.top_p,
                                                "seed": config.seed}, "schema": 1}
+    if config.json_schema is not None:  # a rerun must follow the same schema (its content, not its path)
+        job["sampling"]["json_schema"] = config.schema
     address = config.cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     started_ray = init_ray(address, config.cluster.timeout_s)
     try:
@@ -194,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=default_of("seed"))
     parser.add_argument("--prompt-column", default=default_of("prompt_column"))
     parser.add_argument("--id-column", default=default_of("id_column"))
+    parser.add_argument("--json-schema", default=default_of("json_schema"), metavar="FILE",
+                        help="a JSON schema file: every row's output is JSON valid against it (strict)")
     # --batch-size (scheduler.max_num_seqs) also sizes the Ray Data batches; --timeout (cluster.timeout_s)
     # bounds the start-up and each batch.
     add_options(parser, sections_of(JobConfig))
