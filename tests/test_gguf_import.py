@@ -185,15 +185,22 @@ def low_bit_gguf_name(name: str) -> tuple[str, GGMLQuantizationType]:
     return gguf_name, qtype
 
 
-def test_low_bit_blocks_are_kept_exactly(tmp_path):
-    """A GGUF holding Q3_K, Q2_K and IQ4_NL tensors converts with --values keep to a store of the
-    file's own bytes, decoded (torch reference and C decoder) as gguf-py de-quantizes them."""
-    hf_dir = make_checkpoint(tmp_path / "hf", "llama-gqa", hidden_size=256, intermediate_size=512,
+@pytest.fixture(scope="module")
+def low_bit(tmp_path_factory):
+    """(GGUF path, config, weights) of a tiny llama whose Linears are Q3_K, Q2_K and IQ4_NL."""
+    root = tmp_path_factory.mktemp("low-bit-gguf")
+    hf_dir = make_checkpoint(root / "hf", "llama-gqa", hidden_size=256, intermediate_size=512,
                              num_hidden_layers=2)  # rows of whole 256-weight blocks everywhere
     config = json.loads((hf_dir / "config.json").read_text())
     weights = load_file(hf_dir / "model.safetensors")
-    path = tmp_path / "low-bit.gguf"
-    write_gguf(path, "llama", config, weights, low_bit_gguf_name)
+    write_gguf(root / "low-bit.gguf", "llama", config, weights, low_bit_gguf_name)
+    return root / "low-bit.gguf", config, weights
+
+
+def test_low_bit_blocks_are_kept_exactly(low_bit, tmp_path):
+    """A GGUF holding Q3_K, Q2_K and IQ4_NL tensors converts with --values keep to a store of the
+    file's own bytes, decoded (torch reference and C decoder) as gguf-py de-quantizes them."""
+    path, config, weights = low_bit
     assert {tensor.tensor_type for tensor in GGUFReader(path).tensors} >= set(LOW_BIT)
     store = tmp_path / "store"
     assert main(["convert", str(path), str(store), "--values", "keep", "--quiet"]) == 0
@@ -211,6 +218,21 @@ def test_low_bit_blocks_are_kept_exactly(tmp_path):
             want = torch.from_numpy(dequantize(expected, qtype)).reshape(weights[name].shape)
             assert torch.equal(decode(enc), want) and torch.equal(source.get(name), want), name
             assert torch.equal(decode_into(enc, torch.empty_like(want), threads=2), want), name
+
+
+def test_engine_matches_transformers_on_a_low_bit_kept_store(low_bit, tmp_path):
+    from test_quantized_stores import exported_greedy
+
+    from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine.sampling import SamplingParams
+
+    store = convert(str(low_bit[0]), tmp_path / "store", ConvertConfig(values="keep"), progress=False)
+    prompts = ["hello there", "a b c d e f"]
+    expected = exported_greedy(store, tmp_path, prompts, max_new_tokens=6)
+    with Engine(str(store), EngineConfig(gpu_memory=1), progress=False) as engine:
+        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert [completion.token_ids for completion in completions] == expected
+    assert any(expected)
 
 
 def test_a_gguf_recompresses_from_its_dequantized_weights(tiny, tmp_path):
