@@ -27,10 +27,10 @@ and later), or, since version 2, ``"int8"`` / ``"int4"`` codes with one scale pe
 elements within a row, which add the arrays ``scales`` and (layout ``"bitmap"``) ``row_offsets``;
 `endor_ray.format.quant` holds that part of the spec. Since version 3 it may also be one of
 llama.cpp's block types (``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"``, ``"q4_k"``,
-``"q5_k"``, ``"q6_k"``, ``"q3_k"``, ``"q2_k"``, ``"iq4_nl"``: `GGUF_ENCODINGS`), layout ``"dense"`` only: ``values`` is then the uint8
-blocks a GGUF file holds for the tensor, nothing else is stored, ``nnz = numel`` and
-``group_size = 0``; `endor_ray.format.gguf_blocks` holds that part of the spec. Readers reject
-any other encoding.
+``"q5_k"``, ``"q6_k"``, ``"q3_k"``, ``"q2_k"``, ``"iq4_nl"``: `GGUF_ENCODINGS`), layout ``"dense"``
+only: ``values`` is then the uint8 blocks a GGUF file holds for the tensor, nothing else is
+stored, ``nnz = numel`` and ``group_size = 0``; `endor_ray.format.gguf_blocks` holds that part
+of the spec. Readers reject any other encoding.
 
 Sizes: a raw bitmap tensor takes ``nnz*itemsize + ceil(N/8) + 8*(num_blocks+1)`` bytes; at 50%
 sparsity in fp16 that is 0.5 + 1/16 + 8/(2B) of the dense size (0.5635 for B = 4096). Quantized
