@@ -31,7 +31,8 @@ where BEGIN/END are absolute byte offsets in the file. A quantized tensor (versi
 ``"iq4_nl"``), layout ``dense``, ``nnz`` = its element count, no ``"group_size"`` and the one
 part ``values``; the manifest's fields are those of every version-3 store, so an endor-ray that
 predates these encodings refuses such a tensor by name ("values encoding 'q4_1' is not
-supported"). Readers take local paths and any URI ``pyarrow.fs`` understands (``file://``, ``s3://``, ``gs://``, ``hdfs://``).
+supported"). Readers take local paths and any URI ``pyarrow.fs`` understands (``file://``,
+``s3://``, ``gs://``, ``hdfs://``).
 """
 
 from __future__ import annotations
