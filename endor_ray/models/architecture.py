@@ -87,7 +87,7 @@ def architecture_from_config(config: dict[str, Any]) -> Architecture:
         named = config.get("architectures") or [model_type]
         raise UnsupportedModelError(
             f"architecture {named[0]!r} (model_type {model_type!r}) is not supported; supported "
-            f"model types: {', '.join(sorted(LAYER_PREFIXES))} (Llama family and OPT)"
+            f"model types: {', '.join(sorted(LAYER_PREFIXES))} (dense decoder-only families)"
         )
     num_layers = config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers <= 0:
