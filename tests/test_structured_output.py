@@ -62,6 +62,23 @@ def test_the_engine_follows_a_schema_and_free_rows_share_the_batch(engine):
     assert choice.text in ("yes", "no") and choice.finish_reason == "stop"
 
 
+def test_finishing_or_cancelling_frees_the_grammar_and_min_tokens_yields_to_it(engine):
+    grammar = G.json_schema_grammar(PERSON, strict=True)
+    kept, cancelled = engine.new_sequences(["A person:", "Another:"], SamplingParams(max_new_tokens=80, grammar=grammar))
+    assert kept.grammar is not None and cancelled.grammar is not None
+    engine.add([kept, cancelled])
+    engine.step()
+    engine.cancel([cancelled])
+    while not kept.finished:
+        engine.step()
+    assert cancelled.finish_reason == "cancelled" and cancelled.grammar is None
+    assert kept.finish_reason == "stop" and kept.grammar is None and not engine.has_work
+    # min_tokens hides the end until 5 tokens, but "yes" is one token: the grammar's end wins
+    [short], _ = engine.generate(["Yes?"], SamplingParams(max_new_tokens=8, min_tokens=5,
+                                                          grammar=G.choice_grammar(["yes"])))
+    assert short.text == "yes" and short.finish_reason == "stop"
+
+
 def random_schema(rng, depth: int = 0, kind: str | None = None) -> dict:
     """A JSON schema of nested objects, arrays, enums, numbers, booleans and short strings; bounded
     (maxLength, maxItems, ranges, closed objects) so that a random-weight model finishes within a few

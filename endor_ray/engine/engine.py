@@ -148,9 +148,10 @@ class Engine:
                 processed = raw if params.plain else process_logits(raw, params, seq.prompt_ids, seq.output_ids,
                                                                     end_ids)
                 if seq.grammar is not None:
-                    constrained = apply_mask(processed, seq.grammar.allowed)
-                    if torch.isneginf(constrained).all():  # e.g. min_tokens hid the only allowed end: the grammar wins
-                        constrained = apply_mask(raw.double(), seq.grammar.allowed)
+                    constrained = apply_mask(processed, seq.grammar.disallowed)
+                    # min_tokens may hide the only end the grammar allows: the grammar wins
+                    if len(seq.output_ids) < params.min_tokens and torch.isneginf(constrained).all():
+                        constrained = apply_mask(raw.double(), seq.grammar.disallowed)
                     processed = constrained
                 token_id = select_token(processed, params, seq.generator)
                 logprob = (top_logprobs(torch.log_softmax(raw.double(), dim=-1), token_id, params.logprobs)

@@ -107,19 +107,19 @@ class GrammarState:
         if self.matcher.is_error():
             raise ConfigError(f"unsupported grammar or schema: {self.matcher.get_error()}")
         self._bits = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)  # [words] int32, LSB first
-        self._allowed: torch.Tensor | None = None
+        self._disallowed: torch.Tensor | None = None
         self.compute_mask()
 
     def compute_mask(self) -> None:
         """Compute the mask for the next token now (called right after a token was consumed)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size]
-        self._allowed = torch.from_numpy(bits.astype(bool))  # [vocab] bool
+        self._disallowed = torch.from_numpy(bits == 0)  # [vocab] bool
 
     @property
-    def allowed(self) -> torch.Tensor:
-        """[vocab] bool: the tokens the grammar allows next."""
-        return self._allowed
+    def disallowed(self) -> torch.Tensor:
+        """[vocab] bool: True for the tokens the grammar forbids next."""
+        return self._disallowed
 
     def advance(self, token_id: int) -> bool:
         """Consume the sampled token and prepare the next mask; False if the grammar refused it."""
@@ -139,12 +139,12 @@ class GrammarState:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
 
-def apply_mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """[vocab] logits with the tokens outside `allowed` at -inf (logits wider than the mask: the rest too)."""
-    masked = torch.full_like(logits, -torch.inf)
-    width = min(logits.numel(), allowed.numel())
-    masked[:width] = torch.where(allowed[:width], logits[:width], -torch.inf)
-    return masked
+def apply_mask(logits: torch.Tensor, disallowed: torch.Tensor) -> torch.Tensor:
+    """[vocab] logits (a new tensor) with the `disallowed` tokens at -inf; one masked_fill, as the mask
+    spans the logits (the grammar tokenizer is built at the logits' width)."""
+    if disallowed.numel() != logits.numel():
+        raise ValueError(f"a grammar mask of {disallowed.numel()} tokens for {logits.numel()} logits")
+    return logits.masked_fill(disallowed, -torch.inf)
 
 
 def _closed_objects(schema: Any) -> Any:
