@@ -82,7 +82,7 @@ def local_ray():
     (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], "id 'a' appears twice"),
     (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": ""}'], "prompt of id 'b' is empty"),
     (['{"id": "a", "text": "x"}'], "no 'prompt' column"),
-    (['{"prompt": "x"}'], "no 'id' column"),
+    # (a single file without ids now takes its line numbers: tests/test_jobs_checks.py; a folder is refused there)
     (['{"id": "a", "prompt": "x"}', '{"prompt": "y"}'], "row without an id"),
     (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": '], "cannot read the input"),
     (['{"id": "a", "prompt": "x"}', '{"id": 2, "prompt": "y"}'], "cannot read the input"),  # mixed id types

@@ -1,10 +1,19 @@
-"""The batch job's input as a Ray Dataset: read lazily, checked whole before any generation.
+"""The batch job's input: found, read and checked whole on the driver before anything is written,
+then handed to Ray Data.
 
-JSON lines or Parquet, a file, a folder or a URI (the format from the file names: `.parquet`/`.pq`
-is Parquet, anything else JSON lines). Two columns matter, renamed `id` (cast to string) and
-`prompt`; the check reads those columns once, on the driver, and refuses the input in one line if
-a column is missing, a prompt is empty or not a string, an id is missing, or two rows share an id
-(the job resumes by id, so they must be unique across the whole input).
+JSON lines or Parquet, a file, a folder or a URI. A single file is Parquet if its name ends in
+`.parquet`/`.pq`, else JSON lines (gzip and the other codecs pyarrow knows are read by their
+suffix). A folder is read whole, files whose names start with `.` or `_` aside: all its files
+must be of one format (`.parquet`/`.pq`, or `.jsonl`/`.json`/`.ndjson`, compressed or not); a
+folder mixing the two, or holding other files, is refused naming them (reading both would make
+the column rules of one format quietly apply to the other; silently skipping some would lose
+rows). Two columns matter, renamed `id` (a string) and `prompt`; `endor_ray.jobs.rows` checks
+each row, and `check_lengths` tokenizes every prompt (batched: ~2000 prompts in well under a
+second) against the context the engine will use (`engine.prompts.check_prompt`), so a prompt
+too long fails the job before its first part, not in the middle.
+
+The checked (id, prompt) rows are what the job generates from: they live on the driver and go to
+Ray Data as an in-memory dataset (`ray.data.from_arrow`), so the input is read exactly once.
 """
 
 from __future__ import annotations
@@ -15,11 +24,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from endor_ray.errors import ConfigError
+from endor_ray.jobs.rows import Rows, RowChecker, read_jsonl, read_parquet
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".zst", ".lz4")
+TOKENIZE_CHUNK = 1024  # prompts per tokenizer call (the fast tokenizer batches them in Rust)
+BLOCK_ROWS = 4096  # rows per Ray Data block
 
 
-def _is_parquet(location: str) -> bool:
+def _format_of(name: str) -> str | None:
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if any(name.endswith(suffix + codec) for suffix in JSONL_SUFFIXES for codec in COMPRESSION_SUFFIXES):
+        return "jsonl"
+    return None
+
+
+def input_files(location: str) -> tuple[list[str], str, bool]:
+    """(paths, "jsonl" | "parquet", whether the input is a single file), or ConfigError."""
     import pyarrow.fs
 
     from endor_ray.jobs.parts import filesystem
@@ -28,77 +51,74 @@ def _is_parquet(location: str) -> bool:
     info = fs.get_file_info(path)
     if info.type == pyarrow.fs.FileType.NotFound:
         raise ConfigError(f"input {location} does not exist")
-    if info.type == pyarrow.fs.FileType.Directory:
-        names = [entry.base_name for entry in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
-                 if entry.type == pyarrow.fs.FileType.File and not entry.base_name.startswith((".", "_"))]
-        if not names:
-            raise ConfigError(f"input folder {location} holds no files")
-        return all(name.endswith(PARQUET_SUFFIXES) for name in names)
-    return posixpath.basename(path).endswith(PARQUET_SUFFIXES)
+    if info.type != pyarrow.fs.FileType.Directory:
+        return [path], "parquet" if posixpath.basename(path).endswith(PARQUET_SUFFIXES) else "jsonl", True
+    entries = sorted((entry for entry in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+                      if entry.type == pyarrow.fs.FileType.File and not entry.base_name.startswith((".", "_"))),
+                     key=lambda entry: entry.path)
+    if not entries:
+        raise ConfigError(f"input folder {location} holds no files")
+    by_format: dict[str | None, list[str]] = {}
+    for entry in entries:
+        by_format.setdefault(_format_of(entry.base_name), []).append(entry.path)
+    if None in by_format:
+        raise ConfigError(f"input folder {location} holds files that are neither JSON lines nor Parquet: "
+                          f"{_names(by_format[None], path)}; move them out or rename them")
+    if len(by_format) > 1:
+        raise ConfigError(f"input folder {location} mixes JSON lines ({_names(by_format['jsonl'], path)}) and Parquet "
+                          f"({_names(by_format['parquet'], path)}); give one format per folder")
+    [(kind, paths)] = by_format.items()
+    return paths, kind, False
 
 
-def prompts_dataset(location: str, prompt_column: str = "prompt", id_column: str = "id"):
-    """(Dataset of {"id": string, "prompt": string}, number of rows), checked; ConfigError otherwise."""
+def _names(paths: list[str], root: str, shown: int = 4) -> str:
+    names = [posixpath.relpath(p, root) for p in paths]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def read_rows(location: str, prompt_column: str = "prompt", id_column: str = "id") -> Rows:
+    """Every row of the input, checked (module docstring); ConfigError naming file, line and id."""
+    from endor_ray.jobs.parts import filesystem
+
+    fs, _ = filesystem(location)
+    paths, kind, single = input_files(location)
+    checker = RowChecker(prompt_column, id_column)
+    for path in paths:
+        name = location if single else path
+        try:
+            if kind == "parquet":
+                with fs.open_input_file(path) as source:
+                    read_parquet(checker, source, name)
+            else:
+                with fs.open_input_stream(path, compression="detect") as stream:
+                    read_jsonl(checker, stream, name, single)
+        except (OSError, pa.ArrowException) as exc:
+            raise ConfigError(f"cannot read the input {name}: {str(exc).splitlines()[0][:200]}") from None
+    if not checker.rows.ids:
+        raise ConfigError(f"the input {location} holds no prompts")
+    return checker.rows
+
+
+def check_lengths(rows: Rows, tokenizer, max_new_tokens: int, max_context: int) -> None:
+    """Every prompt tokenized once and checked against the context; ConfigError naming the first too long."""
+    from endor_ray.engine.prompts import check_prompt
+
+    for start in range(0, len(rows.prompts), TOKENIZE_CHUNK):
+        chunk = rows.prompts[start:start + TOKENIZE_CHUNK]
+        for offset, token_ids in enumerate(tokenizer(chunk).input_ids):
+            try:
+                check_prompt(tokenizer, token_ids, max_new_tokens, max_context)
+            except ConfigError as exc:
+                index = start + offset
+                raise ConfigError(f"the input {rows.places[index]} (id {rows.ids[index]!r}): {exc}") from None
+
+
+def prompts_dataset(rows: Rows):
+    """The checked rows as a Ray Dataset of {"id": string, "prompt": string} blocks."""
     import ray
 
-    try:
-        parquet = _is_parquet(location)
-        dataset = ray.data.read_parquet(location) if parquet else ray.data.read_json(location)
-        names = dataset.schema().names
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Ray Data and Arrow raise assorted errors for unreadable input
-        raise ConfigError(f"cannot read the input {location}: {_first_line(exc)}") from None
-    for column, option in ((prompt_column, "--prompt-column"), (id_column, "--id-column")):
-        if column not in names:
-            raise ConfigError(f"the input {location} has no {column!r} column (its columns: {', '.join(names)}); "
-                              f"name it with {option}" + (" (the job resumes by id: every row needs one)"
-                                                          if column == id_column else ""))
-
-    def normalize(batch: pa.Table) -> pa.Table:
-        ids = batch.column(id_column)
-        if pa.types.is_floating(ids.type):
-            ids = pc.cast(ids, pa.int64())
-        return pa.table({"id": pc.cast(ids, pa.string()), "prompt": batch.column(prompt_column)})
-
-    dataset = dataset.select_columns([id_column, prompt_column]).map_batches(normalize, batch_format="pyarrow")
-    total = _check(dataset, location)
-    return dataset, total
-
-
-def _check(dataset, location: str) -> int:
-    seen: set[str] = set()
-    try:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=65536):
-            ids, prompts = batch.column("id"), batch.column("prompt")
-            if ids.null_count:
-                raise ConfigError(f"the input {location} has a row without an id (the job resumes by id: every row "
-                                  "needs one)")
-            if not pa.types.is_string(prompts.type) and not pa.types.is_large_string(prompts.type):
-                raise ConfigError(f"the input {location}: prompts must be strings, got {prompts.type}")
-            empty = pc.or_(pc.is_null(prompts), pc.equal(pc.utf8_length(prompts), 0))
-            if pc.any(empty).as_py():
-                bad = ids.filter(empty)[0].as_py()
-                raise ConfigError(f"the input {location}: the prompt of id {bad!r} is empty")
-            for prompt_id in ids.to_pylist():
-                if prompt_id in seen:
-                    raise ConfigError(f"the input {location}: id {prompt_id!r} appears twice (ids must be unique)")
-                seen.add(prompt_id)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - e.g. JSON whose id column mixes numbers and strings
-        raise ConfigError(f"cannot read the input {location}: {_first_line(exc)}") from None
-    if not seen:
-        raise ConfigError(f"the input {location} holds no prompts")
-    return len(seen)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The cause of a Ray task error (e.g. Arrow's JSON parse error), in one line."""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
+    table = rows.table()
+    return ray.data.from_arrow([table.slice(start, BLOCK_ROWS) for start in range(0, table.num_rows, BLOCK_ROWS)])
 
 
 def todo_dataset(dataset, done: set[str]):

@@ -10,7 +10,11 @@ Parquet parts out, resumable in O(rows).
 
 Input: JSON lines (one object per line) or Parquet, with an id column (`--id-column`, default
 `id`: strings or integers, unique across the whole input; the job resumes by id) and a prompt
-column (`--prompt-column`, default `prompt`). Read lazily by Ray Data.
+column (`--prompt-column`, default `prompt`); a single JSON lines file without ids uses its line
+numbers (and says so). Every row is read and checked on the driver before anything is written
+(`endor_ray.jobs.dataset`, `endor_ray.jobs.rows`): a bad row, a prompt too long for the context
+or a folder mixing formats is one line naming the file, line or row and id, and no `_job.json` or
+part appears.
 
 Output: a folder of Parquet parts (columns id, prompt, text, token_ids, finish_reason,
 num_tokens), each written whole as its batch finishes (`endor_ray.jobs.parts`): a rerun, or a run
@@ -55,13 +59,13 @@ def check_output(config: JobConfig) -> None:
             "the head node keeps, or an object-store URI")
 
 
-def check_store(config: JobConfig) -> None:
-    """Fail before starting the service where the store cannot be read from this node."""
+def check_store(config: JobConfig):
+    """The opened Store; fails before starting the service where it cannot be read from this node."""
     from endor_ray.errors import StoreError
     from endor_ray.store import Store
 
     try:
-        Store(config.store)
+        return Store(config.store)
     except StoreError as exc:
         hint = ""
         if in_submitted_job() and "://" not in config.store and not os.path.isabs(config.store):
@@ -114,6 +118,25 @@ class GenerateBatches:
                          "bytes_to_device_per_pass": [float(stats["bytes_to_device_per_pass"])]})
 
 
+def check_input(config: JobConfig):
+    """Every row read and checked, lengths included (`endor_ray.jobs.dataset`), before anything is written."""
+    from endor_ray.engine.engine import load_tokenizer
+    from endor_ray.engine.prompts import context_limit
+    from endor_ray.jobs.dataset import check_lengths, read_rows
+
+    rows = read_rows(config.input, config.prompt_column, config.id_column)
+    if rows.ids_from_line_numbers:
+        print(f"endor-job: {config.input} has no {config.id_column!r} field: each row's id is its line number (the "
+              "first line is id '1'); a rerun resumes by them, so keep the lines in place (appending is fine)",
+              file=sys.stderr, flush=True)
+    store = check_store(config)
+    started = time.monotonic()
+    check_lengths(rows, load_tokenizer(store), config.max_new_tokens, context_limit(store.config))
+    print(f"endor-job: {len(rows.ids)} prompts checked (tokenized in {time.monotonic() - started:.2f} s)",
+          file=sys.stderr, flush=True)
+    return rows
+
+
 def run(config: JobConfig) -> dict[str, Any]:
     import ray
 
@@ -121,6 +144,7 @@ def run(config: JobConfig) -> dict[str, Any]:
     from endor_ray.service.ray_session import init_ray
 
     check_output(config)
+    rows = check_input(config)  # before Ray starts and before the output folder is touched
     params = config.sampling
     folder = PartFolder(config.output)
     job = {"store": config.store, "sampling": {"max_new_tokens": config.max_new_tokens,
@@ -131,14 +155,13 @@ def run(config: JobConfig) -> dict[str, Any]:
     address = config.cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     started_ray = init_ray(address, config.cluster.timeout_s)
     try:
-        dataset, total = prompts_dataset(config.input, config.prompt_column, config.id_column)
+        dataset, total = prompts_dataset(rows), len(rows.ids)
         folder.claim(job)
         done = folder.done_ids()
         print(f"endor-job: {total} prompts, {len(done)} already in {config.output}, {total - len(done)} to generate",
               file=sys.stderr, flush=True)
         summary = {"rows_total": total, "rows_skipped": len(done), "rows_generated": 0, "tokens": 0}
         if total > len(done):
-            check_store(config)
             summary.update(generate(config, todo_dataset(dataset, done), params, folder))
         folder.write_summary(summary)
         print(f"endor-job: done: {summary['rows_generated']} new rows, {summary['tokens']} tokens"
