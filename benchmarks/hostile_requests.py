@@ -5,7 +5,9 @@ SmolLM2's 49k vocabulary (default: a random-weight GQA Llama made under --workdi
 tiny store). Idle: the median time of a 4-token greedy completion sent alone (--probes times).
 Then for each hostile request, sent again as soon as it finishes (one at a time, from its own
 thread), the same probes and their median. The hostile requests are the issue's (now refused
-with a 400 at once: their answer time is reported) and the largest each cap lets through.
+with a 400 at once: their answer time is reported) and the largest each cap lets through; two
+benign requests with as many rows show what sharing a pass with that many rows costs here (on
+CPU a pass's compute grows with its rows; offloaded on a GPU the weights' transfer dominates).
 
     python benchmarks/hostile_requests.py [--store STORE]  ->  benchmarks/results/hostile_requests-cpu.json
 """
@@ -65,6 +67,11 @@ def hostile_requests() -> dict[str, dict]:
         "64 prompts x n=16 = 1024 sequences (issue)": {"prompt": ["Once upon a time"] * 64, "n": 16, "max_tokens": 16},
         f"8 prompts x n=16 = {limits.MAX_SEQUENCES_PER_REQUEST} sequences (cap)": {
             "prompt": ["Once upon a time"] * 8, "n": 16, "max_tokens": 64},
+        # Not hostile: what sharing passes with that many rows costs a probe on this machine
+        "benign: n=16, greedy, nothing else (same rows as the n=16 rows)": {
+            "prompt": "Once upon a time", "n": 16, "max_tokens": 64, "temperature": 0},
+        "benign: 2 prompts x n=16, greedy (28 rows, as the 128-sequence row)": {
+            "prompt": ["Once upon a time"] * 2, "n": 16, "max_tokens": 64, "temperature": 0},
     }
 
 
@@ -119,6 +126,9 @@ def main() -> None:
     parser.add_argument("--store", default=None)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "endor-hostile")
     parser.add_argument("--probes", type=int, default=7)
+    parser.add_argument("--max-seqs-per-request", type=int, default=None,
+                        help="scheduler.max_seqs_per_request (default: Serve's, all but an eighth of the rows)")
+    parser.add_argument("--only", default="", help="run only the rows whose name holds this text")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hostile_requests-cpu.json")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -133,12 +143,16 @@ def main() -> None:
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app({"store": str(store), "model_name": "hostile", "engine.gpu_memory": 0}), name="endor",
-                  route_prefix="/")
+        app_args = {"store": str(store), "model_name": "hostile", "engine.gpu_memory": 0}
+        if args.max_seqs_per_request is not None:
+            app_args["scheduler.max_seqs_per_request"] = args.max_seqs_per_request
+        serve.run(build_app(app_args), name="endor", route_prefix="/")
         probes(3)  # warm-up
         idle = statistics.median(probes(args.probes))
         rows = {}
         for name, body in hostile_requests().items():
+            if args.only not in name:
+                continue
             rows[name] = row = under(body, args.probes)
             row["ratio_to_idle"] = row["probe_median_s"] / idle
             print(f"{name:55s} probe {row['probe_median_s']:.3f} s (x{row['ratio_to_idle']:.2f}, max "
@@ -147,7 +161,8 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    result = {"idle_probe_median_s": idle, "probe": PROBE, "rows": rows, "machine": machine_info(),
+    result = {"idle_probe_median_s": idle, "probe": PROBE, "rows": rows,
+              "max_seqs_per_request": args.max_seqs_per_request, "machine": machine_info(),
               "load_average": os.getloadavg()}
     print(f"idle probe median {idle:.3f} s; load average {os.getloadavg()}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
