@@ -77,31 +77,32 @@ def byte_tokenizer(directory: Path):
     return fast
 
 
-def family_checkpoint(directory: Path, family: str, **overrides) -> Path:
-    """A random float32 checkpoint of `family` with the byte tokenizer; norm weights random too
-    (Gemma's 1 + w offsets, OLMo 2's post-norms then change results)."""
+def family_checkpoint(directory: Path, family_fields: dict) -> Path:
+    """A random float32 checkpoint of a family's config (COMMON + `family_fields`) with the byte
+    tokenizer; norm weights random too (Gemma's 1 + w offsets, OLMo 2's post-norms then matter)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = {**COMMON, **FAMILIES[family][0], **overrides}
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    fields = {**COMMON, **family_fields}
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() == 1:
-                parameter.normal_(0.0, 0.3).add_(0.0 if "gemma" in family else 1.0)
+                parameter.normal_(0.0, 0.3).add_(0.0 if "gemma" in model_type else 1.0)
     model.save_pretrained(directory)
     byte_tokenizer(directory)
     return directory
 
 
-def transformers_greedy(checkpoint: Path, max_new_tokens: int, **overrides) -> list[list[int]]:
+def transformers_greedy(checkpoint: Path, max_new_tokens: int, prompts: list[str] = PROMPTS) -> list[list[int]]:
     """transformers' own generate on the checkpoint, the prompts left-padded in one batch, fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **overrides).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
-    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD_ID)
     return output[:, inputs.input_ids.shape[1]:].tolist()
@@ -136,7 +137,7 @@ def convert_dense(checkpoint: Path, store: Path) -> Path:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_matches_transformers(family, tmp_path):
-    checkpoint = family_checkpoint(tmp_path / "ckpt", family)
+    checkpoint = family_checkpoint(tmp_path / "ckpt", FAMILIES[family][0])
     store = convert_dense(checkpoint, tmp_path / "store")
     params = [SamplingParams(max_new_tokens=count, logprobs=1) for count in MAX_NEW_TOKENS]
     with Engine(str(store), EngineConfig(device="cpu", gpu_memory=1), progress=False,
@@ -157,13 +158,26 @@ def test_family_matches_transformers(family, tmp_path):
         assert transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)) != expected_rows
 
 
+def test_mistral_window_while_rows_join_and_leave(tmp_path):
+    """Mistral's window (no layer_types: every layer slides) caps its context at the window, but
+    the cache's columns outrun its tokens while rows join and leave; transformers' sliding cache
+    then dropped columns the padding mask still counted (a shape error in attention)."""
+    checkpoint = family_checkpoint(tmp_path / "ckpt", dict(model_type="mistral", sliding_window=12))
+    store = convert_dense(checkpoint, tmp_path / "store")
+    prompts, counts = ["Hi", "abcdef", "hello", "xy"], [10, 3, 6, 8]
+    with Engine(str(store), EngineConfig(device="cpu", gpu_memory=1), progress=False,
+                scheduler=SchedulerConfig(max_num_seqs=2)) as engine:
+        completions = engine.generate(prompts, [SamplingParams(max_new_tokens=count) for count in counts]).completions
+    assert [c.token_ids for c in completions] == cut(transformers_greedy(checkpoint, max(counts), prompts), counts)
+
+
 def test_cli_converts_and_generates_gemma3(tmp_path, capsys):
     """`endor convert` (Wanda at 50%, calibrating through Gemma 3's streamed forward), then `endor
     generate --in-process`: the tokens equal transformers' generate on the store's weights exported
     back to a Hugging Face folder."""
     from endor_ray.cli import main
 
-    checkpoint = family_checkpoint(tmp_path / "ckpt", "gemma3_text")
+    checkpoint = family_checkpoint(tmp_path / "ckpt", FAMILIES["gemma3_text"][0])
     store, exported = tmp_path / "store", tmp_path / "exported"
     assert main(["convert", str(checkpoint), str(store), "--calib-samples", "2", "--calib-seq-len", "24",
                  "--quiet"]) == 0

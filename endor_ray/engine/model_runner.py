@@ -127,10 +127,10 @@ class ModelRunner:
         from endor_ray.models.skeleton import head_logits
 
         if self._sliding:  # the running batch's cache holds padding between tokens: windows count tokens
-            from endor_ray.models.masks import layer_type_masks
+            from endor_ray.models.masks import sliding_masks
 
-            inputs = {**inputs, "attention_mask": layer_type_masks(self.model.config, inputs["attention_mask"], cache,
-                                                                   inputs["position_ids"], self.dtype)}
+            inputs = {**inputs, "attention_mask": sliding_masks(self.model.config, inputs["attention_mask"], cache,
+                                                                inputs["position_ids"], self.dtype)}
         hidden = self._body(**inputs, use_cache=True, **{self._cache_arg: cache}).last_hidden_state
         last = head_logits(self.model, hidden[:, -1, :])  # [rows, vocab]
         prompt_logits = {}
