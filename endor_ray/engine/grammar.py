@@ -8,9 +8,10 @@ a list of choices or a Lark grammar. The API checks it once, where the request e
 sequence a `GrammarState`: its matcher and the mask of the tokens allowed next, computed on the
 host right after the previous token was consumed, so it is ready when the logits arrive.
 
-llguidance was chosen by measurement (benchmarks/grammar_cost.py): tens of microseconds per mask
-at 49k and 150k vocabularies, schemas compiled lazily (no up-front automaton build), no runtime
-dependencies.
+llguidance was chosen by measurement (benchmarks/grammar_cost.py, results/grammar-cost.json): a
+schema compiles in about 1 ms at 49k to 200k tokens, where xgrammar takes 5-85 ms and outlines-core
+0.3-6.5 s (every request may bring a new schema); its masks take 12-25 us (xgrammar's 2-4 us), both
+far below a pass over the weights; and it has no runtime dependencies.
 """
 
 from __future__ import annotations
