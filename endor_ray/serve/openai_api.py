@@ -16,6 +16,7 @@ from typing import Any
 from endor_ray.engine.prompts import PromptTooLong, check_prompt
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.errors import ConfigError, EndorError
+from endor_ray.serve import tools
 from endor_ray.serve.structured_output import request_grammar
 from endor_ray.serve.limits import logit_bias_entries
 from endor_ray.serve.protocol import (  # noqa: F401  (the protocol's names, re-exported for the app and tests)
@@ -26,8 +27,10 @@ class Choice:
     """One sequence to generate: its prompt as given (text or token ids), the token ids it was checked
     as (what the GPU worker is sent: it tokenizes nothing again), and its parameters."""
 
-    def __init__(self, prompt: str | list[int], prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, prompt: str | list[int], prompt_ids: list[int], params: SamplingParams,
+                 tool_plan: tools.ToolPlan | None = None):
         self.prompt, self.prompt_ids, self.params = prompt, prompt_ids, params
+        self.tools = tool_plan  # the request's tools: its text is read for calls
 
     @property
     def prompt_tokens(self) -> int:
@@ -37,21 +40,40 @@ class Choice:
 class Frontend:
     """Turns validated requests into choices for one served model, and completions into responses."""
 
-    def __init__(self, model_name: str, tokenizer, max_context: int, default_max_tokens: int = 256):
+    def __init__(self, model_name: str, tokenizer, max_context: int, default_max_tokens: int = 256,
+                 tool_call_syntax: str = "auto"):
         self.model_name, self.tokenizer, self.max_context = model_name, tokenizer, max_context
         self.default_max_tokens = default_max_tokens
         self.vocab_size = len(tokenizer)
+        template = getattr(tokenizer, "chat_template", None) or ""
+        self.tool_syntax = tools.syntax_for(template, tool_call_syntax)
+        self.template_knows_tools = "tools" in template  # else the tools are written into the messages
+
+    def tool_plan(self, request: _Sampling) -> tools.ToolPlan | None:
+        """A chat request's checked tools and tool_choice (None: none to call), or a 400."""
+        if not isinstance(request, ChatRequest):
+            return None
+        return tools.plan(request.tools, request.tool_choice, request.parallel_tool_calls, self.tool_syntax)
 
     def check_model(self, request: _Sampling) -> None:
         if request.model is not None and request.model != self.model_name:
             raise APIError(404, f"the model {request.model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", param="model", code="model_not_found")
 
-    def prompts(self, request: _Sampling) -> list[str | list[int]]:
+    def prompts(self, request: _Sampling, plan: tools.ToolPlan | None = None) -> list[str | list[int]]:
         if isinstance(request, ChatRequest):
             messages = [{"role": m.role, "content": _text(m.content)} for m in request.messages]
+            if plan is not None or any(m.tool_calls or m.tool_call_id for m in request.messages):
+                for message, given in zip(messages, request.messages):
+                    message.update(given.model_dump(include={"tool_calls", "tool_call_id", "name"}, exclude_none=True))
+                messages, specs = tools.render(messages, plan.functions if plan else (), self.tool_syntax,
+                                               self.template_knows_tools)
+            else:
+                specs = None
             try:
-                return [self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
+                extra = {"tools": specs} if specs else {}
+                return [self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                           **extra)]
             except Exception as exc:  # noqa: BLE001 - templates raise assorted errors for bad roles/orders
                 raise APIError(400, f"the messages do not fit the model's chat template: {exc}", param="messages") from None
         prompt = request.prompt
@@ -92,7 +114,10 @@ class Frontend:
         choices = []
         checked = []
         grammar = request_grammar(request)  # response_format, structured_outputs (a 400 if unsupported)
-        for prompt in self.prompts(request):  # tokenized once, whatever n is
+        plan = self.tool_plan(request)
+        if plan is not None and plan.grammar is not None:
+            grammar = plan.grammar  # a call the tools force (or constrain) comes before the answer's format
+        for prompt in self.prompts(request, plan):  # tokenized once, whatever n is
             # No max_tokens (chat): as much as the context leaves, up to the server's default, at least 1.
             ids = self.prompt_ids(prompt, asked if asked is not None else 1)
             checked += [(prompt, ids)] * request.n
@@ -111,7 +136,7 @@ class Frontend:
                     0 if echo and max_tokens == 0 else None, grammar=grammar)
             except ConfigError as exc:
                 raise APIError(400, str(exc)) from None
-            choices.append(Choice(prompt, ids, params))
+            choices.append(Choice(prompt, ids, params, plan))
         return choices
 
     # -- responses -----------------------------------------------------------------------------------
@@ -198,7 +223,8 @@ def completion_response(request_id: str, model: str, choices: list[dict], prompt
 def chat_response(request_id: str, model: str, choices: list[dict], prompt_tokens: int) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": index, "message": {"role": "assistant", "content": c["text"]},
+        "choices": [{"index": index, "message": {"role": "assistant", "content": c["text"],
+                                                 **({"tool_calls": c["tool_calls"]} if c.get("tool_calls") else {})},
                      "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
                     for index, c in enumerate(choices)],
         "usage": usage(prompt_tokens, sum(c["tokens"] for c in choices)),
@@ -207,12 +233,15 @@ def chat_response(request_id: str, model: str, choices: list[dict], prompt_token
 
 def stream_chunk(request_id: str, model: str, chat: bool, index: int, text: str | None,
                  finish_reason: str | None = None, role: bool = False, logprobs: dict | None = None,
-                 usage_block: dict | None = None) -> str:
-    """One server-sent event line for a streamed completion or chat completion (one choice)."""
+                 usage_block: dict | None = None, tool_calls: list[dict] | None = None) -> str:
+    """One server-sent event line for a streamed completion or chat completion (one choice); chat's
+    tool_calls: the delta's call pieces, as OpenAI sends them."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         kind = "chat.completion.chunk"
     else:

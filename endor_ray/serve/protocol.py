@@ -27,7 +27,7 @@ NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "max_tokens", "max_
                       "metadata", "store", "service_tier", "parallel_tool_calls", "structured_outputs",
                       "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 _TOO_MANY_DIGITS = f"the request body holds a number of more than {sys.get_int_max_str_digits()} digits"
-METADATA_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # accepted, no effect
+METADATA_FIELDS = ("user", "metadata", "store", "service_tier")  # accepted, no effect
 
 
 class APIError(Exception):
@@ -83,7 +83,8 @@ class _Sampling(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked with the tools (serve/tools.py)
+    parallel_tool_calls: bool = True  # OpenAI's default: an answer may hold several calls
 
 
 class CompletionRequest(_Sampling):
@@ -100,12 +101,27 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatRequest(_Sampling):
@@ -188,12 +204,9 @@ def _check_parts(messages: Any) -> None:
 
 def _refuse_unsupported(request: _Sampling) -> None:
     """Fields that parse but ask for something this server does not do: a 400 naming them."""
-    if request.tools:
-        raise APIError(400, "tools (function calling) are not supported by this server", param="tools",
-                       code="unsupported_parameter")
-    if request.tool_choice not in (None, "none"):
-        raise APIError(400, "tool_choice needs tools, which this server does not support", param="tool_choice",
-                       code="unsupported_parameter")
+    if isinstance(request, CompletionRequest) and (request.tools or request.tool_choice not in (None, "none")):
+        raise APIError(400, "tools (function calling) are for chat completions (/v1/chat/completions)",
+                       param="tools" if request.tools else "tool_choice", code="unsupported_parameter")
     if request.best_of is not None and request.best_of != request.n:
         raise APIError(400, "best_of other than n is not supported (every choice generated is returned)",
                        param="best_of", code="unsupported_parameter")

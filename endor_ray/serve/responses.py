@@ -29,13 +29,20 @@ class Shaper:
 
     def response(self, completions: list[dict]) -> dict[str, Any]:
         shaped = []
-        for completion in completions:
+        for choice, completion in zip(self.choices, completions):
             text = completion["text"]
             if self.echo:
                 text = self.frontend.prompt_text(completion) + text
             logprobs = self.frontend.response_logprobs(completion, self.chat, self.echo, self.logprobs)
-            shaped.append({"text": text, "logprobs": logprobs, "finish_reason": _reason(completion),
-                           "tokens": len(completion["token_ids"])})
+            reason, calls = _reason(completion), None
+            if choice.tools is not None:  # the calls read out of the text; content null when there is only calls
+                parser = choice.tools.parser()
+                parser.feed(text)
+                parser.finish()
+                text, calls = parser.content or None, parser.calls or None
+                reason = "tool_calls" if calls and reason == "stop" else reason
+            shaped.append({"text": text, "logprobs": logprobs, "finish_reason": reason,
+                           "tokens": len(completion["token_ids"]), "tool_calls": calls})
         shape = api.chat_response if self.chat else api.completion_response
         return shape(self.request_id, self.model, shaped, self.prompt_tokens)
 
@@ -44,6 +51,7 @@ class Shaper:
         include_usage = options is not None and options.include_usage
         continuous = options is not None and options.continuous_usage_stats
         generated, echoed = 0, set()
+        parsers = {index: choice.tools.parser() for index, choice in enumerate(self.choices) if choice.tools}
         try:
             for index in range(self.num_choices):
                 if self.chat:
@@ -57,11 +65,21 @@ class Shaper:
                     text = prompt if isinstance(prompt, str) else self.frontend.tokenizer.decode(prompt)
                     yield api.stream_chunk(self.request_id, self.model, False, index, text)
                 if "completion" in event:
-                    completion = event["completion"]
-                    yield api.stream_chunk(self.request_id, self.model, self.chat, index, None, _reason(completion),
+                    completion, reason = event["completion"], _reason(event["completion"])
+                    if index in parsers:
+                        parser = parsers[index]
+                        for chunk in self._tool_chunks(index, parser.finish(), None, usage_block):
+                            yield chunk
+                        reason = "tool_calls" if parser.calls and reason == "stop" else reason
+                    yield api.stream_chunk(self.request_id, self.model, self.chat, index, None, reason,
                                            usage_block=usage_block)
                 elif "token_id" in event:
                     generated += 1
+                    if index in parsers:
+                        for chunk in self._tool_chunks(index, parsers[index].feed(event["text"]),
+                                                       self._token_logprobs(event), usage_block):
+                            yield chunk
+                        continue
                     yield api.stream_chunk(self.request_id, self.model, self.chat, index, event["text"],
                                            logprobs=self._token_logprobs(event), usage_block=usage_block)
             if include_usage:
@@ -71,6 +89,24 @@ class Shaper:
         finally:
             await events.aclose()  # a client gone mid-stream: the worker lets the sequences go
         yield api.STREAM_END
+
+    def _tool_chunks(self, index: int, events: list[tuple], logprobs: dict | None, usage_block: dict | None):
+        """A choice's parsed text as chunks, as OpenAI streams calls: a call's index, id, type and name with
+        arguments "" first, then its argument fragments; a token's logprobs ride on its first chunk."""
+        if not events and logprobs is not None:
+            events = [("content", "")]
+        for event in events:
+            kind, text, calls = event[0], None, None
+            if kind == "content":
+                text = event[1]
+            elif kind == "call":
+                calls = [{"index": event[1], "id": event[2], "type": "function",
+                          "function": {"name": event[3], "arguments": ""}}]
+            else:
+                calls = [{"index": event[1], "function": {"arguments": event[2]}}]
+            yield api.stream_chunk(self.request_id, self.model, True, index, text, logprobs=logprobs,
+                                   usage_block=usage_block, tool_calls=calls)
+            logprobs = None
 
     def _token_logprobs(self, event: dict) -> dict | None:
         entry = event.get("logprob")
