@@ -39,7 +39,7 @@ FAMILIES = {
                          rope_parameters={"full_attention": dict(rope_type="default", rope_theta=1000000.0),
                                           "sliding_attention": dict(rope_type="default", rope_theta=10.0)}),
                     dict(sliding_window=4096)),
-    "phi3": (dict(model_type="phi3"), None),
+    "phi3": (dict(model_type="phi3", sliding_window=64), None),  # a window as Phi-3-mini-4k's (2047) sets
     "olmo2": (dict(model_type="olmo2"), None),
     "granite": (dict(model_type="granite", embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
                      logits_scaling=0.25), None),
