@@ -139,7 +139,8 @@ class ModelRunner:
         for offset, seq in enumerate(newcomers):
             if seq.params.prompt_logprobs is not None:
                 length = len(seq.prompt_ids)
-                prompt_logits[id(seq)] = head_logits(self.model, hidden[first_newcomer + offset, block - length:block - 1])
+                row = first_newcomer + offset
+                prompt_logits[id(seq)] = head_logits(self.model, hidden[row, block - length:block - 1])
         return last, prompt_logits
 
     def close(self) -> None:

@@ -48,7 +48,7 @@ def build_skeleton(
     """The CausalLM with real non-layer weights on `device` and meta-device decoder layers."""
     architecture = architecture_from_config(config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype)
+        model = _from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
 
     state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in dense_tensors.items()}
@@ -72,7 +72,8 @@ def build_skeleton(
                 if not tensor.is_meta:
                     tensor._is_hf_initialized = True
                 elif name in module._parameters:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(tensor, device=device), requires_grad=False)
+                    empty = torch.empty_like(tensor, device=device)
+                    module._parameters[name] = nn.Parameter(empty, requires_grad=False)
                 else:
                     module._buffers[name] = torch.empty_like(tensor, device=device)
             model._init_weights(module)
@@ -205,4 +206,15 @@ def check_tensors_match(model: nn.Module, architecture: Architecture, layer_tens
 def meta_model(config: dict[str, Any]) -> nn.Module:
     """The architecture's model with every tensor on the meta device (names and shapes only)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config(config))
+        return _from_config(config)
+
+
+def _from_config(config: dict[str, Any], **options: Any) -> nn.Module:
+    """The architecture's CausalLM for a config dict; UnsupportedModelError (one line) where
+    transformers rejects the config (a store's tampered manifest, a damaged config.json)."""
+    try:
+        return AutoModelForCausalLM.from_config(hf_config(config), **options)
+    except Exception as exc:  # noqa: BLE001 - transformers raises KeyError, ZeroDivisionError, its own errors...
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UnsupportedModelError(f"transformers rejects the model config ({type(exc).__name__}: {reason}); check "
+                                    "the config (a store's config is its manifest's: re-run endor convert)") from None
