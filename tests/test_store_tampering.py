@@ -208,3 +208,18 @@ def test_a_fifo_read_does_not_block(tmp_path):
             "except StoreError as exc:\n    print(exc)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "a FIFO, not a regular file" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["an activation transformers does not know", "a FIFO as a layer file",
+                                  "nbytes 10**18"])
+def test_endor_generate_says_one_line(tiny_stores, tmp_path, case):
+    """`endor generate --in-process` on the tampered store: one error line and exit 1, in bounded time
+    (a FIFO read would block it for ever)."""
+    store_copy = shutil.copytree(tiny_stores["llama-gqa"], tmp_path / "store")  # one with a tokenizer
+    TAMPERING[case][0](store_copy)
+    command = [sys.executable, "-m", "endor_ray.cli", "generate", str(store_copy), "--in-process", "--prompt", "Hi",
+               "--max-new-tokens", "2", "--gpu-memory", "0"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert TAMPERING[case][2] in errors[0], errors[0]

@@ -49,31 +49,17 @@ def _check_finite(tensors: dict[str, Any]) -> None:
             raise StoreError(f"tensor {name}: {exc}") from None
 
 
-def meta_model(store: Store):
-    """The architecture's model built from the store's config on the meta device, or StoreError."""
-    from endor_ray.models.skeleton import meta_model as build
-
-    try:
-        return build(store.config)
-    except EndorError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - transformers raises assorted errors (KeyError, ZeroDivisionError...) for bad configs
-        raise StoreError(f"{store.location}: transformers rejects the store's model config "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                         "the manifest was tampered with: re-run endor convert") from None
-
-
 def check_against_model(store: Store) -> None:
     """StoreError unless the config builds a model whose tensors are the store's (names, shapes)
     and gives a positive context length (what export and `--verify` need of a config)."""
-    from endor_ray.models.skeleton import check_tensors_match
+    from endor_ray.models.skeleton import check_tensors_match, meta_model
 
     for key in CONTEXT_KEYS:
         value = store.config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise StoreError(f"{store.location}: the model config's {key} is {value!r}, not a positive context "
                              "length; the manifest was tampered with: re-run endor convert")
-    model = meta_model(store)
+    model = meta_model(store.config)  # UnsupportedModelError, one line, where transformers rejects the config
     shapes = [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in store.manifest["layers"]]
     check_tensors_match(model, store.architecture, shapes, store.location)
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
