@@ -62,12 +62,26 @@ def test_the_engine_follows_a_schema_and_free_rows_share_the_batch(engine):
     assert choice.text in ("yes", "no") and choice.finish_reason == "stop"
 
 
-def test_finishing_or_cancelling_frees_the_grammar_and_min_tokens_yields_to_it(engine):
+def test_finishing_or_cancelling_frees_the_grammar_and_min_tokens_yields_to_it(engine, monkeypatch):
+    import threading
+
+    from endor_ray.engine import engine as engine_module
+
+    threads = []
+
+    def recorded(states):
+        threads.append(threading.current_thread().name)
+        G.compute_masks(states)
+
+    monkeypatch.setattr(engine_module, "compute_masks", recorded)
     grammar = G.json_schema_grammar(PERSON, strict=True)
     kept, cancelled = engine.new_sequences(["A person:", "Another:"], SamplingParams(max_new_tokens=80, grammar=grammar))
     assert kept.grammar is not None and cancelled.grammar is not None
     engine.add([kept, cancelled])
     engine.step()
+    assert kept.grammar.stale and not threads  # its next mask waits for the next pass ...
+    engine.step()
+    assert set(threads) == {"endor-grammar_0"}  # ... and was computed beside it, on the grammar thread
     engine.cancel([cancelled])
     while not kept.finished:
         engine.step()

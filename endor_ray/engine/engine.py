@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from endor_ray.engine.config import EngineConfig
-from endor_ray.engine.grammar import GrammarState, apply_mask, grammar_tokenizer
+from endor_ray.engine.grammar import GrammarState, apply_mask, compute_masks, grammar_tokenizer
 from endor_ray.engine.kv_batch import RunningBatch
 from endor_ray.engine.model_runner import ModelRunner, eos_token_ids, load_tokenizer  # noqa: F401  (re-exported)
 from endor_ray.engine.prompts import check_prompt
@@ -52,6 +53,7 @@ class Engine:
         self.batch = RunningBatch(self.device, self.pad_id, runner.new_cache)
         self.metrics = EngineMetrics()
         self._grammar_tokenizer = None  # llguidance's view of the tokenizer, built at the first grammar (~0.5 s)
+        self._grammar_thread: ThreadPoolExecutor | None = None  # computes next masks while a pass runs
 
     def new_sequences(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                       ) -> list[Sequence]:
@@ -108,7 +110,12 @@ class Engine:
             self._finish(seq for seq, _, _ in events)
             return events
         inputs = self.batch.inputs(newcomers)
-        logits, prompt_logits = self.model_runner.forward(inputs, self.batch.cache, newcomers)
+        masks = self._start_masks()
+        try:
+            logits, prompt_logits = self.model_runner.forward(inputs, self.batch.cache, newcomers)
+        finally:
+            if masks is not None:  # ready before any row picks its token; one that failed is computed again
+                masks.exception()  # (in _choose, where a failure ends that row alone), so it is not raised here
         self.metrics.record_pass(len(self.batch.rows))
         leaving = []
         for seq, (token_id, logprob) in zip(self.batch.rows, self._choose(logits)):
@@ -126,6 +133,15 @@ class Engine:
         self.batch.realign()
         self._finish(seq for seq, _, _ in events)
         return events
+
+    def _start_masks(self):
+        """Compute the constrained rows' next masks on the grammar thread while the pass runs (None: none)."""
+        stale = [seq.grammar for seq in self.batch.rows if seq.grammar is not None and seq.grammar.stale]
+        if not stale:
+            return None
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="endor-grammar")
+        return self._grammar_thread.submit(compute_masks, stale)
 
     def _finish(self, sequences) -> None:
         for seq in sequences:
@@ -234,6 +250,9 @@ class Engine:
 
     def close(self) -> None:
         """Stop the prefetch threads and free the buffers (safe to call twice)."""
+        if self._grammar_thread is not None:
+            self._grammar_thread.shutdown(wait=True)
+            self._grammar_thread = None
         self.model_runner.close()
 
     def __enter__(self) -> Engine:

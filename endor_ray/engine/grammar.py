@@ -5,8 +5,10 @@ A grammar travels as llguidance's serialized form (`SamplingParams.grammar`): th
 a list of choices or a Lark grammar. The API checks it once, where the request enters
 (`validate_grammar`: a ConfigError naming what is unsupported). The engine builds one
 `LLTokenizer` from the store's tokenizer (`grammar_tokenizer`) and gives each constrained
-sequence a `GrammarState`: its matcher and the mask of the tokens allowed next, computed on the
-host right after the previous token was consumed, so it is ready when the logits arrive.
+sequence a `GrammarState`: its matcher and the mask of the tokens allowed next. The first mask is
+computed with the matcher (on the submitting thread); each later one is computed on the host while
+the next pass over the weights runs (`compute_masks`, on the engine's grammar thread), so it is
+ready when the logits arrive.
 
 llguidance was chosen by measurement (benchmarks/grammar_cost.py, results/grammar-cost.json): a
 schema compiles in about 1 ms at 49k to 200k tokens, where xgrammar takes 5-85 ms and outlines-core
@@ -109,6 +111,7 @@ class GrammarState:
             raise ConfigError(f"unsupported grammar or schema: {self.matcher.get_error()}")
         self._bits = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)  # [words] int32, LSB first
         self._disallowed: torch.Tensor | None = None
+        self.stale = False  # a token was consumed since the mask was computed
         self.compute_mask()
 
     def compute_mask(self) -> None:
@@ -116,18 +119,20 @@ class GrammarState:
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size]
         self._disallowed = torch.from_numpy(bits == 0)  # [vocab] bool
+        self.stale = False
 
     @property
     def disallowed(self) -> torch.Tensor:
         """[vocab] bool: True for the tokens the grammar forbids next."""
+        if self.stale:  # not computed during the pass (a caller stepping without compute_masks)
+            self.compute_mask()
         return self._disallowed
 
     def advance(self, token_id: int) -> bool:
-        """Consume the sampled token and prepare the next mask; False if the grammar refused it."""
+        """Consume the sampled token (the next mask is computed later); False if the grammar refused it."""
         if not self.matcher.consume_token(token_id):
             return False
-        if not self.finished:
-            self.compute_mask()
+        self.stale = not self.finished
         return True
 
     @property
@@ -138,6 +143,13 @@ class GrammarState:
     @property
     def error(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+def compute_masks(states: list[GrammarState]) -> None:
+    """The next masks of these sequences (run beside the pass, whose torch ops release the GIL)."""
+    for state in states:
+        if state.stale:
+            state.compute_mask()
 
 
 def apply_mask(logits: torch.Tensor, disallowed: torch.Tensor) -> torch.Tensor:
