@@ -277,8 +277,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     _open_store(args.store)  # a bad store fails here, before Ray and Serve start
     config = ServeConfig(store=args.store, model_name=args.model_name, api_key=args.api_key,
-                         protect_health=args.protect_health, engine=args.engine, scheduler=args.scheduler,
-                         cluster=args.cluster)
+                         protect_health=args.protect_health, tool_call_syntax=args.tool_call_syntax,
+                         engine=args.engine, scheduler=args.scheduler, cluster=args.cluster)
     run_server(config, args.host, args.port, allow_unauthenticated_cluster=args.allow_unauthenticated_cluster)
 
 
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="clients must send 'Authorization: Bearer KEY' (default: $ENDOR_API_KEY, else open)")
     serve.add_argument("--protect-health", action="store_true", help="with an API key, /health and /metrics need it too")
+    serve.add_argument("--tool-call-syntax", default="auto", choices=("auto", "hermes", "llama3_json"),
+                       help="how the model writes tool calls (default: from its chat template)")
     serve.add_argument("--allow-unauthenticated-cluster", action="store_true",
                        help="serve on a cluster whose nodes listen beyond loopback although Ray's token auth is off "
                             "(anyone who reaches them can run code: only on a network nobody else can reach)")

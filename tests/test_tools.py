@@ -126,6 +126,17 @@ def test_auto_with_a_strict_tool_constrains_a_call_once_it_starts(hf_tokenizer, 
         jsonschema.validate(json.loads(arguments), ADD)
 
 
+def test_the_syntax_can_be_set_for_the_server():
+    from endor_ray.cli import build_parser
+    from endor_ray.errors import ConfigError
+    from endor_ray.serve.config import ServeConfig, serve_config_from_args
+
+    assert serve_config_from_args({"store": "s", "tool_call_syntax": "llama3_json"}).tool_call_syntax == "llama3_json"
+    assert build_parser().subcommands["serve"].parse_args(["s", "--tool-call-syntax", "hermes"]).tool_call_syntax == "hermes"
+    with pytest.raises(ConfigError, match="tool_call_syntax"):
+        ServeConfig(store="s", tool_call_syntax="xml")
+
+
 @pytest.fixture(scope="module")
 def frontend(hf_tokenizer):
     return api.Frontend("smol", hf_tokenizer, max_context=2048)

@@ -141,7 +141,7 @@ class EndorServer:
         store = Store(config.store)
         self.service = connect(config.store, config.engine, config.cluster, scheduler=config.worker_scheduler)
         self.frontend = api.Frontend(config.served_name, load_tokenizer(store), context_limit(store.config),
-                                     config.default_max_tokens)
+                                     config.default_max_tokens, config.tool_call_syntax)
         self.metrics = ServeMetrics(config.served_name)
         self.started = int(time.time())
 

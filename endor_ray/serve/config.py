@@ -21,6 +21,7 @@ from typing import Any
 from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.scheduler import SchedulerConfig
 from endor_ray.errors import ConfigError
+from endor_ray.serve.tools import SYNTAXES
 from endor_ray.service.driver import ClusterConfig
 from endor_ray.utils.options import OPTIONS, configs_from, read_value, sections_of
 
@@ -38,6 +39,7 @@ class ServeConfig:
     store: str  # store path or URI, readable from every node
     model_name: str | None = None  # the model id clients ask for; default: the store's folder name
     default_max_tokens: int = 256  # for chat requests that give no max_tokens
+    tool_call_syntax: str = "auto"  # how the model writes tool calls: "auto" (from its chat template), or SYNTAXES
     api_key: str | None = None  # clients must send it as a Bearer token (or ENDOR_API_KEY); None: open
     protect_health: bool = False  # with an API key, /health and /metrics need it too
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -48,6 +50,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.store:
             raise ConfigError("the Serve app needs a store (args: store=PATH_OR_URI)")
+        if self.tool_call_syntax not in ("auto", *SYNTAXES):
+            raise ConfigError(f"tool_call_syntax must be 'auto' or one of {SYNTAXES}, got {self.tool_call_syntax!r}")
 
     @property
     def served_name(self) -> str:
