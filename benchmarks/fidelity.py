@@ -113,10 +113,21 @@ def evaluate(name: str, fields: dict, work: Path) -> dict:
         "demo_answer": demo_answer(model, tokenizer),
         "convert_seconds": round(convert_s, 1),
         "calib_samples": config.calib_samples if needs_calibration(config) else None,
+        "settings": settings_count(summary),
     }
     row["demo_correct"] = "paris" in row["demo_answer"].lower()
     shutil.rmtree(store_dir)
     return row
+
+
+def settings_count(summary: dict) -> dict[str, int]:
+    """How many Linear weights the store holds in each setting ("0%/q4_0": 150, ...)."""
+    counts: dict[str, int] = {}
+    for layer in summary["layers"]:
+        for tensor in layer["tensors"]:
+            key = f"{tensor['sparsity']:.0%}/{tensor['values']}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -22,7 +22,7 @@ benchmarks/results/fidelity-vs-llamacpp.json (rewritten after every row; a rerun
 there unless --fresh) and .png.
 
     .venv/bin/python benchmarks/fidelity_vs_llamacpp.py [--only NAME ...] [--skip-ours] [--fresh]
-        [--llamacpp-dir DIR] [--threads N] [--questions] [--out FILE] [--merge FILE ...]
+        [--redo] [--llamacpp-dir DIR] [--threads N] [--questions] [--out FILE] [--merge FILE ...]
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ CALIB_SAMPLES, CALIB_SEQ_LEN, CALIB_SEED = 64, 128, 0  # endor convert's self-ca
 # Our rows: the strongest settings the code has (benchmarks/results/fidelity.json), spread over
 # 0.45-1.1 bytes per weight, in the order they are run (most informative first).
 OURS = {
-    # --bytes-per-weight alone at llama.cpp types' bytes (Q2_K, Q4_0): the whole-model budget's defaults
-    "ours-budget-0.5293": dict(bytes_per_weight=0.5293),
-    "ours-budget-0.5625": dict(bytes_per_weight=0.5625),
+    # --bytes-per-weight alone at llama.cpp types' bytes: the whole-model budget's defaults (Q4_0,
+    # Q2_K, Q3_K_M, IQ4_XS, IQ4_NL, Q5_0, Q4_K_M, Q5_K_M, Q5_1)
+    **{f"ours-budget-{budget}": dict(bytes_per_weight=budget)
+       for budget in (0.5625, 0.5293, 0.579, 0.559, 0.566, 0.6875, 0.692, 0.754, 0.75)},
     "ours-gptq-int4-g32": dict(method="sparsegpt", sparsity=0.0, values="int4", group_size=32),
     "ours-kept-gguf": dict(method="magnitude", values="keep"),  # the embedded Q4_1 GGUF's own blocks
     "ours-mixed-0.65-g32": dict(method="sparsegpt", bytes_per_weight=0.65, group_size=32),
@@ -304,6 +305,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="rows to run, e.g. Q4_0 Q4_0+imatrix ours-gptq-int4-g32")
     parser.add_argument("--skip-ours", action="store_true", help="llama.cpp's rows only")
     parser.add_argument("--fresh", action="store_true", help="rerun rows already in the results")
+    parser.add_argument("--redo", action="store_true",
+                        help="rerun the rows named by --only even if present, keeping the others")
     parser.add_argument("--llamacpp-dir", type=Path, default=cache_dir() / "llamacpp",
                         help="where llama.cpp is downloaded and built and the GGUFs are written")
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and the llama.cpp tools")
@@ -329,7 +332,7 @@ def main() -> None:
         document["rows"] += [row for row in merged["rows"] if row["name"] not in present]
         document.update({key: value for key, value in merged.items() if key not in document})
     done = {row["name"] for row in document["rows"]}
-    todo = [name for name in wanted if name not in done]
+    todo = [name for name in wanted if name not in done or (args.redo and args.only)]
 
     def save(row: dict | None = None) -> None:
         if row is not None:

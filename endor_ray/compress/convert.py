@@ -34,7 +34,7 @@ from endor_ray.format.quant import DEFAULT_GROUP_SIZE, QUANTIZED_ENCODINGS, chec
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
 from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight
 from endor_ray.store.manifest import seal
-from endor_ray.compress.mixed import check_budget, choose_global, measure
+from endor_ray.compress.mixed import GPTQ_SETTINGS, check_budget, choose_global, measure
 from endor_ray.compress.prune import METHODS, InputNormCollector, check_sparsity
 from endor_ray.store.store import (
     DENSE_FILE, MANIFEST_NAME, PART_ALIGNMENT, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name,
@@ -152,7 +152,9 @@ class _LayerWriter:
                 encoded[name] = encode(weight.to(self.dtype), config.block_size, layout=layout)
                 stored[name] = weight
             else:
-                encoded[name], held = compress_weight(weight, setting, config.method, self.dtype, config.block_size,
+                by_gptq = config.bytes_per_weight is not None and setting in GPTQ_SETTINGS  # as measured
+                method = "sparsegpt" if by_gptq else config.method
+                encoded[name], held = compress_weight(weight, setting, method, self.dtype, config.block_size,
                                                       config.group_size, stats.get(name), layout)
                 stored[name] = held.to(weight.dtype)
         file_name = layer_file_name(layer_idx)

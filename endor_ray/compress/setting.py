@@ -67,11 +67,15 @@ def compress_weight(
     if setting.values in GGUF_ENCODINGS:
         return _block_encode(weight, setting, dtype, block_size, stats)
     if method == "sparsegpt" and (setting.sparsity > 0 or setting.values != "raw"):
+        from endor_ray.compress.gptq_blocks import DAMP as GPTQ_DAMP
         from endor_ray.compress.sparsegpt import sparsegpt
 
         if stats.hessian is None:
             raise StoreError("sparsegpt needs the Linear's input Hessian from calibration; was it collected?")
-        result = sparsegpt(weight, stats.hessian, setting.sparsity, setting.values, group_size, dtype)
+        # Without pruning it is GPTQ, whose reference 1% dampening overfits the calibration tokens
+        # (`endor_ray.compress.gptq_blocks.DAMP`); SparseGPT's pruning keeps the paper's 1%.
+        damp = GPTQ_DAMP if setting.sparsity == 0 else 0.01
+        result = sparsegpt(weight, stats.hessian, setting.sparsity, setting.values, group_size, dtype, damp=damp)
         encoded = encode(result.weight.to(dtype), block_size, layout=layout,
                          encoding=setting.values, group_size=group_size,
                          mask=result.mask.reshape(-1) if setting.values != "raw" else None, scales=result.scales)
