@@ -27,14 +27,13 @@ from typing import Any
 
 import regex
 
+from endor_ray.engine.grammar import JSON_OPTIONS
 from endor_ray.serve.protocol import APIError
 from endor_ray.serve.tool_calls import CLOSE, OPEN, PYTHON_TAG, CallParser
 
 SYNTAXES = ("hermes", "llama3_json")
 MAX_PARALLEL_CALLS = 8  # calls one forced answer may hold (a grammar needs a bound; OpenAI sets none)
 NAME_CHARS = regex.compile(r"[A-Za-z0-9_.-]{1,64}")
-# Compact separators as json.dumps writes them: a model cannot spend its tokens on whitespace
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def _lark(syntax: str, functions: tuple[Function, ...], calls: int, schema: bool
     for index, function in enumerate(functions):
         keep = schema or (schema is None and function.strict)
         arguments = {**(function.parameters if keep else {"type": "object"})}
-        arguments["x-guidance"] = {**JSON_LAYOUT, **arguments.get("x-guidance", {})}
+        arguments["x-guidance"] = {**JSON_OPTIONS, **arguments.get("x-guidance", {})}  # compact, as response_format
         head = json.dumps(f'{{"name": {json.dumps(function.name)}, "{key}": ')
         rules += [f'fn_{index}: {head} args_{index} "}}"', f"args_{index}: %json {json.dumps(arguments)}"]
     body = " | ".join(f"fn_{index}" for index in range(len(functions)))
