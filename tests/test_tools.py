@@ -375,3 +375,46 @@ def test_litellm_tools(server, monkeypatch):
     [call] = choice.message.tool_calls
     assert choice.finish_reason == "tool_calls" and call.function.name in SCHEMAS
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_shaped_stream_and_response_agree_per_choice(frontend):
+    """Without a server: two choices' token texts shaped as a stream and as a whole response."""
+    import asyncio
+
+    from endor_ray.serve.responses import Shaper
+
+    body = {"messages": ASK, "tools": TOOLS, "tool_choice": "required", "n": 2, "logprobs": True}
+    request = api.parse(json.dumps(body).encode(), api.ChatRequest)
+    shaper = Shaper(frontend, request, "chatcmpl-1", frontend.requests(request))
+    texts = ['<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": []}}\n</tool_call>', "no call at all"]
+    pieces = {index: [text[start:start + 5] for start in range(0, len(text), 5)] for index, text in enumerate(texts)}
+    completions = [{"text": text, "token_ids": list(range(len(pieces[index]))), "finish_reason": "stop",
+                    "logprobs": [[-0.5, []]] * len(pieces[index]), "prompt_token_ids": [1]}
+                   for index, text in enumerate(texts)]
+
+    async def events():
+        for step in range(max(len(p) for p in pieces.values())):
+            for index in pieces:
+                if step < len(pieces[index]):
+                    yield {"index": index, "token_id": step, "text": pieces[index][step], "logprob": [-0.5, []]}
+        for index in pieces:
+            yield {"index": index, "completion": completions[index]}
+
+    async def collect():
+        return [chunk async for chunk in shaper.stream(None, events())]
+
+    chunks = [json.loads(line[len("data: "):]) for line in asyncio.run(collect()) if line != api.STREAM_END]
+    whole = shaper.response(completions)["choices"]
+    for index, choice in enumerate(whole):
+        mine = [chunk["choices"][0] for chunk in chunks if chunk["choices"][0]["index"] == index]
+        content = "".join(c["delta"].get("content") or "" for c in mine) or None
+        calls = {}
+        for delta in (d for c in mine for d in c["delta"].get("tool_calls", [])):
+            calls.setdefault(delta["index"], {"id": delta.get("id"), "type": "function",
+                                              "function": {"name": delta["function"].get("name"), "arguments": ""}})
+            calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+        assert content == choice["message"]["content"] and mine[-1]["finish_reason"] == choice["finish_reason"]
+        assert [c["function"] for c in calls.values()] == [c["function"] for c in choice["message"].get("tool_calls", [])]
+        assert sum(len(c["logprobs"]["content"]) for c in mine if c["logprobs"]) == len(pieces[index])  # none lost
+    assert whole[0]["finish_reason"] == "tool_calls" and whole[0]["message"]["content"] is None
+    assert whole[1]["message"] == {"role": "assistant", "content": "no call at all"}  # "required" forbids this; the shaper only reads
