@@ -152,11 +152,18 @@ def test_line_number_ids_and_nothing_left_after_kill_9(tiny_stores, tmp_path):
         assert job.poll() is None, job.stderr.read().decode()[-3000:]
         assert _ray_processes(ray_tmp), "the job's Ray was not found: the check below would prove nothing"
         os.kill(job.pid, signal.SIGKILL)  # the driver only: its local Ray must go with it
+        killed = time.monotonic()
         job.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _ray_processes(ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _ray_processes(ray_tmp), _ray_processes(ray_tmp)
+        left = _ray_processes(ray_tmp)
+        while left and time.monotonic() < killed + 30:
+            time.sleep(0.1)
+            left = _ray_processes(ray_tmp)
+        gone_s = time.monotonic() - killed
+        print(f"after kill -9 of the driver, its Ray processes were gone in {gone_s:.1f} s")
+        # The watchdog (service/reaper.py) kills them at once (0.2 s measured); Ray's own fate sharing
+        # alone took 3.0 s here (workers outlive their raylet until they notice), and left two behind
+        # in the report of issue 21.
+        assert not left and gone_s < 2.0, (gone_s, left)
         done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "its line number" in done.stderr

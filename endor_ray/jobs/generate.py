@@ -132,7 +132,8 @@ def check_input(config: JobConfig):
     store = check_store(config)
     started = time.monotonic()
     check_lengths(rows, load_tokenizer(store), config.max_new_tokens, context_limit(store.config))
-    print(f"endor-job: {len(rows.ids)} prompts checked (tokenized in {time.monotonic() - started:.2f} s)",
+    print(f"endor-job: {len(rows.ids)} prompts checked (tokenizer loaded, every prompt tokenized: "
+          f"{time.monotonic() - started:.2f} s)",
           file=sys.stderr, flush=True)
     return rows
 

@@ -61,6 +61,9 @@ def init_ray(address: str | None, timeout_s: float = 30.0) -> bool:
         # Keeps a local Ray on 127.0.0.1 only if set before Ray is first imported: the CLI and
         # the batch job set it at start (`use_loopback_ray`); here it is a last chance.
         use_loopback_ray()
+        from endor_ray.service.reaper import reap_with_this_process
+
+        reap_with_this_process()  # the local Ray dies with this process, even by kill -9
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         return True
