@@ -24,72 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from endor_ray.serve import openai_api as api
+from endor_ray.serve.http_front import BODY_TIMEOUT_S, app, error_response as _error, read_body as _body  # noqa: F401
 from endor_ray.serve.config import APP_ARGS, ServeConfig, environment_names, serve_config_from_args  # noqa: F401
 from endor_ray.serve.limits import check_costs
 from endor_ray.serve.responses import Shaper
 from endor_ray.errors import ConfigError, EndorError
 
 log = logging.getLogger("ray.serve")  # Serve's logger: its handlers add the replica and request context
-BODY_TIMEOUT_S = 30  # a request body that takes longer to arrive is a 408 (a stalled client frees its slot)
 KEEP_ALIVE_S = 10  # an idle keep-alive HTTP connection is closed after this (Serve's default keeps it 90 s)
-
-
-app = FastAPI(title="endor-ray", description="OpenAI-compatible API for offloaded inference")
-
-
-DOCS_ROUTES = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # FastAPI's own
-
-
-def _error(exc: api.APIError) -> Response:
-    # json.dumps escapes what UTF-8 cannot carry (a lone surrogate a client sent, echoed in a message)
-    return Response(json.dumps(exc.body()), status_code=exc.status, media_type="application/json")
-
-
-async def _body(request: Request) -> bytes:
-    """The request body, or a 408 if the client stalls sending it for BODY_TIMEOUT_S."""
-    try:
-        return await asyncio.wait_for(request.body(), BODY_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        raise api.APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s") from None
-
-
-class _CountedAndGuarded:
-    """ASGI middleware: counts every HTTP request by route and status (streams and 5xx included:
-    the status is the one sent, 500 if none was), and under --protect-health keeps FastAPI's docs
-    routes behind the key. Pure ASGI, so a client's disconnect still cancels its handler."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    async def __call__(self, scope, receive, send):
-        server = getattr(scope.get("app", app).state, "server", None) if scope["type"] == "http" else None
-        if server is None:
-            return await self.inner(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path") or "") or "/"
-        if path in DOCS_ROUTES and not server._authorized(Request(scope), open_route=True):
-            server.metrics.count(path, 401)
-            return await server._unauthorized()(scope, receive, send)
-        sent = {}
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                sent["status"] = message["status"]
-            await send(message)
-
-        try:
-            await self.inner(scope, receive, sending)
-        finally:
-            route = scope.get("route")  # the route template that matched (FastAPI sets it), not the raw path
-            server.metrics.count(getattr(route, "path", "unmatched"), sent.get("status", 500))
-
-
-app.add_middleware(_CountedAndGuarded)
 
 
 def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -102,20 +49,6 @@ def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
             "recent_sequences_per_pass": [rows for w in workers for rows in w["recent_sequences_per_pass"]],
             "mean_ttft_s": workers[0]["mean_ttft_s"] if len(workers) == 1 else None,
             "mean_tpot_s": workers[0]["mean_tpot_s"] if len(workers) == 1 else None}
-
-
-@app.exception_handler(Exception)
-async def _internal_error(request: Request, exc: Exception):
-    """What no route turned into an answer: a 500 with an OpenAI body (the traceback goes to the log)."""
-    log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc)
-    return _error(api.APIError(500, f"internal error ({type(exc).__name__}); the server's log has the details"))
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    """Unknown routes and methods answer with an OpenAI-style body too."""
-    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-    return _error(api.APIError(exc.status_code, message.get(exc.status_code, str(exc.detail))))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
