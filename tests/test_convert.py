@@ -148,3 +148,12 @@ def test_prefetching_reads_the_next_layer_ahead():
         assert [load_next(i)["w"].item() for i in (1, 2, 0)] == [1, 2, 0]
     assert calls[:4] == [0, 1, 2, 0]
     assert not any(t.name.startswith("endor-prefetch") for t in threading.enumerate())
+
+
+def test_a_budget_holds_for_the_layer_files_bytes(tiny_checkpoints, tmp_path):
+    """--bytes-per-weight bounds what the layer files weigh (headers and alignment too), as fidelity reports it."""
+    config = ConvertConfig(bytes_per_weight=0.6, dtype="bfloat16", calib_samples=2, calib_seq_len=16)
+    summary = Store(str(convert(str(tiny_checkpoints["llama-gqa"]), tmp_path / "s", config, progress=False))).summary()
+    weights = sum(layer["weights"] for layer in summary["layers"])
+    assert summary["layers_nbytes"] <= 0.6 * weights
+    assert summary["layers_nbytes"] >= 0.55 * weights  # and spends it
