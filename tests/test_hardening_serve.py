@@ -66,13 +66,16 @@ def test_endor_serve_listens_on_loopback_only(tiny_stores, auth_mode):
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
                                          data=json.dumps({"prompt": "Hi", "max_tokens": 2}).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            assert answer.status == 200
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                assert answer.status == 200
+        except (urllib.error.URLError, OSError) as exc:
+            pytest.fail(f"the first request failed ({exc}); the server's log ends:\n{log_path.read_text()[-3000:]}")
         processes = _process_tree(server.pid)
         listening = _listening(processes)
         names = {name for _, _, name in listening}
         assert ("127.0.0.1", port) in {(ip, p) for ip, p, _ in listening}  # the check sees our sockets
-        assert any("ServeRepli" in name for name in names), listening
+        assert any("ServeRepli" in name for name in names), (listening, [p.pid for p in processes])
         exposed = [entry for entry in listening if not is_loopback(entry[0])]
         assert exposed == [], f"listening beyond loopback with RAY_AUTH_MODE={auth_mode}: {exposed}"
     finally:
