@@ -47,13 +47,15 @@ def test_convert_inspect_export_round(checkpoint, tmp_path, capsys):
 
 def test_mixed_and_quantized_stores_show_their_settings(checkpoint, tmp_path, capsys):
     mixed, int4 = tmp_path / "mixed", tmp_path / "int4"
-    code, _, _ = run(["convert", str(checkpoint), str(mixed), "--bytes-per-weight", "0.6", "--block-size", "256",
+    # the budget counts each layer file's header and alignment, which a 64-wide model's tiny tensors
+    # make a large share: 0.7 here is what 0.6 was before they were counted
+    code, _, _ = run(["convert", str(checkpoint), str(mixed), "--bytes-per-weight", "0.7", "--block-size", "256",
                       "--calib-samples", "2", "--calib-seq-len", "8", "--quiet"], capsys)
     assert code == 0
     code, stdout, _ = run(["inspect", str(mixed)], capsys)
-    assert code == 0 and "mixed precision per tensor within 0.6 bytes per weight" in stdout
+    assert code == 0 and "mixed precision per tensor within 0.7 bytes per weight" in stdout
     rows = [line for line in stdout.splitlines() if line.strip()[:1].isdigit()]
-    setting = r"\d+/(4|8|16|q\d_[01k])"  # sparsity / value bits, or a GGUF block type
+    setting = r"\d+/(4|8|16|i?q\d_([01k]|nl))"  # sparsity / value bits, or a GGUF block type
     assert len(rows) == 3 and all(re.search(rf"q {setting} k {setting} .* down {setting}$", row) for row in rows)
     code, stdout, _ = run(["inspect", str(mixed), "--tensors"], capsys)
     assert code == 0 and len([line for line in stdout.splitlines() if "_proj.weight" in line]) == 3 * 7
