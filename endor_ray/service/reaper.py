@@ -6,7 +6,9 @@ GCS, raylet, and the raylet's workers, which keep Ray's environment), and starts
 watchdog holding the read end of a pipe whose write end only this process has. When this process
 ends, however it ends, the kernel closes the write end; the watchdog reads end-of-file and
 SIGKILLs every process whose environment carries the token (a worker orphaned by its raylet
-included: nothing is found through a parent that is gone). After a clean `ray.shutdown()` there
+included: nothing is found through a parent that is gone) and every descendant of those: Ray's
+dashboard and runtime-env agents rewrite their environment's memory with their process titles, so
+only their parent (the raylet, still alive then: all are stopped before any is killed) finds them. After a clean `ray.shutdown()` there
 is nothing left to kill and the watchdog just exits.
 """
 
@@ -25,14 +27,41 @@ import os, signal, sys
 token = ("%s=" + sys.argv[1]).encode()
 while os.read(0, 1 << 16):
     pass
-for name in os.listdir("/proc"):
-    if name.isdigit() and int(name) != os.getpid():
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if token in f.read().split(b"\0"):
-                    os.kill(int(name), signal.SIGKILL)
-        except OSError:
-            pass
+
+def processes():
+    found = {}  # pid -> (parent pid, carries the token)
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    found[int(name)] = (parent, token in f.read().split(b"\0"))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+def descendants(found, doomed):
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _) in found.items() if parent in doomed} - doomed
+        doomed |= children
+        grew = bool(children)
+    return doomed
+
+found = processes()
+doomed = descendants(found, {pid for pid, (_, marked) in found.items() if marked})
+for pid in doomed:  # stopped first, so none starts a child between the scan and the kill
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except OSError:
+        pass
+doomed = descendants(processes(), doomed)
+for pid in doomed:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 """ % TOKEN_VARIABLE
 
 
