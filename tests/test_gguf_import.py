@@ -220,19 +220,24 @@ def test_low_bit_blocks_are_kept_exactly(low_bit, tmp_path):
             assert torch.equal(decode_into(enc, torch.empty_like(want), threads=2), want), name
 
 
-def test_engine_matches_transformers_on_a_low_bit_kept_store(low_bit, tmp_path):
+def assert_engine_matches_transformers(store, tmp_path) -> None:
+    """Greedy tokens of the engine (one layer resident) == transformers' on the exported weights."""
     from test_quantized_stores import exported_greedy
 
     from endor_ray.engine import Engine, EngineConfig
     from endor_ray.engine.sampling import SamplingParams
 
-    store = convert(str(low_bit[0]), tmp_path / "store", ConvertConfig(values="keep"), progress=False)
     prompts = ["hello there", "a b c d e f"]
     expected = exported_greedy(store, tmp_path, prompts, max_new_tokens=6)
     with Engine(str(store), EngineConfig(gpu_memory=1), progress=False) as engine:
         completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     assert [completion.token_ids for completion in completions] == expected
     assert any(expected)
+
+
+def test_engine_matches_transformers_on_a_low_bit_kept_store(low_bit, tmp_path):
+    store = convert(str(low_bit[0]), tmp_path / "store", ConvertConfig(values="keep"), progress=False)
+    assert_engine_matches_transformers(store, tmp_path)
 
 
 def test_a_gguf_recompresses_from_its_dequantized_weights(tiny, tmp_path):
@@ -246,19 +251,9 @@ def test_a_gguf_recompresses_from_its_dequantized_weights(tiny, tmp_path):
 
 
 def test_engine_matches_transformers_on_a_tiny_kept_store(tiny, tmp_path):
-    from test_quantized_stores import exported_greedy
-
-    from endor_ray.engine import Engine, EngineConfig
-    from endor_ray.engine.sampling import SamplingParams
-
     path, _, _ = tiny
     store = convert(str(path), tmp_path / "store", ConvertConfig(values="keep", block_size=256), progress=False)
-    prompts = ["hello there", "a b c d e f"]
-    expected = exported_greedy(store, tmp_path, prompts, max_new_tokens=6)
-    with Engine(str(store), EngineConfig(gpu_memory=1), progress=False) as engine:
-        completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
-    assert [completion.token_ids for completion in completions] == expected
-    assert any(expected)
+    assert_engine_matches_transformers(store, tmp_path)
 
 
 def test_a_file_that_is_not_gguf_is_a_clean_error(tiny, tmp_path, capsys):
