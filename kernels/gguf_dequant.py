@@ -1,10 +1,11 @@
 """GGUF block dequantization on the GPU: llama.cpp's blocks (Q8_0 ... Q6_K, Q3_K, Q2_K, IQ4_NL) -> dense rows.
 
 A tensor with ``values_encoding`` one of ``GGUF_ENCODINGS`` (layout "dense", see
-`endor_ray.format.gguf_blocks` for the spec) stores only ``values``: uint8 blocks, the rows' blocks
-in order, exactly the bytes of a GGUF file. As every row holds whole blocks, the flattened tensor
-is a plain run of ``numel // BLOCK_ELEMS`` blocks: element ``e`` is element ``e % BLOCK_ELEMS`` of
-block ``e // BLOCK_ELEMS``, and rows play no part in the decode.
+`endor_ray.format.gguf_blocks` for the spec) stores only ``values``: uint8 blocks of the flattened
+tensor in order (a GGUF file's bytes where every row holds whole blocks; a super-block type may also
+span rows, e.g. q4_k on 576 columns). So the tensor is a plain run of ``numel // BLOCK_ELEMS``
+blocks: element ``e`` is element ``e % BLOCK_ELEMS`` of block ``e // BLOCK_ELEMS``, and rows play no
+part in the decode.
 
 One program per CHUNK of elements, a multiple of every block size: a chunk is a [blocks,
 BLOCK_ELEMS] tile starting on a block boundary (the int64 part of each address is one scalar per

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from endor_ray.errors import FormatError
-from endor_ray.format.gguf_blocks import GGUF_ENCODINGS, blocks_nbytes, dequantize_blocks
+from endor_ray.format.gguf_blocks import BLOCK_TYPES, GGUF_ENCODINGS, blocks_nbytes, dequantize_blocks
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, EncodedTensor, decode, validate, validate_contents
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,8 @@ def dequantize_gguf_into(blocks: torch.Tensor, encoding: str, rows: int, cols: i
     """Decode the GGUF blocks of a [rows, cols] tensor into `out` (contiguous, rows * cols elements of
     float16, bfloat16 or float32, CPU); return `out`.
 
-    blocks: [rows * cols / block_elems * type_size] uint8 on the CPU, exactly a GGUF file's bytes.
+    blocks: [rows * cols / block_elems * type_size] uint8 on the CPU, the flattened tensor's blocks
+    (`endor_ray.format.gguf_blocks`; exactly a GGUF file's bytes where cols holds whole blocks).
     `threads` splits the rows; `isa` forces an implementation as in `decode_into`. A buffer of the
     wrong size, or cols that do not hold whole blocks, are a FormatError (nothing is read).
     """
@@ -261,6 +262,9 @@ def dequantize_gguf_into(blocks: torch.Tensor, encoding: str, rows: int, cols: i
     if _library() is None:
         return out.copy_(dequantize_blocks(blocks, encoding, rows, cols).view(out.shape))
     isa_code = _lib.endor_gguf_best_isa() if isa is None else ISAS[isa]
+    block_elems = BLOCK_TYPES[encoding].block_elems
+    if cols % block_elems:  # a super-block type over the flattened tensor: the C decoder sees rows of one block
+        rows, cols = rows * cols // block_elems, block_elems
     per_thread = max(1, _MIN_BLOCKS_PER_THREAD * DEFAULT_BLOCK_SIZE // cols)  # rows worth a thread
     num_threads = max(1, min(threads, rows // per_thread))
     _split(_dequant_gguf, rows, num_threads, blocks.contiguous(), encoding, rows, cols, out.view(-1), isa_code)

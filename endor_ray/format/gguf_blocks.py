@@ -3,10 +3,17 @@
 Spec, format version 3 (docs/FORMAT.md says the same with a table)
 -------------------------------------------------------------------
 ``values_encoding`` one of ``GGUF_ENCODINGS`` (lower-case ggml type names) stores a tensor of shape
-``(..., cols)`` (``rows = numel // cols``; ``cols`` a multiple of the type's ``block_elems``) in
-layout ``"dense"`` as one array, ``values``: ``uint8[rows * (cols // block_elems) * type_size]``,
-the rows' blocks in order: exactly the bytes a GGUF file holds for a ``[rows, cols]`` tensor of
-that type (ggml's ``ne0 = cols``). No scales, offsets or bitmap; ``nnz = numel``, ``group_size = 0``.
+``(..., cols)`` (``rows = numel // cols``) in layout ``"dense"`` as one array, ``values``:
+``uint8[numel // block_elems * type_size]``, the blocks of the tensor's elements in row-major
+(flattened) order: block ``b`` holds elements ``[b * block_elems, (b + 1) * block_elems)`` of the
+flattened tensor. The 32-element types need ``cols`` a multiple of 32; the 256-element (super-block)
+types q4_k, q5_k, q6_k, q3_k and q2_k need only ``numel`` a multiple of 256. Where ``cols`` is a
+multiple of ``block_elems`` the blocks are each row's blocks in order: exactly the bytes a GGUF
+file holds for a ``[rows, cols]`` tensor of that type (ggml's ``ne0 = cols``), so a GGUF's blocks
+are kept as they are. Other shapes are this format's own (llama.cpp requires whole rows): e.g. a
+``[576, 576]`` q4_k tensor's super-block 2 holds row 0's last 64 elements and row 1's first 192;
+with ``cols`` a multiple of 32 every sub-block of 16 or 32 still lies inside one row and only the
+super-block's f16 scales span two. No scales, offsets or bitmap; ``nnz = numel``, ``group_size = 0``.
 
 Within a block (all fields little-endian; ``f16`` is an IEEE half, read exactly as float32;
 ``q[e]`` is the integer code of block element ``e``, converted exactly to float32)::
@@ -54,7 +61,7 @@ must still read nothing outside the block.
 
 Bytes per weight: q8_0 1.0625, q4_0 0.5625, q4_1 0.625, q5_0 0.6875, q5_1 0.75, q4_k 0.5625,
 q5_k 0.6875, q6_k 0.8203, q3_k 0.4297, q2_k 0.3281, iq4_nl 0.5625 (``type_size / block_elems``); a
-tensor is ``rows * cols / block_elems * type_size`` bytes.
+tensor is ``numel / block_elems * type_size`` bytes.
 
 Encoding (`quantize_blocks`) is llama.cpp's quantizers ported in C's float32 order, bit for bit
 (`endor_ray.format.gguf_quantize`): the reference functions ``quantize_row_*_ref`` of
@@ -100,13 +107,22 @@ def block_type(encoding: str) -> BlockType:
     return BLOCK_TYPES[encoding]
 
 
-def blocks_nbytes(encoding: str, rows: int, cols: int) -> int:
-    """Bytes of a [rows, cols] tensor of `encoding`; FormatError unless cols is a multiple of its block."""
+def blocks_fit(encoding: str, rows: int, cols: int) -> bool:
+    """Whether a [rows, cols] tensor can be stored as `encoding`'s blocks (the module spec's layout rule)."""
     block = block_type(encoding)
-    if cols % block.block_elems:
-        raise FormatError(f"a {encoding} tensor's rows must hold whole blocks of {block.block_elems} weights; "
-                          f"cols = {cols} is not a multiple of {block.block_elems}")
-    return rows * (cols // block.block_elems) * block.type_size
+    if block.block_elems == 32:
+        return cols % 32 == 0
+    return (rows * cols) % block.block_elems == 0
+
+
+def blocks_nbytes(encoding: str, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] tensor of `encoding`; FormatError unless its blocks fit (`blocks_fit`)."""
+    block = block_type(encoding)
+    if not blocks_fit(encoding, rows, cols):
+        where = "per row" if block.block_elems == 32 else f"per row or flattened; nor is numel = {rows * cols}"
+        raise FormatError(f"a {encoding} tensor must hold whole blocks of {block.block_elems} weights; "
+                          f"cols = {cols} is not a multiple of {block.block_elems} ({where})")
+    return rows * cols // block.block_elems * block.type_size
 
 
 def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -203,8 +219,9 @@ def _decode_k(blocks: torch.Tensor, encoding: str) -> torch.Tensor:
 
 
 def dequantize_blocks(data: torch.Tensor, encoding: str, rows: int, cols: int) -> torch.Tensor:
-    """float32 [rows, cols] from the blocks `data` ([rows * cols / block_elems * type_size] uint8):
-    the torch reference, bit-identical to gguf-py's `dequantize` (the module spec)."""
+    """float32 [rows, cols] from the blocks `data` ([rows * cols / block_elems * type_size] uint8, the
+    flattened tensor's blocks in order): the torch reference, bit-identical to gguf-py's `dequantize`
+    (the module spec)."""
     block = block_type(encoding)
     nbytes = blocks_nbytes(encoding, rows, cols)
     if data.dtype != torch.uint8 or data.numel() != nbytes:

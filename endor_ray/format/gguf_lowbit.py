@@ -86,11 +86,20 @@ def quantize_q3_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Ten
         levels, d = levels.to(torch.int32), d_block.to(torch.float16)
     packed_scales = _pack_q3_scales(levels)
     sub_d = d.float().unsqueeze(1) * q3_k_scales(packed_scales).float()  # [B, 16]
-    codes = _requantize(x.view(num_blocks, 16, 16), sub_d, None, -4, 3, codes).view(num_blocks, 256)
+    codes = _requantize(x.view(num_blocks, 16, 16), sub_d, None, -4, 3, codes)
+    return pack_q3_k(d, levels, codes)
+
+
+def pack_q3_k(d: torch.Tensor, levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """q3_k blocks [B, 110] uint8 from float16 d [B], 6-bit scale levels [B, 16] (the signed scale
+    + 32: 0..63) and codes [B, 16, 16] (uint8, the code + 4: 0..7)."""
+    num_blocks = codes.shape[0]
+    codes = codes.reshape(num_blocks, 256)
     high = (codes > 3).view(num_blocks, 8, 32)  # bit e // 32 of hmask[e % 32]
-    bit_weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 8, 1)
+    bit_weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device)).view(1, 8, 1)
     hmask = (high.to(torch.int32) * bit_weights).sum(dim=1).to(torch.uint8)
-    return torch.cat([hmask, _pack_crumbs(codes & 3), packed_scales, d.view(torch.uint8).view(-1, 2)], dim=1)
+    return torch.cat([hmask, _pack_crumbs(codes & 3), _pack_q3_scales(levels), d.view(torch.uint8).view(-1, 2)],
+                     dim=1)
 
 
 def quantize_q2_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
@@ -118,7 +127,13 @@ def quantize_q2_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Ten
     sub_d = d.float().unsqueeze(1) * (packed & 0x0F).float()  # [B, 16]
     sub_m = dmin.float().unsqueeze(1) * (packed >> 4).float()
     codes = _requantize(x.view(num_blocks, 16, 16), sub_d, sub_m, 0, 3, codes.view(num_blocks, 16, 16))
-    return torch.cat([packed.to(torch.uint8), _pack_crumbs(codes.view(num_blocks, 256)),
+    return pack_q2_k(d, dmin, packed, codes)
+
+
+def pack_q2_k(d: torch.Tensor, dmin: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """q2_k blocks [B, 84] uint8 from float16 d, dmin [B], the scale bytes [B, 16] (4-bit scale |
+    4-bit minimum << 4) and codes [B, 16, 16] (uint8, 0..3)."""
+    return torch.cat([packed.to(torch.uint8), _pack_crumbs(codes.reshape(codes.shape[0], 256)),
                       d.view(torch.uint8).view(-1, 2), dmin.view(torch.uint8).view(-1, 2)], dim=1)
 
 
@@ -152,4 +167,9 @@ def quantize_iq4_nl(x: torch.Tensor, importance: torch.Tensor | None) -> torch.T
     d = torch.where(zero, torch.zeros_like(d), d)
     inverse = torch.where(d != 0, rdiv(1.0, safe(d, d != 0)), torch.zeros_like(d))
     codes = best_index(values, inverse.unsqueeze(1) * x)[0].to(torch.uint8)  # with the unrounded scale, as C
+    return pack_iq4_nl(d, codes)
+
+
+def pack_iq4_nl(d: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """iq4_nl blocks [B, 18] uint8 from float32 d [B] (stored as float16) and codebook indices [B, 32] (uint8)."""
     return torch.cat([_fp16_bytes(d), codes[:, :16] | (codes[:, 16:] << 4)], dim=1)

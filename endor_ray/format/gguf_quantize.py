@@ -145,6 +145,15 @@ def _k_min(x: torch.Tensor, encoding: str, importance: torch.Tensor | None) -> t
     sub_m = dmin.float().unsqueeze(1) * lm.float()
     again = nearest_int((x.view(num_blocks, 8, 32) + sub_m.unsqueeze(2)) / safe(sub_d, sub_d != 0).unsqueeze(2))
     codes = torch.where((sub_d != 0).unsqueeze(2), again.clamp(0, nmax).to(torch.uint8), codes)  # C skips d == 0
+    return pack_k_min(encoding, d, dmin, ls, lm, codes)
+
+
+def pack_k_min(encoding: str, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor,
+               codes: torch.Tensor) -> torch.Tensor:
+    """q4_k / q5_k blocks [B, 144 / 176] uint8 from float16 d, dmin [B], 6-bit sub-block scales ls and
+    minimums lm [B, 8] (uint8) and codes [B, 8, 32] (uint8, 0..15 / 0..31)."""
+    num_blocks = codes.shape[0]
+    codes = codes.view(num_blocks, 8, 32)
     pairs = codes.view(num_blocks, 4, 2, 32)  # sub-blocks 2c and 2c+1 share bytes 32c..32c+31
     qs = ((pairs[:, :, 0] & 0x0F) | ((pairs[:, :, 1] & 0x0F) << 4)).reshape(num_blocks, 128)
     head = [d.view(torch.uint8).view(-1, 2), dmin.view(torch.uint8).view(-1, 2), _pack_k_scales(ls, lm)]
@@ -170,7 +179,15 @@ def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     sub_d = d.float().unsqueeze(1) * sc.float()
     again = (nearest_int(x.view(num_blocks, 16, 16) / safe(sub_d, sub_d != 0).unsqueeze(2)).clamp(-32, 31) + 32)
     codes = torch.where((sub_d != 0).unsqueeze(2), again.to(torch.uint8), codes)
-    codes = torch.where(empty.view(-1, 1, 1), torch.zeros_like(codes), codes).view(num_blocks, 2, 4, 32)
+    codes = torch.where(empty.view(-1, 1, 1), torch.zeros_like(codes), codes)
+    return pack_q6_k(d, sc, codes)
+
+
+def pack_q6_k(d: torch.Tensor, sc: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """q6_k blocks [B, 210] uint8 from float16 d [B], int8 sub-block scales sc [B, 16] and codes
+    [B, 16, 16] (uint8, the code + 32: 0..63)."""
+    num_blocks = codes.shape[0]
+    codes = codes.reshape(num_blocks, 2, 4, 32)
     low = codes & 0x0F  # [B, half, k, l]
     ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=2)
     high = codes >> 4

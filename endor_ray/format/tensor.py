@@ -35,7 +35,8 @@ of the spec. Readers reject any other encoding.
 Sizes: a raw bitmap tensor takes ``nnz*itemsize + ceil(N/8) + 8*(num_blocks+1)`` bytes; at 50%
 sparsity in fp16 that is 0.5 + 1/16 + 8/(2B) of the dense size (0.5635 for B = 4096). Quantized
 encodings replace ``nnz*itemsize`` by the sizes in `endor_ray.format.quant`; a GGUF block tensor
-is ``rows * cols / block_elems * type_size`` bytes (`endor_ray.format.gguf_blocks`).
+is ``rows * cols / block_elems * type_size`` bytes, its blocks over the flattened tensor
+(`endor_ray.format.gguf_blocks`).
 
 The checksum of a tensor is CRC-32 (zlib's polynomial) over its parts' bytes in the order
 bitmap, block_offsets, row_offsets, scales, values, skipping the parts it does not have (a raw
@@ -301,7 +302,7 @@ def encode(
             raise FormatError(f"a {encoding} tensor keeps every weight and computes its own scales: "
                               "pass neither mask nor scales")
         rows, cols = quant.rows_cols(tuple(weight.shape))
-        blocks_nbytes(encoding, rows, cols)  # whole blocks per row, checked before any work
+        blocks_nbytes(encoding, rows, cols)  # whole blocks (per row, or flattened for the k-types), checked first
         blocks = quantize_blocks(weight.detach().reshape(rows, cols), encoding)
         return gguf_tensor(blocks, encoding, tuple(weight.shape), weight.dtype, block_size)
     if encoding != "raw":
