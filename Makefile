@@ -8,7 +8,7 @@ STORE  ?= stores/smollm2-135m-q4_1
 
 .PHONY: setup demo test clean-stores
 
-$(STAMP): pyproject.toml setup.py endor_ray/format/_expand.c endor_ray/format/_gguf.c endor_ray/format/_decode.h Makefile
+$(STAMP): pyproject.toml setup.py endor_ray/format/_expand.c endor_ray/format/_gguf.c endor_ray/format/_matvec.c endor_ray/format/_decode.h Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# A bare torch requirement would pull a multi-GB CUDA build: take the CPU build first unless a

@@ -1,0 +1,430 @@
+/* Small-batch products straight from the stored blocks: y = x @ W^T without decoding W to memory.
+ *
+ * W is a [rows, cols] tensor held as its encoding (endor_ray.format.quant's dense "int8"/"int4" with
+ * group scales, or gguf_blocks' q8_0, q4_0, q4_1, q5_0, q5_1); x is [x_rows, cols] float32 and y
+ * [x_rows, rows] float32. Each weight is first computed exactly as the reference decode defines it,
+ * float32 then rounded to nearest even to the tensor's dtype (fp16, bf16 or fp32), and that value is
+ * what multiplies x: the product uses the decoded tensor's values bit for bit.
+ *
+ * The sum's order is part of the spec, so that the AVX-512, AVX2 and scalar loops agree bit for bit:
+ * a row's columns fall into 32 lanes (column c into lane c % 32); each lane accumulates, in column
+ * order, acc = fmaf(w, x, acc) from +0.0 (one fused multiply-add, one rounding); the 32 lanes are
+ * then added as a tree: lane j += lane j + 16 (j < 16), then + 8, + 4, + 2, + 1. A ragged last
+ * chunk leaves the lanes past `cols` untouched (masked, not multiplied by zero: x may hold inf).
+ *
+ * endor_matvec() computes output rows [first_row, last_row) of W for every row of x; callers split
+ * W's rows over threads (ctypes releases the GIL). The weight row is read from memory once and
+ * stays in L1 while it meets x in groups of 4 rows. Every size is checked against the arrays given:
+ * nothing is read outside them, whatever the arguments.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MATVEC_X86 1
+#include <immintrin.h>
+#endif
+#include "_decode.h"
+
+enum { MV_Q4_0 = 2, MV_Q4_1 = 3, MV_Q5_0 = 6, MV_Q5_1 = 7, MV_Q8_0 = 8, MV_INT8 = 100, MV_INT4 = 101 };
+#define LANES 32
+#define X_GROUP 4 /* rows of x per pass over a weight row (their accumulators fit the registers) */
+
+typedef struct {
+    int type, dtype;
+    const uint8_t *values;
+    const void *scales; /* int8/int4: rows * groups_per_row scales in `dtype` */
+    int64_t groups_per_row, group_size, rows, cols, block_size;
+    const float *x;
+    int64_t x_rows;
+    float *y;
+} matvec_args;
+
+/* ---- one weight, exactly (the scalar reference every loop matches) --------------------------- */
+
+static inline float scale_at(const matvec_args *a, int64_t index) {
+    if (a->dtype == ENDOR_F32) return ((const float *)a->scales)[index];
+    uint16_t bits = ((const uint16_t *)a->scales)[index];
+    return a->dtype == ENDOR_F16 ? f16_to_f32(bits) : bits_f32((uint32_t)bits << 16);
+}
+
+static inline float f16_at(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return f16_to_f32(h); }
+
+/* float32 -> the tensor's dtype -> float32 (round to nearest even; a NaN stays a NaN) */
+static inline float round_to_dtype(float v, int dtype) {
+    if (dtype == ENDOR_F32 || v != v) return v;
+    if (dtype == ENDOR_F16) return f16_to_f32(f32_to_f16(v));
+    return bits_f32((uint32_t)f32_to_bf16(v, 0x7FC0) << 16);
+}
+
+static inline int nibble32(const uint8_t *qs, int e) { return e < 16 ? qs[e] & 15 : qs[e - 16] >> 4; }
+
+static float weight_at(const matvec_args *a, int64_t n, int64_t c) {
+    float v;
+    if (a->type == MV_INT8 || a->type == MV_INT4) {
+        int64_t flat = n * a->cols + c;
+        int code;
+        if (a->type == MV_INT8) code = (int8_t)a->values[flat];
+        else code = (((a->values[flat >> 1] >> (4 * (flat & 1))) & 15) ^ 8) - 8;
+        v = (float)code * scale_at(a, n * a->groups_per_row + c / a->group_size);
+    } else {
+        const uint8_t *block = a->values + (n * (a->cols / 32) + c / 32) * a->block_size;
+        int e = (int)(c % 32);
+        float d = f16_at(block);
+        uint32_t qh;
+        switch (a->type) {
+        case MV_Q8_0: v = (float)(int8_t)block[2 + e] * d; break;
+        case MV_Q4_0: v = d * ((float)nibble32(block + 2, e) - 8.0f); break;
+        case MV_Q4_1: v = (d * (float)nibble32(block + 4, e)) + f16_at(block + 2); break;
+        case MV_Q5_0:
+            memcpy(&qh, block + 2, 4);
+            v = d * ((float)(nibble32(block + 6, e) | ((qh >> e) & 1) << 4) - 16.0f);
+            break;
+        default: /* MV_Q5_1 */
+            memcpy(&qh, block + 4, 4);
+            v = (d * (float)(nibble32(block + 8, e) | ((qh >> e) & 1) << 4)) + f16_at(block + 2);
+        }
+    }
+    return round_to_dtype(v, a->dtype);
+}
+
+/* The weights of columns [c0, c0 + count) of row n into w[0..count) (count <= LANES). */
+static void chunk_scalar(const matvec_args *a, int64_t n, int64_t c0, int count, float *w) {
+    for (int j = 0; j < count; j++) w[j] = weight_at(a, n, c0 + j);
+}
+
+static float reduce_lanes(float *acc) {
+    for (int step = LANES / 2; step >= 1; step /= 2)
+        for (int j = 0; j < step; j++) acc[j] = acc[j] + acc[j + step];
+    return acc[0];
+}
+
+static void rows_scalar(const matvec_args *a, int64_t first, int64_t last) {
+    float w[LANES], acc[X_GROUP][LANES];
+    for (int64_t n = first; n < last; n++) {
+        for (int64_t g = 0; g < a->x_rows; g += X_GROUP) {
+            int group = a->x_rows - g < X_GROUP ? (int)(a->x_rows - g) : X_GROUP;
+            memset(acc, 0, sizeof acc);
+            for (int64_t c0 = 0; c0 < a->cols; c0 += LANES) {
+                int count = a->cols - c0 < LANES ? (int)(a->cols - c0) : LANES;
+                chunk_scalar(a, n, c0, count, w);
+                for (int r = 0; r < group; r++) {
+                    const float *x = a->x + (g + r) * a->cols + c0;
+                    for (int j = 0; j < count; j++) acc[r][j] = fmaf(w[j], x[j], acc[r][j]);
+                }
+            }
+            for (int r = 0; r < group; r++) a->y[(g + r) * a->rows + n] = reduce_lanes(acc[r]);
+        }
+    }
+}
+
+/* Whether row n's full chunks have a vector decode: group scales constant over each 16 lanes, and
+ * (int4) the row starting on a whole byte. */
+static int row_is_fast(const matvec_args *a, int64_t n) {
+    if (a->type == MV_INT8) return a->group_size % 16 == 0;
+    if (a->type == MV_INT4) return a->group_size % 16 == 0 && (n * a->cols) % 2 == 0;
+    return 1;
+}
+
+#ifdef MATVEC_X86
+/* ---- AVX-512: a chunk of 32 weights is two registers ------------------------------------------ */
+#define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"
+
+__attribute__((target(AVX512), always_inline)) static inline __m512 round512(__m512 v, int dtype) {
+    if (dtype == ENDOR_F32) return v;
+    if (dtype == ENDOR_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+    rounded = _mm512_and_si512(rounded, _mm512_set1_epi32((int)0xFFFF0000u));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), nan, v);
+}
+
+__attribute__((target(AVX512), always_inline)) static inline __m512 int8x16(const uint8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* Row n, columns [c0, c0 + 32): the 32 decoded weights in w[0], w[1] (type a constant) */
+__attribute__((target(AVX512), always_inline)) static inline void chunk512(const matvec_args *a, int type,
+                                                                          int64_t n, int64_t c0, __m512 *w) {
+    if (type == MV_INT8 || type == MV_INT4) {
+        int64_t slot = n * a->groups_per_row;
+        __m512 s0 = _mm512_set1_ps(scale_at(a, slot + c0 / a->group_size));
+        __m512 s1 = _mm512_set1_ps(scale_at(a, slot + (c0 + 16) / a->group_size));
+        if (type == MV_INT8) {
+            const uint8_t *codes = a->values + n * a->cols + c0;
+            w[0] = _mm512_mul_ps(int8x16(codes), s0), w[1] = _mm512_mul_ps(int8x16(codes + 16), s1);
+        } else { /* byte k holds elements 2k (low nibble) and 2k + 1: as 16-bit words, in order */
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->values + (n * a->cols + c0) / 2)));
+            __m512i words = _mm512_or_si512(_mm512_and_si512(bytes, _mm512_set1_epi32(15)),
+                                            _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF0)), 12));
+            __m512i codes = _mm512_sub_epi16(_mm512_xor_si512(words, _mm512_set1_epi16(8)), _mm512_set1_epi16(8));
+            w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(codes))), s0);
+            w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(codes, 1))), s1);
+        }
+    } else {
+        const uint8_t *block = a->values + (n * (a->cols / 32) + c0 / 32) * a->block_size;
+        __m512 d = _mm512_set1_ps(f16_at(block));
+        if (type == MV_Q8_0) {
+            w[0] = _mm512_mul_ps(int8x16(block + 2), d), w[1] = _mm512_mul_ps(int8x16(block + 18), d);
+        } else {
+            int qs_at = type == MV_Q4_0 ? 2 : type == MV_Q4_1 ? 4 : type == MV_Q5_0 ? 6 : 8;
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + qs_at)));
+            __m512i q0 = _mm512_and_si512(bytes, _mm512_set1_epi32(15)), q1 = _mm512_srli_epi32(bytes, 4);
+            if (type == MV_Q5_0 || type == MV_Q5_1) {
+                uint32_t qh;
+                memcpy(&qh, block + (type == MV_Q5_0 ? 2 : 4), 4);
+                q0 = _mm512_mask_or_epi32(q0, (__mmask16)qh, q0, _mm512_set1_epi32(16));
+                q1 = _mm512_mask_or_epi32(q1, (__mmask16)(qh >> 16), q1, _mm512_set1_epi32(16));
+            }
+            __m512 f0 = _mm512_cvtepi32_ps(q0), f1 = _mm512_cvtepi32_ps(q1);
+            if (type == MV_Q4_0 || type == MV_Q5_0) {
+                __m512 offset = _mm512_set1_ps(type == MV_Q4_0 ? 8.0f : 16.0f);
+                w[0] = _mm512_mul_ps(d, _mm512_sub_ps(f0, offset)), w[1] = _mm512_mul_ps(d, _mm512_sub_ps(f1, offset));
+            } else {
+                __m512 m = _mm512_set1_ps(f16_at(block + 2));
+                w[0] = _mm512_add_ps(_mm512_mul_ps(d, f0), m), w[1] = _mm512_add_ps(_mm512_mul_ps(d, f1), m);
+            }
+        }
+    }
+    w[0] = round512(w[0], a->dtype), w[1] = round512(w[1], a->dtype);
+}
+
+/* Output row n for x rows [g, g + GROUP) (GROUP and type constants: the loops unroll) */
+__attribute__((target(AVX512), always_inline)) static inline void row512(const matvec_args *a, int type, int64_t n,
+                                                                        int64_t g, const int GROUP) {
+    __m512 acc[X_GROUP][2], w[2];
+    for (int r = 0; r < GROUP; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t full = a->cols / LANES * LANES;
+    int fast = row_is_fast(a, n);
+    float staged[LANES];
+    for (int64_t c0 = 0; c0 < full; c0 += LANES) {
+        if (fast) {
+            chunk512(a, type, n, c0, w);
+        } else {
+            chunk_scalar(a, n, c0, LANES, staged);
+            w[0] = _mm512_loadu_ps(staged), w[1] = _mm512_loadu_ps(staged + 16);
+        }
+        for (int r = 0; r < GROUP; r++) {
+            const float *x = a->x + (g + r) * a->cols + c0;
+            acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), acc[r][1]);
+        }
+    }
+    if (full < a->cols) { /* the ragged last chunk: masked, the other lanes untouched */
+        int count = (int)(a->cols - full);
+        chunk_scalar(a, n, full, count, staged);
+        __mmask16 m0 = (__mmask16)(count >= 16 ? 0xFFFF : (1u << count) - 1);
+        __mmask16 m1 = (__mmask16)(count <= 16 ? 0 : (1u << (count - 16)) - 1);
+        w[0] = _mm512_maskz_loadu_ps(m0, staged), w[1] = _mm512_maskz_loadu_ps(m1, staged + 16);
+        for (int r = 0; r < GROUP; r++) {
+            const float *x = a->x + (g + r) * a->cols + full;
+            acc[r][0] = _mm512_mask3_fmadd_ps(w[0], _mm512_maskz_loadu_ps(m0, x), acc[r][0], m0);
+            acc[r][1] = _mm512_mask3_fmadd_ps(w[1], _mm512_maskz_loadu_ps(m1, x + 16), acc[r][1], m1);
+        }
+    }
+    for (int r = 0; r < GROUP; r++) {
+        float lanes[LANES];
+        _mm512_storeu_ps(lanes, acc[r][0]), _mm512_storeu_ps(lanes + 16, acc[r][1]);
+        a->y[(g + r) * a->rows + n] = reduce_lanes(lanes);
+    }
+}
+
+#define ROWS_FOR_TYPE(TARGET, ROW, NAME, TYPE)                                                             \
+    __attribute__((target(TARGET))) static void NAME(const matvec_args *a, int64_t first, int64_t last) { \
+        for (int64_t n = first; n < last; n++) {                                                           \
+            int64_t g = 0;                                                                                 \
+            for (; g + X_GROUP <= a->x_rows; g += X_GROUP) ROW(a, TYPE, n, g, X_GROUP);                    \
+            switch (a->x_rows - g) {                                                                       \
+            case 3: ROW(a, TYPE, n, g, 3); break;                                                          \
+            case 2: ROW(a, TYPE, n, g, 2); break;                                                          \
+            case 1: ROW(a, TYPE, n, g, 1); break;                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+ROWS_FOR_TYPE(AVX512, row512, rows512_int8, MV_INT8)
+ROWS_FOR_TYPE(AVX512, row512, rows512_int4, MV_INT4)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q8_0, MV_Q8_0)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q4_0, MV_Q4_0)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q4_1, MV_Q4_1)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q5_0, MV_Q5_0)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q5_1, MV_Q5_1)
+
+/* ---- AVX2: a chunk of 32 weights is four registers -------------------------------------------- */
+#define AVX2 "avx2,fma,f16c"
+
+__attribute__((target(AVX2), always_inline)) static inline __m256 round256(__m256 v, int dtype) {
+    if (dtype == ENDOR_F32) return v;
+    if (dtype == ENDOR_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd);
+    rounded = _mm256_and_si256(rounded, _mm256_set1_epi32((int)0xFFFF0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+__attribute__((target(AVX2), always_inline)) static inline __m256 int8x8(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* 8 bytes -> 16 int4 codes (byte k: elements 2k, 2k + 1) as two registers of 8 floats */
+__attribute__((target(AVX2), always_inline)) static inline void int4x16(const uint8_t *p, __m256 *w) {
+    __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i words = _mm256_or_si256(_mm256_and_si256(bytes, _mm256_set1_epi32(15)),
+                                    _mm256_slli_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(0xF0)), 12));
+    __m256i codes = _mm256_sub_epi16(_mm256_xor_si256(words, _mm256_set1_epi16(8)), _mm256_set1_epi16(8));
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(codes)));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(codes, 1)));
+}
+
+/* the 8 lanes of bits [8k, 8k + 8) of qh, as 16 where set */
+__attribute__((target(AVX2), always_inline)) static inline __m256i high_bits(uint32_t qh, int k) {
+    __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)(qh >> (8 * k))), lanes), lanes);
+    return _mm256_and_si256(set, _mm256_set1_epi32(16));
+}
+
+__attribute__((target(AVX2), always_inline)) static inline void chunk256(const matvec_args *a, int type,
+                                                                        int64_t n, int64_t c0, __m256 *w) {
+    if (type == MV_INT8 || type == MV_INT4) {
+        int64_t slot = n * a->groups_per_row;
+        __m256 s0 = _mm256_set1_ps(scale_at(a, slot + c0 / a->group_size));
+        __m256 s1 = _mm256_set1_ps(scale_at(a, slot + (c0 + 16) / a->group_size));
+        if (type == MV_INT8) {
+            const uint8_t *codes = a->values + n * a->cols + c0;
+            for (int k = 0; k < 4; k++) w[k] = int8x8(codes + 8 * k);
+        } else {
+            const uint8_t *bytes = a->values + (n * a->cols + c0) / 2;
+            int4x16(bytes, w), int4x16(bytes + 8, w + 2);
+        }
+        w[0] = _mm256_mul_ps(w[0], s0), w[1] = _mm256_mul_ps(w[1], s0);
+        w[2] = _mm256_mul_ps(w[2], s1), w[3] = _mm256_mul_ps(w[3], s1);
+    } else {
+        const uint8_t *block = a->values + (n * (a->cols / 32) + c0 / 32) * a->block_size;
+        __m256 d = _mm256_set1_ps(f16_at(block));
+        if (type == MV_Q8_0) {
+            for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(int8x8(block + 2 + 8 * k), d);
+        } else {
+            int qs_at = type == MV_Q4_0 ? 2 : type == MV_Q4_1 ? 4 : type == MV_Q5_0 ? 6 : 8;
+            uint32_t qh = 0;
+            if (type == MV_Q5_0 || type == MV_Q5_1) memcpy(&qh, block + (type == MV_Q5_0 ? 2 : 4), 4);
+            __m256 m = _mm256_set1_ps(type == MV_Q4_1 || type == MV_Q5_1 ? f16_at(block + 2) : 0.0f);
+            __m256 offset = _mm256_set1_ps(type == MV_Q4_0 ? 8.0f : 16.0f);
+            for (int k = 0; k < 4; k++) { /* elements 8k..8k+7: nibbles of bytes 8 (k % 2) .., low for k < 2 */
+                __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(block + qs_at + 8 * (k % 2))));
+                __m256i q = k < 2 ? _mm256_and_si256(bytes, _mm256_set1_epi32(15)) : _mm256_srli_epi32(bytes, 4);
+                if (type == MV_Q5_0 || type == MV_Q5_1) q = _mm256_or_si256(q, high_bits(qh, k));
+                __m256 f = _mm256_cvtepi32_ps(q);
+                if (type == MV_Q4_0 || type == MV_Q5_0) w[k] = _mm256_mul_ps(d, _mm256_sub_ps(f, offset));
+                else w[k] = _mm256_add_ps(_mm256_mul_ps(d, f), m);
+            }
+        }
+    }
+    for (int k = 0; k < 4; k++) w[k] = round256(w[k], a->dtype);
+}
+
+__attribute__((target(AVX2), always_inline)) static inline void row256(const matvec_args *a, int type, int64_t n,
+                                                                      int64_t g, const int GROUP) {
+    __m256 acc[X_GROUP][4], w[4];
+    for (int r = 0; r < GROUP; r++)
+        for (int k = 0; k < 4; k++) acc[r][k] = _mm256_setzero_ps();
+    int64_t full = a->cols / LANES * LANES;
+    int fast = row_is_fast(a, n);
+    float staged[LANES];
+    for (int64_t c0 = 0; c0 < full; c0 += LANES) {
+        if (fast) {
+            chunk256(a, type, n, c0, w);
+        } else {
+            chunk_scalar(a, n, c0, LANES, staged);
+            for (int k = 0; k < 4; k++) w[k] = _mm256_loadu_ps(staged + 8 * k);
+        }
+        for (int r = 0; r < GROUP; r++) {
+            const float *x = a->x + (g + r) * a->cols + c0;
+            for (int k = 0; k < 4; k++) acc[r][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), acc[r][k]);
+        }
+    }
+    float lanes[X_GROUP][LANES];
+    for (int r = 0; r < GROUP; r++)
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(lanes[r] + 8 * k, acc[r][k]);
+    if (full < a->cols) { /* the ragged last chunk, lane by lane as the scalar loop does */
+        int count = (int)(a->cols - full);
+        chunk_scalar(a, n, full, count, staged);
+        for (int r = 0; r < GROUP; r++) {
+            const float *x = a->x + (g + r) * a->cols + full;
+            for (int j = 0; j < count; j++) lanes[r][j] = fmaf(staged[j], x[j], lanes[r][j]);
+        }
+    }
+    for (int r = 0; r < GROUP; r++) a->y[(g + r) * a->rows + n] = reduce_lanes(lanes[r]);
+}
+
+ROWS_FOR_TYPE(AVX2, row256, rows256_int8, MV_INT8)
+ROWS_FOR_TYPE(AVX2, row256, rows256_int4, MV_INT4)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q8_0, MV_Q8_0)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q4_0, MV_Q4_0)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q4_1, MV_Q4_1)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q5_0, MV_Q5_0)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q5_1, MV_Q5_1)
+#endif
+
+/* ---- entry points --------------------------------------------------------------------------------- */
+
+typedef void (*rows_fn)(const matvec_args *, int64_t, int64_t);
+static int matvec_best = ENDOR_ISA_SCALAR;
+
+/* The best implementation this CPU runs for the products (any dtype). */
+int endor_matvec_best_isa(void) { return matvec_best; }
+
+static rows_fn pick(int type, int isa) {
+#ifdef MATVEC_X86
+    static const int types[7] = {MV_INT8, MV_INT4, MV_Q8_0, MV_Q4_0, MV_Q4_1, MV_Q5_0, MV_Q5_1};
+    static const rows_fn avx512[7] = {rows512_int8, rows512_int4, rows512_q8_0, rows512_q4_0,
+                                      rows512_q4_1, rows512_q5_0, rows512_q5_1};
+    static const rows_fn avx2[7] = {rows256_int8, rows256_int4, rows256_q8_0, rows256_q4_0,
+                                    rows256_q4_1, rows256_q5_0, rows256_q5_1};
+    for (int t = 0; t < 7; t++)
+        if (types[t] == type) return isa == ENDOR_ISA_AVX512 ? avx512[t] : isa == ENDOR_ISA_AVX2 ? avx2[t] : rows_scalar;
+#endif
+    (void)type, (void)isa;
+    return rows_scalar;
+}
+
+/* y[r, n] = sum_c x[r, c] * W[n, c] for n in [first_row, last_row) and every r < x_rows (the sum in
+ * the order of the file comment). W: `type` (a ggml type id, or 100 int8 / 101 int4), `values_nbytes`
+ * bytes at `values`; int8/int4 also `num_scales` scales of `dtype` at `scales`, `group_size` columns
+ * each, ceil(cols / group_size) per row. Returns 0, ENDOR_ERR_ARGS (sizes that do not describe the
+ * arrays: nothing is read), or ENDOR_ERR_SHORT (too few bytes). */
+int endor_matvec(int type, const uint8_t *values, int64_t values_nbytes, const void *scales, int64_t num_scales,
+                 int64_t group_size, int64_t rows, int64_t cols, int dtype, const float *x, int64_t x_rows, float *y,
+                 int isa, int64_t first_row, int64_t last_row) {
+    matvec_args a = {type, dtype, values, scales, 0, group_size, rows, cols, 0, x, x_rows, y};
+    if (rows < 0 || cols < 1 || x_rows < 0 || dtype < ENDOR_F16 || dtype > ENDOR_F32 || first_row < 0 ||
+        last_row < first_row || last_row > rows || values_nbytes < 0 || cols > (INT64_MAX / 2) / (rows ? rows : 1))
+        return ENDOR_ERR_ARGS;
+    if (type == MV_INT8 || type == MV_INT4) {
+        if (group_size < 1) return ENDOR_ERR_ARGS;
+        a.groups_per_row = (cols + group_size - 1) / group_size;
+        if (num_scales != rows * a.groups_per_row) return ENDOR_ERR_ARGS;
+        if (values_nbytes < (type == MV_INT8 ? rows * cols : (rows * cols + 1) / 2)) return ENDOR_ERR_SHORT;
+    } else {
+        int64_t size = type == MV_Q8_0 ? 34 : type == MV_Q4_0 ? 18 : type == MV_Q4_1 ? 20
+                     : type == MV_Q5_0 ? 22 : type == MV_Q5_1 ? 24 : 0;
+        if (!size || cols % 32) return ENDOR_ERR_ARGS;
+        a.block_size = size;
+        if (values_nbytes / size / (cols / 32) < rows) return ENDOR_ERR_SHORT;
+    }
+    isa = isa == ENDOR_ISA_AUTO || isa > matvec_best ? matvec_best : isa;
+    if (first_row < last_row && x_rows > 0) pick(type, isa)(&a, first_row, last_row);
+    return 0;
+}
+
+__attribute__((constructor)) static void endor_matvec_init(void) {
+#ifdef MATVEC_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        matvec_best = ENDOR_ISA_AVX2;
+    if (matvec_best == ENDOR_ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        matvec_best = ENDOR_ISA_AVX512;
+#endif
+}
