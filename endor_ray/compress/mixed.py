@@ -5,9 +5,11 @@ For every prunable tensor of every decoder layer, `measure` compresses it under 
 setting (`CANDIDATES`: sparsity 0/30/50/70% x raw/INT8/INT4, and without pruning the GGUF
 32-element block types q8_0/q4_0/q4_1/q5_0/q5_1: q4_0..q5_1 by GPTQ on the block grid
 (`endor_ray.compress.gptq_blocks`), as the store will then hold them, q8_0 by importance-weighted
-rounding (`endor_ray.compress.rounding`); the k-types' quantizers are too slow to measure for every tensor
-and are taken only when asked for with ``--values``) and records the bytes it would move and its
-error on the calibration inputs (``dW = W_stored - W``, ``H = sum_t x_t x_t^T``)::
+rounding (`endor_ray.compress.rounding`); and the super-block types q2_k/q3_k/q4_k/q5_k/q6_k and
+iq4_nl by the fast importance-weighted search of `endor_ray.compress.rounding_k`, their blocks over
+the flattened tensor, so they fit SmolLM2's 576-wide rows too) and records the bytes it would move
+(exactly the bytes the store writes) and its error on the calibration inputs (``dW = W_stored - W``,
+``H = sum_t x_t x_t^T``)::
 
     loss ~ sum_i g_i dW_i H dW_i^T        with g the loss's sensitivity to each output channel
     error = tr(dW H dW^T) / tr(W H W^T)   without it (a model too large to hold for a backward pass)
@@ -34,7 +36,8 @@ import torch
 
 from endor_ray.errors import ConfigError
 from endor_ray.compress.rounding import WEIGHTED_ENCODINGS
-from endor_ray.format.gguf_blocks import BLOCK_TYPES
+from endor_ray.compress.rounding_k import K_WEIGHTED
+from endor_ray.format.gguf_blocks import BLOCK_TYPES, blocks_fit
 from endor_ray.format.quant import QUANTIZED_ENCODINGS
 from endor_ray.format.tensor import decode, encode
 from endor_ray.compress.gptq_blocks import gptq_blocks
@@ -52,7 +55,7 @@ MAX_PREDICTED_RELATIVE_ERROR = 0.05
 # on down_proj); the dense GGUF types are GPTQ'd wherever the Hessian is (`compress_weight`)
 GPTQ_SETTINGS = (Setting(0.0, "int4"),)
 CANDIDATES = (tuple(Setting(sparsity, values) for sparsity in SPARSITIES for values in GROUP_ENCODINGS)
-              + tuple(Setting(0.0, values) for values in WEIGHTED_ENCODINGS))
+              + tuple(Setting(0.0, values) for values in (*WEIGHTED_ENCODINGS, *K_WEIGHTED)))
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ def _measure_all(weight: torch.Tensor, stats: CalibrationStats, dtype: torch.dty
                 approx = decode(encoded)
             held.append((Setting(sparsity, values), encoded.nbytes, approx))
     fitting = [values for values in WEIGHTED_ENCODINGS if weight.shape[-1] % BLOCK_TYPES[values].block_elems == 0]
+    if weight.dim() == 2:  # the super-block types and iq4_nl over the flattened tensor (`gguf_blocks`)
+        fitting += [values for values in K_WEIGHTED if blocks_fit(values, *weight.shape)]
     by_gptq = [values for values in fitting if values in GPTQ_ENCODINGS] if weight.dim() == 2 else []
     # GPTQ's encodings share one factorization and column loop (as `compress_weight` would make each)
     gptq = gptq_blocks(weight, stats.hessian, by_gptq, stats.input_sq_sum) if by_gptq else {}

@@ -6,7 +6,8 @@ magnitude and Wanda prune exactly per row and then round the kept values to the 
 the weights not yet chosen (`endor_ray.compress.sparsegpt`). A GGUF block encoding (q4_1, q4_k,
 ...; dense, no pruning) is quantized block by block, with the block parameters searched for the
 least error weighted by the calibration inputs' squared activations where they were gathered
-(`endor_ray.compress.rounding`), llama.cpp's reference rounding otherwise. It returns the encoded tensor and the
+(`endor_ray.compress.rounding`; the super-block types and iq4_nl by `endor_ray.compress.rounding_k`),
+llama.cpp's reference rounding otherwise. It returns the encoded tensor and the
 weight the store now holds (decoded by the reference decoder), which the converter feeds to the
 next layer's calibration and the mixed-precision choice measures.
 """
@@ -91,12 +92,15 @@ def _block_encode(weight: torch.Tensor, setting: Setting, dtype: torch.dtype, bl
     Hessian was gathered (`GPTQ_ENCODINGS`), else importance-weighted where possible."""
     from endor_ray.compress.gptq_blocks import gptq_blocks
     from endor_ray.compress.rounding import quantize_weighted
+    from endor_ray.compress.rounding_k import K_WEIGHTED, quantize_k_weighted
 
     if setting.sparsity > 0:
         raise StoreError(f"{setting.values} blocks hold every element (dense layout): use sparsity 0")
     rows_weight = weight.reshape(-1, weight.shape[-1]) if weight.dim() != 2 else weight
     if stats.hessian is not None and setting.values in GPTQ_ENCODINGS and weight.dim() == 2:
         blocks = gptq_blocks(rows_weight, stats.hessian, [setting.values], stats.input_sq_sum)[setting.values]
+    elif setting.values in K_WEIGHTED and stats.input_sq_sum is not None:  # as `mixed` measures them
+        blocks = quantize_k_weighted(rows_weight, setting.values, stats.input_sq_sum)
     else:
         blocks = quantize_weighted(rows_weight, setting.values, stats.input_sq_sum)
     return block_tensor(weight, setting.values, blocks, dtype, block_size)
