@@ -69,9 +69,16 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded default model as an HF folder (prepared once, cached across runs)."""
-    from endor_ray.compress.default_model import default_model_dir
+    import fcntl
 
-    return default_model_dir()
+    from endor_ray.compress.default_model import cache_dir, default_model_dir
+
+    # Two xdist workers of a fresh machine would both prepare it, one replacing the folder the
+    # other reads: the second waits for the first and finds it cached.
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".tests-prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return default_model_dir()
 
 
 def read_manifest(store: Path) -> dict:
@@ -79,26 +86,72 @@ def read_manifest(store: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_stores(tmp_path_factory, smollm2_dir) -> dict:
+def tokenized_checkpoints(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
+    """Random-weight OPT and GQA-Llama checkpoints at SmolLM2's vocabulary, carrying its tokenizer
+    (read-only: a test that changes one copies it first)."""
+    root = tmp_path_factory.mktemp("tokenized-checkpoints")
+    checkpoints = {}
+    for family in ("opt", "llama-gqa"):
+        checkpoint = make_checkpoint(root / family, family, vocab_size=49152)
+        for path in smollm2_dir.iterdir():
+            if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy(path, checkpoint / path.name)
+        checkpoints[family] = checkpoint
+    return checkpoints
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tmp_path_factory, tokenized_checkpoints) -> dict:
     """Random-weight OPT and GQA-Llama stores (magnitude, 50%) carrying SmolLM2's tokenizer."""
     from endor_ray.compress.convert import ConvertConfig, convert
 
     root = tmp_path_factory.mktemp("tiny-stores")
-    stores = {}
-    for family in ("opt", "llama-gqa"):
-        checkpoint = make_checkpoint(root / f"{family}-ckpt", family, vocab_size=49152)
-        for path in smollm2_dir.iterdir():
-            if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
-                shutil.copy(path, checkpoint / path.name)
-        stores[family] = convert(str(checkpoint), root / family,
-                                 ConvertConfig(method="magnitude", block_size=256), progress=False)
-    return stores
+    return {family: convert(str(checkpoint), root / family, ConvertConfig(method="magnitude", block_size=256),
+                            progress=False)
+            for family, checkpoint in tokenized_checkpoints.items()}
 
 
 @pytest.fixture(scope="session")
 def smollm2_store(smollm2_dir, tmp_path_factory):
-    """SmolLM2 pruned to 50% by magnitude, fp32."""
+    """SmolLM2 pruned to 50% by magnitude, fp32 (read-only: test_smollm2.py uses it as its magnitude store)."""
     from endor_ray.compress.convert import ConvertConfig, convert
 
     return convert(str(smollm2_dir), tmp_path_factory.mktemp("smollm2-store") / "store",
                    ConvertConfig(method="magnitude"), progress=False)
+
+
+# --- pytest-xdist: `make test` runs one worker per core (-n 2 --dist loadgroup) ---------------------
+# A worker runs whole groups: a file (its module-scoped servers, clusters and stores are built
+# once), or the tests that share an expensive session fixture (one SmolLM2 store per run, not one
+# per worker). Groups are handed out in collection order, so the longest go first (seconds measured
+# on the idle 2-core machine, rounded) and the two workers finish together.
+SHARED_FIXTURE_GROUPS = ("smollm2_store",)
+OWN_GROUPS = {  # tests that use none of their file's module-scoped fixtures: free to run elsewhere
+    "test_jobs.py::test_kill_9_at_random_moments_loses_and_duplicates_nothing": "test_jobs.py-kill-9",
+}
+GROUP_SECONDS = {
+    "test_jobs.py": 300, "smollm2_store": 280, "test_jobs.py-kill-9": 220, "test_hardening_serve.py": 200,
+    "test_gguf_import.py": 180, "test_readme.py": 150, "test_gguf_blocks.py": 150, "test_serve.py": 140,
+    "test_families.py": 120, "test_cluster_configs.py": 100, "test_quantized_stores.py": 90,
+    "test_structured_output.py": 80, "test_tools.py": 80, "test_gpu_check.py": 60, "test_jobs_checks.py": 60,
+    "test_cli.py": 50, "test_gguf_kernel_aot.py": 40, "test_kernel_aot.py": 40, "test_service.py": 40,
+}
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The group `item` runs in under xdist (see above)."""
+    file = item.path.name
+    own = OWN_GROUPS.get(f"{file}::{item.originalname}")
+    if own:
+        return own
+    shared = [name for name in SHARED_FIXTURE_GROUPS if name in getattr(item, "fixturenames", ())]
+    return shared[0] if shared else file
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    items.sort(key=lambda item: -GROUP_SECONDS.get(xdist_group(item), 10))  # stable: file order kept

@@ -105,12 +105,13 @@ def test_dtype_and_dense_format(tiny_checkpoints, tmp_path):
     assert Store(str(dense)).summary()["layers_ratio"] == pytest.approx(1.0, abs=0.02)
 
 
-def test_calibration_from_text_file(tmp_path, smollm2_dir):
-    # A few sentences written for this test (no copied prose), repeated to give enough tokens.
+def test_calibration_from_text_file(tmp_path, tokenized_checkpoints):
+    # A few sentences written for this test (no copied prose), repeated to give enough tokens; the
+    # model is a tiny one with SmolLM2's tokenizer (the file is read and tokenized as for SmolLM2).
     text = "Weights stream from host memory to the device one layer at a time. " * 40
     (tmp_path / "calib.txt").write_text(text)
     config = ConvertConfig(method="wanda", calib_text=tmp_path / "calib.txt", calib_samples=2, calib_seq_len=32)
-    store = convert(str(smollm2_dir), tmp_path / "store", config, progress=False)
+    store = convert(str(tokenized_checkpoints["llama-gqa"]), tmp_path / "store", config, progress=False)
     calibration = read_manifest(store)["compression"]["calibration"]
     assert calibration == {"source": "file", "file": "calib.txt", "num_samples": 2, "seq_len": 32}
 

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stores(smollm2_dir, tmp_path_factory):
+def stores(smollm2_dir, smollm2_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     calib = dict(calib_samples=8, calib_seq_len=64, seed=0)
     return {
-        "magnitude": convert(str(smollm2_dir), root / "magnitude", ConvertConfig(method="magnitude"), progress=False),
+        "magnitude": smollm2_store,  # conftest's: the same ConvertConfig(method="magnitude"), built once
         "wanda": convert(str(smollm2_dir), root / "wanda", ConvertConfig(method="wanda", **calib), progress=False),
         "fp16": convert(str(smollm2_dir), root / "fp16", ConvertConfig(method="magnitude", dtype="float16"), progress=False),
     }
