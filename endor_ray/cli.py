@@ -147,10 +147,11 @@ def _sections(*names: str) -> dict:
     return {name: made[name]() for name in names}
 
 
-def _check_prompts(args: argparse.Namespace, store) -> list[list[int]]:
+def _check_prompts(args: argparse.Namespace, store) -> tuple[list[list[int]], object]:
     """The prompts' token ids (chat-templated with --chat), checked before any engine or cluster starts
-    by the engine's own check (`check_prompt`, against the context it uses); the engine is sent these
-    ids and tokenizes nothing again."""
+    by the engine's own check (`check_prompt`, against the context it uses), and the tokenizer that made
+    them (an in-process engine reuses it: a second load costs ~0.2 s of start-up); the engine is sent
+    these ids and tokenizes nothing again."""
     from endor_ray.engine.engine import load_tokenizer
     from endor_ray.engine.prompts import PromptTooLong, check_prompt, context_limit
 
@@ -170,13 +171,14 @@ def _check_prompts(args: argparse.Namespace, store) -> list[list[int]]:
             raise ConfigError(f"prompt {index} has {exc.prompt_tokens} tokens; with max_new_tokens={exc.max_new_tokens} "
                               f"it exceeds the model's context of {exc.max_context} tokens; shorten it or lower "
                               "--max-new-tokens") from None
-    return checked
+    return checked, tokenizer
 
 
-def _engine(args: argparse.Namespace, store):
+def _engine(args: argparse.Namespace, store, tokenizer):
     from endor_ray.engine.engine import Engine
 
-    return Engine(store, args.engine, progress=not getattr(args, "json", False), scheduler=args.scheduler)
+    return Engine(store, args.engine, progress=not getattr(args, "json", False), scheduler=args.scheduler,
+                  tokenizer=tokenizer)
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[str]:
@@ -222,8 +224,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _generate_in_process(args: argparse.Namespace, params) -> Iterator[dict]:
     """Token events, then the result dict, from an engine in this process."""
     store = _open_store(args.store)
-    prompt_ids = _check_prompts(args, store)  # before the (slow) engine start
-    with _engine(args, store) as engine:
+    prompt_ids, tokenizer = _check_prompts(args, store)  # before the (slow) engine start
+    with _engine(args, store, tokenizer) as engine:
         yield from engine.stream_data(prompt_ids, params)
 
 
@@ -231,7 +233,7 @@ def _generate_on_ray(args: argparse.Namespace, params) -> Iterator[dict]:
     """The same events from the Ray service (a local single-node Ray unless --address is given)."""
     from endor_ray.service.driver import connect
 
-    prompt_ids = _check_prompts(args, _open_store(args.store))  # before Ray starts
+    prompt_ids, _ = _check_prompts(args, _open_store(args.store))  # before Ray starts
     started = time.perf_counter()
     with connect(args.store, args.engine, args.cluster, scheduler=args.scheduler) as service:
         if service.started_ray and not args.json:
@@ -256,8 +258,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from endor_ray.engine.sampling import SamplingParams
 
     store = _open_store(args.store)
-    prompt_ids = _check_prompts(args, store)  # before the (slow) engine start
-    with _engine(args, store) as engine:
+    prompt_ids, tokenizer = _check_prompts(args, store)  # before the (slow) engine start
+    with _engine(args, store, tokenizer) as engine:
         completions, _ = engine.generate(prompt_ids, SamplingParams(max_new_tokens=args.max_new_tokens))
         # transformers tokenizes the text itself: the reference shares nothing with the engine's path
         expected = reference_greedy(engine, _prompts(args, engine.tokenizer), args.max_new_tokens)

@@ -40,10 +40,11 @@ class Engine:
     """Generates from an Endor store with layers streamed to the compute device."""
 
     def __init__(self, store: Store | str, config: EngineConfig | None = None, progress: bool = True, reader=None,
-                 scheduler: SchedulerConfig | None = None):
+                 scheduler: SchedulerConfig | None = None, tokenizer=None):
         """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`);
-        `scheduler` bounds what shares a pass (default: SchedulerConfig())."""
-        self.model_runner = runner = ModelRunner(store, config or EngineConfig(), progress, reader)
+        `scheduler` bounds what shares a pass (default: SchedulerConfig()); `tokenizer`: the store's,
+        already loaded (`load_tokenizer`; default: loaded here)."""
+        self.model_runner = runner = ModelRunner(store, config or EngineConfig(), progress, reader, tokenizer)
         # What callers read about the model (its store, where layers sit, its tokens) is the runner's
         self.store, self.config, self.device, self.dtype = runner.store, runner.config, runner.device, runner.dtype
         self.model, self.plan, self.source = runner.model, runner.plan, runner.source

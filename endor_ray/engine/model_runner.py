@@ -36,12 +36,13 @@ from endor_ray.utils.system import available_memory_bytes
 class ModelRunner:
     """The store's model on the compute device, its decoder layers streamed through hooks."""
 
-    def __init__(self, store: Store | str, config: EngineConfig, progress: bool = True, reader=None):
-        """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`)."""
+    def __init__(self, store: Store | str, config: EngineConfig, progress: bool = True, reader=None, tokenizer=None):
+        """`reader` supplies streamed layers' bytes (default: a StoreReader over `store`); `tokenizer`: the
+        store's, already loaded (`load_tokenizer`; default: loaded here)."""
         self.store = store if isinstance(store, Store) else Store(store)
         self.config = config
         self.device = config.resolve_device()
-        self.tokenizer = load_tokenizer(self.store)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.store)
         from endor_ray.models.skeleton import build_skeleton, check_tensors_match, decoder_layers, materialize_layer
 
         self.dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else self.store.dtype
