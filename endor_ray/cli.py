@@ -84,7 +84,7 @@ def print_summary(summary: dict, per_layer: bool = True, per_tensor: bool = Fals
     if per_tensor:
         print(f"{'layer':>5} {'tensor':<26} {'sparsity':>9} {'values':>9} {'bytes':>11} {'B/weight':>9}")
         for layer in summary["layers"]:
-            for tensor in layer["tensors"]:
+            for tensor in layer["tensors"] + [{**t, "name": f"expert 0 {t['name']}"} for t in layer.get("expert_tensors", [])]:
                 print(f"{layer['layer']:>5} {tensor['name']:<26} {tensor['sparsity']:>9.1%} {tensor['values']:>9} "
                       f"{human_bytes(tensor['nbytes']):>11} {tensor['bytes_per_weight']:>9.3f}")
     elif per_layer:
@@ -92,6 +92,9 @@ def print_summary(summary: dict, per_layer: bool = True, per_tensor: bool = Fals
         print(f"{'layer':>5} {'sparsity':>9} {'bytes':>12} {'dense':>12} {'ratio':>7}" + ("  settings" if mixed else ""))
         for layer in summary["layers"]:
             settings = "  " + " ".join(_short_setting(tensor) for tensor in layer["tensors"]) if mixed else ""
+            if layer.get("experts"):  # an MoE layer: its bytes include its experts' files
+                per_expert = sum(layer["expert_nbytes"]) / layer["experts"]
+                settings += f"  {layer['experts']} experts, {human_bytes(per_expert)} each"
             print(f"{layer['layer']:>5} {layer['sparsity']:>9.2%} {human_bytes(layer['nbytes']):>12} "
                   f"{human_bytes(layer['dense_nbytes']):>12} {layer['ratio']:>7.3f}{settings}")
     print(f"layers  sparsity {summary['layers_sparsity']:.2%}, {human_bytes(summary['layers_nbytes'])} of "

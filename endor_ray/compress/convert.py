@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from endor_ray._version import __version__
 from endor_ray.models.architecture import is_prunable
+from endor_ray.models.moe import ExpertLayout, expert_layout
 from endor_ray.utils.atomic import staged_directory
 from endor_ray.utils.system import available_memory_bytes
 from endor_ray.compress.checkpoint import TensorSource
@@ -37,8 +38,8 @@ from endor_ray.store.manifest import seal
 from endor_ray.compress.mixed import GPTQ_SETTINGS, check_budget, choose_global, measure
 from endor_ray.compress.prune import METHODS, InputNormCollector, check_sparsity
 from endor_ray.store.store import (
-    DENSE_FILE, MANIFEST_NAME, PART_ALIGNMENT, STORE_FORMAT_VERSION, TOKENIZER_DIR, layer_file_name,
-    write_tensor_file,
+    DENSE_FILE, MANIFEST_NAME, PART_ALIGNMENT, STORE_FORMAT_VERSION, TOKENIZER_DIR, expert_file_name,
+    layer_file_name, write_tensor_file,
 )
 
 STORE_FORMATS = ("endor", "dense")
@@ -134,6 +135,17 @@ class _LayerWriter:
         `stats`: what calibration gathered for each weight, by name within the layer (None: none ran).
         `kept`: tensors stored as they are (a GGUF's own blocks), by name within the layer.
         """
+        stored, encoded = self._encode(layer_idx, weights, stats, kept)
+        file_name = layer_file_name(layer_idx)
+        self.entries[layer_idx] = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
+        sizes = sum(enc.nbytes for enc in encoded.values()), sum(enc.dense_nbytes for enc in encoded.values())
+        self.bar.set_postfix(ratio=f"{sizes[0] / sizes[1]:.3f}")
+        self.bar.update(1)
+        return stored
+
+    def _encode(self, layer_idx: int, weights: dict[str, torch.Tensor], stats: dict[str, CalibrationStats] | None,
+                kept: dict[str, EncodedTensor] | None) -> tuple[dict[str, torch.Tensor], dict[str, EncodedTensor]]:
+        """(weights as stored, their encodings) of one unit: a layer, or one expert of it."""
         config = self.config
         prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
         stats = stats or {}
@@ -157,12 +169,18 @@ class _LayerWriter:
                 encoded[name], held = compress_weight(weight, setting, method, self.dtype, config.block_size,
                                                       config.group_size, stats.get(name), layout)
                 stored[name] = held.to(weight.dtype)
-        file_name = layer_file_name(layer_idx)
-        self.entries[layer_idx] = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
-        sizes = sum(enc.nbytes for enc in encoded.values()), sum(enc.dense_nbytes for enc in encoded.values())
-        self.bar.set_postfix(ratio=f"{sizes[0] / sizes[1]:.3f}")
-        self.bar.update(1)
-        return stored
+        return stored, encoded
+
+    def write_experts(self, layer_idx: int, experts: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Compress and store each expert of an MoE layer (written after the layer) as its own file."""
+        entries = []
+        for expert_idx, weights in sorted(experts.items()):
+            _, encoded = self._encode(layer_idx, weights, None, None)
+            file_name = expert_file_name(layer_idx, expert_idx)
+            entry = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
+            entries.append({"expert": expert_idx, "file": entry["file"], "nbytes": entry["nbytes"],
+                            "tensors": entry["tensors"]})
+        self.entries[layer_idx]["experts"] = entries
 
     def _choose(self, layer_idx: int, weights: dict[str, torch.Tensor], prunable: list[str],
                 stats: dict[str, CalibrationStats]) -> dict[str, Setting]:
@@ -214,6 +232,10 @@ def convert(source: str, destination: str | Path, config: ConvertConfig, progres
     if destination.exists() and not config.force:  # fail before the (slow) model preparation
         raise StoreError(f"{destination} already exists; pass --force to replace it")
     checkpoint = open_source(source, keep_blocks=config.values == KEEP)
+    if expert_layout(checkpoint.config) is not None and (needs_calibration(config) or config.values == KEEP):
+        raise ConfigError(f"{checkpoint.architecture.model_type} is a Mixture-of-Experts model: its experts convert "
+                          "without calibration for now; pass --method magnitude (any --sparsity, --values raw, int8 "
+                          "or int4), or --sparsity 0")
     dtype_str = config.dtype or source_dtype(checkpoint.config)
     dtype = DTYPES[dtype_str]
     with staged_directory(destination, config.force) as staging:
@@ -265,12 +287,25 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
     architecture = checkpoint.architecture
     layer_names = checkpoint.layer_names()
     writer = _LayerWriter(staging, config, dtype, architecture.num_layers, progress)
+    moe = expert_layout(checkpoint.config)  # None: a dense family
+    experts_of = {layer_idx: moe_experts(moe, checkpoint, names) for layer_idx, names in layer_names.items()}
 
     def load_layer(layer_idx: int, compute_dtype: torch.dtype = dtype, skip: dict | None = None) -> dict[str, torch.Tensor]:
         # Round through the stored dtype first, so pruning scores see the weights that are stored.
-        short_names = {full: architecture.split_name(full)[1] for full in layer_names[layer_idx]}
+        # An MoE layer's experts are their own units (`write_experts`), its other tensors under the module's names.
+        in_experts = {full for names in experts_of[layer_idx].values() for full in names.values()}
+        short_names = {full: architecture.split_name(full)[1] for full in layer_names[layer_idx] if full not in in_experts}
+        if moe is not None:
+            short_names = {full: moe.module_name(name) for full, name in short_names.items()}
         return {name: checkpoint.get(full).to(dtype).to(compute_dtype)
                 for full, name in short_names.items() if name not in (skip or {})}
+
+    def write_experts(layer_idx: int) -> None:
+        if experts_of[layer_idx]:
+            where = f"layer {layer_idx} of {checkpoint.directory}"
+            writer.write_experts(layer_idx, {
+                expert_idx: moe.fuse({part: checkpoint.get(full).to(dtype) for part, full in names.items()}, where)
+                for expert_idx, names in experts_of[layer_idx].items()})
 
     calibration: dict[str, Any] = {"source": "none"}
     if config.values == KEEP:
@@ -280,11 +315,22 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
     elif not needs_calibration(config):
         for layer_idx in range(architecture.num_layers):
             writer.write(layer_idx, load_layer(layer_idx))
+            write_experts(layer_idx)
     else:
         calibration = _calibrated_layers(checkpoint, config, writer, load_layer)
     writer.bar.close()
     calibration["_layers"] = writer.entries
     return calibration
+
+
+def moe_experts(layout: ExpertLayout | None, checkpoint: TensorSource, names: list[str]) -> dict[int, dict[str, str]]:
+    """An MoE layer's experts: expert -> {its Linear's name in the checkpoint ('w1') -> full tensor name}."""
+    experts: dict[int, dict[str, str]] = {}
+    for full in names if layout is not None else []:
+        found = layout.split_expert(checkpoint.architecture.split_name(full)[1])
+        if found is not None:
+            experts.setdefault(found[0], {})[found[1]] = full
+    return experts
 
 
 def _compresses(config: ConvertConfig) -> bool:

@@ -32,6 +32,9 @@ class EngineConfig:
     # (bf16 rounding differs with the batch's shape), at twice the memory for dense weights.
     compute_dtype: str | None = None
     fetch_timeout_s: float = 600.0  # a layer fetch slower than this is an error, not a hang
+    # MoE models: device memory for the expert cache (a size; "0": none). None: what --gpu-memory
+    # leaves after the resident layers and the streaming slots (a layer count given: no limit).
+    expert_cache_memory: str | None = None
 
     def __post_init__(self) -> None:
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -45,6 +48,8 @@ class EngineConfig:
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ConfigError(f"decode threads must be >= 1, got {self.decode_threads}")
         self.gpu_budget  # parse now: a bad value fails at construction
+        if parse_budget(self.expert_cache_memory, "expert cache memory")[1] not in (None, 0):
+            raise ConfigError("expert cache memory is a size (for example 4GiB, or 0 for none), not a layer count")
         if parse_budget(self.host_memory, "host memory")[1] not in (None, 0):
             raise ConfigError("host memory is a size (for example 64GiB), not a layer count")
 
@@ -52,6 +57,12 @@ class EngineConfig:
     def gpu_budget(self) -> tuple[int | None, int | None]:
         """(bytes, layers) of the device tier; at most one is set."""
         return parse_budget(self.gpu_memory, "GPU memory")
+
+    @property
+    def expert_cache_bytes(self) -> int | None:
+        """The expert cache's explicit budget in bytes (None: derived from the GPU budget)."""
+        cache_bytes, cache_layers = parse_budget(self.expert_cache_memory, "expert cache memory")
+        return 0 if cache_layers == 0 else cache_bytes
 
     @property
     def host_budget_bytes(self) -> int | None:

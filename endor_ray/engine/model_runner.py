@@ -49,10 +49,10 @@ class ModelRunner:
         dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
         self.model = build_skeleton(self.store.config, dense, dtype=self.dtype, device=self.device)
         check_tensors_match(self.model, self.store.architecture,  # a store's layers must fit its model
-                            [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in self.store.manifest["layers"]],
-                            self.store.location)
+                            self.store.layer_shapes(), self.store.location)
         self.plan = self._plan()
         self.source: LayerSource | None = None
+        self.experts = None  # an MoE model's ExpertStreamer
         self._hooks: contextlib.ExitStack | None = None
         ops = CudaOps(self.device) if self.device.type == "cuda" else None
         if reader is None:
@@ -61,8 +61,9 @@ class ModelRunner:
         try:
             self.source = LayerSource(reader, self.plan, self.device, config, ops=ops, progress=progress)
             layers = decoder_layers(self.model, self.store.architecture)
+            self.experts = self._expert_streamer(ops)
             for layer_idx, weights in self.source.resident.items():
-                materialize_layer(layers[layer_idx], weights)
+                materialize_layer(layers[layer_idx], {**weights, **self._expert_placeholders(layer_idx)})
             self._hooks = self._install_hooks()
             self.eos_ids = eos_token_ids(self.store.config, self.tokenizer)
             self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -93,8 +94,41 @@ class ModelRunner:
             else:
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
                 budget_bytes = int(0.9 * free_bytes)
-        return plan_tiers(compressed, dense, self.config.prefetch_depth, budget_bytes, budget_layers,
+        plan = plan_tiers(compressed, dense, self.config.prefetch_depth, budget_bytes, budget_layers,
                           self.config.host_budget_bytes)
+        self._expert_cache_bytes = self.config.expert_cache_bytes
+        if self._expert_cache_bytes is None and budget_bytes is not None:  # what the tiers leave of the budget
+            used = sum(dense[layer_idx] for layer_idx in plan.device)
+            if plan.streamed:
+                used += (self.config.prefetch_depth + 1) * (max(compressed) + max(dense))
+            self._expert_cache_bytes = max(budget_bytes - used, 0)
+        return plan
+
+    def _moe_layers(self) -> dict[int, int]:
+        """layer -> its expert count, for the layers whose experts the store holds apart."""
+        return {layer_idx: self.store.num_experts(layer_idx) for layer_idx in range(self.store.num_layers)
+                if self.store.num_experts(layer_idx)}
+
+    def _expert_streamer(self, ops):
+        """An MoE model's hooks that fetch each pass's experts (cache first); None for a dense model."""
+        if not self._moe_layers():
+            return None
+        from endor_ray.engine.expert_cache import ExpertCache
+        from endor_ray.engine.experts import ExpertReader, ExpertStreamer
+        from endor_ray.models.moe import expert_layout
+
+        reader = ExpertReader(self.store, self.device, ops, self.dtype if self.config.compute_dtype else None,
+                              verify=self.config.verify_disk_reads, decode_threads=self.source.decode_threads)
+        return ExpertStreamer(expert_layout(self.store.config), reader, ExpertCache(self._expert_cache_bytes),
+                              lambda: self.source.stats)
+
+    def _expert_placeholders(self, layer_idx: int) -> dict:
+        """Meta tensors standing for an MoE layer's experts while its own unit is loaded ({}: none)."""
+        if self.experts is None or not self.store.num_experts(layer_idx):
+            return {}
+        from endor_ray.models.skeleton import decoder_layers
+
+        return self.experts.placeholders(decoder_layers(self.model, self.store.architecture), layer_idx)
 
     def _install_hooks(self) -> contextlib.ExitStack:
         from endor_ray.models.skeleton import stream_layers
@@ -103,9 +137,17 @@ class ModelRunner:
             self.source.release(layer_idx)
             return output
 
+        def acquire(layer_idx: int) -> dict[str, torch.Tensor]:
+            return {**self.source.acquire(layer_idx), **self._expert_placeholders(layer_idx)}
+
         hooks = contextlib.ExitStack()  # closed by close(): removes the hooks
-        hooks.enter_context(stream_layers(self.model, self.store.architecture, self.source.acquire, release,
+        hooks.enter_context(stream_layers(self.model, self.store.architecture, acquire, release,
                                           layer_indices=list(self.plan.streamed)))
+        if self.experts is not None:
+            from endor_ray.models.skeleton import decoder_layers
+
+            hooks.enter_context(self.experts.install(decoder_layers(self.model, self.store.architecture),
+                                                     self._moe_layers()))
         return hooks
 
     def new_cache(self):

@@ -65,7 +65,18 @@ class GenerationStats:
                        "decompress": source.decompress_s, "compute_streamed": source.compute_s,
                        "stall": source.stall_s},
             "tier_hits": dict(source.hits),
+            **({"experts": expert_stats(source, self.new_tokens)} if source.expert_hits + source.expert_misses else {}),
         }
+
+
+def expert_stats(source: SourceStats, new_tokens: int) -> dict[str, Any]:
+    """An MoE model's expert traffic: the expert cache's hit rate, misses and compressed bytes
+    read per generated token (prefill's included: what the request cost)."""
+    picked = source.expert_hits + source.expert_misses
+    return {"hit_rate": source.expert_hits / picked if picked else None, "hits": source.expert_hits,
+            "misses": source.expert_misses, "bytes": source.expert_bytes,
+            "misses_per_token": source.expert_misses / new_tokens if new_tokens else None,
+            "bytes_per_token": source.expert_bytes / new_tokens if new_tokens else None}
 
 
 class TokenEvent(NamedTuple):

@@ -18,13 +18,19 @@ class SourceStats:
     decompress_s: float = 0.0
     compute_s: float = 0.0  # between a layer's acquire and release
     stall_s: float = 0.0  # compute waiting for weights (host wait + GPU-side wait)
+    # MoE layers (`endor_ray.engine.experts`): experts a pass picked, found in the expert cache or
+    # read from the store (misses), and the compressed bytes those misses read
+    expert_hits: int = 0
+    expert_misses: int = 0
+    expert_bytes: int = 0
 
     def __sub__(self, earlier: SourceStats) -> SourceStats:
         """What happened between two snapshots."""
         return SourceStats(
             hits={tier: count - earlier.hits.get(tier, 0) for tier, count in self.hits.items()},
             **{name: getattr(self, name) - getattr(earlier, name) for name in
-               ("bytes_to_device", "read_s", "transfer_s", "decompress_s", "compute_s", "stall_s")})
+               ("bytes_to_device", "read_s", "transfer_s", "decompress_s", "compute_s", "stall_s",
+                "expert_hits", "expert_misses", "expert_bytes")})
 
 
 class SlotTiming:

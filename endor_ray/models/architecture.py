@@ -38,6 +38,10 @@ LAYER_PREFIXES: dict[str, str] = {
     "stablelm": "model.layers.",
     "starcoder2": "model.layers.",
     "phi": "model.layers.",
+    # Mixture-of-Experts families (`endor_ray.models.moe`): each expert its own unit in the store
+    "mixtral": "model.layers.",
+    "qwen2_moe": "model.layers.",
+    "qwen3_moe": "model.layers.",
 }
 
 
@@ -87,7 +91,7 @@ def architecture_from_config(config: dict[str, Any]) -> Architecture:
         named = config.get("architectures") or [model_type]
         raise UnsupportedModelError(
             f"architecture {named[0]!r} (model_type {model_type!r}) is not supported; supported "
-            f"model types: {', '.join(sorted(LAYER_PREFIXES))} (dense decoder-only families)"
+            f"model types: {', '.join(sorted(LAYER_PREFIXES))} (decoder-only families, Mixture-of-Experts among them)"
         )
     num_layers = config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers <= 0:
@@ -96,5 +100,6 @@ def architecture_from_config(config: dict[str, Any]) -> Architecture:
 
 
 def is_prunable(name: str, tensor: torch.Tensor) -> bool:
-    """True for the Linear weights inside a decoder layer (2-D '.weight' tensors)."""
-    return name.endswith("weight") and tensor.dim() == 2
+    """True for the Linear weights inside a decoder layer (2-D '.weight' tensors) and an expert's
+    slices of its fused projections ('gate_up_proj', 'down_proj': `endor_ray.models.moe`)."""
+    return (name.endswith("weight") or name.endswith("_proj")) and tensor.dim() == 2

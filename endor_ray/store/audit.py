@@ -37,6 +37,9 @@ def audit(store: Store, progress: bool = True) -> list[str]:
     check("non-layer weights", lambda: _check_finite(store.dense_tensors(verify=True)))
     for layer_idx in tqdm(range(store.num_layers), desc="verify", unit="layer", disable=not progress):
         check(f"layer {layer_idx}", lambda idx=layer_idx: _check_finite(store.layer_tensors(idx, verify=True)))
+        for expert_idx in range(store.num_experts(layer_idx)):
+            check(f"layer {layer_idx} expert {expert_idx}",
+                  lambda idx=layer_idx, expert=expert_idx: _check_finite(store.expert_tensors(idx, expert)))
     check("config against the tensors", lambda: check_against_model(store))
     return problems
 
@@ -60,8 +63,7 @@ def check_against_model(store: Store) -> None:
             raise StoreError(f"{store.location}: the model config's {key} is {value!r}, not a positive context "
                              "length; the manifest was tampered with: re-run endor convert")
     model = meta_model(store.config)  # UnsupportedModelError, one line, where transformers rejects the config
-    shapes = [{t["name"]: t["shape"] for t in entry["tensors"]} for entry in store.manifest["layers"]]
-    check_tensors_match(model, store.architecture, shapes, store.location)
+    check_tensors_match(model, store.architecture, store.layer_shapes(), store.location)
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     for tensor in store.manifest["dense"]["tensors"]:
         name, shape = tensor["name"], tensor["shape"]

@@ -62,8 +62,13 @@ class FileEntry(_Strict):
     tensors: list[TensorEntry]
 
 
+class ExpertEntry(FileEntry):
+    expert: int = Field(ge=0)
+
+
 class LayerEntry(FileEntry):
     index: int = Field(ge=0)
+    experts: list[ExpertEntry] = []  # an MoE layer's experts, one file each (`endor_ray.models.moe`)
 
 
 class ModelInfo(BaseModel):

@@ -73,6 +73,11 @@ def layer_file_name(layer_idx: int) -> str:
     return f"layers/layer-{layer_idx:05d}.safetensors"
 
 
+def expert_file_name(layer_idx: int, expert_idx: int) -> str:
+    """One expert of an MoE layer: its own file, so it is read (and served) alone."""
+    return f"layers/layer-{layer_idx:05d}-expert-{expert_idx:05d}.safetensors"
+
+
 # -- writing (always to a local directory) -------------------------------------------------------
 
 
@@ -234,7 +239,7 @@ class Store:
 
     def __post_init__(self) -> None:
         self.fs, self.root = _filesystem(self.location)
-        self._proven_layers: set[int] = set()  # layers whose file size was compared with the manifest
+        self._proven_layers: set = set()  # layers (and (layer, expert)s) whose file size was compared with the manifest
         self.manifest = self._read_manifest()
 
     def _read_manifest(self) -> dict[str, Any]:
@@ -258,8 +263,11 @@ class Store:
             raise StoreError(f"{self.location}: manifest lists {len(layers)} layers, config says {architecture.num_layers}")
         if [entry["index"] for entry in layers] != list(range(len(layers))):
             raise StoreError(f"{where} lists its layers out of order; re-run endor convert")
-        for entry in [manifest["dense"], *layers]:
+        for entry in [manifest["dense"], *layers, *(expert for layer in layers for expert in layer.get("experts", []))]:
             _safe_relative(self.location, entry.get("file"))
+        for entry in layers:
+            if [expert["expert"] for expert in entry.get("experts", [])] != list(range(len(entry.get("experts", [])))):
+                raise StoreError(f"{where} lists layer {entry['index']}'s experts out of order; re-run endor convert")
         for name in manifest.get("tokenizer_files", []):
             _safe_relative(self.location, f"{TOKENIZER_DIR}/{name}")
         return manifest
@@ -352,6 +360,40 @@ class Store:
             self._proven_layers.add(layer_idx)
         return entry
 
+    def num_experts(self, layer_idx: int) -> int:
+        """Experts stored apart for the layer (0: a dense layer)."""
+        return len(self.manifest["layers"][layer_idx].get("experts", []))
+
+    def expert_entry(self, layer_idx: int, expert_idx: int) -> dict[str, Any]:
+        """One expert's manifest entry, its file's size proven the first time (as `layer_entry`)."""
+        experts = self.layer_entry(layer_idx).get("experts", [])
+        if not 0 <= expert_idx < len(experts):
+            raise StoreError(f"layer {layer_idx} has no expert {expert_idx}: the store holds {len(experts)} for it")
+        entry = experts[expert_idx]
+        if (layer_idx, expert_idx) not in self._proven_layers:
+            path = self._path(entry["file"])
+            files.check_size(path, self._file_size(path), entry["nbytes"])
+            self._proven_layers.add((layer_idx, expert_idx))
+        return entry
+
+    def expert_tensors(self, layer_idx: int, expert_idx: int, verify: bool = True) -> dict[str, EncodedTensor]:
+        """One expert's encoded tensors, by name inside the experts module ('gate_up_proj')."""
+        entry = self.expert_entry(layer_idx, expert_idx)
+        data = self.read_bytes(entry["file"], nbytes=entry["nbytes"])
+        return tensors_from_buffer(torch.from_numpy(data), {**entry, "index": layer_idx}, verify, self.version)
+
+    def layer_shapes(self) -> list[dict[str, list[int]]]:
+        """Per layer, tensor name (inside the layer, as the model's module names it) -> shape; an
+        MoE layer's experts as the fused parameters its experts module holds ([experts, ...])."""
+        from endor_ray.models.moe import expert_layout, stacked_shapes
+
+        layout = expert_layout(self.config)
+        shapes = []
+        for entry in self.manifest["layers"]:
+            stacked = stacked_shapes(layout, entry["experts"]) if layout and entry.get("experts") else {}
+            shapes.append({**{t["name"]: t["shape"] for t in entry["tensors"]}, **stacked})
+        return shapes
+
     def layer_bytes(self, layer_idx: int, mmap: bool = False) -> np.ndarray:
         entry = self.layer_entry(layer_idx)
         return self.read_bytes(entry["file"], mmap=mmap, nbytes=entry["nbytes"])
@@ -384,18 +426,22 @@ class Store:
         layers = []
         total_numel = total_nnz = 0
         for entry in self.manifest["layers"]:
-            prunable = [t for t in entry["tensors"] if len(t["shape"]) == 2]
+            experts = entry.get("experts", [])  # an MoE layer's experts count as the layer's
+            every = entry["tensors"] + [t for expert in experts for t in expert["tensors"]]
+            prunable = [t for t in every if len(t["shape"]) == 2]
             numel = sum(math.prod(t["shape"]) for t in prunable)
             nnz = sum(t["nnz"] for t in prunable)
             total_numel, total_nnz = total_numel + numel, total_nnz + nnz
-            dense_nbytes = sum(math.prod(t["shape"]) * dtype_from_name(t["dtype"]).itemsize
-                               for t in entry["tensors"])
+            dense_nbytes = sum(math.prod(t["shape"]) * dtype_from_name(t["dtype"]).itemsize for t in every)
+            nbytes = entry["nbytes"] + sum(expert["nbytes"] for expert in experts)
             layers.append({
                 "layer": entry["index"], "sparsity": 1 - nnz / numel if numel else 0.0,
-                "nbytes": entry["nbytes"], "dense_nbytes": dense_nbytes,
-                "ratio": entry["nbytes"] / dense_nbytes,
-                "weights": sum(math.prod(t["shape"]) for t in entry["tensors"]),
-                "tensors": [_tensor_summary(t) for t in prunable],
+                "nbytes": nbytes, "dense_nbytes": dense_nbytes,
+                "ratio": nbytes / dense_nbytes,
+                "weights": sum(math.prod(t["shape"]) for t in every),
+                "tensors": [_tensor_summary(t) for t in entry["tensors"] if len(t["shape"]) == 2],
+                **({"experts": len(experts), "expert_nbytes": [expert["nbytes"] for expert in experts],
+                    "expert_tensors": [_tensor_summary(t) for t in experts[0]["tensors"]]} if experts else {}),
             })
         layer_nbytes = sum(layer["nbytes"] for layer in layers)
         layer_dense = sum(layer["dense_nbytes"] for layer in layers)

@@ -54,6 +54,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("verify_disk_reads", "checksum every disk-tier read"),
         Option("decode_threads", "CPU decoding: threads a layer's decode splits over; default: all cores"),
         Option("fetch_timeout_s", "seconds a layer fetch may take before it is an error"),
+        Option("expert_cache_memory", "MoE models: device memory for cached experts (4GiB; 0: none); default: what "
+                                      "--gpu-memory leaves after the resident layers and streaming slots"),
     ),
     "scheduler": (
         Option("max_num_seqs", "sequences per pass over the weights (requests join and leave at every pass)",

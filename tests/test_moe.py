@@ -1,0 +1,143 @@
+"""Mixture-of-Experts models: each expert its own unit in the store, streamed by the router's picks.
+
+Tiny random checkpoints are built offline from MixtralConfig, Qwen3MoeConfig and Qwen2MoeConfig
+(a shared expert and its gate) with transformers' own save_pretrained, so they carry the per-expert
+tensor names that real checkpoints have (``block_sparse_moe.experts.3.w1.weight``,
+``mlp.experts.3.gate_proj.weight``). The store's expert units are compared with those tensors, and
+the engine's greedy tokens with transformers' own `generate` on the original checkpoint (fp32,
+raw values), a batch of prompts of different lengths at most two at a time, with the expert cache
+cold, warm, absent, and smaller than one layer's picks.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from test_families import PROMPTS, cut, family_checkpoint, token_logprobs, transformers_greedy
+
+from endor_ray.compress.convert import ConvertConfig, convert
+from endor_ray.engine import Engine, EngineConfig
+from endor_ray.engine.expert_cache import ExpertCache
+from endor_ray.engine.sampling import SamplingParams
+from endor_ray.engine.scheduler import SchedulerConfig
+from endor_ray.errors import ConfigError
+from endor_ray.format.tensor import decode
+from endor_ray.store.store import Store
+
+NUM_EXPERTS = 8
+FAMILIES = {
+    "mixtral": dict(model_type="mixtral", num_local_experts=NUM_EXPERTS, num_experts_per_tok=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=32,
+                      head_dim=16),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+}
+# the checkpoint's names of layer 1's expert 5 Linears, gate and up first (their order in gate_up_proj)
+EXPERT_NAMES = {"mixtral": ("block_sparse_moe.experts.5.{}.weight", ("w1", "w3"), "w2"),
+                "qwen3_moe": ("mlp.experts.5.{}_proj.weight", ("gate", "up"), "down"),
+                "qwen2_moe": ("mlp.experts.5.{}_proj.weight", ("gate", "up"), "down")}
+MAX_NEW_TOKENS = [6, 3, 8, 5]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def moe(request, tmp_path_factory):
+    """(family, checkpoint, raw store) for each MoE family."""
+    family = request.param
+    directory = tmp_path_factory.mktemp(family)
+    checkpoint = family_checkpoint(directory / "ckpt", FAMILIES[family])
+    store = convert(str(checkpoint), directory / "store", ConvertConfig(method="magnitude", sparsity=0.0),
+                    progress=False)
+    return family, checkpoint, store
+
+
+def test_each_expert_is_its_own_unit(moe, capsys):
+    from safetensors.torch import load_file
+
+    from endor_ray.cli import main
+
+    family, checkpoint, location = moe
+    store = Store(str(location))
+    original = load_file(checkpoint / "model.safetensors")
+    pattern, gate_up, down = EXPERT_NAMES[family]
+    expert = {name: decode(enc) for name, enc in store.expert_tensors(1, 5).items()}
+    assert sorted(expert) == ["down_proj", "gate_up_proj"]
+    expected_gate_up = torch.cat([original["model.layers.1." + pattern.format(part)] for part in gate_up])
+    assert torch.equal(expert["gate_up_proj"], expected_gate_up)
+    assert torch.equal(expert["down_proj"], original["model.layers.1." + pattern.format(down)])
+    layer = {t["name"] for t in store.manifest["layers"][1]["tensors"]}
+    assert "mlp.gate.weight" in layer and not any("experts" in name for name in layer)  # the router: the layer's
+    if family == "qwen2_moe":
+        assert {"mlp.shared_expert.gate_proj.weight", "mlp.shared_expert_gate.weight"} <= layer
+
+    assert main(["inspect", str(location), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [layer["experts"] for layer in summary["layers"]] == [NUM_EXPERTS, NUM_EXPERTS]
+    assert summary["layers"][0]["expert_nbytes"] == [e["nbytes"] for e in store.manifest["layers"][0]["experts"]]
+    assert main(["inspect", str(location)]) == 0
+    assert f"{NUM_EXPERTS} experts" in capsys.readouterr().out
+    assert main(["inspect", str(location), "--verify", "--json"]) == 0
+
+
+def test_experts_are_compressed_like_any_linear(tmp_path):
+    checkpoint = family_checkpoint(tmp_path / "ckpt", FAMILIES["mixtral"])
+    with pytest.raises(ConfigError, match="Mixture-of-Experts.*--method magnitude"):
+        convert(str(checkpoint), tmp_path / "wanda", ConvertConfig(), progress=False)  # Wanda calibrates
+    store = Store(str(convert(str(checkpoint), tmp_path / "store",
+                              ConvertConfig(method="magnitude", sparsity=0.5, values="int8"), progress=False)))
+    tensors = store.manifest["layers"][0]["experts"][3]["tensors"]
+    assert {t["values_encoding"] for t in tensors} == {"int8"}
+    assert all(t["nnz"] == math.prod(t["shape"]) // 2 for t in tensors)
+    encoded = store.expert_tensors(0, 3)["gate_up_proj"]
+    assert (decode(encoded) != 0).sum(dim=1).tolist() == [encoded.shape[1] // 2] * encoded.shape[0]
+
+
+def generate(store, expert_cache_memory: str | None, rounds: int = 1):
+    """Completions and stats of `rounds` generate calls on one engine (the cache stays warm between)."""
+    params = [SamplingParams(max_new_tokens=count, logprobs=1) for count in MAX_NEW_TOKENS]
+    with Engine(str(store), EngineConfig(device="cpu", gpu_memory=1, expert_cache_memory=expert_cache_memory),
+                progress=False, scheduler=SchedulerConfig(max_num_seqs=2)) as engine:
+        return [engine.generate(PROMPTS, params) for _ in range(rounds)]
+
+
+def test_greedy_tokens_equal_transformers(moe):
+    family, checkpoint, store = moe
+    expected = cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
+    assert sum(len(row) for row in expected) > 10
+
+    cold, warm = generate(store, None, rounds=2)  # the cache holds every expert: the second call hits only
+    for result in (cold, warm):
+        assert [c.token_ids for c in result.completions] == expected
+    cold_stats, warm_stats = cold.stats.to_dict()["experts"], warm.stats.to_dict()["experts"]
+    assert NUM_EXPERTS < cold_stats["misses"] <= 2 * NUM_EXPERTS  # each expert picked read once, at most
+    assert warm_stats["misses"] == 0 and warm_stats["hit_rate"] == 1.0
+    assert cold_stats["bytes_per_token"] > 0 and warm_stats["bytes_per_token"] == 0
+
+    expert_nbytes = sum(math.prod(t["shape"]) * 4 for t in Store(str(store)).manifest["layers"][0]["experts"][0]["tensors"])
+    # One expert at a time, fewer than a layer's picks: each is stacked as soon as it is had, then evicted
+    [small] = generate(store, f"{int(1.5 * expert_nbytes)}B")
+    assert [c.token_ids for c in small.completions] == expected
+    small_stats = small.stats.to_dict()["experts"]
+    assert small_stats["misses"] > cold_stats["misses"]
+    assert small_stats["hits"] + small_stats["misses"] == cold_stats["hits"] + cold_stats["misses"]
+    if family == "mixtral":
+        [none] = generate(store, "0")
+        assert [c.token_ids for c in none.completions] == expected
+        assert none.stats.to_dict()["experts"]["hit_rate"] == 0.0
+        longest = cold.completions[2]
+        logprobs = token_logprobs(checkpoint, PROMPTS[2], longest.token_ids)
+        assert [logprob for logprob, _ in longest.logprobs] == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_expert_cache_evicts_the_least_recently_used():
+    weights = {"w": torch.zeros(4)}  # 16 bytes
+    cache = ExpertCache(budget_bytes=32)
+    cache.put((0, 1), weights)
+    cache.put((0, 2), weights)
+    assert cache.get((0, 1)) is weights  # (0, 2) is now the least recently used
+    cache.put((1, 0), weights)
+    assert (0, 2) not in cache and (0, 1) in cache and (1, 0) in cache and cache.nbytes == 32
+    ExpertCache(budget_bytes=8).put((0, 0), weights)  # larger than the budget: never kept
+    none = ExpertCache(budget_bytes=0)
+    none.put((0, 0), weights)
+    assert len(none) == 0
