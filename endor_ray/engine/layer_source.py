@@ -15,8 +15,9 @@ of the next token) move through two stages, each on its own thread:
 1. read (I/O thread): the reader fills the slot's host buffer (disk, network) or hands over
    memory it holds (host tier);
 2. transfer (transfer thread): on CPU the fast decoder expands the layer into the slot's dense
-   weights; on CUDA the layer is copied host to device on the *copy* stream and decompressed by
-   the Triton kernel on the *decompress* stream, so the copy engine moves layer i+1 while the
+   weights (a dense INT8/INT4/Q8_0/Q4/Q5 tensor stays in its blocks, handed out as a
+   `block_weight.BlockWeight` that small batches multiply from: `EngineConfig.cpu_matvec`); on
+   CUDA the layer is copied host to device on the *copy* stream and decompressed by the Triton kernel on the *decompress* stream, so the copy engine moves layer i+1 while the
    SMs decompress layer i.
 
 So a disk read, a decode and the compute of three different layers overlap. On CUDA nothing
@@ -46,12 +47,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from endor_ray.engine.block_weight import BlockWeight
 from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.device import CudaOps, aligned_empty
 from endor_ray.engine.source_stats import SlotTiming, SourceStats
 from endor_ray.engine.tiers import TierPlan
 from endor_ray.errors import EndorError
 from endor_ray.format.cpu_decode import decode_into
+from endor_ray.format.cpu_matvec import has_matvec
 from endor_ray.store.store import tensors_from_buffer
 from endor_ray.utils.prefetch import Prefetcher
 
@@ -90,6 +93,7 @@ class LayerSource:
         self.timeout_s, self.prefetch_depth = config.fetch_timeout_s, config.prefetch_depth
         self.compute_dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else None
         self.decode_threads = config.decode_threads or os.cpu_count() or 1
+        self.keep_blocks = self.ops is None and config.cpu_matvec  # CPU: products from the blocks (block_weight)
         self.stats = SourceStats()
         self.resident: dict[int, dict[str, torch.Tensor]] = {}
         self._streamed = plan.streamed
@@ -140,6 +144,9 @@ class LayerSource:
         a compute dtype other than the store's, decoded into `stored` first and widened."""
         for name, enc in tensors_from_buffer(data, self.reader.entry(layer_idx), verify=False).items():
             dtype = self.compute_dtype or enc.dtype
+            if self.keep_blocks and has_matvec(enc):  # nothing to decode: small batches multiply from the blocks
+                out[name] = BlockWeight(enc, dtype, self.decode_threads)
+                continue
             buffer = out.get(name)
             if buffer is None or buffer.shape != torch.Size(enc.shape) or buffer.dtype != dtype:
                 buffer = out[name] = torch.empty(enc.shape, dtype=dtype, device=self.device)

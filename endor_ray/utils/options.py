@@ -53,6 +53,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
                choices=("buffered", "direct")),
         Option("verify_disk_reads", "checksum every disk-tier read"),
         Option("decode_threads", "CPU decoding: threads a layer's decode splits over; default: all cores"),
+        Option("cpu_matvec", "CPU: multiply small batches straight from dense INT8/INT4/Q8_0/Q4/Q5 blocks "
+                             "instead of decoding each layer to dense first"),
         Option("fetch_timeout_s", "seconds a layer fetch may take before it is an error"),
         Option("expert_cache_memory", "MoE models: device memory for cached experts (4GiB; 0: none); default: what "
                                       "--gpu-memory leaves after the resident layers and streaming slots"),
