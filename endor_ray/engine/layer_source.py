@@ -17,8 +17,9 @@ of the next token) move through two stages, each on its own thread:
 2. transfer (transfer thread): on CPU the fast decoder expands the layer into the slot's dense
    weights (a dense INT8/INT4/Q8_0/Q4/Q5 tensor stays in its blocks, handed out as a
    `block_weight.BlockWeight` that small batches multiply from: `EngineConfig.cpu_matvec`); on
-   CUDA the layer is copied host to device on the *copy* stream and decompressed by the Triton kernel on the *decompress* stream, so the copy engine moves layer i+1 while the
-   SMs decompress layer i.
+   CUDA the layer is copied host to device on the *copy* stream and decompressed by the Triton
+   kernel on the *decompress* stream, so the copy engine moves layer i+1 while the SMs
+   decompress layer i.
 
 So a disk read, a decode and the compute of three different layers overlap. On CUDA nothing
 waits on the host except the reuse of a slot's host buffer; the order is kept by events:
