@@ -284,7 +284,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = ServeConfig(store=args.store, model_name=args.model_name, api_key=args.api_key,
                          protect_health=args.protect_health, tool_call_syntax=args.tool_call_syntax,
                          engine=args.engine, scheduler=args.scheduler, cluster=args.cluster)
-    run_server(config, args.host, args.port, allow_unauthenticated_cluster=args.allow_unauthenticated_cluster)
+    run_server(config, args.host, args.port, allow_unauthenticated_cluster=args.allow_unauthenticated_cluster,
+               header_timeout_s=args.header_timeout_s)
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, sections: dict) -> None:
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("store", help="store path or URI (readable from every node)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--header-timeout-s", type=float, default=None,
+                       help="seconds a request's headers may take to arrive after connecting, else 408 and the "
+                            "connection closes (default: endor_ray.serve.limits.HEADER_TIMEOUT_S, 10)")
     serve.add_argument("--model-name", default=None, help="model id clients use (default: the store's folder name)")
     serve.add_argument("--api-key", default=None,
                        help="clients must send 'Authorization: Bearer KEY' (default: $ENDOR_API_KEY, else open)")

@@ -365,6 +365,87 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(server):
         assert KEEP_ALIVE_S - 1 < time.monotonic() - started < KEEP_ALIVE_S + 15
 
 
+
+GUARD_PORT = 8127
+HEADER_TIMEOUT_S = 2.0
+
+
+@pytest.fixture()
+def guard(server):
+    """`endor serve`'s public listener (`run_server` starts the same) in front of the module's Serve proxy."""
+    from endor_ray.serve.connection_guard import ConnectionGuard
+
+    guards = []
+
+    def start(**options):
+        guards.append(ConnectionGuard("127.0.0.1", GUARD_PORT, PORT, HEADER_TIMEOUT_S, **options))
+        guards[-1].start()
+        return f"http://127.0.0.1:{GUARD_PORT}"
+
+    yield start
+    for started in guards:
+        started.close()
+
+
+def _trickle(port: int, seconds: float) -> tuple[float, bytes]:
+    """Send a request head one byte every 0.25 s for at most `seconds`: (seconds until the server
+    answered or closed, what it sent; b"" and `seconds` if it still held the connection)."""
+    import socket
+
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 400
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.settimeout(0.25)
+        started = time.monotonic()
+        for byte in head:
+            if time.monotonic() - started > seconds:
+                return seconds, b""
+            try:
+                connection.sendall(bytes([byte]))
+                answer = connection.recv(65536)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - started, b""
+            return time.monotonic() - started, answer
+    return seconds, b""
+
+
+def test_a_client_trickling_headers_is_closed_after_the_header_timeout(server, guard):
+    """Slowloris: Serve's proxy (uvicorn) held a connection whose headers trickle in for ever;
+    through `endor serve`'s guard it is a 408 and closed at the header timeout, while a normal
+    request still works."""
+    held_s, answer = _trickle(PORT, HEADER_TIMEOUT_S + 3)  # Serve alone: the defect the guard closes
+    assert answer == b"" and held_s >= HEADER_TIMEOUT_S + 3
+    base = guard()
+    closed_s, answer = _trickle(GUARD_PORT, HEADER_TIMEOUT_S + 10)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert HEADER_TIMEOUT_S - 0.5 < closed_s < HEADER_TIMEOUT_S + 3
+    with urllib.request.urlopen(f"{base}/health", timeout=60) as healthy:
+        assert healthy.status == 200 and json.loads(healthy.read())["status"] in ("ok", "degraded")
+    request = urllib.request.Request(f"{base}/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": "Hi", "max_tokens": 2, "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=120) as streamed:
+        assert streamed.status == 200 and b"data: [DONE]" in streamed.read()
+
+
+def test_serve_proxy_routes_need_the_key_under_protect_health(server, guard):
+    """/-/routes and /-/healthz (answered by Serve's proxy itself, before the app's key check) were
+    open under --api-key --protect-health; through the guard they need the key."""
+    def status(url: str, headers: dict | None = None) -> int:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert status(f"{BASE}/-/routes") == 200  # Serve alone: open to anyone
+    base = guard(api_key="k3y", protect_health=True)
+    for path in ("/-/routes", "/-/healthz"):
+        assert status(f"{base}{path}") == 401, path
+        assert status(f"{base}{path}", {"Authorization": "Bearer wrong"}) == 401, path
+        assert status(f"{base}{path}", {"Authorization": "Bearer k3y"}) == 200, path
+    assert status(f"{base}/v1/models") == 200  # the app's own routes: its own key check (this app has none)
+
 def test_health_stays_200_while_a_shard_server_restarts(server):
     """A shard kill made /health 503 for seconds while every request succeeded."""
     import ray

@@ -31,7 +31,7 @@ from ray import serve
 from endor_ray.serve import openai_api as api
 from endor_ray.serve.http_front import BODY_TIMEOUT_S, app, error_response as _error, read_body as _body  # noqa: F401
 from endor_ray.serve.config import APP_ARGS, ServeConfig, environment_names, serve_config_from_args  # noqa: F401
-from endor_ray.serve.limits import check_costs
+from endor_ray.serve.limits import HEADER_TIMEOUT_S, check_costs
 from endor_ray.serve.responses import Shaper
 from endor_ray.errors import ConfigError, EndorError
 
@@ -307,29 +307,39 @@ def app_from_environment() -> serve.Application:
 
 
 def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-               allow_unauthenticated_cluster: bool = False) -> None:
+               allow_unauthenticated_cluster: bool = False, header_timeout_s: float | None = None) -> None:
     """Start Serve on the cluster (a local Ray unless config.cluster.address is set) and block until Ctrl-C.
     A cluster whose nodes listen beyond loopback with Ray's auth off is refused unless allowed
-    (`endor_ray.serve.listeners`); HTTP connections idle for KEEP_ALIVE_S are closed."""
+    (`endor_ray.serve.listeners`). Clients reach Serve's proxy (on a loopback port) through a
+    `ConnectionGuard` on host:port: a request's headers must arrive within header_timeout_s (default:
+    limits.HEADER_TIMEOUT_S; else 408), one request per connection, Serve's /-/ routes behind the key
+    under protect_health."""
     import ray
 
+    from endor_ray.serve.connection_guard import ConnectionGuard, free_loopback_port
     from endor_ray.serve.listeners import check_cluster_exposure
     from endor_ray.service.ray_session import init_ray
 
     def stop(signum, frame):  # SIGTERM (kill, Kubernetes) is the normal way to stop: shut down, exit 0
         raise SystemExit(0)
 
+    proxy_port = free_loopback_port()
+    header_timeout_s = HEADER_TIMEOUT_S if header_timeout_s is None else header_timeout_s
+    guard = ConnectionGuard(host, port, proxy_port, header_timeout_s, protect_health=config.protect_health,
+                            api_key=config.api_key or os.environ.get("ENDOR_API_KEY") or None)
     started_ray = init_ray(config.cluster.address)
     try:
         check_cluster_exposure(allow_unauthenticated_cluster)
-        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port, "keep_alive_timeout_s": KEEP_ALIVE_S})
         serve.run(build_app(dataclasses.asdict(config)),
                   name="endor", route_prefix="/", blocking=False)
+        guard.start()  # once Serve answers: a client that connects earlier would get 503s
         signal.signal(signal.SIGTERM, stop)  # after Ray's start, which installs its own handler
         print(f"serving {config.served_name!r} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     finally:
+        guard.close()
         serve.shutdown()
         if started_ray:
             ray.shutdown()

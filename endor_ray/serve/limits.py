@@ -6,6 +6,7 @@ the request enters (a 400 naming the cap), so no single request can stall its ne
 | `stop` | `MAX_STOP_STRINGS` strings of at most `MAX_STOP_CHARS` characters | each is matched at every new token |
 | `logit_bias` | `MAX_LOGIT_BIAS` entries, keys decimal token ids in the vocabulary | added to the logits at every token |
 | `n` x prompts | `MAX_SEQUENCES_PER_REQUEST` sequences | they take the batch's rows and the queue |
+| request head | `HEADER_TIMEOUT_S` s after connect (`--header-timeout-s`), then 408 | a trickled head holds a connection |
 
 docs/API.md lists the same numbers.
 """
@@ -21,6 +22,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300
 MAX_SEQUENCES_PER_REQUEST = 128
+HEADER_TIMEOUT_S = 10.0  # default: a request's headers must arrive this soon after connect (`connection_guard`)
 TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # what a token id key looks like: no sign, no "_", no leading zero
 
 
