@@ -61,9 +61,9 @@ CALIB_SAMPLES, CALIB_SEQ_LEN, CALIB_SEED = 64, 128, 0  # endor convert's self-ca
 # 0.45-1.1 bytes per weight, in the order they are run (most informative first).
 OURS = {
     # --bytes-per-weight alone at llama.cpp types' bytes: the whole-model budget's defaults (Q4_0,
-    # Q2_K, Q3_K_M, IQ4_XS, IQ4_NL, Q5_0, Q4_K_M, Q5_K_M, Q5_1)
+    # Q2_K, Q3_K_M, IQ4_XS, IQ4_NL, Q5_0, Q4_K_M, Q5_K_M, Q5_1), and two lower budgets
     **{f"ours-budget-{budget}": dict(bytes_per_weight=budget)
-       for budget in (0.5625, 0.5293, 0.579, 0.559, 0.566, 0.6875, 0.692, 0.754, 0.75)},
+       for budget in (0.5625, 0.5293, 0.579, 0.559, 0.566, 0.6875, 0.692, 0.754, 0.75, 0.45, 0.5)},
     "ours-gptq-int4-g32": dict(method="sparsegpt", sparsity=0.0, values="int4", group_size=32),
     "ours-kept-gguf": dict(method="magnitude", values="keep"),  # the embedded Q4_1 GGUF's own blocks
     "ours-mixed-0.65-g32": dict(method="sparsegpt", bytes_per_weight=0.65, group_size=32),
