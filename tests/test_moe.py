@@ -1,7 +1,8 @@
 """Mixture-of-Experts models: each expert its own unit in the store, streamed by the router's picks.
 
-Tiny random checkpoints are built offline from MixtralConfig, Qwen3MoeConfig and Qwen2MoeConfig
-(a shared expert and its gate) with transformers' own save_pretrained, so they carry the per-expert
+Tiny random checkpoints are built offline from MixtralConfig, Qwen3MoeConfig, Qwen2MoeConfig (a
+shared expert and its gate) and DeepseekV3Config (MLA attention, a dense first layer, a shared
+expert, grouped routing) with transformers' own save_pretrained, so they carry the per-expert
 tensor names that real checkpoints have (``block_sparse_moe.experts.3.w1.weight``,
 ``mlp.experts.3.gate_proj.weight``). The store's expert units are compared with those tensors, and
 the engine's greedy tokens with transformers' own `generate` on the original checkpoint (fp32,
@@ -32,11 +33,18 @@ FAMILIES = {
                       head_dim=16),
     "qwen2_moe": dict(model_type="qwen2_moe", num_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
+    # MLA attention, a dense first layer, a shared expert, grouped routing with a score-correction bias
+    "deepseek_v3": dict(model_type="deepseek_v3", num_hidden_layers=3, num_key_value_heads=4,
+                        n_routed_experts=NUM_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=32,
+                        first_k_dense_replace=1, n_shared_experts=1, n_group=2, topk_group=1, kv_lora_rank=16,
+                        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
 }
+MOE_LAYERS = {"mixtral": [0, 1], "qwen3_moe": [0, 1], "qwen2_moe": [0, 1], "deepseek_v3": [1, 2]}
 # the checkpoint's names of layer 1's expert 5 Linears, gate and up first (their order in gate_up_proj)
 EXPERT_NAMES = {"mixtral": ("block_sparse_moe.experts.5.{}.weight", ("w1", "w3"), "w2"),
                 "qwen3_moe": ("mlp.experts.5.{}_proj.weight", ("gate", "up"), "down"),
-                "qwen2_moe": ("mlp.experts.5.{}_proj.weight", ("gate", "up"), "down")}
+                "qwen2_moe": ("mlp.experts.5.{}_proj.weight", ("gate", "up"), "down"),
+                "deepseek_v3": ("mlp.experts.5.{}_proj.weight", ("gate", "up"), "down")}
 MAX_NEW_TOKENS = [6, 3, 8, 5]
 
 
@@ -66,14 +74,16 @@ def test_each_expert_is_its_own_unit(moe, capsys):
     assert torch.equal(expert["gate_up_proj"], expected_gate_up)
     assert torch.equal(expert["down_proj"], original["model.layers.1." + pattern.format(down)])
     layer = {t["name"] for t in store.manifest["layers"][1]["tensors"]}
-    assert "mlp.gate.weight" in layer and not any("experts" in name for name in layer)  # the router: the layer's
+    assert "mlp.gate.weight" in layer and not any("mlp.experts" in name for name in layer)  # the router: the layer's
     if family == "qwen2_moe":
         assert {"mlp.shared_expert.gate_proj.weight", "mlp.shared_expert_gate.weight"} <= layer
+    if family == "deepseek_v3":  # the dense first layer has no experts; the shared experts are the layer's
+        assert store.num_experts(0) == 0 and "mlp.shared_experts.gate_proj.weight" in layer
 
     assert main(["inspect", str(location), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert [layer["experts"] for layer in summary["layers"]] == [NUM_EXPERTS, NUM_EXPERTS]
-    assert summary["layers"][0]["expert_nbytes"] == [e["nbytes"] for e in store.manifest["layers"][0]["experts"]]
+    assert [idx for idx, layer in enumerate(summary["layers"]) if layer.get("experts") == NUM_EXPERTS] == MOE_LAYERS[family]
+    assert summary["layers"][1]["expert_nbytes"] == [e["nbytes"] for e in store.manifest["layers"][1]["experts"]]
     assert main(["inspect", str(location)]) == 0
     assert f"{NUM_EXPERTS} experts" in capsys.readouterr().out
     assert main(["inspect", str(location), "--verify", "--json"]) == 0
@@ -113,7 +123,7 @@ def test_greedy_tokens_equal_transformers(moe):
     assert warm_stats["misses"] == 0 and warm_stats["hit_rate"] == 1.0
     assert cold_stats["bytes_per_token"] > 0 and warm_stats["bytes_per_token"] == 0
 
-    expert_nbytes = sum(math.prod(t["shape"]) * 4 for t in Store(str(store)).manifest["layers"][0]["experts"][0]["tensors"])
+    expert_nbytes = sum(math.prod(t["shape"]) * 4 for t in Store(str(store)).manifest["layers"][1]["experts"][0]["tensors"])
     # One expert at a time, fewer than a layer's picks: each is stacked as soon as it is had, then evicted
     [small] = generate(store, f"{int(1.5 * expert_nbytes)}B")
     assert [c.token_ids for c in small.completions] == expected
@@ -127,6 +137,18 @@ def test_greedy_tokens_equal_transformers(moe):
         longest = cold.completions[2]
         logprobs = token_logprobs(checkpoint, PROMPTS[2], longest.token_ids)
         assert [logprob for logprob, _ in longest.logprobs] == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_metrics_show_the_expert_cache():
+    from endor_ray.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics("tiny")
+    metrics.generated({"new_tokens": 4, "experts": {"hit_rate": 0.75, "misses_per_token": 0.5,
+                                                    "bytes_per_token": 1024.0}}, prompt_tokens=3)
+    text = metrics.render(None).decode()
+    assert 'endor_expert_cache_hit_rate{model="tiny"} 0.75' in text
+    assert 'endor_expert_misses_per_token{model="tiny"} 0.5' in text
+    assert 'endor_expert_bytes_per_token{model="tiny"} 1024.0' in text
 
 
 def test_expert_cache_evicts_the_least_recently_used():

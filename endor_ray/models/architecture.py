@@ -42,6 +42,7 @@ LAYER_PREFIXES: dict[str, str] = {
     "mixtral": "model.layers.",
     "qwen2_moe": "model.layers.",
     "qwen3_moe": "model.layers.",
+    "deepseek_v3": "model.layers.",
 }
 
 

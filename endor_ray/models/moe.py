@@ -68,6 +68,8 @@ EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
                             renames=(("block_sparse_moe.", "mlp."),), num_experts_key="num_local_experts"),
     "qwen2_moe": _QWEN,
     "qwen3_moe": _QWEN,
+    # dense first layers (first_k_dense_replace), shared experts, MLA attention: all the layer's own unit
+    "deepseek_v3": ExpertLayout("mlp.experts", _QWEN.fused, num_experts_key="n_routed_experts"),
 }
 
 

@@ -189,8 +189,10 @@ def check_tensors_match(model: nn.Module, architecture: Architecture, layer_tens
     """
     from endor_ray.errors import StoreError
 
-    expected = {name: tuple(tensor.shape) for name, tensor in decoder_layers(model, architecture)[0].state_dict().items()}
+    layers = decoder_layers(model, architecture)
     for layer_idx, tensors in enumerate(layer_tensors):
+        # per layer: DeepSeek-V3's first layers are dense, the rest MoE
+        expected = {name: tuple(tensor.shape) for name, tensor in layers[layer_idx].state_dict().items()}
         given = {name: tuple(shape) for name, shape in tensors.items()}
         missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
         if missing or unexpected:

@@ -3,7 +3,8 @@
 Request-level series are counted by the HTTP front as requests finish (every request, streamed
 or not, by route and status, 5xx included; token and latency figures when a generation's result
 arrives, also at the end of a stream); engine-level series
-(queue, running sequences, sequences per pass, bytes moved per pass, tier hits) are read from
+(queue, running sequences, sequences per pass, bytes moved per pass, tier hits, an MoE model's
+expert cache hit rate and expert reads per token) are read from
 the GPU workers when `/metrics` is scraped. Each app has its own registry (several apps or tests
 in one process do not collide).
 """
@@ -42,6 +43,13 @@ class ServeMetrics:
                                               registry=registry)
         self.tier_hits = Gauge("endor_tier_hits", "layer fetches by tier (last request)", ("model", "tier"),
                                registry=registry)
+        # MoE models: the request's "experts" stats (engine.results.expert_stats)
+        self.expert_hit_rate = Gauge("endor_expert_cache_hit_rate", "picked experts found in the expert cache "
+                                     "(last request)", labels, registry=registry)
+        self.expert_misses_per_token = Gauge("endor_expert_misses_per_token", "experts read from the store per "
+                                             "generated token (last request)", labels, registry=registry)
+        self.expert_bytes_per_token = Gauge("endor_expert_bytes_per_token", "compressed expert bytes read per "
+                                            "generated token (last request)", labels, registry=registry)
 
     def count(self, route: str, status: int) -> None:
         """One HTTP request answered (every route, streamed or not, any status)."""
@@ -59,6 +67,11 @@ class ServeMetrics:
             self.bytes_to_device_per_pass.labels(self.model).set(stats["bytes_to_device_per_pass"])
         for tier, hits in (stats.get("tier_hits") or {}).items():
             self.tier_hits.labels(self.model, tier).set(hits)
+        experts = stats.get("experts") or {}
+        for gauge, key in ((self.expert_hit_rate, "hit_rate"), (self.expert_misses_per_token, "misses_per_token"),
+                           (self.expert_bytes_per_token, "bytes_per_token")):
+            if experts.get(key) is not None:
+                gauge.labels(self.model).set(experts[key])
 
     def render(self, batching: dict[str, Any] | None) -> bytes:
         if batching is not None:
