@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MATVEC_X86 1
@@ -36,6 +37,7 @@ typedef struct {
     const void *scales; /* int8/int4: rows * groups_per_row scales in `dtype` */
     int64_t groups_per_row, group_size, rows, cols, block_size;
     const float *x;
+    const float *x_split; /* int4 (AVX-512): x with each full chunk's even columns first, then its odd */
     int64_t x_rows;
     float *y;
 } matvec_args;
@@ -118,11 +120,11 @@ static void rows_scalar(const matvec_args *a, int64_t first, int64_t last) {
     }
 }
 
-/* Whether row n's full chunks have a vector decode: group scales constant over each 16 lanes, and
- * (int4) the row starting on a whole byte. */
+/* Whether row n's full chunks have a vector decode: group scales constant over each 16 lanes (int4:
+ * over the chunk), and (int4) the row starting on a whole byte. */
 static int row_is_fast(const matvec_args *a, int64_t n) {
     if (a->type == MV_INT8) return a->group_size % 16 == 0;
-    if (a->type == MV_INT4) return a->group_size % 16 == 0 && (n * a->cols) % 2 == 0;
+    if (a->type == MV_INT4) return a->group_size % 32 == 0 && (n * a->cols) % 2 == 0;
     return 1;
 }
 
@@ -130,103 +132,130 @@ static int row_is_fast(const matvec_args *a, int64_t n) {
 /* ---- AVX-512: a chunk of 32 weights is two registers ------------------------------------------ */
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"
 
-__attribute__((target(AVX512), always_inline)) static inline __m512 round512(__m512 v, int dtype) {
+/* to the dtype and back; `finite`: the operands were finite, so no NaN can arise (int8/q8_0 products
+ * of a finite scale), and the NaN-keeping blend is skipped */
+__attribute__((target(AVX512), always_inline)) static inline __m512 round512(__m512 v, int dtype, int finite) {
     if (dtype == ENDOR_F32) return v;
     if (dtype == ENDOR_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     __m512i u = _mm512_castps_si512(v);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
     rounded = _mm512_and_si512(rounded, _mm512_set1_epi32((int)0xFFFF0000u));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), nan, v);
+    if (finite) return _mm512_castsi512_ps(rounded);
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
 }
+
+static inline int is_finite(float f) { return (f32_bits(f) & 0x7F800000u) != 0x7F800000u; }
 
 __attribute__((target(AVX512), always_inline)) static inline __m512 int8x16(const uint8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-/* Row n, columns [c0, c0 + 32): the 32 decoded weights in w[0], w[1] (type a constant) */
-__attribute__((target(AVX512), always_inline)) static inline void chunk512(const matvec_args *a, int type,
-                                                                          int64_t n, int64_t c0, __m512 *w) {
-    if (type == MV_INT8 || type == MV_INT4) {
-        int64_t slot = n * a->groups_per_row;
-        __m512 s0 = _mm512_set1_ps(scale_at(a, slot + c0 / a->group_size));
-        __m512 s1 = _mm512_set1_ps(scale_at(a, slot + (c0 + 16) / a->group_size));
-        if (type == MV_INT8) {
-            const uint8_t *codes = a->values + n * a->cols + c0;
-            w[0] = _mm512_mul_ps(int8x16(codes), s0), w[1] = _mm512_mul_ps(int8x16(codes + 16), s1);
-        } else { /* byte k holds elements 2k (low nibble) and 2k + 1: as 16-bit words, in order */
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->values + (n * a->cols + c0) / 2)));
-            __m512i words = _mm512_or_si512(_mm512_and_si512(bytes, _mm512_set1_epi32(15)),
-                                            _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF0)), 12));
-            __m512i codes = _mm512_sub_epi16(_mm512_xor_si512(words, _mm512_set1_epi16(8)), _mm512_set1_epi16(8));
-            w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(codes))), s0);
-            w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(codes, 1))), s1);
-        }
-    } else {
-        const uint8_t *block = a->values + (n * (a->cols / 32) + c0 / 32) * a->block_size;
-        __m512 d = _mm512_set1_ps(f16_at(block));
-        if (type == MV_Q8_0) {
-            w[0] = _mm512_mul_ps(int8x16(block + 2), d), w[1] = _mm512_mul_ps(int8x16(block + 18), d);
-        } else {
-            int qs_at = type == MV_Q4_0 ? 2 : type == MV_Q4_1 ? 4 : type == MV_Q5_0 ? 6 : 8;
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + qs_at)));
-            __m512i q0 = _mm512_and_si512(bytes, _mm512_set1_epi32(15)), q1 = _mm512_srli_epi32(bytes, 4);
-            if (type == MV_Q5_0 || type == MV_Q5_1) {
-                uint32_t qh;
-                memcpy(&qh, block + (type == MV_Q5_0 ? 2 : 4), 4);
-                q0 = _mm512_mask_or_epi32(q0, (__mmask16)qh, q0, _mm512_set1_epi32(16));
-                q1 = _mm512_mask_or_epi32(q1, (__mmask16)(qh >> 16), q1, _mm512_set1_epi32(16));
-            }
-            __m512 f0 = _mm512_cvtepi32_ps(q0), f1 = _mm512_cvtepi32_ps(q1);
-            if (type == MV_Q4_0 || type == MV_Q5_0) {
-                __m512 offset = _mm512_set1_ps(type == MV_Q4_0 ? 8.0f : 16.0f);
-                w[0] = _mm512_mul_ps(d, _mm512_sub_ps(f0, offset)), w[1] = _mm512_mul_ps(d, _mm512_sub_ps(f1, offset));
-            } else {
-                __m512 m = _mm512_set1_ps(f16_at(block + 2));
-                w[0] = _mm512_add_ps(_mm512_mul_ps(d, f0), m), w[1] = _mm512_add_ps(_mm512_mul_ps(d, f1), m);
-            }
-        }
-    }
-    w[0] = round512(w[0], a->dtype), w[1] = round512(w[1], a->dtype);
+/* The 16 weights a 4-bit code n decodes to (table[n]) for scale d and, q4_1, minimum m: computed
+ * once per group or block with the reference's own operations, then looked up (vpermps) */
+__attribute__((target(AVX512), always_inline)) static inline __m512 table512(int type, float d, float m, int dtype) {
+    __m512 n = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 v;
+    if (type == MV_INT4) /* code (n ^ 8) - 8 */
+        v = _mm512_mul_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1), _mm512_set1_ps(d));
+    else if (type == MV_Q4_0)
+        v = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_sub_ps(n, _mm512_set1_ps(8.0f)));
+    else /* MV_Q4_1 */
+        v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d), n), _mm512_set1_ps(m));
+    return round512(v, dtype, 0);
 }
 
-/* Output row n for x rows [g, g + GROUP) (GROUP and type constants: the loops unroll) */
+/* Row n, columns [c0, c0 + 32): the 32 decoded weights in w[0], w[1] (type a constant). int4 gives
+ * them as the chunk's even columns, then its odd ones (its nibble order; x is permuted to match). */
+__attribute__((target(AVX512), always_inline)) static inline void chunk512(const matvec_args *a, int type,
+                                                                          int64_t n, int64_t c0, __m512 *w) {
+    if (type == MV_INT8) {
+        int64_t slot = n * a->groups_per_row;
+        float s0 = scale_at(a, slot + c0 / a->group_size), s1 = scale_at(a, slot + (c0 + 16) / a->group_size);
+        const uint8_t *codes = a->values + n * a->cols + c0;
+        w[0] = round512(_mm512_mul_ps(int8x16(codes), _mm512_set1_ps(s0)), a->dtype, is_finite(s0));
+        w[1] = round512(_mm512_mul_ps(int8x16(codes + 16), _mm512_set1_ps(s1)), a->dtype, is_finite(s1));
+    } else if (type == MV_INT4) { /* byte k: column 2k (low nibble), 2k + 1; one group (size % 32 == 0) */
+        __m512 table = table512(type, scale_at(a, n * a->groups_per_row + c0 / a->group_size), 0.0f, a->dtype);
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->values + (n * a->cols + c0) / 2)));
+        w[0] = _mm512_permutexvar_ps(bytes, table);  /* vpermps reads the low 4 bits of each index */
+        w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+    } else {
+        const uint8_t *block = a->values + (n * (a->cols / 32) + c0 / 32) * a->block_size;
+        float d = f16_at(block);
+        if (type == MV_Q8_0) {
+            w[0] = round512(_mm512_mul_ps(int8x16(block + 2), _mm512_set1_ps(d)), a->dtype, is_finite(d));
+            w[1] = round512(_mm512_mul_ps(int8x16(block + 18), _mm512_set1_ps(d)), a->dtype, is_finite(d));
+        } else if (type == MV_Q4_0 || type == MV_Q4_1) { /* byte k: column k (low nibble), k + 16 */
+            __m512 table = table512(type, d, type == MV_Q4_1 ? f16_at(block + 2) : 0.0f, a->dtype);
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (type == MV_Q4_0 ? 2 : 4))));
+            w[0] = _mm512_permutexvar_ps(bytes, table);
+            w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+        } else {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (type == MV_Q5_0 ? 6 : 8))));
+            __m512i q0 = _mm512_and_si512(bytes, _mm512_set1_epi32(15)), q1 = _mm512_srli_epi32(bytes, 4);
+            uint32_t qh;
+            memcpy(&qh, block + (type == MV_Q5_0 ? 2 : 4), 4);
+            q0 = _mm512_mask_or_epi32(q0, (__mmask16)qh, q0, _mm512_set1_epi32(16));
+            q1 = _mm512_mask_or_epi32(q1, (__mmask16)(qh >> 16), q1, _mm512_set1_epi32(16));
+            __m512 f0 = _mm512_cvtepi32_ps(q0), f1 = _mm512_cvtepi32_ps(q1), dd = _mm512_set1_ps(d);
+            if (type == MV_Q5_0) {
+                __m512 offset = _mm512_set1_ps(16.0f);
+                w[0] = _mm512_mul_ps(dd, _mm512_sub_ps(f0, offset)), w[1] = _mm512_mul_ps(dd, _mm512_sub_ps(f1, offset));
+            } else {
+                __m512 m = _mm512_set1_ps(f16_at(block + 2));
+                w[0] = _mm512_add_ps(_mm512_mul_ps(dd, f0), m), w[1] = _mm512_add_ps(_mm512_mul_ps(dd, f1), m);
+            }
+            w[0] = round512(w[0], a->dtype, 0), w[1] = round512(w[1], a->dtype, 0);
+        }
+    }
+}
+
+/* Output row n for x rows [g, g + GROUP) (GROUP and type constants: the loops unroll). For int4 the
+ * accumulators hold the even lanes, then the odd ones, until they are stored back in lane order. */
 __attribute__((target(AVX512), always_inline)) static inline void row512(const matvec_args *a, int type, int64_t n,
                                                                         int64_t g, const int GROUP) {
+    const int split = type == MV_INT4;  /* even/odd lane order (x from a->x_split) */
     __m512 acc[X_GROUP][2], w[2];
     for (int r = 0; r < GROUP; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t full = a->cols / LANES * LANES;
     int fast = row_is_fast(a, n);
     float staged[LANES];
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
     for (int64_t c0 = 0; c0 < full; c0 += LANES) {
         if (fast) {
             chunk512(a, type, n, c0, w);
         } else {
             chunk_scalar(a, n, c0, LANES, staged);
             w[0] = _mm512_loadu_ps(staged), w[1] = _mm512_loadu_ps(staged + 16);
+            if (split) {
+                __m512 low = w[0];
+                w[0] = _mm512_permutex2var_ps(low, evens, w[1]), w[1] = _mm512_permutex2var_ps(low, odds, w[1]);
+            }
         }
         for (int r = 0; r < GROUP; r++) {
-            const float *x = a->x + (g + r) * a->cols + c0;
+            const float *x = (split ? a->x_split : a->x) + (g + r) * a->cols + c0;
             acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), acc[r][1]);
         }
     }
-    if (full < a->cols) { /* the ragged last chunk: masked, the other lanes untouched */
-        int count = (int)(a->cols - full);
-        chunk_scalar(a, n, full, count, staged);
-        __mmask16 m0 = (__mmask16)(count >= 16 ? 0xFFFF : (1u << count) - 1);
-        __mmask16 m1 = (__mmask16)(count <= 16 ? 0 : (1u << (count - 16)) - 1);
-        w[0] = _mm512_maskz_loadu_ps(m0, staged), w[1] = _mm512_maskz_loadu_ps(m1, staged + 16);
-        for (int r = 0; r < GROUP; r++) {
-            const float *x = a->x + (g + r) * a->cols + full;
-            acc[r][0] = _mm512_mask3_fmadd_ps(w[0], _mm512_maskz_loadu_ps(m0, x), acc[r][0], m0);
-            acc[r][1] = _mm512_mask3_fmadd_ps(w[1], _mm512_maskz_loadu_ps(m1, x + 16), acc[r][1], m1);
-        }
-    }
+    const __m512i low_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high_half = _mm512_add_epi32(low_half, _mm512_set1_epi32(8));
     for (int r = 0; r < GROUP; r++) {
         float lanes[LANES];
-        _mm512_storeu_ps(lanes, acc[r][0]), _mm512_storeu_ps(lanes + 16, acc[r][1]);
+        __m512 first = acc[r][0], second = acc[r][1];
+        if (split) { /* even lanes k, odd lanes k -> lanes 2k, 2k + 1 */
+            first = _mm512_permutex2var_ps(acc[r][0], low_half, acc[r][1]);
+            second = _mm512_permutex2var_ps(acc[r][0], high_half, acc[r][1]);
+        }
+        _mm512_storeu_ps(lanes, first), _mm512_storeu_ps(lanes + 16, second);
+        if (full < a->cols) { /* the ragged last chunk, lane by lane as the scalar loop does */
+            int count = (int)(a->cols - full);
+            chunk_scalar(a, n, full, count, staged);
+            const float *x = a->x + (g + r) * a->cols + full;
+            for (int j = 0; j < count; j++) lanes[j] = fmaf(staged[j], x[j], lanes[j]);
+        }
         a->y[(g + r) * a->rows + n] = reduce_lanes(lanes);
     }
 }
@@ -397,7 +426,7 @@ static rows_fn pick(int type, int isa) {
 int endor_matvec(int type, const uint8_t *values, int64_t values_nbytes, const void *scales, int64_t num_scales,
                  int64_t group_size, int64_t rows, int64_t cols, int dtype, const float *x, int64_t x_rows, float *y,
                  int isa, int64_t first_row, int64_t last_row) {
-    matvec_args a = {type, dtype, values, scales, 0, group_size, rows, cols, 0, x, x_rows, y};
+    matvec_args a = {type, dtype, values, scales, 0, group_size, rows, cols, 0, x, x, x_rows, y};
     if (rows < 0 || cols < 1 || x_rows < 0 || dtype < ENDOR_F16 || dtype > ENDOR_F32 || first_row < 0 ||
         last_row < first_row || last_row > rows || values_nbytes < 0 || cols > (INT64_MAX / 2) / (rows ? rows : 1))
         return ENDOR_ERR_ARGS;
@@ -414,7 +443,23 @@ int endor_matvec(int type, const uint8_t *values, int64_t values_nbytes, const v
         if (values_nbytes / size / (cols / 32) < rows) return ENDOR_ERR_SHORT;
     }
     isa = isa == ENDOR_ISA_AUTO || isa > matvec_best ? matvec_best : isa;
-    if (first_row < last_row && x_rows > 0) pick(type, isa)(&a, first_row, last_row);
+    if (first_row == last_row || x_rows == 0) return 0;
+    float *split = NULL;
+    if (type == MV_INT4 && isa == ENDOR_ISA_AVX512) { /* x's columns in the order int4's nibbles give */
+        split = malloc((size_t)(x_rows * cols) * sizeof(float));
+        if (!split) return ENDOR_ERR_MEMORY;
+        for (int64_t r = 0; r < x_rows; r++) {
+            const float *from = x + r * cols;
+            float *to = split + r * cols;
+            int64_t c0 = 0;
+            for (; c0 + LANES <= cols; c0 += LANES)
+                for (int k = 0; k < LANES / 2; k++) to[c0 + k] = from[c0 + 2 * k], to[c0 + 16 + k] = from[c0 + 2 * k + 1];
+            for (; c0 < cols; c0++) to[c0] = from[c0];
+        }
+        a.x_split = split;
+    }
+    pick(type, isa)(&a, first_row, last_row);
+    free(split);
     return 0;
 }
 
