@@ -63,6 +63,7 @@ def test_each_expert_is_its_own_unit(moe, capsys):
     from safetensors.torch import load_file
 
     from endor_ray.cli import main
+    from endor_ray.store.export import export_checkpoint
 
     family, checkpoint, location = moe
     store = Store(str(location))
@@ -87,6 +88,8 @@ def test_each_expert_is_its_own_unit(moe, capsys):
     assert main(["inspect", str(location)]) == 0
     assert f"{NUM_EXPERTS} experts" in capsys.readouterr().out
     assert main(["inspect", str(location), "--verify", "--json"]) == 0
+    with pytest.raises(ConfigError, match="Mixture-of-Experts store"):
+        export_checkpoint(store, location.parent / "exported")
 
 
 def test_experts_are_compressed_like_any_linear(tmp_path):
@@ -102,12 +105,28 @@ def test_experts_are_compressed_like_any_linear(tmp_path):
     assert (decode(encoded) != 0).sum(dim=1).tolist() == [encoded.shape[1] // 2] * encoded.shape[0]
 
 
-def generate(store, expert_cache_memory: str | None, rounds: int = 1):
+def generate(store, expert_cache_memory: str | None, rounds: int = 1, reader=None):
     """Completions and stats of `rounds` generate calls on one engine (the cache stays warm between)."""
     params = [SamplingParams(max_new_tokens=count, logprobs=1) for count in MAX_NEW_TOKENS]
     with Engine(str(store), EngineConfig(device="cpu", gpu_memory=1, expert_cache_memory=expert_cache_memory),
-                progress=False, scheduler=SchedulerConfig(max_num_seqs=2)) as engine:
+                progress=False, scheduler=SchedulerConfig(max_num_seqs=2), reader=reader) as engine:
         return [engine.generate(PROMPTS, params) for _ in range(rounds)]
+
+
+def shard_backed_reader(location):
+    """The store's layer reader whose expert reads go to a shard server (layer 0 in memory, 1 on disk),
+    as `RayShardReader.expert_bytes` sends them to the shard actors."""
+    from endor_ray.engine.readers import StoreReader
+    from endor_ray.service.shard_server import ShardServer
+
+    class ShardBacked(StoreReader):
+        def expert_bytes(self, layer_idx: int, expert_idx: int) -> torch.Tensor:
+            return torch.from_numpy(self.server.expert(layer_idx, expert_idx)[0])
+
+    store = Store(str(location))
+    reader = ShardBacked(store, ())
+    reader.server = ShardServer(str(location), memory_layers=[0], disk_layers=[1])
+    return reader
 
 
 def test_greedy_tokens_equal_transformers(moe):
@@ -130,6 +149,13 @@ def test_greedy_tokens_equal_transformers(moe):
     small_stats = small.stats.to_dict()["experts"]
     assert small_stats["misses"] > cold_stats["misses"]
     assert small_stats["hits"] + small_stats["misses"] == cold_stats["hits"] + cold_stats["misses"]
+    if family == "qwen2_moe":  # misses served by a shard server, one expert at a time (its plain class, no Ray)
+        reader = shard_backed_reader(store)
+        [served] = generate(store, "0", reader=reader)
+        assert [c.token_ids for c in served.completions] == expected
+        server = reader.server
+        assert server.stats.expert_hits == served.stats.to_dict()["experts"]["misses"] > 0
+        assert server.stats.hits["memory"] > 0 and server.stats.hits["disk"] > 0  # layer 0's experts held, 1's read
     if family == "mixtral":
         [none] = generate(store, "0")
         assert [c.token_ids for c in none.completions] == expected

@@ -5,7 +5,8 @@ layer source). The experts module (transformers' own, e.g. ``MixtralExperts``) i
 the hidden states and the router's picks, ``top_k_index`` [tokens, top_k]; a forward pre-hook
 then takes the union of the picks over the whole batch (sorted, so the experts run in the order
 transformers runs them), gets each picked expert from the device-memory `ExpertCache` or, on a
-miss, reads it from the store and decompresses it onto the device (`ExpertReader`), and stacks
+miss, reads it from the store (or its shard server) and decompresses it onto the device
+(`ExpertReader`), and stacks
 them into the module's fused parameters ([picked, ...] instead of [experts, ...]), with the
 picks renumbered to positions in that stack and the module's ``num_experts`` set to the count
 picked. The module's own forward (eager or grouped_mm) then runs unchanged; a forward hook puts
@@ -34,8 +35,11 @@ class ExpertReader:
     """One expert's dense weights on the compute device, read from the store now (a cache miss)."""
 
     def __init__(self, store: Store, device: torch.device, ops: CudaOps | None, compute_dtype: torch.dtype | None,
-                 verify: bool = True, decode_threads: int = 1):
-        self.store, self.device, self.ops = store, device, ops
+                 verify: bool = True, decode_threads: int = 1,
+                 remote: Callable[[int, int], torch.Tensor] | None = None):
+        """`remote(layer, expert)`: the expert's verified bytes from elsewhere (a shard server);
+        None: read from the store here, checksummed if `verify`."""
+        self.store, self.device, self.ops, self.remote = store, device, ops, remote
         self.compute_dtype, self.verify, self.decode_threads = compute_dtype, verify, decode_threads
         max_nbytes = max((expert["nbytes"] for layer in store.manifest["layers"] for expert in layer.get("experts", [])),
                          default=0)
@@ -47,10 +51,13 @@ class ExpertReader:
         """(dense weights by name inside the experts module, compressed bytes read)."""
         entry = {**self.store.expert_entry(layer_idx, expert_idx), "index": layer_idx}  # its checksums name the layer
         nbytes = entry["nbytes"]
-        self.store.read_into(entry["file"], self._host, nbytes)
-        data = self._host[:nbytes]
-        if self.verify:
-            tensors_from_buffer(data, entry, verify=True, version=self.store.version)
+        if self.remote is not None:
+            data = self.remote(layer_idx, expert_idx)  # [nbytes] uint8, verified by the shard server
+        else:
+            self.store.read_into(entry["file"], self._host, nbytes)
+            data = self._host[:nbytes]
+            if self.verify:
+                tensors_from_buffer(data, entry, verify=True, version=self.store.version)
         if self.ops is not None:  # synchronous: the host buffer is reused by the next miss
             self._compressed[:nbytes].copy_(data)
             data = self._compressed[:nbytes]

@@ -118,7 +118,8 @@ class ModelRunner:
         from endor_ray.models.moe import expert_layout
 
         reader = ExpertReader(self.store, self.device, ops, self.dtype if self.config.compute_dtype else None,
-                              verify=self.config.verify_disk_reads, decode_threads=self.source.decode_threads)
+                              verify=self.config.verify_disk_reads, decode_threads=self.source.decode_threads,
+                              remote=getattr(self.source.reader, "expert_bytes", None))  # shard servers
         return ExpertStreamer(expert_layout(self.store.config), reader, ExpertCache(self._expert_cache_bytes),
                               lambda: self.source.stats)
 

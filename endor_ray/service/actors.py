@@ -44,6 +44,7 @@ class ShardActor:
         self.server = ShardServer(store_location, memory_layers, disk_layers)
         # Put once: the object store holds the memory tier's bytes, the server keeps the refs.
         self.server.memory = {idx: ray.put(data) for idx, data in self.server.memory.items()}
+        self.server.expert_memory = {key: ray.put(data) for key, data in self.server.expert_memory.items()}
 
     def ready(self) -> list[int]:
         return self.server.layers
@@ -51,6 +52,11 @@ class ShardActor:
     def layer_ref(self, layer_idx: int) -> list[ray.ObjectRef]:
         """[ref to the layer's verified bytes] (wrapped in a list so Ray hands over the ref itself)."""
         data, tier = self.server.layer(layer_idx)
+        return [data if tier == "memory" else ray.put(data)]
+
+    def expert_ref(self, layer_idx: int, expert_idx: int) -> list[ray.ObjectRef]:
+        """[ref to one expert's verified bytes] (an MoE layer's expert, served alone)."""
+        data, tier = self.server.expert(layer_idx, expert_idx)
         return [data if tier == "memory" else ray.put(data)]
 
     def stats(self) -> dict[str, Any]:
@@ -108,6 +114,22 @@ class RayShardReader:
         with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(data), "remote"
+
+    def expert_bytes(self, layer_idx: int, expert_idx: int) -> torch.Tensor:
+        """One expert's verified bytes from the shard server owning its layer (an expert cache miss)."""
+        try:
+            [ref] = ray.get(self.shard_of_layer[layer_idx].expert_ref.remote(layer_idx, expert_idx),
+                            timeout=self.timeout_s)
+            data = ray.get(ref, timeout=self.timeout_s)
+        except GetTimeoutError:
+            raise EndorError(f"layer {layer_idx} expert {expert_idx} did not arrive from its shard server within "
+                             f"{self.timeout_s:.0f} s; check the shard node") from None
+        except RETRYABLE as exc:
+            raise EndorError(f"layer {layer_idx} expert {expert_idx}: its shard server failed ({type(exc).__name__}); "
+                             "the request can be retried once it has restarted") from None
+        with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(data)
 
     def close(self) -> None:
         pass

@@ -271,7 +271,9 @@ def connect(store_location: str, engine_config: EngineConfig | None = None,
     cluster = cluster or ClusterConfig()
     engine_config = engine_config or EngineConfig()
     store = Store(store_location)  # the driver reads the manifest: fail early on a bad store
-    layer_nbytes = [entry["nbytes"] for entry in store.manifest["layers"]]
+    # an MoE layer's experts are served by its layer's shard server: they count with it
+    layer_nbytes = [entry["nbytes"] + sum(expert["nbytes"] for expert in entry.get("experts", []))
+                    for entry in store.manifest["layers"]]
     started_ray = init_ray(cluster.address, cluster.timeout_s)
     service_id = uuid.uuid4().hex[:8]  # actors are named endor-<id>-...: listable, never orphaned unseen
     created: list[Any] = []

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from endor_ray.utils.atomic import staged_directory
 from endor_ray.format.tensor import decode
-from endor_ray.errors import StoreError
+from endor_ray.errors import ConfigError, StoreError
 from endor_ray.store.store import Store
 
 
@@ -31,6 +31,9 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
     from endor_ray.store.audit import check_against_model
 
     architecture = store.architecture
+    if any(store.num_experts(layer_idx) for layer_idx in range(store.num_layers)):
+        raise ConfigError(f"{store.location} is a Mixture-of-Experts store (experts stored apart); endor export does "
+                          "not write MoE checkpoints yet: run it with endor generate or serve")
     check_against_model(store)  # names, shapes (non-layer too) and context: a config that lies is not written
     num_shards = store.num_layers + 1
     weight_map: dict[str, str] = {}
