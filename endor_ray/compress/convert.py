@@ -29,7 +29,7 @@ from endor_ray.utils.system import available_memory_bytes
 from endor_ray.compress.checkpoint import TensorSource
 from endor_ray.compress.default_model import open_source
 from endor_ray.compress.gguf_source import kept_tensors
-from endor_ray.errors import ConfigError, FormatError, StoreError
+from endor_ray.errors import ConfigError, FormatError, StoreError, UnsupportedModelError
 from endor_ray.format.gguf_blocks import GGUF_ENCODINGS
 from endor_ray.format.quant import DEFAULT_GROUP_SIZE, QUANTIZED_ENCODINGS, check_encoding
 from endor_ray.format.tensor import DEFAULT_BLOCK_SIZE, DTYPES, EncodedTensor, check_block_size, encode
@@ -293,7 +293,8 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
     def load_layer(layer_idx: int, compute_dtype: torch.dtype = dtype, skip: dict | None = None) -> dict[str, torch.Tensor]:
         # Round through the stored dtype first, so pruning scores see the weights that are stored.
         # An MoE layer's experts are their own units (`write_experts`), its other tensors under the module's names.
-        in_experts = {full for names in experts_of[layer_idx].values() for full in names.values()}
+        apart, fused = experts_of[layer_idx]
+        in_experts = {full for names in apart.values() for full in names.values()} | set(fused.values())
         short_names = {full: architecture.split_name(full)[1] for full in layer_names[layer_idx] if full not in in_experts}
         if moe is not None:
             short_names = {full: moe.module_name(name) for full, name in short_names.items()}
@@ -301,11 +302,21 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
                 for full, name in short_names.items() if name not in (skip or {})}
 
     def write_experts(layer_idx: int) -> None:
-        if experts_of[layer_idx]:
-            where = f"layer {layer_idx} of {checkpoint.directory}"
+        apart, fused = experts_of[layer_idx]
+        where = f"layer {layer_idx} of {checkpoint.directory}"
+        if apart:
             writer.write_experts(layer_idx, {
                 expert_idx: moe.fuse({part: checkpoint.get(full).to(dtype) for part, full in names.items()}, where)
-                for expert_idx, names in experts_of[layer_idx].items()})
+                for expert_idx, names in apart.items()})
+        elif fused:  # [experts, ...] each: cut into the experts' slices
+            stacked = {param: checkpoint.get(full).to(dtype) for param, full in fused.items()}
+            count = {tensor.shape[0] for tensor in stacked.values()}
+            if len(count) != 1 or set(stacked) != set(moe.fused_in_checkpoint):
+                raise UnsupportedModelError(f"{where}: fused expert tensors {sorted(stacked)} with expert counts "
+                                            f"{sorted(count)}; expected {sorted(moe.fused_in_checkpoint)}, one count")
+            writer.write_experts(layer_idx, {expert_idx: {param: tensor[expert_idx].contiguous()
+                                                          for param, tensor in stacked.items()}
+                                             for expert_idx in range(count.pop())})
 
     calibration: dict[str, Any] = {"source": "none"}
     if config.values == KEEP:
@@ -323,14 +334,20 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
     return calibration
 
 
-def moe_experts(layout: ExpertLayout | None, checkpoint: TensorSource, names: list[str]) -> dict[int, dict[str, str]]:
-    """An MoE layer's experts: expert -> {its Linear's name in the checkpoint ('w1') -> full tensor name}."""
+def moe_experts(layout: ExpertLayout | None, checkpoint: TensorSource, names: list[str]
+                ) -> tuple[dict[int, dict[str, str]], dict[str, str]]:
+    """An MoE layer's experts: (expert -> {its Linear's name in the checkpoint ('w1') -> full tensor
+    name}, {a parameter the checkpoint holds fused for all experts ('gate_up_proj') -> full name})."""
     experts: dict[int, dict[str, str]] = {}
+    fused: dict[str, str] = {}
     for full in names if layout is not None else []:
-        found = layout.split_expert(checkpoint.architecture.split_name(full)[1])
+        name = checkpoint.architecture.split_name(full)[1]
+        found, param = layout.split_expert(name), layout.fused_param(name)
         if found is not None:
             experts.setdefault(found[0], {})[found[1]] = full
-    return experts
+        elif param is not None:
+            fused[param] = full
+    return experts, fused
 
 
 def _compresses(config: ConvertConfig) -> bool:

@@ -43,6 +43,7 @@ LAYER_PREFIXES: dict[str, str] = {
     "qwen2_moe": "model.layers.",
     "qwen3_moe": "model.layers.",
     "deepseek_v3": "model.layers.",
+    "gpt_oss": "model.layers.",
 }
 
 

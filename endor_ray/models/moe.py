@@ -1,7 +1,8 @@
 """Mixture-of-Experts layers: where a family's experts are, in its checkpoint and in transformers' modules.
 
-Checkpoints name each expert's Linears apart (Mixtral: ``block_sparse_moe.experts.3.w1.weight``,
-Qwen-MoE: ``mlp.experts.3.gate_proj.weight``); transformers 5 holds a layer's experts fused in
+Most checkpoints name each expert's Linears apart (Mixtral: ``block_sparse_moe.experts.3.w1.weight``,
+Qwen-MoE and DeepSeek: ``mlp.experts.3.gate_proj.weight``); gpt-oss's hold them fused as the module
+does (`ExpertLayout.fused_in_checkpoint`), and are cut into experts. transformers 5 holds a layer's experts fused in
 3-D parameters of its experts module (``mlp.experts.gate_up_proj`` [experts, 2 * inter, hidden],
 gate rows first, then up; ``mlp.experts.down_proj`` [experts, hidden, inter]), as its checkpoint
 conversion mapping (``MergeModulelist(dim=0)``, ``Concatenate(dim=1)``) builds them.
@@ -35,6 +36,8 @@ class ExpertLayout:
     fused: tuple[tuple[str, tuple[str, ...]], ...]
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name prefix in a layer -> the module's
     num_experts_key: str = "num_experts"  # the config field giving the experts per MoE layer
+    # parameters the checkpoint itself holds fused, [experts, ...] under the module's name (gpt-oss)
+    fused_in_checkpoint: tuple[str, ...] = ()
 
     def module_name(self, name: str) -> str:
         """A checkpoint name inside a layer -> the module's ('block_sparse_moe.gate.weight' -> 'mlp.gate.weight')."""
@@ -48,6 +51,11 @@ class ExpertLayout:
         match = re.fullmatch(re.escape(self.experts_path) + r"\.(\d+)\.(\w+)\.weight", self.module_name(name))
         return None if match is None else (int(match.group(1)), match.group(2))
 
+    def fused_param(self, name: str) -> str | None:
+        """('mlp.experts.gate_up_proj') -> 'gate_up_proj' where the checkpoint holds it fused, else None."""
+        param = name.removeprefix(self.experts_path + ".")
+        return param if name.startswith(self.experts_path + ".") and param in self.fused_in_checkpoint else None
+
     def fuse(self, linears: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
         """One expert's checkpoint Linears ({'gate_proj': [inter, hidden], ...}) -> its unit
         ({'gate_up_proj': [2 * inter, hidden], 'down_proj': [hidden, inter]})."""
@@ -56,10 +64,6 @@ class ExpertLayout:
             raise UnsupportedModelError(f"{where} has the expert tensors {sorted(linears)}; this family's experts "
                                         f"have {expected}: is the checkpoint complete?")
         return {param: torch.cat([linears[part] for part in parts], dim=0) for param, parts in self.fused}
-
-    def param_names(self) -> list[str]:
-        """The experts module's fused parameters, by name inside the layer ('mlp.experts.gate_up_proj')."""
-        return [f"{self.experts_path}.{param}" for param, _ in self.fused]
 
 
 _QWEN = ExpertLayout("mlp.experts", (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))))
@@ -70,6 +74,10 @@ EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
     "qwen3_moe": _QWEN,
     # dense first layers (first_k_dense_replace), shared experts, MLA attention: all the layer's own unit
     "deepseek_v3": ExpertLayout("mlp.experts", _QWEN.fused, num_experts_key="n_routed_experts"),
+    # fused in the checkpoint too: gate_up_proj [experts, hidden, 2 * inter] (gate and up interleaved,
+    # as the module reads them), down_proj [experts, inter, hidden], and a bias for each
+    "gpt_oss": ExpertLayout("mlp.experts", (), num_experts_key="num_local_experts",
+                            fused_in_checkpoint=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")),
 }
 
 
