@@ -156,7 +156,10 @@ def ray_head(tmp_path_factory):
     """A single-node Ray of this module's own (own ports, so other clusters on the machine are left
     alone), with the job API on 127.0.0.1. Yields (dashboard URL, environment for Ray commands)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",  # loopback only; real clusters keep token auth on
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # keeps the head on 127.0.0.1
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps the head on 127.0.0.1
+           # On SIGTERM a node first drains for Serve's sake (up to 30 s, spent whole after the jobs
+           # here); this cluster runs no Serve: stop at once (what outlives it is still checked below).
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     gcs_port, dashboard_port, agent_port, client_port = free_ports(4)
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     # Its own temp dir: a job's driver joins the cluster named in TEMP_DIR/ray_current_cluster, which
