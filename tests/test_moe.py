@@ -177,6 +177,19 @@ def test_greedy_tokens_equal_transformers(moe):
         assert [logprob for logprob, _ in longest.logprobs] == pytest.approx(logprobs, abs=1e-4)
 
 
+def test_expert_cache_gets_what_the_gpu_budget_leaves(moe):
+    family, _, location = moe
+    if family != "mixtral":
+        pytest.skip("one family shows the arithmetic")
+    layers = Store(str(location)).manifest["layers"]
+    dense = sum(math.prod(t["shape"]) * 4 for entry in layers for t in entry["tensors"])  # every layer resident
+    expert_nbytes = sum(math.prod(t["shape"]) * 4 for t in layers[0]["experts"][0]["tensors"])
+    stack = NUM_EXPERTS * expert_nbytes  # one layer's picks, stacked for its pass: at most all its experts
+    with Engine(str(location), EngineConfig(device="cpu", gpu_memory=f"{dense + stack + 3 * expert_nbytes}B"),
+                progress=False) as engine:
+        assert engine.model_runner.experts.cache.budget_bytes == 3 * expert_nbytes
+
+
 def test_metrics_show_the_expert_cache():
     from endor_ray.serve.metrics import ServeMetrics
 

@@ -101,6 +101,9 @@ class ModelRunner:
             used = sum(dense[layer_idx] for layer_idx in plan.device)
             if plan.streamed:
                 used += (self.config.prefetch_depth + 1) * (max(compressed) + max(dense))
+            # and one layer's picked experts, stacked for its pass (at most all of them)
+            used += max((sum(torch.Size(t["shape"]).numel() for expert in entry.get("experts", [])
+                             for t in expert["tensors"]) for entry in entries), default=0) * self.dtype.itemsize
             self._expert_cache_bytes = max(budget_bytes - used, 0)
         return plan
 
