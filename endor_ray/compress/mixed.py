@@ -118,9 +118,13 @@ def _measure_all(weight: torch.Tensor, stats: CalibrationStats, dtype: torch.dty
                                               stats)
         held.append((Setting(0.0, values), encoded.nbytes, approx))
     options = []
+    weight32 = weight.float()
+    energy = float(((weight32 @ stats.hessian) * weight32).sum())  # once per tensor, not per setting
     for setting, nbytes, approx in held:
-        relative = output_error(weight, approx, stats.hessian)
-        error = relative if row_weights is None else output_error(weight, approx, stats.hessian, row_weights)
+        delta = approx.float() - weight32
+        per_row = ((delta @ stats.hessian) * delta).sum(dim=1)  # [out]: as `output_error`, one product for both
+        relative = float(per_row.sum()) / energy if energy > 0 else 0.0
+        error = relative if row_weights is None else float((row_weights.float() * per_row).sum())
         options.append((Option(setting, nbytes, error), relative))
     return options
 
