@@ -140,9 +140,10 @@ def shard_backed_reader(location):
     return reader
 
 
-def test_greedy_tokens_equal_transformers(moe):
+def test_greedy_tokens_equal_transformers(moe, capsys):
     family, checkpoint, store = moe
-    expected = cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
+    rows = transformers_greedy(checkpoint, max(MAX_NEW_TOKENS))
+    expected = cut(rows, MAX_NEW_TOKENS)
     assert sum(len(row) for row in expected) > 10
 
     cold, warm = generate(store, None, rounds=2)  # the cache holds every expert: the second call hits only
@@ -171,6 +172,15 @@ def test_greedy_tokens_equal_transformers(moe):
         [none] = generate(store, "0")
         assert [c.token_ids for c in none.completions] == expected
         assert none.stats.to_dict()["experts"]["hit_rate"] == 0.0
+        from endor_ray.cli import main  # the command line reaches the same engine, the cache option included
+
+        capsys.readouterr()
+        prompts = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+        assert main(["generate", str(store), "--in-process", *prompts, "--max-new-tokens", "6", "--gpu-memory", "1",
+                     "--device", "cpu", "--expert-cache-memory", "0", "--json"]) == 0
+        output = json.loads(capsys.readouterr().out)
+        assert [c["token_ids"] for c in output["completions"]] == cut(rows, [6] * len(PROMPTS))
+        assert output["stats"]["experts"]["hit_rate"] == 0.0
     if family in ("mixtral", "gpt_oss"):  # greedy tokens of a random model say little: log-probabilities too
         longest = cold.completions[2]
         logprobs = token_logprobs(checkpoint, PROMPTS[2], longest.token_ids)
