@@ -23,8 +23,9 @@ class EngineConfig:
     host_memory: str | int | None = None  # compressed layers kept in host memory (size); None: all
     prefetch_depth: int = 2  # layers fetched ahead of the one computing
     verify_disk_reads: bool = True  # checksum every disk-tier read (host tier is checked at load)
-    # Disk-tier reads: "buffered" (through the page cache, which may keep layers in spare RAM) or
-    # "direct" (O_DIRECT: DMA into the read buffer, no CPU copy, the page cache left alone).
+    # Disk-tier reads: "buffered" (through the page cache, each file's pages dropped once read: a model
+    # larger than memory must not fill it), "cached" (buffered, the pages left in the page cache, which
+    # may keep layers in spare RAM) or "direct" (O_DIRECT: DMA into the read buffer, no CPU copy).
     disk_io: str = "buffered"
     decode_threads: int | None = None  # CPU decoding: threads a layer's decode splits over; None: all cores
     # CPU: weights stored as dense int8/int4 or q8_0/q4_0/q4_1/q5_0/q5_1 blocks stay so, and small batches
@@ -44,8 +45,8 @@ class EngineConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.prefetch_depth < 0:
             raise ConfigError(f"prefetch depth must be >= 0, got {self.prefetch_depth}")
-        if self.disk_io not in ("buffered", "direct"):
-            raise ConfigError(f"disk_io must be buffered or direct, got {self.disk_io!r}")
+        if self.disk_io not in ("buffered", "cached", "direct"):
+            raise ConfigError(f"disk_io must be buffered, cached or direct, got {self.disk_io!r}")
         if self.compute_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"compute_dtype must be float32, float16 or bfloat16, got {self.compute_dtype!r}")
         if self.decode_threads is not None and self.decode_threads < 1:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import operator
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.device import CudaOps
 from endor_ray.engine.layer_source import LayerSource
+from endor_ray.engine.memory_plan import size_for_memory
 from endor_ray.engine.prompts import context_limit
 from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.sequence import Sequence
@@ -30,7 +33,9 @@ from endor_ray.engine.tiers import TierPlan, plan_tiers
 from endor_ray.errors import ConfigError
 from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
-from endor_ray.utils.system import available_memory_bytes
+from endor_ray.utils.memory import memory_limit
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -57,9 +62,10 @@ class ModelRunner:
         ops = CudaOps(self.device) if self.device.type == "cuda" else None
         if reader is None:
             reader = StoreReader(self.store, self.plan.host, ops, verify_disk_reads=config.verify_disk_reads,
-                                 direct_io=config.disk_io == "direct", progress=progress)
+                                 direct_io=config.disk_io == "direct", progress=progress,
+                                 keep_cache=config.disk_io == "cached")
         try:
-            self.source = LayerSource(reader, self.plan, self.device, config, ops=ops, progress=progress)
+            self.source = LayerSource(reader, self.plan, self.device, self.config, ops=ops, progress=progress)
             layers = decoder_layers(self.model, self.store.architecture)
             self.experts = self._expert_streamer(ops)
             for layer_idx, weights in self.source.resident.items():
@@ -87,15 +93,21 @@ class ModelRunner:
         compressed = [entry["nbytes"] for entry in entries]
         dense = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) * self.dtype.itemsize
                  for entry in entries]
+        # Slots and tiers from the memory this process may really use (its cgroup's limit or MemAvailable)
+        sizing = size_for_memory(compressed, dense, self.config, self.device.type, memory_limit())
+        self.config = sizing.config  # the prefetch depth the memory holds
         budget_bytes, budget_layers = self.config.gpu_budget
         if budget_bytes is None and budget_layers is None:
             if self.device.type == "cpu":  # the "device" is host memory: keep resident what half of it holds
-                budget_bytes = int(0.5 * available_memory_bytes())
+                budget_bytes = sizing.device_budget_bytes
             else:
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
                 budget_bytes = int(0.9 * free_bytes)
         plan = plan_tiers(compressed, dense, self.config.prefetch_depth, budget_bytes, budget_layers,
-                          self.config.host_budget_bytes)
+                          sizing.host_budget_bytes)
+        self.memory_note = sizing.describe(plan, sum(compressed[layer_idx] for layer_idx in plan.host))
+        print(self.memory_note, file=sys.stderr)  # said always (also --json and Ray actors, whose stderr is shown)
+        log.info("%s", self.memory_note)
         self._expert_cache_bytes = self.config.expert_cache_bytes
         if self._expert_cache_bytes is None and budget_bytes is not None:  # what the tiers leave of the budget
             used = sum(dense[layer_idx] for layer_idx in plan.device)

@@ -28,9 +28,11 @@ class StoreReader:
     """Layer bytes from a store: the host tier held in memory, the disk tier read on demand."""
 
     def __init__(self, store: Store, host_layers: tuple[int, ...], ops: CudaOps | None = None,
-                 verify_disk_reads: bool = True, direct_io: bool = False, progress: bool = True):
-        """`ops` page-locks the host tier (CUDA); `direct_io` reads the disk tier with O_DIRECT."""
-        self.store, self.ops = store, ops
+                 verify_disk_reads: bool = True, direct_io: bool = False, progress: bool = True,
+                 keep_cache: bool = False):
+        """`ops` page-locks the host tier (CUDA); `direct_io` reads the disk tier with O_DIRECT; buffered
+        reads drop the pages they read from the page cache unless `keep_cache`."""
+        self.store, self.ops, self.keep_cache = store, ops, keep_cache
         self.verify_disk_reads, self.direct_io = verify_disk_reads, direct_io
         self._host: dict[int, torch.Tensor] = {}  # layer -> [nbytes] uint8, verified (page-locked on CUDA)
         self._registered: list[torch.Tensor] = []  # registered in place: unregister on close
@@ -56,7 +58,8 @@ class StoreReader:
 
     def _read(self, layer_idx: int, buffer: torch.Tensor, verify: bool) -> torch.Tensor:
         entry = self.entry(layer_idx)
-        self.store.read_into(entry["file"], buffer, entry["nbytes"], direct=self.direct_io)
+        self.store.read_into(entry["file"], buffer, entry["nbytes"], direct=self.direct_io,
+                             drop_cache=not self.keep_cache)
         data = buffer[:entry["nbytes"]]
         if verify:
             tensors_from_buffer(data, entry, verify=True, version=self.store.version)

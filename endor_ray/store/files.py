@@ -62,8 +62,12 @@ def check_size(path: str, size: int, nbytes: int) -> None:
                          "or was replaced; re-run endor convert")
 
 
-def read_local(path: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False) -> None:
-    """Read the whole local file `path`, which must be `nbytes` long, into `buffer[:nbytes]`."""
+def read_local(path: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False,
+               drop_cache: bool = False) -> None:
+    """Read the whole local file `path`, which must be `nbytes` long, into `buffer[:nbytes]`; with
+    `drop_cache`, a buffered read then drops the file's pages from the page cache (POSIX_FADV_DONTNEED:
+    a model streamed through memory it does not fit must not fill the cache, which counts against a
+    cgroup's limit and pushes out what else runs)."""
     array = _as_array(buffer)
     check_size(path, regular_size(path), nbytes)
     # O_NONBLOCK: were the file swapped for a FIFO since the stat, the open returns instead of waiting
@@ -75,7 +79,7 @@ def read_local(path: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct
     except OSError as exc:
         if flags & getattr(os, "O_DIRECT", 0) and exc.errno == 22:  # EINVAL: the file system refuses it
             _refuse_direct(path, exc)
-            return read_local(path, buffer, nbytes, direct=False)
+            return read_local(path, buffer, nbytes, direct=False, drop_cache=drop_cache)
         raise StoreError(f"cannot read {path}: {exc}") from exc
     try:
         check_size(path, regular_size(path, os.fstat(fd)), nbytes)
@@ -88,11 +92,13 @@ def read_local(path: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct
             except OSError as exc:
                 if flags & getattr(os, "O_DIRECT", 0) and exc.errno == 22:
                     _refuse_direct(path, exc)
-                    return read_local(path, buffer, nbytes, direct=False)
+                    return read_local(path, buffer, nbytes, direct=False, drop_cache=drop_cache)
                 raise StoreError(f"cannot read {path}: {exc}") from exc
             if got <= 0:
                 raise StoreError(f"short read from {path}: {position} of {nbytes} bytes; the file shrank")
             position += got
+        if drop_cache and not flags & getattr(os, "O_DIRECT", 0) and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped at once
     finally:
         os.close(fd)
 

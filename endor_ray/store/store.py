@@ -321,10 +321,11 @@ class Store:
             raise StoreError(f"cannot read {path}: not a file ({info.type.name})")
         return info.size
 
-    def read_into(self, name: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False) -> None:
+    def read_into(self, name: str, buffer: torch.Tensor | np.ndarray, nbytes: int, direct: bool = False,
+                  drop_cache: bool = False) -> None:
         """Read a whole file of `nbytes` bytes into `buffer[:nbytes]` (see `endor_ray.store.files`)."""
         if self.fs.type_name == "local":
-            files.read_local(self._path(name), buffer, nbytes, direct=direct)
+            files.read_local(self._path(name), buffer, nbytes, direct=direct, drop_cache=drop_cache)
         else:
             files.read_remote(self.fs, self._path(name), buffer, nbytes)
 

@@ -49,8 +49,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("prefetch_depth", "layers fetched ahead of the one computing", aliases=("--prefetch",)),
         Option("compute_dtype", "compute in this dtype (default: the store's); float32 over a bf16 store makes "
                                 "greedy answers independent of the batch", choices=("float32", "float16", "bfloat16")),
-        Option("disk_io", "disk-tier reads through the page cache (buffered) or with O_DIRECT, leaving it alone",
-               choices=("buffered", "direct")),
+        Option("disk_io", "disk-tier reads through the page cache, dropping what they read (buffered), keeping it "
+                          "(cached), or with O_DIRECT, leaving it alone (direct)", choices=("buffered", "cached", "direct")),
         Option("verify_disk_reads", "checksum every disk-tier read"),
         Option("decode_threads", "CPU decoding: threads a layer's decode splits over; default: all cores"),
         Option("cpu_matvec", "CPU: multiply small batches straight from dense INT8/INT4/Q8_0/Q4/Q5 blocks "
