@@ -115,6 +115,28 @@ def test_experts_are_compressed_like_any_linear(tmp_path):
     encoded = store.expert_tensors(0, 3)["gate_up_proj"]
     assert (decode(encoded) != 0).sum(dim=1).tolist() == [encoded.shape[1] // 2] * encoded.shape[0]
 
+    # The engine decodes the compressed experts: its tokens equal transformers' with the store's weights loaded
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    state = {name: decode(enc) for name, enc in store.dense_tensors().items()}
+    for layer_idx in range(store.num_layers):
+        state.update({f"model.layers.{layer_idx}.{name}": decode(enc)
+                      for name, enc in store.layer_tensors(layer_idx).items()})
+        experts = [store.expert_tensors(layer_idx, expert_idx) for expert_idx in range(NUM_EXPERTS)]
+        for param in experts[0]:
+            state[f"model.layers.{layer_idx}.mlp.experts.{param}"] = torch.stack([decode(e[param]) for e in experts])
+    model.load_state_dict(state, strict=True)
+    [result] = generate(store.location, "0")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    expected = []
+    for ids, count in zip(tokenizer(PROMPTS).input_ids, MAX_NEW_TOKENS):
+        with torch.inference_mode():
+            row = model.generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False, pad_token_id=256)
+        expected.append(row[0, len(ids):].tolist())
+    assert [c.token_ids for c in result.completions] == cut(expected, MAX_NEW_TOKENS)
+    assert cut(expected, MAX_NEW_TOKENS) != cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
+
 
 def generate(store, expert_cache_memory: str | None, rounds: int = 1, reader=None):
     """Completions and stats of `rounds` generate calls on one engine (the cache stays warm between)."""
