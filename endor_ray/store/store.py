@@ -7,6 +7,7 @@ part alignment, below)::
     STORE/tokenizer/...                    the source checkpoint's tokenizer files
     STORE/dense.safetensors                non-layer weights (embeddings, final norm, LM head), dense
     STORE/layers/layer-00000.safetensors   one file per decoder layer, holding all its tensors' parts
+    STORE/layers/layer-00000-expert-00003.safetensors   an MoE layer's experts, one file each
 
 Each tensor file is a valid safetensors file whose keys are ``"<tensor name>/<part>"`` with part
 one of ``bitmap``, ``block_offsets``, ``row_offsets``, ``scales``, ``values`` (see
