@@ -10,7 +10,8 @@ Arms, interleaved round by round (the machine is shared; medians over the rounds
   decode+matmul `cpu_decode.decode_into` to bf16, then F.linear (a streamed layer before)
 
 GB/s = the bytes the arm reads from memory for the weight per second (stored bytes for matvec,
-2 bytes a weight for dense-matmul, stored bytes for decode+matmul).
+2 bytes a weight for dense-matmul, stored bytes for decode+matmul). The x1 arms are also timed on
+one thread by its CPU time (time.thread_time), which a loaded machine's wall clock does not hide.
 
 Engine: a random Llama with --layers 7B-shaped layers (vocab 32000), converted to dense INT8 and
 INT4 group-32 stores, run by `endor generate --in-process --device cpu` in a child process with
@@ -99,9 +100,47 @@ def kernel_rounds(rounds: int, threads: int) -> list[dict]:
     return rows_out
 
 
+def cpu_time_rounds(rounds: int) -> list[dict]:
+    """The same x1 arms on one thread, timed by the thread's CPU time: what a core does while it runs,
+    which a loaded machine's wall clock hides (torch on one thread too)."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows_out = []
+    try:
+        for shape_name, shape in SHAPES.items():
+            for enc_name, (encoding, group_size) in ENCODINGS.items():
+                enc = tiled(shape, encoding, group_size)
+                dense = torch.empty(shape, dtype=torch.bfloat16)
+                decode_into(enc, dense)
+                x = torch.randn(1, shape[1])
+                arms = {f"matvec {isa}": (lambda isa=isa: matvec(enc, x, isa=isa)) for isa in supported_isas()
+                        if isa != "scalar"}
+                arms["dense-matmul"] = lambda: F.linear(x.bfloat16(), dense)
+                arms["decode+matmul"] = lambda: F.linear(x.bfloat16(), decode_into(enc, dense))
+                samples: dict[str, list[float]] = {name: [] for name in arms}
+                for arm in arms.values():
+                    arm()
+                for _ in range(rounds):
+                    for name, arm in arms.items():
+                        started = time.thread_time()
+                        arm()
+                        samples[name].append(time.thread_time() - started)
+                for name, times in samples.items():
+                    seconds = statistics.median(times)
+                    nbytes = 2 * enc.numel if name.startswith("dense") else enc.nbytes
+                    rows_out.append({"shape": shape_name, "encoding": enc_name, "arm": name, "cpu_s": seconds,
+                                     "GB_per_cpu_s": nbytes / seconds / 1e9,
+                                     "weights_per_cpu_ns": enc.numel / seconds / 1e9, "load_average": load_average()})
+                    print(f"1 core  {shape_name:22} {enc_name:9} {name:14} {seconds * 1e3:7.2f} ms CPU "
+                          f"{enc.numel / seconds / 1e9:5.2f} G weights/s", flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows_out
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 
-def build_stores(root: Path, num_layers: int) -> dict[str, Path]:
+def build_stores(root: Path, num_layers: int, values_kinds: tuple[str, ...] = ("int8", "int4")) -> dict[str, Path]:
     """A random 7B-shaped Llama checkpoint and its dense INT8 / INT4 group-32 stores (built once)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from offload_models import random_checkpoint
@@ -109,7 +148,7 @@ def build_stores(root: Path, num_layers: int) -> dict[str, Path]:
     from endor_ray.compress.convert import ConvertConfig, convert
 
     checkpoint = root / "checkpoint"
-    stores = {"int8": root / "store-int8-g32", "int4": root / "store-int4-g32"}
+    stores = {values: root / f"store-{values}-g32" for values in values_kinds}
     if not (checkpoint / "config.json").is_file():
         shape = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                      vocab_size=32000)
@@ -135,8 +174,8 @@ def generate(store: Path, cpu_matvec: bool, new_tokens: int) -> dict:
             "process_s": time.perf_counter() - started, "tokens": result["completions"][0]["token_ids"]}
 
 
-def engine_rounds(root: Path, num_layers: int, rounds: int, new_tokens: int) -> list[dict]:
-    stores = build_stores(root, num_layers)
+def engine_rounds(root: Path, num_layers: int, rounds: int, new_tokens: int, values_kinds: tuple[str, ...]) -> list[dict]:
+    stores = build_stores(root, num_layers, values_kinds)
     runs: dict[tuple[str, bool], list[dict]] = {(values, on): [] for values in stores for on in (True, False)}
     for _ in range(rounds):
         for (values, on), results in runs.items():
@@ -163,6 +202,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--values", nargs="+", default=["int8", "int4"], choices=["int8", "int4"],
+                        help="the engine's stores (converting a 7B-shaped layer takes minutes)")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "endor-cpu-matvec-bench")
@@ -173,9 +214,10 @@ def main() -> None:
                           "load_average_start": os.getloadavg()},
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds}
     if not args.skip_kernel:
+        result["kernel_one_core_cpu_time"] = cpu_time_rounds(args.rounds)
         result["kernel"] = kernel_rounds(args.rounds, args.threads)
     if not args.skip_engine:
-        result["engine"] = engine_rounds(args.root, args.layers, args.engine_rounds, args.new_tokens)
+        result["engine"] = engine_rounds(args.root, args.layers, args.engine_rounds, args.new_tokens, tuple(args.values))
     result["machine"]["load_average_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
