@@ -78,7 +78,8 @@ def wide_store(tmp_path_factory, smollm2_dir) -> tuple[Path, int]:
     for path in smollm2_dir.iterdir():
         if path.name.startswith("tokenizer"):
             shutil.copy(path, root / "hf" / path.name)
-    store = convert(str(root / "hf"), root / "store", ConvertConfig(sparsity=0.0, method="magnitude", store_format="dense"), progress=False)
+    store = convert(str(root / "hf"), root / "store",
+                    ConvertConfig(sparsity=0.0, method="magnitude", store_format="dense"), progress=False)
     return Path(store), dense_nbytes
 
 
@@ -107,4 +108,5 @@ def test_generate_finishes_inside_a_limit_smaller_than_its_layers(cgroup, wide_s
     old_budget = int(0.5 * available_memory_bytes())
     killed = subprocess.run(["sh", "-c", command + f" --gpu-memory {old_budget}B"], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert killed.returncode != 0 and "oom_kill 0" not in (cgroup / "memory.oom_control").read_text(), killed.stderr[-2000:]
+    oom = (cgroup / "memory.oom_control").read_text()
+    assert killed.returncode != 0 and "oom_kill 0" not in oom, killed.stderr[-2000:]

@@ -27,15 +27,17 @@ def fake_proc(root: Path, cgroup_lines: list[str], total: int = 24 * GiB, availa
     proc = root / "proc"
     (proc / "self").mkdir(parents=True)
     (proc / "self" / "cgroup").write_text("\n".join(cgroup_lines) + "\n")
-    (proc / "meminfo").write_text(f"MemTotal: {total // 1024} kB\nMemFree: 1 kB\nMemAvailable: {available // 1024} kB\n")
+    (proc / "meminfo").write_text(f"MemTotal: {total // 1024} kB\nMemFree: 1 kB\n"
+                                  f"MemAvailable: {available // 1024} kB\n")
     return proc
 
 
-def v1_files(folder: Path, limit: int, usage: int, cache: int, shmem: int = 0) -> None:
+def v1_files(folder: Path, limit: int, usage: int, cache: int, shmem: int = 0, mapped: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "memory.limit_in_bytes").write_text(f"{limit}\n")
     (folder / "memory.usage_in_bytes").write_text(f"{usage}\n")
-    (folder / "memory.stat").write_text(f"cache 1\nrss 2\ntotal_cache {cache}\ntotal_rss 5\ntotal_shmem {shmem}\n")
+    (folder / "memory.stat").write_text(f"cache 1\nrss 2\ntotal_cache {cache}\ntotal_rss 5\ntotal_shmem {shmem}\n"
+                                        f"total_mapped_file {mapped}\n")
 
 
 def test_no_cgroup_limit_is_mem_available(tmp_path):
@@ -49,10 +51,10 @@ def test_cgroup_v1_limit_less_used_not_counting_the_page_cache(tmp_path):
     cgroups = tmp_path / "cgroup"
     v1_files(cgroups / "memory", 9223372036854771712, 10 * GiB, 0)  # the root: no limit
     v1_files(cgroups / "memory" / "job", 9223372036854771712, 2 * GiB, 0)
-    # 1.5 GiB used of which 1 GiB page cache (0.25 GiB of it shmem, which cannot be dropped)
-    v1_files(cgroups / "memory" / "job" / "arm", 2 * GiB, 3 * GiB // 2, GiB, shmem=GiB // 4)
+    # 1.5 GiB used of which 1 GiB page cache (0.25 GiB of it shmem, 0.125 GiB mapped: neither can be dropped)
+    v1_files(cgroups / "memory" / "job" / "arm", 2 * GiB, 3 * GiB // 2, GiB, shmem=GiB // 4, mapped=GiB // 8)
     limit = memory_limit(proc, cgroups)
-    used = 3 * GiB // 2 - (GiB - GiB // 4)
+    used = 3 * GiB // 2 - (GiB - GiB // 4 - GiB // 8)
     assert limit.limit_bytes == 2 * GiB
     assert limit.available_bytes == 2 * GiB - used
     assert limit.source == f"cgroup v1 {cgroups / 'memory' / 'job' / 'arm'}"
@@ -78,9 +80,9 @@ def test_cgroup_v2_memory_max(tmp_path):
     (cgroups / "user.slice" / "memory.max").write_text("max\n")
     (job / "memory.max").write_text(f"{3 * GiB}\n")
     (job / "memory.current").write_text(f"{GiB}\n")
-    (job / "memory.stat").write_text(f"anon 100\nfile {GiB // 2}\nshmem 0\n")
+    (job / "memory.stat").write_text(f"anon 100\nfile {GiB // 2}\nfile_mapped {GiB // 4}\nshmem 0\n")
     limit = memory_limit(proc, cgroups)
-    assert (limit.limit_bytes, limit.available_bytes) == (3 * GiB, 3 * GiB - GiB // 2)
+    assert (limit.limit_bytes, limit.available_bytes) == (3 * GiB, 3 * GiB - GiB // 2 - GiB // 4)
     assert limit.source == f"cgroup v2 {job}"
 
 

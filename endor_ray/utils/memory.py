@@ -3,10 +3,12 @@
 Inside a container or a systemd slice the kernel kills a process that exceeds its cgroup's limit,
 whatever /proc/meminfo says is available, so budgets must come from the tighter of the two. A
 cgroup's usage counts the page cache of the files its processes read; that part the kernel
-reclaims before it kills anything, so what is "in use" here is the usage less the file cache
-(shared memory, which cannot be dropped, stays counted). Limits are hierarchical: every cgroup
-from this process's own up to the root is read and the tightest room wins. The functions take
-the roots of /proc and of the cgroup mounts, so tests point them at fake trees.
+reclaims before it kills anything, so what is "in use" here is the usage less the file cache.
+Shared memory cannot be dropped and mapped files (the libraries' code: torch alone maps hundreds
+of MB) can only be dropped to be faulted in again at once, thrashing: both stay counted. Limits
+are hierarchical: every cgroup from this process's own up to the root is read and the tightest
+room wins. The functions take the roots of /proc and of the cgroup mounts, so tests point them at
+fake trees.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def _room_v2(folder: Path) -> _CgroupRoom | None:
         return None
     usage = _read_int(folder / "memory.current") or 0
     stat = _stat(folder / "memory.stat")
-    reclaimable = max(stat.get("file", 0) - stat.get("shmem", 0), 0)
+    reclaimable = max(stat.get("file", 0) - stat.get("shmem", 0) - stat.get("file_mapped", 0), 0)
     return _CgroupRoom(limit, max(usage - reclaimable, 0), str(folder))
 
 
@@ -104,10 +106,12 @@ def _room_v1(folder: Path) -> _CgroupRoom | None:
     stat = _stat(folder / "memory.stat")
     cache = stat.get("total_cache", stat.get("cache", 0))
     shmem = stat.get("total_shmem", stat.get("shmem", 0))
-    return _CgroupRoom(limit, max(usage - max(cache - shmem, 0), 0), str(folder))
+    mapped = stat.get("total_mapped_file", stat.get("mapped_file", 0))
+    return _CgroupRoom(limit, max(usage - max(cache - shmem - mapped, 0), 0), str(folder))
 
 
-def cgroup_rooms(proc_root: str | Path = "/proc", cgroup_root: str | Path = "/sys/fs/cgroup") -> list[tuple[str, _CgroupRoom]]:
+def cgroup_rooms(proc_root: str | Path = "/proc",
+                 cgroup_root: str | Path = "/sys/fs/cgroup") -> list[tuple[str, _CgroupRoom]]:
     """Every limited cgroup this process is in (its own and their ancestors), as (version, room)."""
     proc_root, cgroup_root = Path(proc_root), Path(cgroup_root)
     v2, v1 = _own_cgroups(proc_root)
