@@ -89,3 +89,21 @@ def test_materialize_takes_block_weights():
     assert layer[0].weight.blocks is enc
     release_layer(layer)
     assert layer[0].weight.is_meta
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_release_never_decodes(monkeypatch, inference):
+    """release_layer hands the blocks back without a decode, in inference_mode too (where `.to`
+    reaches the subclass as to.dtype_layout and Module._apply asks _has_compatible_shallow_copy_type):
+    each decode there cost a streamed 7B layer's weight ~50 ms per pass."""
+    enc = encode(torch.randn(8, 32), layout="dense", encoding="int8", group_size=32)
+    layer = nn.Sequential(meta_linear(enc))
+
+    def no_decode(self):
+        raise AssertionError("release decoded the blocks")
+
+    monkeypatch.setattr(BlockWeight, "dense", no_decode)
+    with torch.inference_mode(inference):
+        materialize_layer(layer, {"0.weight": BlockWeight(enc)})
+        release_layer(layer)
+    assert layer[0].weight.is_meta

@@ -30,6 +30,8 @@ from endor_ray.format.cpu_decode import decode_into
 from endor_ray.format.cpu_matvec import has_matvec, matvec
 from endor_ray.format.tensor import EncodedTensor
 
+# `.to("meta")` reaches __torch_dispatch__ as _to_copy, or as to.dtype_layout under inference_mode
+_TO_OPS = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
 MAX_MATVEC_ROWS = 8  # rows of x up to which F.linear multiplies from the blocks (a decode step's batch)
 
 
@@ -77,7 +79,9 @@ class BlockWeight(torch.Tensor):
         if func is torch.ops.aten.detach.default:  # nn.Parameter(weight): the same blocks
             weight = args[0]
             return BlockWeight(weight.blocks, weight.dtype, weight.threads)
-        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("meta"):
+        if func is torch.ops.aten._has_compatible_shallow_copy_type.default:
+            return False  # Module._apply (release_layer) then sets a new parameter: nothing decoded to ask
+        if func in _TO_OPS and kwargs.get("device") == torch.device("meta"):
             weight = args[0]  # release_layer: back to a meta tensor, the blocks let go
             return torch.empty(weight.shape, dtype=kwargs.get("dtype") or weight.dtype, device="meta")
         dense = tree_map(lambda value: value.dense() if isinstance(value, BlockWeight) else value, (args, kwargs))
