@@ -119,12 +119,12 @@ def test_calibration_from_text_file(tmp_path, tokenized_checkpoints):
 def test_streamed_calibration_equals_resident(tiny_checkpoints, tmp_path, monkeypatch):
     """A model too large for memory calibrates by streamed passes (with the next layer prefetched);
     the store is byte for byte the one the resident path writes."""
-    import endor_ray.compress.convert as convert_module
+    import endor_ray.compress.calibrated as calibrated_module
 
     source = tiny_checkpoints["llama-gqa"]
     config = ConvertConfig(sparsity=0.5, method="wanda", block_size=256, calib_samples=3, calib_seq_len=10, seed=5)
     resident = convert(str(source), tmp_path / "resident", config, progress=False)
-    monkeypatch.setattr(convert_module, "available_memory_bytes", lambda: 1)  # nothing fits: stream
+    monkeypatch.setattr(calibrated_module, "available_memory_bytes", lambda: 1)  # nothing fits: stream
     streamed = convert(str(source), tmp_path / "streamed", config, progress=False)
     for layer in read_manifest(resident)["layers"]:
         assert (resident / layer["file"]).read_bytes() == (streamed / layer["file"]).read_bytes()

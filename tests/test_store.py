@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from endor_ray.compress import convert as convert_module
+from endor_ray.compress import layer_writer as layer_writer_module
 from endor_ray.compress.convert import ConvertConfig, convert
 from endor_ray.errors import ChecksumError, StoreError
 from endor_ray.format import checksum, decode
@@ -122,7 +122,7 @@ def test_unreadable_uri():
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
-    real_write = convert_module.write_tensor_file
+    real_write = layer_writer_module.write_tensor_file
     calls = []
 
     def write_then_interrupt(path, tensors, file_name, layer_idx=None):
@@ -131,7 +131,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_checkpoints, tmp_path, monke
             raise KeyboardInterrupt
         return real_write(path, tensors, file_name, layer_idx)
 
-    monkeypatch.setattr(convert_module, "write_tensor_file", write_then_interrupt)
+    monkeypatch.setattr(layer_writer_module, "write_tensor_file", write_then_interrupt)  # the second layer's file
     with pytest.raises(KeyboardInterrupt):
         convert(str(tiny_checkpoints["llama-gqa"]), tmp_path / "store", ConvertConfig(method="magnitude"), progress=False)
     assert list(tmp_path.iterdir()) == []

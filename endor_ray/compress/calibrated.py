@@ -1,0 +1,124 @@
+"""Calibrated conversion: calibration tokens run through the model once, layer by layer, and each
+layer is measured (one budget), pruned and written as it finishes; the next layer calibrates on
+what the pruned layer outputs (as in Wanda)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from endor_ray.compress.checkpoint import TensorSource
+from endor_ray.compress.layer_writer import LayerWriter
+from endor_ray.compress.prune import InputNormCollector
+from endor_ray.compress.setting import CalibrationStats
+from endor_ray.utils.system import available_memory_bytes
+
+if TYPE_CHECKING:
+    from endor_ray.compress.convert import ConvertConfig
+
+
+@torch.no_grad()
+def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: LayerWriter, load_layer) -> dict[str, Any]:
+    """Run calibration tokens through the model once, pruning and writing each layer as it finishes."""
+    from endor_ray.compress.calibration import self_calibration_ids, text_calibration_ids
+    from endor_ray.models.skeleton import build_skeleton, decoder_layers, materialize_layer, prefetching, stream_layers
+
+    architecture = checkpoint.architecture
+    compute_dtype = torch.float32  # scores and activations in fp32 whatever is stored
+    dense = {name: checkpoint.get(name).to(writer.dtype) for name in checkpoint.dense_names()}
+    model = build_skeleton(checkpoint.config, dense, dtype=compute_dtype)
+
+    def load_compute(layer_idx: int) -> dict[str, torch.Tensor]:
+        return load_layer(layer_idx, compute_dtype)
+
+    if config.calib_text is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory)
+        ids = text_calibration_ids(tokenizer, config.calib_text, config.calib_samples, config.calib_seq_len)
+        record = {"source": "file", "file": Path(config.calib_text).name}
+    else:
+        # One pass over all layers per generated token. A model that fits in memory is read once and
+        # kept (seconds for the embedded model); a larger one is streamed from the checkpoint each pass.
+        layer_bytes = checkpoint.layer_nbytes(torch.float32)
+        resident = layer_bytes < 0.5 * available_memory_bytes()
+        loaded = ({idx: load_compute(idx) for idx in tqdm(range(architecture.num_layers), desc="load for calibration",
+                                                          unit="layer", disable=not writer.progress)}
+                  if resident else None)
+        passes = tqdm(total=config.calib_seq_len - 1, desc="write calibration text", unit="token",
+                      disable=not writer.progress)
+
+        with prefetching(load_compute, architecture.num_layers) as load_next:
+            def load_counting(layer_idx: int) -> dict[str, torch.Tensor]:
+                if layer_idx == 0:
+                    passes.update(1)
+                return loaded[layer_idx] if loaded is not None else load_next(layer_idx)
+
+            with stream_layers(model, architecture, load_counting):
+                ids = self_calibration_ids(model, config.calib_samples, config.calib_seq_len, config.seed)
+        passes.close()
+        del loaded
+        record = {"source": "self-generated", "seed": config.seed}
+    record.update(num_samples=ids.shape[0], seq_len=ids.shape[1])
+
+    collector = InputNormCollector(hessians=config.method == "sparsegpt" or config.bytes_per_weight is not None)
+
+    def prune_and_rerun(layer_idx: int, layer, args: tuple, kwargs: dict, output):
+        weights = dict(layer.state_dict())
+        stats = {name: CalibrationStats(collector.input_sq_sum(f"{layer_idx}.{name}"),
+                                        collector.hessian(f"{layer_idx}.{name}")) for name in weights}
+        pruned = writer.write(layer_idx, weights, stats)
+        collector.clear()
+        # The next layer calibrates on what the *pruned* layer outputs (as in Wanda).
+        materialize_layer(layer, pruned)
+        collector.enabled = False
+        try:
+            return layer.forward(*args, **kwargs)
+        finally:
+            collector.enabled = True
+
+    layers = decoder_layers(model, architecture)
+    if config.bytes_per_weight is not None:
+        # One budget for the whole model: every layer's options are measured first, on the
+        # unpruned model's activations, then the plan is made and the pass below applies it. A
+        # model that fits in memory also gets the loss's sensitivity to each Linear's outputs,
+        # which puts every tensor's error on the scale of the loss.
+        sensitivities = None
+        if checkpoint.layer_nbytes(torch.float32) < 0.5 * available_memory_bytes():
+            sensitivities = loss_sensitivities(model, layers, load_compute, ids)
+
+        def measure_only(layer_idx: int, layer, args: tuple, kwargs: dict, output):
+            weights = dict(layer.state_dict())
+            writer.measure(layer_idx, weights, {
+                name: CalibrationStats(collector.input_sq_sum(f"{layer_idx}.{name}"),
+                                       collector.hessian(f"{layer_idx}.{name}")) for name in weights},
+                sensitivities)
+            collector.clear()
+            return output
+
+        with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
+              stream_layers(model, architecture, load_next, after_layer=measure_only)):
+            model(input_ids=ids, use_cache=False)
+        writer.plan()
+    with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
+          stream_layers(model, architecture, load_next, after_layer=prune_and_rerun)):
+        model(input_ids=ids, use_cache=False)
+    return record
+
+
+def loss_sensitivities(model, layers, load_layer, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every Linear's output sensitivity on the calibration ids, the whole model in memory once."""
+    from endor_ray.compress.sensitivity import output_sensitivities
+    from endor_ray.models.skeleton import materialize_layer, release_layer
+
+    for layer_idx, layer in enumerate(layers):
+        materialize_layer(layer, load_layer(layer_idx))
+    try:
+        with torch.enable_grad():
+            return output_sensitivities(model, layers, ids)
+    finally:
+        for layer in layers:
+            release_layer(layer)
