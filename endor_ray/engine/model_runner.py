@@ -30,12 +30,13 @@ from endor_ray.engine.prompts import context_limit
 from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.sequence import Sequence
 from endor_ray.engine.tiers import TierPlan, plan_tiers
-from endor_ray.errors import ConfigError
+from endor_ray.errors import ConfigError, StoreError
 from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
 from endor_ray.utils.memory import memory_limit
 
 log = logging.getLogger(__name__)
+MAX_BYTES_PER_WEIGHT = 8  # above any layer file: float32 values (4) + bitmap and scales, headers aside
 
 
 class ModelRunner:
@@ -90,9 +91,15 @@ class ModelRunner:
 
     def _plan(self) -> TierPlan:
         entries = self.store.manifest["layers"]
+        numel = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) for entry in entries]
         compressed = [entry["nbytes"] for entry in entries]
-        dense = [sum(torch.Size(t["shape"]).numel() for t in entry["tensors"]) * self.dtype.itemsize
-                 for entry in entries]
+        for layer_idx, (nbytes, count) in enumerate(zip(compressed, numel)):
+            # Sizes are planned from the manifest before any file is read (the files may be on shard
+            # servers): one no encoding could have written is refused here, not sized into an error
+            if nbytes > MAX_BYTES_PER_WEIGHT * count + (1 << 20):
+                raise StoreError(f"layer {layer_idx}: the manifest says {nbytes} bytes for {count} weights, more than "
+                                 "any encoding writes: the manifest is corrupt or was edited; re-run endor convert")
+        dense = [count * self.dtype.itemsize for count in numel]
         # Slots and tiers from the memory this process may really use (its cgroup's limit or MemAvailable)
         sizing = size_for_memory(compressed, dense, self.config, self.device.type, memory_limit())
         self.config = sizing.config  # the prefetch depth the memory holds
