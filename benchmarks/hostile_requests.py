@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "endor-hostile")
     parser.add_argument("--probes", type=int, default=7)
     parser.add_argument("--max-seqs-per-request", type=int, default=None,
-                        help="scheduler.max_seqs_per_request (default: Serve's, all but an eighth of the rows)")
+                        help="scheduler.max_seqs_per_request (default: Serve's, an eighth of the rows while requests share)")
     parser.add_argument("--only", default="", help="run only the rows whose name holds this text")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hostile_requests-cpu.json")
     args = parser.parse_args()

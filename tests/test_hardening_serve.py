@@ -133,22 +133,31 @@ def _seqs(count: int, length: int = 3):
     return [Sequence("x", list(range(length)), SamplingParams(max_new_tokens=4)) for _ in range(count)]
 
 
-def test_admission_interleaves_requests_and_keeps_rows_for_later_ones():
-    """A 100-sequence request used to hold the whole queue ahead of a later 1-sequence one (FIFO)."""
+def test_admission_interleaves_requests_and_hands_back_rows_over_the_share():
+    """A 100-sequence request used to hold the whole queue ahead of a later 1-sequence one (FIFO),
+    then every row but the cap's spare ones, so a later request shared passes as big as the big
+    request's (x7-8 its idle latency on a CPU)."""
     from endor_ray.engine.scheduler import Scheduler, SchedulerConfig
 
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_waiting=200, max_seqs_per_request=6))
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_waiting=200, max_seqs_per_request=2))
     big, small = _seqs(100), _seqs(1)
     scheduler.add(big)
     running = scheduler.admit([])
-    assert running == big[:6]  # its share: 2 rows stay free
+    assert running == big[:8]  # alone, it holds every row
+    assert scheduler.preempt(running) == []  # nobody waits
+    big[0].output_ids, big[1].output_ids = [5, 6], [5]  # the furthest along are kept
     scheduler.add(small)
-    assert scheduler.admit(running) == small  # the later request joins at the next pass
+    back = scheduler.preempt(running)
+    assert back == big[2:8] and len(scheduler) == 100 - 8 + 6 + 1  # over its share of 2: handed back
+    running = big[:2]
+    assert scheduler.admit(running) == small  # the later request joins; the big one waits at its share
+    running += small
+    assert scheduler.preempt(running) == [] and scheduler.admit(running) == []
     again = _seqs(2)
     scheduler.add(again)
-    turn = scheduler.admit([])
-    assert turn[:4] == [big[6], again[0], big[7], again[1]]  # round-robin: one of each request in turn
-    assert turn == [big[6], again[0], big[7], again[1], *big[8:12]] and len(scheduler) == 100 - 6 - 6
+    turn = scheduler.admit(big[:2])  # the small one left; two requests share
+    assert turn == again and scheduler.admit(big[:2] + again) == []
+    assert scheduler.admit(big[:2]) == big[2:8]  # alone again: its handed-back rows first, up to every row
 
 
 def test_a_request_larger_than_the_queue_is_refused_at_once_and_a_full_queue_says_so():

@@ -87,6 +87,35 @@ def test_staggered_arrivals_give_each_sequence_its_solo_answer(engine, solo):
     assert engine.batch.columns == 0 and engine.batch.cache is None  # nothing left behind
 
 
+def test_rows_handed_back_for_a_later_request_finish_with_their_solo_answer(engine, solo):
+    """Preemption by recompute: a request alone holds every row; when another arrives, its rows over
+    the share leave the batch (their cache with them) and rejoin later, their prompt and the tokens
+    generated so far prefilled again, and every sequence still gets its solo answer."""
+    scheduler, engine.scheduler = engine.scheduler, Scheduler(SchedulerConfig(max_num_seqs=4, max_seqs_per_request=1))
+    preempted_before = engine.metrics.preempted
+    try:
+        big = engine.new_sequences(PROMPTS[:3], SamplingParams(max_new_tokens=8))
+        engine.add(big)
+        engine.step()
+        engine.step()
+        assert len(engine.batch.rows) == 3 and all(len(s.output_ids) == 2 for s in big)
+        [small] = engine.new_sequences([PROMPTS[3]], SamplingParams(max_new_tokens=3))
+        engine.add([small])
+        shared = []
+        while not small.finished:
+            engine.step()
+            shared.append(len(engine.batch.rows))
+        assert engine.metrics.preempted - preempted_before == 2
+        assert max(shared) <= 2  # one row of each request while they share
+        while engine.has_work:
+            engine.step()
+        for index, sequence in enumerate(big):
+            assert sequence.output_ids == solo[index][:8], index
+        assert small.output_ids == solo[3][:3]
+    finally:
+        engine.scheduler = scheduler
+
+
 def test_padding_of_a_long_prompt_does_not_stay(engine):
     long, short = engine.new_sequences([PROMPTS[1], PROMPTS[3]], [SamplingParams(max_new_tokens=2),
                                                                     SamplingParams(max_new_tokens=8)])

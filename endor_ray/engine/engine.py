@@ -106,6 +106,9 @@ class Engine:
         leaving = [seq for seq in self.batch.rows if seq.cancelled]
         events += [(seq, None, seq.finish("cancelled")) for seq in leaving]
         self.batch.remove(leaving)
+        preempted = self.scheduler.preempt(self.batch.rows)  # rows over their request's share, handed back
+        self.batch.remove(preempted)
+        self.metrics.preempted += len(preempted)
         newcomers = self.scheduler.admit(self.batch.rows)
         if not self.batch.rows and not newcomers:
             self._finish(seq for seq, _, _ in events)

@@ -51,8 +51,8 @@ class RunningBatch:
 
     def inputs(self, newcomers: list[Sequence]) -> dict[str, torch.Tensor]:
         """Model inputs for the next pass: every running row's last token and every newcomer's
-        prompt, as one left-padded block; the cache grows rows for the newcomers."""
-        block = max([len(seq.prompt_ids) for seq in newcomers], default=1)
+        prompt (`Sequence.prefill_ids`), as one left-padded block; the cache grows rows for the newcomers."""
+        block = max([len(seq.prefill_ids) for seq in newcomers], default=1)
         rows = len(self.rows) + len(newcomers)
         input_ids = torch.full((rows, block), self.pad_id, dtype=torch.long)
         block_mask = torch.zeros((rows, block), dtype=torch.long)
@@ -63,8 +63,9 @@ class RunningBatch:
             block_mask[row, -1] = 1
             position_ids[row, -1] = lengths[row]
         for offset, seq in enumerate(newcomers):
-            row, length = len(self.rows) + offset, len(seq.prompt_ids)
-            input_ids[row, block - length:] = torch.tensor(seq.prompt_ids)
+            prefill = seq.prefill_ids  # its prompt (and, preempted before, what it generated)
+            row, length = len(self.rows) + offset, len(prefill)
+            input_ids[row, block - length:] = torch.tensor(prefill)
             block_mask[row, block - length:] = 1
             position_ids[row, block - length:] = torch.arange(length)
         if newcomers and self.rows:

@@ -203,7 +203,7 @@ class ModelRunner:
         rows, block = hidden.shape[0], hidden.shape[1]
         first_newcomer = rows - len(newcomers)
         for offset, seq in enumerate(newcomers):
-            if seq.params.prompt_logprobs is not None:
+            if seq.params.prompt_logprobs is not None and not seq.output_ids:  # not again after a preemption
                 length = len(seq.prompt_ids)
                 row = first_newcomer + offset
                 prompt_logits[id(seq)] = head_logits(self.model, hidden[row, block - length:block - 1])

@@ -70,13 +70,18 @@ class GenerationStats:
 
 
 def expert_stats(source: SourceStats, new_tokens: int) -> dict[str, Any]:
-    """An MoE model's expert traffic: the expert cache's hit rate, misses and compressed bytes
-    read per generated token (prefill's included: what the request cost)."""
+    """An MoE model's expert traffic: the expert cache's hit rate (a picked expert found in the cache
+    or read ahead by the next-layer prefetch), misses (read on demand), the compressed bytes read
+    (misses and prefetches) per generated token (prefill's included: what the request cost), and the
+    prefetch's guesses: experts read ahead and the share of them the layer's router then picked."""
     picked = source.expert_hits + source.expert_misses
     return {"hit_rate": source.expert_hits / picked if picked else None, "hits": source.expert_hits,
             "misses": source.expert_misses, "bytes": source.expert_bytes,
             "misses_per_token": source.expert_misses / new_tokens if new_tokens else None,
-            "bytes_per_token": source.expert_bytes / new_tokens if new_tokens else None}
+            "bytes_per_token": source.expert_bytes / new_tokens if new_tokens else None,
+            "prefetched": source.expert_prefetched, "prefetch_useful": source.expert_prefetch_useful,
+            "prefetch_hit_rate": (source.expert_prefetch_useful / source.expert_prefetched
+                                  if source.expert_prefetched else None)}
 
 
 class TokenEvent(NamedTuple):
@@ -124,6 +129,7 @@ class EngineMetrics:
         self.ttft_s: deque[float] = deque(maxlen=window)  # time to first token of finished sequences
         self.tpot_s: deque[float] = deque(maxlen=window)  # time per output token after the first
         self.finished: dict[str, int] = {}
+        self.preempted = 0  # rows handed back to the queue for a waiting request (scheduler.preempt)
 
     def record_pass(self, rows: int) -> None:
         self.passes += 1
@@ -144,7 +150,8 @@ class EngineMetrics:
         return {"passes": self.passes, "running": running, "waiting": waiting,
                 "mean_sequences_per_pass": self.sequences_served / self.passes if self.passes else 0.0,
                 "recent_sequences_per_pass": list(self.recent_rows)[-20:],
-                "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s), "finished": dict(self.finished)}
+                "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s), "finished": dict(self.finished),
+                "preempted": self.preempted}
 
 
 class RequestTracker:

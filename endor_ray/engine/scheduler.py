@@ -7,11 +7,16 @@ thread; `add` and `cancel` may come from any thread.
 
 Fairness: each `add` is one request. Admission is round-robin over the waiting requests, oldest
 first: one sequence of each in turn (first come first served within a request), so a request of
-many sequences cannot make a later small one wait for all of them. With `max_seqs_per_request`
-no request holds more rows of a pass than that, which keeps rows free for requests that arrive
-while a big one runs (a running row is never taken back). A request that is larger than the
-whole queue is refused at once (ConfigError), one that does not fit beside the waiting ones is
-QueueFull (retry later).
+many sequences cannot make a later small one wait for all of them. With `max_seqs_per_request`,
+while more than one request is active (running or waiting) none holds more rows of a pass than
+that; a request alone may hold them all (nothing is kept idle). When a request that holds fewer
+rows than the cap is waiting, the rows a request holds beyond the cap are handed back
+(`preempt`): they leave the batch, their cache with them, and rejoin later at the head of their
+request's queue, their prompt and the tokens generated so far prefilled again (recompute, as
+vLLM preempts). So a pass that a newcomer joins holds at most a few rows of each request: on a
+device where a pass's cost grows with its rows (a CPU), a small request beside a big one costs
+little more than alone. A request that is larger than the whole queue is refused at once
+(ConfigError), one that does not fit beside the waiting ones is QueueFull (retry later).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class SchedulerConfig:
     # KV cache budget in tokens: each running sequence reserves prompt + max_new_tokens. None: no limit.
     max_cache_tokens: int | None = None
     max_waiting: int = 4096  # sequences queued beyond the running ones; more is QueueFull
-    # Rows of a pass one request may hold (None: all); fewer keeps rows for requests arriving later
+    # Rows of a pass one request may hold while others are active (None: all); a request alone holds all
     max_seqs_per_request: int | None = None
 
     def __post_init__(self) -> None:
@@ -50,9 +55,10 @@ class SchedulerConfig:
         if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
             raise ConfigError(f"max_seqs_per_request must be >= 1 or None, got {self.max_seqs_per_request}")
 
-    @property
-    def rows_per_request(self) -> int:
-        """Rows of a pass one request may hold."""
+    def rows_per_request(self, shared: bool) -> int:
+        """Rows of a pass one request may hold, `shared` with other active requests or alone."""
+        if not shared:
+            return self.max_num_seqs
         return min(self.max_num_seqs, self.max_seqs_per_request or self.max_num_seqs)
 
 
@@ -109,6 +115,35 @@ class Scheduler:
                 self._num_waiting -= len(cancelled)
         return cancelled
 
+    def preempt(self, running: list[Sequence]) -> list[Sequence]:
+        """Running rows to hand back now: while a request holding fewer rows than the cap waits,
+        each request's rows beyond the cap (those with the fewest generated tokens: the cheapest to
+        prefill again, and the furthest from finishing). They go back to the head of their
+        request's queue; the caller takes them out of the batch."""
+        cap = self.config.max_seqs_per_request
+        if cap is None or len(running) <= cap:
+            return []
+        held = Counter(seq.request for seq in running)
+        with self._lock:
+            starved = any(held[queue[0].request] < cap for queue in self.requests if not queue[0].cancelled)
+            if not starved:
+                return []
+            taken = []
+            for request, count in held.items():
+                if count <= cap:
+                    continue
+                rows = sorted((seq for seq in running if seq.request == request), key=lambda seq: len(seq.output_ids))
+                chosen = {id(seq) for seq in rows[:count - cap]}
+                back = [seq for seq in running if id(seq) in chosen]  # in the batch's order
+                queue = next((queue for queue in self.requests if queue[0].request == request), None)
+                if queue is None:
+                    self.requests.append(deque(back))  # behind the requests waiting now
+                else:
+                    queue.extendleft(reversed(back))
+                taken += back
+            self._num_waiting += len(taken)
+        return taken
+
     def admit(self, running: list[Sequence]) -> list[Sequence]:
         """Waiting sequences to join the next pass beside `running`: round-robin over requests,
         within the limits (a limit that stops the next in turn ends this pass's admission). The
@@ -119,17 +154,19 @@ class Scheduler:
         admitted: list[Sequence] = []
         block = 0
         with self._lock:
+            shared = len(set(held) | {queue[0].request for queue in self.requests}) > 1
+            cap = config.rows_per_request(shared)
             passed = 0  # requests in a row skipped for holding their share of the rows
             while self.requests and passed < len(self.requests) and len(running) + len(admitted) < config.max_num_seqs:
                 queue = self.requests[0]
                 seq = queue[0]
                 if seq.cancelled:
                     break  # take_cancelled() reports it before the next admission
-                if held[seq.request] >= config.rows_per_request:
+                if held[seq.request] >= cap:
                     self.requests.rotate(-1)
                     passed += 1
                     continue
-                longest = max(block, len(seq.prompt_ids))
+                longest = max(block, len(seq.prefill_ids))
                 alone = not running and not admitted
                 if not alone and (len(running) + len(admitted) + 1) * longest > config.max_prefill_tokens:
                     break

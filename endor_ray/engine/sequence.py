@@ -42,6 +42,12 @@ class Sequence:
     _emitted: int = 0  # characters of `text` already handed to the streaming callback
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """What a pass that (re)admits it prefills: the prompt, and the tokens generated before it
+        was preempted (the next token is predicted after them)."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

@@ -43,6 +43,7 @@ def _merged(workers: list[dict[str, Any]]) -> dict[str, Any]:
     """The workers' figures as one (sums and pass-weighted means)."""
     passes = sum(w["passes"] for w in workers)
     return {"passes": passes, "running": sum(w["running"] for w in workers),
+            "preempted": sum(w.get("preempted", 0) for w in workers),
             "waiting": sum(w["waiting"] for w in workers),
             "mean_sequences_per_pass": (sum(w["mean_sequences_per_pass"] * w["passes"] for w in workers) / passes
                                         if passes else 0.0),

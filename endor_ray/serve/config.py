@@ -59,13 +59,14 @@ class ServeConfig:
 
     @property
     def worker_scheduler(self) -> SchedulerConfig:
-        """The GPU workers' scheduler: unless max_seqs_per_request is set, one request holds at most
-        all but an eighth of a pass's rows (at least one kept), so a client arriving while a big
-        request runs joins at the next pass instead of waiting for its rows to finish."""
+        """The GPU workers' scheduler: unless max_seqs_per_request is set, a request holds at most an
+        eighth of a pass's rows (at least one) while other requests are active, all of them alone:
+        a client arriving while a big request runs joins at the next pass, and that pass holds few of
+        the big request's rows (the rest are handed back and recomputed later; engine.scheduler)."""
         if self.scheduler.max_seqs_per_request is not None:
             return self.scheduler
         rows = self.scheduler.max_num_seqs
-        return dataclasses.replace(self.scheduler, max_seqs_per_request=max(1, rows - max(1, rows // 8)))
+        return dataclasses.replace(self.scheduler, max_seqs_per_request=max(1, rows // 8))
 
 
 SECTIONS = tuple(sections_of(ServeConfig))  # the nested configs: "engine", "scheduler", "cluster"

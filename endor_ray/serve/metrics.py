@@ -4,7 +4,7 @@ Request-level series are counted by the HTTP front as requests finish (every req
 or not, by route and status, 5xx included; token and latency figures when a generation's result
 arrives, also at the end of a stream); engine-level series
 (queue, running sequences, sequences per pass, bytes moved per pass, tier hits, an MoE model's
-expert cache hit rate and expert reads per token) are read from
+expert cache hit rate, expert reads per token and the prefetch's guess hit rate) are read from
 the GPU workers when `/metrics` is scraped. Each app has its own registry (several apps or tests
 in one process do not collide).
 """
@@ -38,6 +38,8 @@ class ServeMetrics:
         self.mean_sequences_per_pass = Gauge("endor_mean_sequences_per_pass",
                                              "mean live sequences per pass over the weights", labels, registry=registry)
         self.passes = Gauge("endor_passes", "passes over the weights so far", labels, registry=registry)
+        self.preempted = Gauge("endor_preempted_sequences", "running sequences handed back to the queue so far, "
+                               "for a waiting request (recomputed when they rejoin)", labels, registry=registry)
         self.bytes_to_device_per_pass = Gauge("endor_bytes_to_device_per_pass",
                                               "bytes moved to the device per pass (last request)", labels,
                                               registry=registry)
@@ -48,6 +50,9 @@ class ServeMetrics:
                                      "(last request)", labels, registry=registry)
         self.expert_misses_per_token = Gauge("endor_expert_misses_per_token", "experts read from the store per "
                                              "generated token (last request)", labels, registry=registry)
+        self.expert_prefetch_hit_rate = Gauge("endor_expert_prefetch_hit_rate", "experts read ahead on the next "
+                                              "layer's guessed picks that the layer then picked (last request)",
+                                              labels, registry=registry)
         self.expert_bytes_per_token = Gauge("endor_expert_bytes_per_token", "compressed expert bytes read per "
                                             "generated token (last request)", labels, registry=registry)
 
@@ -69,7 +74,8 @@ class ServeMetrics:
             self.tier_hits.labels(self.model, tier).set(hits)
         experts = stats.get("experts") or {}
         for gauge, key in ((self.expert_hit_rate, "hit_rate"), (self.expert_misses_per_token, "misses_per_token"),
-                           (self.expert_bytes_per_token, "bytes_per_token")):
+                           (self.expert_bytes_per_token, "bytes_per_token"),
+                           (self.expert_prefetch_hit_rate, "prefetch_hit_rate")):
             if experts.get(key) is not None:
                 gauge.labels(self.model).set(experts[key])
 
@@ -79,4 +85,5 @@ class ServeMetrics:
             self.running.labels(self.model).set(batching["running"])
             self.mean_sequences_per_pass.labels(self.model).set(batching["mean_sequences_per_pass"])
             self.passes.labels(self.model).set(batching["passes"])
+            self.preempted.labels(self.model).set(batching.get("preempted", 0))
         return generate_latest(self.registry)

@@ -58,6 +58,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("fetch_timeout_s", "seconds a layer fetch may take before it is an error"),
         Option("expert_cache_memory", "MoE models: device memory for cached experts (4GiB; 0: none); default: what "
                                       "--gpu-memory leaves after the resident layers and streaming slots"),
+        Option("expert_prefetch", "MoE models: while a layer computes, read the experts the next layer's router "
+                                  "would pick from its hidden state (a guess, checked when that layer runs)"),
     ),
     "scheduler": (
         Option("max_num_seqs", "sequences per pass over the weights (requests join and leave at every pass)",
@@ -65,8 +67,9 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         Option("max_waiting", "sequences queued beyond the running ones; more are refused (HTTP 429)"),
         Option("max_prefill_tokens", "padded prompt tokens a pass that admits newcomers may add"),
         Option("max_cache_tokens", "KV cache budget in tokens (prompt + max_new_tokens per sequence); default: no limit"),
-        Option("max_seqs_per_request", "rows of a pass one request may hold, the rest kept for requests that arrive "
-                                       "later; default: all (endor serve: all but an eighth)"),
+        Option("max_seqs_per_request", "rows of a pass one request may hold while other requests are active (rows "
+                                       "over it are handed back and recomputed later; alone it holds all); "
+                                       "default: all (endor serve: an eighth)"),
     ),
     "cluster": (
         Option("address", "Ray cluster: auto, ray://host:port or host:port; default: a Ray job's cluster, the one "
