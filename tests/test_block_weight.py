@@ -3,6 +3,8 @@ them as parameters, small batches multiply from the blocks (the CPU product, the
 larger ones see the dense decode bit for bit, releasing a layer drops them; and the engine hands
 them out for dense quantized stores, with the same greedy tokens as decoding first."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,28 @@ def test_the_engine_multiplies_from_blocks_with_the_same_tokens(int4_store, plac
                 layers = decoder_layers(engine.model, engine.store.architecture)
                 assert all(param.is_meta for param in layers[0].parameters())  # released after the pass
     assert tokens[True] == tokens[False] and any(tokens[True])
+
+
+def test_layers_kept_in_their_blocks_are_planned_at_their_file_bytes(int4_store):
+    """The memory plan counted a CPU layer at its dense bytes although its Linears stay in their
+    blocks (a 7B Q4_0 layer: 0.38 GiB planned, 0.11 GiB held), so tight limits reread most layers."""
+    from endor_ray.engine.model_runner import ModelRunner
+
+    planned = {}
+    for cpu_matvec in (True, False):
+        runner = ModelRunner(str(int4_store), EngineConfig(device="cpu", cpu_matvec=cpu_matvec), progress=False)
+        try:
+            planned[cpu_matvec] = runner._decoded_nbytes(runner.store.manifest["layers"])
+        finally:
+            runner.close()
+    entries = json.loads((int4_store / "manifest.json").read_text())["layers"]
+    dense, held = planned[False]
+    assert held == dense and all(d > e["nbytes"] for d, e in zip(dense, entries))  # decoded: dense bytes
+    dense, held = planned[True]
+    for decoded, resident, entry in zip(dense, held, entries):
+        linears = sum(len(t["shape"]) == 2 for t in entry["tensors"])
+        assert linears == 7 and resident == entry["nbytes"] + decoded  # its file's bytes, the norms decoded
+        assert decoded == sum(t["shape"][0] * 2 for t in entry["tensors"] if len(t["shape"]) == 1)  # bf16 norms
 
 
 def test_materialize_takes_block_weights():

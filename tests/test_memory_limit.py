@@ -136,6 +136,22 @@ def test_prefetch_depth_lowered_to_the_slots_the_memory_holds(available, depth):
     assert plan.disk  # the model is larger than the memory: the rest comes from disk
 
 
+def test_layers_held_in_their_blocks_are_planned_at_what_they_hold():
+    """On the CPU a layer whose products run from its blocks holds its file bytes, resident or in a
+    slot, not a dense copy: more layers stay resident and the slots are smaller (issue 24, Q4_0)."""
+    available, norms = 3 * GiB, 64 * 1024
+    memory = MemoryLimit(available, available, "cgroup v1 /test")
+    held = [COMPRESSED + norms] * LAYERS
+    sizing = size_for_memory([COMPRESSED] * LAYERS, [norms] * LAYERS, EngineConfig(), "cpu", memory, held)
+    assert sizing.slot_bytes == COMPRESSED + norms and sizing.config.prefetch_depth == 2
+    plan = plan_tiers([COMPRESSED] * LAYERS, [norms] * LAYERS, 2, sizing.device_budget_bytes, None,
+                      sizing.host_budget_bytes, held)
+    before = plan_tiers([COMPRESSED] * LAYERS, [DENSE] * LAYERS, 2, sized(available).device_budget_bytes, None,
+                        sized(available).host_budget_bytes)
+    assert len(plan.device) > len(before.device) and len(plan.device) + len(plan.host) > len(before.device) + len(before.host)
+    assert 3 * sizing.slot_bytes + len(plan.device) * (COMPRESSED + norms) + len(plan.host) * COMPRESSED <= usable(available)
+
+
 def test_too_little_memory_for_one_slot_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"one streaming slot needs 614\.0 MiB .* raise the memory limit"):
         sized(600 * MiB)

@@ -44,14 +44,19 @@ class MemorySizing:
 
 
 def size_for_memory(compressed_nbytes: list[int], dense_nbytes: list[int], config: EngineConfig, device_type: str,
-                    memory: MemoryLimit) -> MemorySizing:
-    """The prefetch depth and budgets that keep the layers' memory within `memory` (see the module doc)."""
+                    memory: MemoryLimit, resident_nbytes: list[int] | None = None) -> MemorySizing:
+    """The prefetch depth and budgets that keep the layers' memory within `memory` (see the module doc).
+
+    `dense_nbytes`: what a layer decodes into beyond the bytes read (a slot holds both);
+    `resident_nbytes`: what a resident layer holds (default: its dense bytes; on the CPU, a layer
+    whose products run from its blocks keeps its file bytes instead)."""
+    resident = dense_nbytes if resident_nbytes is None else resident_nbytes
     usable = max(int(memory.available_bytes * (1 - HEADROOM_FRACTION)) - HEADROOM_BYTES, 0)
     budget_bytes, budget_layers = config.gpu_budget
     # A slot's host memory: its read buffer, and on CPU the dense weights decoded into it
     slot = max(compressed_nbytes, default=0) + (max(dense_nbytes, default=0) if device_type == "cpu" else 0)
     if device_type == "cpu" and budget_bytes is None and budget_layers is None:
-        if sum(dense_nbytes) <= usable // 2:  # fits: decoded once and never streamed, as before
+        if sum(resident) <= usable // 2:  # fits: decoded once and never streamed, as before
             return MemorySizing(config, memory, usable, slot, usable // 2, config.host_budget_bytes)
     depth = config.prefetch_depth
     if not (budget_layers is not None and budget_layers >= len(dense_nbytes)):  # something may stream

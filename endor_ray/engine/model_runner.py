@@ -31,6 +31,7 @@ from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.sequence import Sequence
 from endor_ray.engine.tiers import TierPlan, plan_tiers
 from endor_ray.errors import ConfigError, StoreError
+from endor_ray.format.cpu_matvec import stored_for_matvec
 from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
 from endor_ray.utils.memory import memory_limit
@@ -99,9 +100,9 @@ class ModelRunner:
             if nbytes > MAX_BYTES_PER_WEIGHT * count + (1 << 20):
                 raise StoreError(f"layer {layer_idx}: the manifest says {nbytes} bytes for {count} weights, more than "
                                  "any encoding writes: the manifest is corrupt or was edited; re-run endor convert")
-        dense = [count * self.dtype.itemsize for count in numel]
+        dense, held = self._decoded_nbytes(entries)
         # Slots and tiers from the memory this process may really use (its cgroup's limit or MemAvailable)
-        sizing = size_for_memory(compressed, dense, self.config, self.device.type, memory_limit())
+        sizing = size_for_memory(compressed, dense, self.config, self.device.type, memory_limit(), held)
         self.config = sizing.config  # the prefetch depth the memory holds
         budget_bytes, budget_layers = self.config.gpu_budget
         if budget_bytes is None and budget_layers is None:
@@ -111,13 +112,13 @@ class ModelRunner:
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
                 budget_bytes = int(0.9 * free_bytes)
         plan = plan_tiers(compressed, dense, self.config.prefetch_depth, budget_bytes, budget_layers,
-                          sizing.host_budget_bytes)
+                          sizing.host_budget_bytes, held)
         self.memory_note = sizing.describe(plan, sum(compressed[layer_idx] for layer_idx in plan.host))
         print(self.memory_note, file=sys.stderr)  # said always (also --json and Ray actors, whose stderr is shown)
         log.info("%s", self.memory_note)
         self._expert_cache_bytes = self.config.expert_cache_bytes
         if self._expert_cache_bytes is None and budget_bytes is not None:  # what the tiers leave of the budget
-            used = sum(dense[layer_idx] for layer_idx in plan.device)
+            used = sum(held[layer_idx] for layer_idx in plan.device)
             if plan.streamed:
                 used += (self.config.prefetch_depth + 1) * (max(compressed) + max(dense))
             # and one layer's picked experts, stacked for its pass (at most all of them)
@@ -125,6 +126,25 @@ class ModelRunner:
                              for t in expert["tensors"]) for entry in entries), default=0) * self.dtype.itemsize
             self._expert_cache_bytes = max(budget_bytes - used, 0)
         return plan
+
+    def _decoded_nbytes(self, entries: list[dict]) -> tuple[list[int], list[int]]:
+        """Per layer: the dense weights decoded for it (what a slot holds beyond its read buffer), and
+        what it holds resident. On the CPU with products from the blocks (`EngineConfig.cpu_matvec`)
+        a tensor that has one is not decoded: it stays in the layer's file bytes, which a resident
+        layer then keeps (a 7B layer of Q4_0 holds 0.11 GiB, not its 0.38 GiB of bf16)."""
+        keep_blocks = self.device.type == "cpu" and self.config.cpu_matvec
+        dense, held = [], []
+        for entry in entries:
+            decoded, kept = 0, False
+            for tensor in entry["tensors"]:
+                if keep_blocks and stored_for_matvec(tensor.get("layout"), tensor.get("values_encoding"),
+                                                     tensor["shape"]):
+                    kept = True
+                else:
+                    decoded += torch.Size(tensor["shape"]).numel() * self.dtype.itemsize
+            dense.append(decoded)
+            held.append(decoded + (entry["nbytes"] if kept else 0))
+        return dense, held
 
     def _moe_layers(self) -> dict[int, int]:
         """layer -> its expert count, for the layers whose experts the store holds apart."""

@@ -32,20 +32,23 @@ def plan_tiers(
     device_budget_bytes: int | None = None,
     device_layers: int | None = None,
     host_budget_bytes: int | None = None,
+    resident_nbytes: list[int] | None = None,
 ) -> TierPlan:
     """Place layers: leading layers resident on the device while the budget lasts, the rest streamed.
 
     A byte budget covers the resident layers' dense weights plus, when anything streams, the
-    ``prefetch_depth + 1`` slots (each one compressed layer file and one dense layer). A layer
+    ``prefetch_depth + 1`` slots (each one compressed layer file and one dense layer; a resident
+    layer costs ``resident_nbytes``, by default its dense bytes). A layer
     count places exactly that many layers (memory is not checked). Streamed layers stay in host
     memory while ``host_budget_bytes`` lasts (None: all of them), the rest are read from disk.
     """
     num_layers = len(compressed_nbytes)
+    resident_nbytes = dense_nbytes if resident_nbytes is None else resident_nbytes
     if device_layers is not None:
         if device_layers < 0:
             raise ConfigError(f"the GPU layer count must be >= 0, got {device_layers}")
         resident = min(device_layers, num_layers)
-    elif device_budget_bytes is None or sum(dense_nbytes) <= device_budget_bytes:
+    elif device_budget_bytes is None or sum(resident_nbytes) <= device_budget_bytes:
         resident = num_layers
     else:
         slot_nbytes = max(compressed_nbytes) + max(dense_nbytes)
@@ -58,8 +61,8 @@ def plan_tiers(
                 "layer each); raise --gpu-memory or lower --prefetch"
             )
         resident, used = 0, streaming_nbytes
-        while resident < num_layers and used + dense_nbytes[resident] <= device_budget_bytes:
-            used += dense_nbytes[resident]
+        while resident < num_layers and used + resident_nbytes[resident] <= device_budget_bytes:
+            used += resident_nbytes[resident]
             resident += 1
     host, disk, host_used = [], [], 0
     for layer_idx in range(resident, num_layers):

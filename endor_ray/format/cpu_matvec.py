@@ -65,8 +65,14 @@ def supported_isas() -> list[str]:
 def has_matvec(enc: EncodedTensor) -> bool:
     """Whether `matvec` multiplies straight from `enc`'s blocks: a dense 2-D int8/int4/q8_0/q4_0/q4_1/
     q5_0/q5_1 tensor on the CPU, with the C library built."""
-    return (enc.layout == "dense" and enc.values_encoding in MATVEC_ENCODINGS and len(enc.shape) == 2
-            and enc.values.device.type == "cpu" and _library() is not None)
+    return enc.values.device.type == "cpu" and stored_for_matvec(enc.layout, enc.values_encoding, enc.shape)
+
+
+def stored_for_matvec(layout: str | None, values_encoding: str | None, shape) -> bool:
+    """Whether a tensor stored so (a manifest entry's layout, values encoding and shape) has a CPU
+    product from its blocks (`has_matvec` once it is read onto the CPU)."""
+    return (layout == "dense" and values_encoding in MATVEC_ENCODINGS and len(shape) == 2
+            and _library() is not None)
 
 
 def matvec(enc: EncodedTensor, x: torch.Tensor, threads: int = 1, isa: str | None = None) -> torch.Tensor:
