@@ -8,7 +8,8 @@ own save_pretrained, so they carry the tensor names that real checkpoints have
 ``mlp.experts.gate_up_proj``). The store's expert units are compared with those tensors, and
 the engine's greedy tokens with transformers' own `generate` on the original checkpoint (fp32,
 raw values), a batch of prompts of different lengths at most two at a time, with the expert cache
-cold, warm, absent, and smaller than one layer's picks.
+cold, warm, absent, and smaller than one layer's picks, with the next-layer expert prefetch on
+(its default) and off; a prefetch whose guesses are made wrong on purpose gives the same tokens.
 """
 
 import json
@@ -138,11 +139,16 @@ def test_experts_are_compressed_like_any_linear(tmp_path):
     assert cut(expected, MAX_NEW_TOKENS) != cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
 
 
-def generate(store, expert_cache_memory: str | None, rounds: int = 1, reader=None):
+def moe_engine(store, expert_cache_memory: str | None, reader=None, expert_prefetch: bool = True) -> Engine:
+    return Engine(str(store), EngineConfig(device="cpu", gpu_memory=1, expert_cache_memory=expert_cache_memory,
+                                           expert_prefetch=expert_prefetch),
+                  progress=False, scheduler=SchedulerConfig(max_num_seqs=2), reader=reader)
+
+
+def generate(store, expert_cache_memory: str | None, rounds: int = 1, reader=None, expert_prefetch: bool = True):
     """Completions and stats of `rounds` generate calls on one engine (the cache stays warm between)."""
     params = [SamplingParams(max_new_tokens=count, logprobs=1) for count in MAX_NEW_TOKENS]
-    with Engine(str(store), EngineConfig(device="cpu", gpu_memory=1, expert_cache_memory=expert_cache_memory),
-                progress=False, scheduler=SchedulerConfig(max_num_seqs=2), reader=reader) as engine:
+    with moe_engine(store, expert_cache_memory, reader, expert_prefetch) as engine:
         return [engine.generate(PROMPTS, params) for _ in range(rounds)]
 
 
@@ -174,7 +180,10 @@ def test_greedy_tokens_equal_transformers(moe, capsys):
     cold_stats, warm_stats = cold.stats.to_dict()["experts"], warm.stats.to_dict()["experts"]
     assert 0 < cold_stats["misses"] <= 2 * NUM_EXPERTS  # each expert picked is read once
     assert warm_stats["misses"] == 0 and warm_stats["hit_rate"] == 1.0
-    assert cold_stats["bytes_per_token"] > 0 and warm_stats["bytes_per_token"] == 0
+    # warm, only the prefetch reads: guesses of experts no pass picked nor guessed before
+    file_nbytes = {e["nbytes"] for layer in Store(str(store)).manifest["layers"] for e in layer.get("experts", [])}
+    assert cold_stats["bytes_per_token"] > 0 and warm_stats["bytes"] == warm_stats["prefetched"] * file_nbytes.pop()
+    assert not file_nbytes  # (a raw store's experts all have one size)
 
     expert_nbytes = sum(math.prod(t["shape"]) * 4 for t in Store(str(store)).manifest["layers"][1]["experts"][0]["tensors"])
     # One expert at a time, fewer than a layer's picks: each is stacked as soon as it is had, then evicted
@@ -188,10 +197,12 @@ def test_greedy_tokens_equal_transformers(moe, capsys):
         [served] = generate(store, "0", reader=reader)
         assert [c.token_ids for c in served.completions] == expected
         server = reader.server
-        assert server.stats.expert_hits == served.stats.to_dict()["experts"]["misses"] > 0
+        served_stats = served.stats.to_dict()["experts"]  # the prefetch's reads go to the server too
+        assert server.stats.expert_hits == served_stats["misses"] + served_stats["prefetched"]
+        assert served_stats["misses"] > 0 and served_stats["prefetched"] > 0
         assert server.stats.hits["memory"] > 0 and server.stats.hits["disk"] > 0  # layer 0's experts held, 1's read
     if family == "mixtral":
-        [none] = generate(store, "0")
+        [none] = generate(store, "0", expert_prefetch=False)  # no cache, no prefetch: every pick is read
         assert [c.token_ids for c in none.completions] == expected
         assert none.stats.to_dict()["experts"]["hit_rate"] == 0.0
         from endor_ray.cli import main  # the command line reaches the same engine, the cache option included
@@ -199,7 +210,7 @@ def test_greedy_tokens_equal_transformers(moe, capsys):
         capsys.readouterr()
         prompts = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
         assert main(["generate", str(store), "--in-process", *prompts, "--max-new-tokens", "6", "--gpu-memory", "1",
-                     "--device", "cpu", "--expert-cache-memory", "0", "--json"]) == 0
+                     "--device", "cpu", "--expert-cache-memory", "0", "--no-expert-prefetch", "--json"]) == 0
         output = json.loads(capsys.readouterr().out)
         assert [c["token_ids"] for c in output["completions"]] == cut(rows, [6] * len(PROMPTS))
         assert output["stats"]["experts"]["hit_rate"] == 0.0
@@ -217,9 +228,45 @@ def test_expert_cache_gets_what_the_gpu_budget_leaves(moe):
     dense = sum(math.prod(t["shape"]) * 4 for entry in layers for t in entry["tensors"])  # every layer resident
     expert_nbytes = sum(math.prod(t["shape"]) * 4 for t in layers[0]["experts"][0]["tensors"])
     stack = NUM_EXPERTS * expert_nbytes  # one layer's picks, stacked for its pass: at most all its experts
-    with Engine(str(location), EngineConfig(device="cpu", gpu_memory=f"{dense + stack + 3 * expert_nbytes}B"),
+    with Engine(str(location), EngineConfig(device="cpu", gpu_memory=f"{dense + stack + 3 * expert_nbytes}B",
+                                            expert_prefetch=False), progress=False) as engine:
+        assert engine.model_runner.experts.cache.budget_bytes == 3 * expert_nbytes
+    # the prefetch holds up to one more layer's experts (the next layer's guesses) outside the cache
+    with Engine(str(location), EngineConfig(device="cpu", gpu_memory=f"{dense + 2 * stack + 3 * expert_nbytes}B"),
                 progress=False) as engine:
         assert engine.model_runner.experts.cache.budget_bytes == 3 * expert_nbytes
+
+
+def test_prefetch_reads_the_next_layers_guessed_experts(moe):
+    """The next layer's router on this layer's hidden state guesses its picks: most guesses are
+    picked, each one taken saves a read on demand, and wrong guesses never change a token."""
+    family, checkpoint, location = moe
+    if family not in ("mixtral", "deepseek_v3"):
+        pytest.skip("two families show the prefetch (every family's tokens are checked with it on above)")
+    expected = cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
+    params = [SamplingParams(max_new_tokens=count) for count in MAX_NEW_TOKENS]
+    [plain] = generate(location, "0", expert_prefetch=False)
+    plain_stats = plain.stats.to_dict()["experts"]
+    assert plain_stats["prefetched"] == 0 and plain_stats["hit_rate"] == 0.0
+    with moe_engine(location, "0") as engine:  # no cache: a pick is either a prefetch taken or a read
+        right = engine.generate(PROMPTS, params)
+        prefetcher = engine.model_runner.experts.prefetcher
+        assert sorted(prefetcher._routers) == MOE_LAYERS[family]  # each router copied once seen
+        guess = prefetcher.guess  # now the experts the next layer's router would *not* pick
+        prefetcher.guess = lambda *args: sorted(set(range(NUM_EXPERTS)) - set(guess(*args)))
+        wrong = engine.generate(PROMPTS, params)
+    right_stats, wrong_stats = right.stats.to_dict()["experts"], wrong.stats.to_dict()["experts"]
+    for result in (right, wrong):
+        assert [c.token_ids for c in result.completions] == expected
+    assert right_stats["prefetch_useful"] > 0 and right_stats["hits"] == right_stats["prefetch_useful"]
+    assert right_stats["hits"] + right_stats["misses"] == plain_stats["misses"]  # the same picks
+    assert right_stats["misses"] == plain_stats["misses"] - right_stats["prefetch_useful"]
+    assert right_stats["prefetch_hit_rate"] > 0.5  # the residual stream changes little from layer to layer
+    assert wrong_stats["prefetched"] > 0 and wrong_stats["prefetch_hit_rate"] < right_stats["prefetch_hit_rate"]
+    assert wrong_stats["misses"] > right_stats["misses"]
+    # expert bytes count every read: on demand and ahead
+    nbytes = Store(str(location)).manifest["layers"][MOE_LAYERS[family][1]]["experts"][0]["nbytes"]
+    assert right_stats["bytes"] == (right_stats["misses"] + right_stats["prefetched"]) * nbytes
 
 
 def test_metrics_show_the_expert_cache():
@@ -232,6 +279,8 @@ def test_metrics_show_the_expert_cache():
     assert 'endor_expert_cache_hit_rate{model="tiny"} 0.75' in text
     assert 'endor_expert_misses_per_token{model="tiny"} 0.5' in text
     assert 'endor_expert_bytes_per_token{model="tiny"} 1024.0' in text
+    metrics.generated({"new_tokens": 4, "experts": {"prefetch_hit_rate": 0.6}}, prompt_tokens=3)
+    assert 'endor_expert_prefetch_hit_rate{model="tiny"} 0.6' in metrics.render(None).decode()
 
 
 def test_expert_cache_evicts_the_least_recently_used():
@@ -246,3 +295,11 @@ def test_expert_cache_evicts_the_least_recently_used():
     none = ExpertCache(budget_bytes=0)
     none.put((0, 0), weights)
     assert len(none) == 0
+    # a wrong prefetch guess is kept only in free room, as the least recently used
+    assert not cache.put_if_room((2, 0), weights) and (2, 0) not in cache  # full: nothing evicted
+    roomy = ExpertCache(budget_bytes=48)
+    roomy.put((0, 1), weights)
+    assert roomy.put_if_room((2, 0), weights)
+    roomy.put((0, 3), weights)
+    roomy.put((0, 4), weights)  # evicts the guess first
+    assert (2, 0) not in roomy and (0, 1) in roomy

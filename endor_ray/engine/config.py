@@ -39,6 +39,9 @@ class EngineConfig:
     # MoE models: device memory for the expert cache (a size; "0": none). None: what --gpu-memory
     # leaves after the resident layers and the streaming slots (a layer count given: no limit).
     expert_cache_memory: str | None = None
+    # MoE models: while a layer computes, read the experts the next layer's router would pick from this
+    # layer's hidden state (a guess, verified when that layer runs: tokens never change)
+    expert_prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

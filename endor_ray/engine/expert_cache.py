@@ -47,6 +47,17 @@ class ExpertCache:
         self._entries[key] = (weights, nbytes)
         self.nbytes += nbytes
 
+    def put_if_room(self, key: ExpertKey, weights: dict[str, torch.Tensor]) -> bool:
+        """Keep the expert only where it fits without evicting anything, as the least recently used
+        (a wrong prefetch guess: the first to go)."""
+        nbytes = sum(tensor.numel() * tensor.element_size() for tensor in weights.values())
+        if key in self._entries or (self.budget_bytes is not None and self.nbytes + nbytes > self.budget_bytes):
+            return False
+        self._entries[key] = (weights, nbytes)
+        self._entries.move_to_end(key, last=False)
+        self.nbytes += nbytes
+        return True
+
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self._entries
 

@@ -12,6 +12,13 @@ picks renumbered to positions in that stack and the module's ``num_experts`` set
 picked. The module's own forward (eager or grouped_mm) then runs unchanged; a forward hook puts
 the parameters back to the meta device. Each expert is copied into the stack as soon as it is
 had, so a cache smaller than one layer's picks still works (it only misses more).
+
+With an `ExpertPrefetcher` (`engine.expert_prefetch`), once a layer's experts are stacked the next
+MoE layer's router is applied to this layer's hidden state and the experts it picks are read in the
+background; the next layer takes its picked experts from there first (waiting for a read in
+progress), then from the cache, then reads them. `whole_layers` makes every pass fetch all of a
+layer's experts (the naive offload, kept for the benchmark's comparison; the module still computes
+only the picked ones).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +37,9 @@ from endor_ray.engine.source_stats import SourceStats
 from endor_ray.format.cpu_decode import decode_into
 from endor_ray.models.moe import ExpertLayout
 from endor_ray.store.store import Store, tensors_from_buffer
+
+if TYPE_CHECKING:
+    from endor_ray.engine.expert_prefetch import ExpertPrefetcher
 
 
 class ExpertReader:
@@ -77,13 +88,19 @@ class ExpertStreamer:
     """Hooks that fill each MoE layer's experts module with the experts its pass picked."""
 
     def __init__(self, layout: ExpertLayout, reader: ExpertReader, cache: ExpertCache,
-                 stats: Callable[[], SourceStats]):
-        """`stats` returns the layer source's current stats (they are replaced when reset)."""
+                 stats: Callable[[], SourceStats], prefetcher: ExpertPrefetcher | None = None):
+        """`stats` returns the layer source's current stats (they are replaced when reset);
+        `prefetcher`: reads the next MoE layer's guessed experts ahead (None: no prefetch)."""
         self.layout, self.reader, self.cache, self._stats = layout, reader, cache, stats
+        self.prefetcher = prefetcher
+        self.whole_layers = False  # fetch every expert of a layer each pass (the naive offload, for comparison)
+        self._layers: nn.ModuleList | None = None
+        self._num_experts: dict[int, int] = {}
 
     def install(self, layers: nn.ModuleList, moe_layers: dict[int, int]) -> contextlib.ExitStack:
         """Hooks on the experts module of each layer in `moe_layers` (layer -> its expert count)."""
         hooks = contextlib.ExitStack()
+        self._layers, self._num_experts = layers, dict(moe_layers)
         for layer_idx, num_experts in moe_layers.items():
             module = operator.attrgetter(self.layout.experts_path)(layers[layer_idx])
 
@@ -101,27 +118,49 @@ class ExpertStreamer:
     def _fill(self, layer_idx: int, num_experts: int, module: nn.Module, args: tuple) -> tuple:
         hidden, top_k_index, top_k_weights = args  # [tokens, hidden], [tokens, top_k] int64, [tokens, top_k]
         picked = torch.unique(top_k_index).tolist()  # sorted: the order transformers' own loop runs them in
+        fetched = list(range(num_experts)) if self.whole_layers else picked
         stacks: dict[str, torch.Tensor] = {}
-        stats = self._stats()
-        for position, expert_idx in enumerate(picked):
-            weights = self.cache.get((layer_idx, expert_idx))
-            if weights is None:
+        stats, prefetcher = self._stats(), self.prefetcher
+        for position, expert_idx in enumerate(fetched):
+            key = (layer_idx, expert_idx)
+            weights = prefetcher.take(key) if prefetcher is not None else None
+            if weights is not None:  # guessed right: read while the layer before computed
+                self.cache.put(key, weights)
+                stats.expert_hits += 1
+                stats.expert_prefetch_useful += 1
+            elif (weights := self.cache.get(key)) is not None:
+                stats.expert_hits += 1
+            else:
                 weights, nbytes = self.reader.read(layer_idx, expert_idx)
-                self.cache.put((layer_idx, expert_idx), weights)
+                self.cache.put(key, weights)
                 stats.expert_misses += 1
                 stats.expert_bytes += nbytes
-            else:
-                stats.expert_hits += 1
             for name, tensor in weights.items():
                 if name not in stacks:
-                    stacks[name] = torch.empty((len(picked), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+                    stacks[name] = torch.empty((len(fetched), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
                 stacks[name][position].copy_(tensor)
+        if prefetcher is not None:
+            self._prefetch_next(layer_idx, hidden, stats)
         for name, stack in stacks.items():
             module._parameters[name] = nn.Parameter(stack, requires_grad=False)
-        module.num_experts = len(picked)
+        module.num_experts = len(fetched)
         positions = torch.full((num_experts,), -1, dtype=top_k_index.dtype, device=top_k_index.device)
-        positions[picked] = torch.arange(len(picked), dtype=top_k_index.dtype, device=top_k_index.device)
+        positions[fetched] = torch.arange(len(fetched), dtype=top_k_index.dtype, device=top_k_index.device)
         return hidden, positions[top_k_index], top_k_weights
+
+    def _prefetch_next(self, layer_idx: int, hidden: torch.Tensor, stats: SourceStats) -> None:
+        """This layer's wrong guesses settled, then the next MoE layer's guessed experts started."""
+        prefetcher = self.prefetcher
+        prefetcher.settle(self.cache)
+        prefetcher.remember_router(self._layers, layer_idx)
+        next_idx = prefetcher.next_layer.get(layer_idx)
+        if next_idx is None:
+            return
+        guessed = (list(range(self._num_experts[next_idx])) if self.whole_layers
+                   else prefetcher.guess(self._layers, layer_idx, hidden))
+        for expert_idx in prefetcher.start(next_idx, guessed, self.cache):
+            stats.expert_prefetched += 1
+            stats.expert_bytes += self.reader.store.expert_entry(next_idx, expert_idx)["nbytes"]
 
     def _empty(self, module: nn.Module, num_experts: int) -> None:
         """Back to meta (the stacks are freed); the module's expert count as transformers made it."""

@@ -121,9 +121,11 @@ class ModelRunner:
             used = sum(held[layer_idx] for layer_idx in plan.device)
             if plan.streamed:
                 used += (self.config.prefetch_depth + 1) * (max(compressed) + max(dense))
-            # and one layer's picked experts, stacked for its pass (at most all of them)
-            used += max((sum(torch.Size(t["shape"]).numel() for expert in entry.get("experts", [])
-                             for t in expert["tensors"]) for entry in entries), default=0) * self.dtype.itemsize
+            # and one layer's picked experts, stacked for its pass (at most all of them), and as much again
+            # for the next layer's guessed experts the prefetch holds before they enter the cache
+            layer_experts = max((sum(torch.Size(t["shape"]).numel() for expert in entry.get("experts", [])
+                                     for t in expert["tensors"]) for entry in entries), default=0) * self.dtype.itemsize
+            used += layer_experts * (2 if self.config.expert_prefetch else 1)
             self._expert_cache_bytes = max(budget_bytes - used, 0)
         return plan
 
@@ -162,8 +164,17 @@ class ModelRunner:
         reader = ExpertReader(self.store, self.device, ops, self.dtype if self.config.compute_dtype else None,
                               verify=self.config.verify_disk_reads, decode_threads=self.source.decode_threads,
                               remote=getattr(self.source.reader, "expert_bytes", None))  # shard servers
-        return ExpertStreamer(expert_layout(self.store.config), reader, ExpertCache(self._expert_cache_bytes),
-                              lambda: self.source.stats)
+        layout = expert_layout(self.store.config)
+        prefetcher = None
+        if self.config.expert_prefetch:  # its own reader: its buffers are used on the prefetch thread
+            from endor_ray.engine.expert_prefetch import ExpertPrefetcher
+
+            prefetch_reader = ExpertReader(self.store, self.device, ops, reader.compute_dtype, verify=reader.verify,
+                                           decode_threads=reader.decode_threads, remote=reader.remote)
+            prefetcher = ExpertPrefetcher(prefetch_reader, layout.router_path, list(self._moe_layers()), ops,
+                                          self.config.fetch_timeout_s)
+        return ExpertStreamer(layout, reader, ExpertCache(self._expert_cache_bytes), lambda: self.source.stats,
+                              prefetcher)
 
     def _expert_placeholders(self, layer_idx: int) -> dict:
         """Meta tensors standing for an MoE layer's experts while its own unit is loaded ({}: none)."""
@@ -234,6 +245,8 @@ class ModelRunner:
         if self._hooks is not None:
             self._hooks.close()
             self._hooks = None
+        if self.experts is not None and self.experts.prefetcher is not None:
+            self.experts.prefetcher.close()
         if self.source is not None:
             self.source.close()
 

@@ -22,7 +22,11 @@ class SourceStats:
     # read from the store (misses), and the compressed bytes those misses read
     expert_hits: int = 0
     expert_misses: int = 0
-    expert_bytes: int = 0
+    expert_bytes: int = 0  # misses' and prefetches' (everything read for experts)
+    # next-layer prefetch (`endor_ray.engine.expert_prefetch`): experts read on a guess, and those of
+    # them the layer's router then picked (counted among the hits)
+    expert_prefetched: int = 0
+    expert_prefetch_useful: int = 0
 
     def __sub__(self, earlier: SourceStats) -> SourceStats:
         """What happened between two snapshots."""
@@ -30,7 +34,8 @@ class SourceStats:
             hits={tier: count - earlier.hits.get(tier, 0) for tier, count in self.hits.items()},
             **{name: getattr(self, name) - getattr(earlier, name) for name in
                ("bytes_to_device", "read_s", "transfer_s", "decompress_s", "compute_s", "stall_s",
-                "expert_hits", "expert_misses", "expert_bytes")})
+                "expert_hits", "expert_misses", "expert_bytes", "expert_prefetched",
+                "expert_prefetch_useful")})
 
 
 class SlotTiming:

@@ -38,6 +38,7 @@ class ExpertLayout:
     num_experts_key: str = "num_experts"  # the config field giving the experts per MoE layer
     # parameters the checkpoint itself holds fused, [experts, ...] under the module's name (gpt-oss)
     fused_in_checkpoint: tuple[str, ...] = ()
+    router_path: str = "mlp.gate"  # the router inside a decoder layer (returns logits, scores, indices)
 
     def module_name(self, name: str) -> str:
         """A checkpoint name inside a layer -> the module's ('block_sparse_moe.gate.weight' -> 'mlp.gate.weight')."""
@@ -77,7 +78,8 @@ EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
     # fused in the checkpoint too: gate_up_proj [experts, hidden, 2 * inter] (gate and up interleaved,
     # as the module reads them), down_proj [experts, inter, hidden], and a bias for each
     "gpt_oss": ExpertLayout("mlp.experts", (), num_experts_key="num_local_experts",
-                            fused_in_checkpoint=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")),
+                            fused_in_checkpoint=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+                            router_path="mlp.router"),
 }
 
 
