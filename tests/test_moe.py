@@ -303,3 +303,30 @@ def test_expert_cache_evicts_the_least_recently_used():
     roomy.put((0, 3), weights)
     roomy.put((0, 4), weights)  # evicts the guess first
     assert (2, 0) not in roomy and (0, 1) in roomy
+
+
+def test_expert_reads_drop_their_pages_unless_cached(moe):
+    """Buffered expert reads (the default) leave the page cache as they found it, as layer reads do;
+    --disk-io cached keeps the pages."""
+    import os
+    import subprocess
+
+    family, _, location = moe
+    if family != "mixtral":
+        pytest.skip("one family shows the reads")
+    files = sorted(str(path) for path in (location / "layers").glob("*-expert-*.safetensors"))
+
+    def cached_after(disk_io: str) -> int:
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        with Engine(str(location), EngineConfig(device="cpu", gpu_memory=1, expert_cache_memory="0", disk_io=disk_io),
+                    progress=False) as engine:
+            engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3))
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
+                             capture_output=True, text=True, check=True).stdout
+        return sum(int(line) for line in out.split())
+
+    assert cached_after("buffered") == 0
+    assert cached_after("cached") > 0

@@ -36,6 +36,7 @@ from endor_ray.engine.expert_cache import ExpertCache
 from endor_ray.engine.source_stats import SourceStats
 from endor_ray.format.cpu_decode import decode_into
 from endor_ray.models.moe import ExpertLayout
+from endor_ray.store.files import direct_capacity
 from endor_ray.store.store import Store, tensors_from_buffer
 
 if TYPE_CHECKING:
@@ -47,15 +48,19 @@ class ExpertReader:
 
     def __init__(self, store: Store, device: torch.device, ops: CudaOps | None, compute_dtype: torch.dtype | None,
                  verify: bool = True, decode_threads: int = 1,
-                 remote: Callable[[int, int], torch.Tensor] | None = None):
+                 remote: Callable[[int, int], torch.Tensor] | None = None, direct_io: bool = False,
+                 keep_cache: bool = True):
         """`remote(layer, expert)`: the expert's verified bytes from elsewhere (a shard server);
-        None: read from the store here, checksummed if `verify`."""
+        None: read from the store here, checksummed if `verify`, with O_DIRECT if `direct_io`, else
+        buffered, its pages dropped from the page cache once read unless `keep_cache` (as the layer reads)."""
         self.store, self.device, self.ops, self.remote = store, device, ops, remote
         self.compute_dtype, self.verify, self.decode_threads = compute_dtype, verify, decode_threads
+        self.direct_io, self.keep_cache = direct_io, keep_cache
         max_nbytes = max((expert["nbytes"] for layer in store.manifest["layers"] for expert in layer.get("experts", [])),
                          default=0)
         # One host buffer (pinned on CUDA) and one device buffer, reused: misses are read one at a time
-        self._host = ops.pinned_empty(max_nbytes) if ops is not None else aligned_empty(max_nbytes)
+        capacity = direct_capacity(max_nbytes)  # a direct read rounds the size up
+        self._host = ops.pinned_empty(capacity) if ops is not None else aligned_empty(capacity)
         self._compressed = torch.empty(max_nbytes, dtype=torch.uint8, device=device) if ops is not None else None
 
     def read(self, layer_idx: int, expert_idx: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -65,7 +70,8 @@ class ExpertReader:
         if self.remote is not None:
             data = self.remote(layer_idx, expert_idx)  # [nbytes] uint8, verified by the shard server
         else:
-            self.store.read_into(entry["file"], self._host, nbytes)
+            self.store.read_into(entry["file"], self._host, nbytes, direct=self.direct_io,
+                                 drop_cache=not self.keep_cache)
             data = self._host[:nbytes]
             if self.verify:
                 tensors_from_buffer(data, entry, verify=True, version=self.store.version)

@@ -163,14 +163,16 @@ class ModelRunner:
 
         reader = ExpertReader(self.store, self.device, ops, self.dtype if self.config.compute_dtype else None,
                               verify=self.config.verify_disk_reads, decode_threads=self.source.decode_threads,
-                              remote=getattr(self.source.reader, "expert_bytes", None))  # shard servers
+                              remote=getattr(self.source.reader, "expert_bytes", None),  # shard servers
+                              direct_io=self.config.disk_io == "direct", keep_cache=self.config.disk_io == "cached")
         layout = expert_layout(self.store.config)
         prefetcher = None
         if self.config.expert_prefetch:  # its own reader: its buffers are used on the prefetch thread
             from endor_ray.engine.expert_prefetch import ExpertPrefetcher
 
             prefetch_reader = ExpertReader(self.store, self.device, ops, reader.compute_dtype, verify=reader.verify,
-                                           decode_threads=reader.decode_threads, remote=reader.remote)
+                                           decode_threads=reader.decode_threads, remote=reader.remote,
+                                           direct_io=reader.direct_io, keep_cache=reader.keep_cache)
             prefetcher = ExpertPrefetcher(prefetch_reader, layout.router_path, list(self._moe_layers()), ops,
                                           self.config.fetch_timeout_s)
         return ExpertStreamer(layout, reader, ExpertCache(self._expert_cache_bytes), lambda: self.source.stats,
