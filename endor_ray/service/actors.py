@@ -62,7 +62,7 @@ class ShardActor:
     def stats(self) -> dict[str, Any]:
         stats = self.server.stats
         return {"layers": self.server.layers, "memory_layers": sorted(self.server.memory),
-                "bytes_served": stats.bytes_served, "hits": dict(stats.hits),
+                "bytes_served": stats.bytes_served, "hits": dict(stats.hits), "expert_hits": stats.expert_hits,
                 "disk_read_s": stats.disk_read_s, "load_s": stats.load_s}
 
 
@@ -160,27 +160,34 @@ class WorkerActor:
         return {"device": str(self.engine.device), "resident_layers": list(plan.device),
                 "streamed_layers": list(plan.streamed), "node_id": ray.get_runtime_context().get_node_id()}
 
-    async def stream(self, prompts: list, params: list[SamplingParams]) -> AsyncIterator[dict[str, Any]]:
-        """The request's events (see `endor_ray.engine.loop`) as the passes produce them."""
+    async def stream(self, prompts: list, params: list[SamplingParams]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The request's events (see `endor_ray.engine.loop`) as the passes produce them, in lists:
+        each item is every event there is when it is sent (a pass's tokens of all the request's
+        sequences), so a request of 128 sequences costs Ray one object per pass, not per token."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = self.loop.submit(prompts, params, sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             while True:
-                event = await events.get()
-                yield self._with_retries(event) if "completions" in event else event
-                if "completions" in event or "error" in event:
+                batch = [await events.get()]
+                while not events.empty() and not _last(batch[-1]):
+                    batch.append(events.get_nowait())
+                if "completions" in batch[-1]:
+                    batch[-1] = self._with_retries(batch[-1])
+                yield batch
+                if _last(batch[-1]):
                     return
         finally:
             if not request.done:  # cancelled, or the caller stopped reading
                 self.loop.cancel(request)
 
     async def generate(self, prompts: list, params: list[SamplingParams]) -> dict[str, Any]:
-        async for event in self.stream(prompts, params):
-            if "error" in event:
-                raise EndorError(event["error"])
-            if "completions" in event:
-                return event
+        async for batch in self.stream(prompts, params):
+            for event in batch:
+                if "error" in event:
+                    raise EndorError(event["error"])
+                if "completions" in event:
+                    return event
         raise EndorError("the request ended without a result")
 
     def _with_retries(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -192,3 +199,8 @@ class WorkerActor:
 
     def tokenizer_info(self) -> dict[str, Any]:
         return {"max_context": self.engine.max_context}
+
+
+def _last(event: dict[str, Any]) -> bool:
+    """Whether a request's event is its last (its result, or its error)."""
+    return "completions" in event or "error" in event

@@ -133,12 +133,13 @@ class Service:
                 except asyncio.TimeoutError:
                     raise EndorError(f"no token from the GPU worker within {self.timeout_s:.0f} s; check its node") from None
                 try:
-                    event = await ref
+                    batch = await ref  # the events there were when the worker sent (WorkerActor.stream)
                 except Exception as exc:  # noqa: BLE001 - Ray's errors, made ours where they are
                     _raise_as_ours(exc, "generation")
-                if "error" in event:
-                    raise EndorError(event["error"])
-                yield event
+                for event in batch:
+                    if "error" in event:
+                        raise EndorError(event["error"])
+                    yield event
         finally:
             ray.cancel(events)
 
