@@ -1,17 +1,18 @@
 """Mixture-of-Experts stores through the Ray side, unchanged: Serve, the service's shard servers, the batch job.
 
-One local Ray on 127.0.0.1 for the module, shared by everything here. Tiny random Mixtral and
-Qwen2-MoE (a shared expert and its gate) checkpoints are built offline from their config classes
-(`test_moe`'s builders) and converted raw; every reference is transformers' own `generate` on the
-original checkpoint (fp32), never our engine. With `gpu_memory` 0 every layer streams from a shard
-server (the store's bytes over Ray), and each expert the router picks that the expert cache lacks
-(or the next-layer prefetch guesses) is one `expert_ref` call to the shard server owning its layer (a memory-tier layer's experts are held
-in the object store, a disk-tier layer's read from the store per call). Checked:
+One local Ray on 127.0.0.1 for the module, shared by everything here. Tiny random Mixtral, DeepSeek-V3
+(MLA, a dense first layer, a shared expert) and gpt-oss (experts fused in the checkpoint, with biases)
+checkpoints are built offline from their config classes (`test_moe`'s builders) and converted raw;
+every reference is transformers' own `generate` on the original checkpoint (fp32), never our engine.
+With `gpu_memory` 0 every layer streams from a shard server (the store's bytes over Ray), and each
+expert the router picks that the expert cache lacks (or the next-layer prefetch guesses) is one
+`expert_ref` call to the shard server owning its layer (a memory-tier layer's experts are held in the
+object store, a disk-tier layer's read from the store per call). Checked:
 
 - Serve: the OpenAI API (the real `openai` client) answers completions and chat with transformers'
   greedy text; requests of different lengths at once share passes (continuous batching); /metrics
   shows the expert cache's hit rate and misses and bytes per token, cold then warm.
-- The service (`connect`) on Qwen2-MoE: token-identical with no expert cache, every expert read (on
+- The service (`connect`) on the other two: token-identical with no expert cache, every expert read (on
   demand or ahead) served by the shard servers of both tiers (their count equals the engine's reads).
 - The batch job (Ray Data, `endor_ray.jobs.generate`) with an expert cache smaller than a layer's picks:
   every row's tokens equal transformers', each id exactly once, a rerun adding nothing.
@@ -35,6 +36,7 @@ PORT = 8135
 BASE = f"http://127.0.0.1:{PORT}"
 MAX_NEW_TOKENS = [6, 3, 8, 5]
 LONGEST = 24  # the long request the short ones join
+SERVICE_FAMILIES = ["deepseek_v3", "gpt_oss"]  # (Qwen-MoE differs from Mixtral only inside its layer unit)
 # A byte tokenizer has no chat template: a plain one, so that chat has a prompt to apply
 CHAT_TEMPLATE = ("{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -51,7 +53,7 @@ def moe_store(root, family: str):
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict:
-    return {family: moe_store(tmp_path_factory.mktemp(family), family) for family in ("mixtral", "qwen2_moe")}
+    return {"mixtral": moe_store(tmp_path_factory.mktemp("mixtral"), "mixtral")}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +67,14 @@ def local_ray():
         ray.shutdown()
 
 
-def half_of_the_layers(store) -> str:
-    """A shard budget that holds layer 0 (its experts included) in memory and leaves layer 1 to the disk tier."""
+def up_to_the_first_moe_layer(store) -> str:
+    """A shard budget that holds the layers up to the first MoE layer (its experts included) in memory and
+    leaves the rest to the disk tier."""
     layers = Store(str(store)).manifest["layers"]
-    return f"{layers[0]['nbytes'] + sum(e['nbytes'] for e in layers[0]['experts'])}B"
+    first = next(idx for idx, layer in enumerate(layers) if layer.get("experts"))
+    held = sum(layer["nbytes"] + sum(expert["nbytes"] for expert in layer.get("experts", []))
+               for layer in layers[:first + 1])
+    return f"{held}B"
 
 
 def expert_nbytes(store) -> int:
@@ -91,7 +97,7 @@ def server(local_ray, stores):
         # room for every expert: a repeated request finds its experts in the cache
         app = build_app({"store": str(store), "model_name": "moe", "engine.gpu_memory": 0, "engine.device": "cpu",
                          "engine.expert_cache_memory": f"{64 * expert_nbytes(store)}B",
-                         "cluster.shard_memory": half_of_the_layers(store)})
+                         "cluster.shard_memory": up_to_the_first_moe_layer(store)})
         serve.run(app, name="endor-moe", route_prefix="/")
         yield checkpoint
     finally:
@@ -193,17 +199,19 @@ def test_requests_of_different_lengths_share_passes(client, server):
 
 # --- the service: shard servers serving single experts --------------------------------------------------
 
-def test_shard_servers_serve_the_experts(local_ray, stores):
-    """Qwen2-MoE (Serve above runs Mixtral through the same service): its shared expert stays with the layer."""
+@pytest.mark.parametrize("family", SERVICE_FAMILIES)
+def test_shard_servers_serve_the_experts(local_ray, tmp_path, family):
+    """The other families (Serve above runs Mixtral through the same service): DeepSeek-V3's dense first
+    layer (no experts to serve), shared expert and MLA; gpt-oss's experts with biases (fused in its checkpoint)."""
     from endor_ray.service.driver import ClusterConfig, connect
 
-    checkpoint, store = stores["qwen2_moe"]
+    checkpoint, store = moe_store(tmp_path, family)
     expected = cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
     params = [SamplingParams(max_new_tokens=count) for count in MAX_NEW_TOKENS]
     # no expert cache: every picked expert of every pass is a shard server's
     with connect(str(store), EngineConfig(gpu_memory=0, device="cpu", expert_cache_memory="0"),
-                 ClusterConfig(shard_memory=half_of_the_layers(store))) as service:
-        assert service.placement.memory and service.placement.disk  # layer 0 held, layer 1 read per call
+                 ClusterConfig(shard_memory=up_to_the_first_moe_layer(store))) as service:
+        assert service.placement.memory and service.placement.disk  # the first MoE layer held, the last read per call
         result = service.generate(PROMPTS, params)
         assert [c["token_ids"] for c in result["completions"]] == expected
         experts = result["stats"]["experts"]
@@ -228,7 +236,8 @@ def test_batch_job_on_an_moe_store(local_ray, stores, tmp_path):
             "--gpu-memory", "0", "--device", "cpu", "--batch-size", "2",
             "--expert-cache-memory", f"{2 * expert_nbytes(store)}B"]  # smaller than a layer's picks
 
-    source.write_text("".join(json.dumps({"id": row_id, "prompt": prompt}) + "\n" for row_id, prompt in prompts.items()))
+    source.write_text("".join(json.dumps({"id": row_id, "prompt": prompt}) + "\n"
+                              for row_id, prompt in prompts.items()))
     assert main(argv) == 0
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["rows_generated"] == len(prompts) and summary["tokens"] == sum(map(len, expected.values()))
