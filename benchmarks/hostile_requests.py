@@ -2,9 +2,11 @@
 
 A Serve app on 127.0.0.1 (Serve's defaults: 32 rows per pass, 1,024 waiting) over a store with
 SmolLM2's 49k vocabulary (default: a random-weight GQA Llama made under --workdir, as the tests'
-tiny store). Idle: the median time of a 4-token greedy completion sent alone (--probes times).
-Then for each hostile request, sent again as soon as it finishes (one at a time, from its own
-thread), the same probes and their median. The hostile requests are the issue's (now refused
+tiny store). For each hostile request, in rounds (--rounds): idle, the median time of a 4-token
+greedy completion sent alone (--probes times); then the same probes while the hostile request is
+sent again as soon as it finishes (one at a time, from a client process of its own), and their
+median over that idle (on a shared 2-core machine the load drifts: each ratio has its own idle);
+each row's figure is the median over the rounds. The hostile requests are the issue's (now refused
 with a 400 at once: their answer time is reported) and the largest each cap lets through; two
 benign requests with as many rows show what sharing a pass with that many rows costs here (on
 CPU a pass's compute grows with its rows; offloaded on a GPU the weights' transfer dominates).
@@ -21,7 +23,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,10 +36,10 @@ BASE = f"http://127.0.0.1:{PORT}"
 PROBE = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
 
 
-def post(body: dict) -> tuple[int, float]:
-    """(HTTP status, seconds) of one completion request."""
-    request = urllib.request.Request(f"{BASE}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+def post(body: dict | bytes) -> tuple[int, float]:
+    """(HTTP status, seconds) of one completion request (`body`: JSON, or already encoded)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{BASE}/v1/completions", data=data, headers={"Content-Type": "application/json"})
     begin = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=600) as answer:
@@ -84,23 +85,35 @@ def probes(count: int) -> list[float]:
     return times
 
 
+def hammer(body: bytes, stop, answers) -> None:
+    """The hostile client, in a process of its own (its JSON and sockets do not share the probes' GIL):
+    `body` sent over and over until `stop` is set; each (status, seconds) put on `answers`."""
+    while not stop.is_set():
+        answers.put(post(body))
+
+
 def under(body: dict, count: int) -> dict:
     """The probes' times while `body` is sent over and over; the hostile answers' statuses and times."""
-    stop, answers = threading.Event(), []
+    import multiprocessing
 
-    def hammer() -> None:
-        while not stop.is_set():
-            answers.append(post(body))
-
-    thread = threading.Thread(target=hammer, daemon=True)
-    thread.start()
-    time.sleep(1.0)  # the hostile request is in the queue or running
+    context = multiprocessing.get_context("spawn")
+    stop, answers = context.Event(), context.Queue()
+    client = context.Process(target=hammer, args=(json.dumps(body).encode(), stop, answers), daemon=True)
+    client.start()
+    time.sleep(3.0)  # the client process is up and the hostile request is in the queue or running
     times = probes(count)
     stop.set()
-    thread.join(timeout=600)
+    received = []
+    while client.is_alive() or not answers.empty():
+        try:
+            received.append(answers.get(timeout=1.0))
+        except Exception:  # noqa: BLE001 - queue.Empty: the client may still be finishing its last request
+            if not client.is_alive():
+                break
+    client.join(timeout=600)
     return {"probe_median_s": statistics.median(times), "probe_max_s": max(times),
-            "hostile_statuses": sorted({status for status, _ in answers}),
-            "hostile_median_s": statistics.median(seconds for _, seconds in answers) if answers else None}
+            "hostile_statuses": sorted({status for status, _ in received}),
+            "hostile_median_s": statistics.median(seconds for _, seconds in received) if received else None}
 
 
 def tiny_store(workdir: Path) -> Path:
@@ -126,6 +139,7 @@ def main() -> None:
     parser.add_argument("--store", default=None)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "endor-hostile")
     parser.add_argument("--probes", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the rows, each row's ratio the median")
     parser.add_argument("--max-seqs-per-request", type=int, default=None,
                         help="scheduler.max_seqs_per_request (default: Serve's, an eighth of the rows while requests share)")
     parser.add_argument("--only", default="", help="run only the rows whose name holds this text")
@@ -148,19 +162,34 @@ def main() -> None:
             app_args["scheduler.max_seqs_per_request"] = args.max_seqs_per_request
         serve.run(build_app(app_args), name="endor", route_prefix="/")
         probes(3)  # warm-up
-        idle = statistics.median(probes(args.probes))
-        rows = {}
-        for name, body in hostile_requests().items():
-            if args.only not in name:
-                continue
-            rows[name] = row = under(body, args.probes)
-            row["ratio_to_idle"] = row["probe_median_s"] / idle
-            print(f"{name:55s} probe {row['probe_median_s']:.3f} s (x{row['ratio_to_idle']:.2f}, max "
-                  f"{row['probe_max_s']:.3f}); hostile {row['hostile_statuses']} in {row['hostile_median_s']:.3f} s",
-                  flush=True)
+        idles, runs = [], {}
+        for round_index in range(args.rounds):  # interleaved: each row beside an idle measurement of its own
+            for name, body in hostile_requests().items():
+                if args.only not in name:
+                    continue
+                idle = statistics.median(probes(args.probes))
+                run = under(body, args.probes)
+                run.update(idle_probe_median_s=idle, ratio_to_idle=run["probe_median_s"] / idle,
+                           load_average=os.getloadavg())
+                idles.append(idle)
+                runs.setdefault(name, []).append(run)
+                print(f"round {round_index} {name:55s} probe {run['probe_median_s']:.3f} s (x{run['ratio_to_idle']:.2f} of "
+                      f"{idle:.3f}, max {run['probe_max_s']:.3f}); hostile {run['hostile_statuses']} in "
+                      f"{run['hostile_median_s']:.3f} s; load {run['load_average'][0]:.1f}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
+    rows = {name: {"ratio_to_idle": statistics.median(run["ratio_to_idle"] for run in row),
+                   "probe_median_s": statistics.median(run["probe_median_s"] for run in row),
+                   "idle_probe_median_s": statistics.median(run["idle_probe_median_s"] for run in row),
+                   "hostile_statuses": sorted({status for run in row for status in run["hostile_statuses"]}),
+                   "hostile_median_s": statistics.median(run["hostile_median_s"] for run in row
+                                                         if run["hostile_median_s"] is not None),
+                   "rounds": row}
+            for name, row in runs.items()}
+    for name, row in rows.items():
+        print(f"{name:55s} x{row['ratio_to_idle']:.2f} (median of {args.rounds} rounds)")
+    idle = statistics.median(idles)
     result = {"idle_probe_median_s": idle, "probe": PROBE, "rows": rows,
               "max_seqs_per_request": args.max_seqs_per_request, "machine": machine_info(),
               "load_average": os.getloadavg()}
