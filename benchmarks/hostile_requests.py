@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
 import statistics
 import sys
@@ -107,7 +108,7 @@ def under(body: dict, count: int) -> dict:
     while client.is_alive() or not answers.empty():
         try:
             received.append(answers.get(timeout=1.0))
-        except Exception:  # noqa: BLE001 - queue.Empty: the client may still be finishing its last request
+        except queue.Empty:  # the client may still be finishing its last request
             if not client.is_alive():
                 break
     client.join(timeout=600)
