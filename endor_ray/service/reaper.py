@@ -6,9 +6,12 @@ GCS, raylet, and the raylet's workers, which keep Ray's environment), and starts
 watchdog holding the read end of a pipe whose write end only this process has. When this process
 ends, however it ends, the kernel closes the write end; the watchdog reads end-of-file and
 SIGKILLs every process whose environment carries the token (a worker orphaned by its raylet
-included: nothing is found through a parent that is gone) and every descendant of those: Ray's
-dashboard and runtime-env agents rewrite their environment's memory with their process titles, so
-only their parent (the raylet, still alive then: all are stopped before any is killed) finds them. After a clean `ray.shutdown()` there
+included: nothing is found through a parent that is gone), every descendant of those, and every
+process it saw as one of those while it waited. It looks once a second because Ray's dashboard and
+runtime-env agents rewrite their environment's memory with their process titles, so only their
+parent, the raylet, finds them, and the raylet dies with this process (Ray's own fate sharing) and
+may be gone before the watchdog looks: the agents, then children of init, would be found by nothing.
+All are stopped before any is killed. After a clean `ray.shutdown()` there
 is nothing left to kill and the watchdog just exits.
 """
 
@@ -23,41 +26,48 @@ TOKEN_VARIABLE = "ENDOR_RAY_REAP_TOKEN"
 _held: list[int] = []  # the pipe's write end, open for this process's life (never written)
 
 WATCHDOG = r"""
-import os, signal, sys
+import os, select, signal, sys
 token = ("%s=" + sys.argv[1]).encode()
-while os.read(0, 1 << 16):
-    pass
 
 def processes():
-    found = {}  # pid -> (parent pid, carries the token)
+    found = {}  # pid -> (parent pid, start time, carries the token)
     for name in os.listdir("/proc"):
         if name.isdigit() and int(name) != os.getpid():
             try:
                 with open(f"/proc/{name}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                    fields = f.read().rsplit(")", 1)[1].split()
                 with open(f"/proc/{name}/environ", "rb") as f:
-                    found[int(name)] = (parent, token in f.read().split(b"\0"))
+                    marked = token in f.read().split(b"\0")
+                found[int(name)] = (int(fields[1]), fields[19], marked)
             except (OSError, ValueError, IndexError):
                 pass
     return found
 
-def descendants(found, doomed):
+def doomed(found, known):
+    # The token carriers, every descendant of theirs, and every process seen as one before (same
+    # pid and start time: not a stranger that reused the pid) whose parent has since gone.
+    chosen = {pid for pid, (_, started, marked) in found.items() if marked or known.get(pid) == started}
     grew = True
     while grew:
-        children = {pid for pid, (parent, _) in found.items() if parent in doomed} - doomed
-        doomed |= children
+        children = {pid for pid, (parent, _, _) in found.items() if parent in chosen} - chosen
+        chosen |= children
         grew = bool(children)
-    return doomed
+    return {pid: found[pid][1] for pid in chosen}
 
-found = processes()
-doomed = descendants(found, {pid for pid, (_, marked) in found.items() if marked})
-for pid in doomed:  # stopped first, so none starts a child between the scan and the kill
+known = {}
+while True:
+    if select.select([0], [], [], 1.0)[0]:
+        if not os.read(0, 1 << 16):
+            break
+    else:
+        known = doomed(processes(), known)
+targets = doomed(processes(), known)
+for pid in targets:  # stopped first, so none starts a child between the scan and the kill
     try:
         os.kill(pid, signal.SIGSTOP)
     except OSError:
         pass
-doomed = descendants(processes(), doomed)
-for pid in doomed:
+for pid in doomed(processes(), {**known, **targets}):
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:
