@@ -140,7 +140,7 @@ GROUP_SECONDS = {
     "test_families.py": 120, "test_cluster_configs.py": 100, "test_quantized_stores.py": 90,
     "test_structured_output.py": 80, "test_tools.py": 80, "test_gpu_check.py": 60, "test_jobs_checks.py": 60,
     "test_cli.py": 50, "test_gguf_kernel_aot.py": 40, "test_kernel_aot.py": 40, "test_service.py": 40,
-    "test_moe_service.py": 70,
+    "test_moe_service.py": 130,
 }
 
 

@@ -15,7 +15,8 @@ object store, a disk-tier layer's read from the store per call). Checked:
 - The service (`connect`) on the other two: token-identical with no expert cache, every expert read (on
   demand or ahead) served by the shard servers of both tiers (their count equals the engine's reads).
 - The batch job (Ray Data, `endor_ray.jobs.generate`) with an expert cache smaller than a layer's picks:
-  every row's tokens equal transformers', each id exactly once, a rerun adding nothing.
+  every row's tokens equal transformers', each id exactly once, a rerun adding nothing; and the stores of
+  Qwen2-MoE, Gemma 3 and Phi-3, whose layer units differ most from Mixtral's, through the same job.
 """
 
 import json
@@ -24,6 +25,7 @@ import threading
 import urllib.request
 
 import pytest
+from test_families import FAMILIES as DENSE_FAMILIES
 from test_families import PROMPTS, cut, family_checkpoint, token_logprobs, transformers_greedy
 from test_moe import FAMILIES as MOE_FAMILIES
 
@@ -225,25 +227,55 @@ def test_shard_servers_serve_the_experts(local_ray, tmp_path, family):
 # --- the batch job --------------------------------------------------------------------------------------
 
 def test_batch_job_on_an_moe_store(local_ray, stores, tmp_path):
-    from endor_ray.jobs.generate import main
     from endor_ray.jobs.parts import PartFolder
 
     checkpoint, store = stores["mixtral"]
     prompts = {f"row-{idx}": prompt for idx, prompt in enumerate(PROMPTS)}
     expected = dict(zip(prompts, cut(transformers_greedy(checkpoint, 5), [5] * len(PROMPTS))))
     source = tmp_path / "prompts.jsonl"
-    argv = ["--store", str(store), "--input", str(source), "--output", str(tmp_path / "out"), "--max-new-tokens", "5",
-            "--gpu-memory", "0", "--device", "cpu", "--batch-size", "2",
-            "--expert-cache-memory", f"{2 * expert_nbytes(store)}B"]  # smaller than a layer's picks
+    cache = ["--expert-cache-memory", f"{2 * expert_nbytes(store)}B"]  # smaller than a layer's picks
 
     source.write_text("".join(json.dumps({"id": row_id, "prompt": prompt}) + "\n"
                               for row_id, prompt in prompts.items()))
-    assert main(argv) == 0
+    run_job(store, source, tmp_path / "out", *cache)
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["rows_generated"] == len(prompts) and summary["tokens"] == sum(map(len, expected.values()))
-    assert main(argv) == 0  # a rerun finds every id done (resuming a part-done job: tests/test_jobs.py)
+    run_job(store, source, tmp_path / "out", *cache)  # a rerun finds every id done (tests/test_jobs.py: resuming)
     table = PartFolder(str(tmp_path / "out")).read_all()
     assert sorted(table.column("id").to_pylist()) == sorted(prompts)  # each id exactly once
     assert {row["id"]: row["token_ids"] for row in table.to_pylist()} == expected
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["rows_generated"] == 0 and summary["rows_skipped"] == len(prompts)
+
+
+def run_job(store, source, out, *extra: str) -> None:
+    from endor_ray.jobs.generate import main
+
+    assert main(["--store", str(store), "--input", str(source), "--output", str(out), "--max-new-tokens", "5",
+                 "--gpu-memory", "0", "--device", "cpu", "--batch-size", "2", *extra]) == 0
+
+
+# The Ray side is the same for every family (the shard servers ship a layer unit's tensors, the worker runs
+# the engine tests/test_families.py and tests/test_moe.py check family by family), and each run of it costs
+# ~15 s of actor start-up here: beside Mixtral above, the families whose layer units differ most from it,
+# through the batch job (Ray Data, the service's shard servers streaming every layer, its worker): Qwen2-MoE
+# (a gated shared expert beside the routed ones), Gemma 3 (sliding and global layers, four norms, soft-capping)
+# and Phi-3 (fused qkv and gate_up), each row's tokens transformers' own.
+OTHER_FAMILIES = {"qwen2_moe": MOE_FAMILIES["qwen2_moe"], "gemma3_text": DENSE_FAMILIES["gemma3_text"][0],
+                  "phi3": DENSE_FAMILIES["phi3"][0]}
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_other_families_run_as_a_batch_job(local_ray, tmp_path, family):
+    from endor_ray.jobs.parts import PartFolder
+
+    checkpoint = family_checkpoint(tmp_path / "ckpt", OTHER_FAMILIES[family])
+    store = convert(str(checkpoint), tmp_path / "store", ConvertConfig(method="magnitude", sparsity=0.0),
+                    progress=False)
+    expected = dict(enumerate(cut(transformers_greedy(checkpoint, 5), [5] * len(PROMPTS))))
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"id": str(idx), "prompt": prompt}) + "\n"
+                              for idx, prompt in enumerate(PROMPTS)))
+    run_job(store, source, tmp_path / "out")
+    rows = PartFolder(str(tmp_path / "out")).read_all().to_pylist()
+    assert {int(row["id"]): row["token_ids"] for row in rows} == expected and len(rows) == len(PROMPTS)
