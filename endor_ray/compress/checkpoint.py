@@ -7,6 +7,8 @@ tensor at a time and the tokenizer files. `Checkpoint` is the Hugging Face folde
 Weights come from ``model.safetensors``, a sharded ``model.safetensors.index.json``, or (only
 through ``torch.load(weights_only=True, mmap=True)``) ``pytorch_model.bin`` and its shards. Nothing
 is read before it is asked for, so a checkpoint larger than RAM can be converted layer by layer.
+gpt-oss's release checkpoints hold their experts in MXFP4 (`endor_ray.compress.mxfp4`): they are
+read as the float tensors transformers' module holds.
 """
 
 from __future__ import annotations
@@ -125,6 +127,23 @@ class Checkpoint(TensorSource):
         self.architecture: Architecture = architecture_from_config(self.config)
         self._open_files: dict[Path, Any] = {}
         self._file_of: dict[str, Path] = self._index_tensors()
+        self._mxfp4: dict[str, tuple[str, str]] = {}  # tensor name -> (blocks, scales) of MXFP4 experts
+        if (self.config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+            self._read_mxfp4()
+
+    def _read_mxfp4(self) -> None:
+        """gpt-oss's release checkpoints: MXFP4 experts (`endor_ray.compress.mxfp4`), read as the
+        float tensors a bf16 checkpoint holds; the store's config then names no quantization."""
+        from endor_ray.compress.mxfp4 import mxfp4_pairs
+
+        if self.config.get("model_type") != "gpt_oss":
+            raise UnsupportedModelError(f"{self.directory}: MXFP4 weights are read for gpt-oss checkpoints only, "
+                                        f"not {self.config.get('model_type')!r}")
+        self._mxfp4 = mxfp4_pairs(list(self._file_of))
+        if not self._mxfp4:
+            raise StoreError(f"{self.directory}/config.json names MXFP4 quantization but no tensor has the "
+                             "_blocks and _scales pair it implies; is the checkpoint complete?")
+        self.config = {key: value for key, value in self.config.items() if key != "quantization_config"}
 
     def _index_tensors(self) -> dict[str, Path]:
         """tensor name -> file holding it, from the safetensors/bin files or their index."""
@@ -166,13 +185,32 @@ class Checkpoint(TensorSource):
 
     @property
     def tensor_names(self) -> list[str]:
-        return list(self._file_of)
+        packed = {part for pair in self._mxfp4.values() for part in pair}
+        return [name for name in self._file_of if name not in packed] + list(self._mxfp4)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now."""
+        if name in self._mxfp4:
+            from endor_ray.compress.mxfp4 import gpt_oss_expert_tensor
+
+            blocks, scales = (self._read(part) for part in self._mxfp4[name])
+            try:
+                return gpt_oss_expert_tensor(blocks, scales)
+            except ValueError as exc:
+                raise StoreError(f"{self.directory}: {name}: {exc}") from None
+        return self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         handle = self._open(self._file_of[name])
         return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._mxfp4:
+            from endor_ray.compress.mxfp4 import expert_shape
+
+            return expert_shape(self._shape(self._mxfp4[name][0]))
+        return self._shape(name)
+
+    def _shape(self, name: str) -> tuple[int, ...]:
         handle = self._open(self._file_of[name])
         return tuple(handle.get_slice(name).get_shape() if hasattr(handle, "get_slice") else handle[name].shape)
