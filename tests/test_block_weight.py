@@ -131,3 +131,26 @@ def test_release_never_decodes(monkeypatch, inference):
         materialize_layer(layer, {"0.weight": BlockWeight(enc)})
         release_layer(layer)
     assert layer[0].weight.is_meta
+
+
+@pytest.mark.parametrize("encoding", ["q8_0", "q4_0", "q4_k", "q6_k"])
+def test_an_embedding_gathers_its_rows_from_the_blocks(encoding, monkeypatch):
+    """A GGUF embedding table (a kept store's, on the CPU): each lookup decodes only the rows it names,
+    bit for bit the reference decode's, whether or not the encoding has a product (q4_k, q6_k do not)."""
+    enc = encode(torch.randn(40, 256, generator=torch.Generator().manual_seed(1)), layout="dense", encoding=encoding)
+    with torch.device("meta"):
+        embedding = nn.Embedding(40, 256).requires_grad_(False)
+    embedding.load_state_dict({"weight": BlockWeight(enc, torch.bfloat16)}, assign=True)
+    expected = decode(enc).to(torch.bfloat16)
+    monkeypatch.setattr(BlockWeight, "dense", lambda self: pytest.fail("the whole table was decoded"))
+    ids = torch.tensor([[3, 0, 39, 3], [7, 7, 1, 2]])
+    with torch.inference_mode():
+        assert torch.equal(embedding(ids), expected[ids])
+        with pytest.raises(IndexError, match="outside the 40 rows"):
+            embedding(torch.tensor([40]))
+
+
+def test_an_lm_head_without_a_product_decodes_for_its_product():
+    enc = encode(torch.randn(32, 256), layout="dense", encoding="q6_k")  # no CPU product from q6_k blocks
+    x = torch.randn(1, 256)
+    assert torch.equal(F.linear(x, BlockWeight(enc)), F.linear(x, decode(enc)))

@@ -225,6 +225,7 @@ def assert_engine_matches_transformers(store, tmp_path) -> None:
     from test_quantized_stores import exported_greedy
 
     from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine.block_weight import BlockWeight
     from endor_ray.engine.sampling import SamplingParams
 
     prompts = ["hello there", "a b c d e f"]
@@ -315,6 +316,9 @@ def test_embedded_blocks_are_the_files_own(kept_stores):
             assert torch.equal(enc.values, torch.from_numpy(expected.copy()).reshape(-1)), gguf_name
             linear_bytes, linear_weights = linear_bytes + enc.nbytes, linear_weights + enc.numel
     assert linear_bytes / linear_weights == 0.625  # Q4_1: 20 bytes per 32 weights
+    embedding = store.dense_tensors()["model.embed_tokens.weight"]  # tied: the LM head too
+    assert embedding.values_encoding == "q8_0" and embedding.nbytes == gguf_tensors["token_embd.weight"].n_bytes
+    assert torch.equal(embedding.values, torch.from_numpy(np.array(gguf_tensors["token_embd.weight"].data)).view(-1))
     summary = store.summary()
     assert summary["compression"]["values"] == "q4_1"
     assert all(tensor["bytes_per_weight"] == 0.625 for layer in summary["layers"] for tensor in layer["tensors"])
@@ -340,6 +344,7 @@ def test_engine_matches_transformers_on_the_kept_blocks(kept_stores, tmp_path):
     from test_quantized_stores import exported_greedy
 
     from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine.block_weight import BlockWeight
     from endor_ray.engine.sampling import SamplingParams
 
     store = kept_stores["float32"]
@@ -347,6 +352,8 @@ def test_engine_matches_transformers_on_the_kept_blocks(kept_stores, tmp_path):
     expected = exported_greedy(store, tmp_path, prompts, max_new_tokens=6)
     with Engine(str(store), EngineConfig(gpu_memory=0), progress=False) as engine:
         completions, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+        model = engine.model_runner.model  # the tied q8_0 table: looked up and multiplied from its blocks
+        assert isinstance(model.lm_head.weight, BlockWeight) and model.model.embed_tokens.weight is model.lm_head.weight
     assert [completion.token_ids for completion in completions] == expected
     assert any(expected)
 

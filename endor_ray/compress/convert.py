@@ -131,7 +131,7 @@ def convert(source: str, destination: str | Path, config: ConvertConfig, progres
             "compression": _compression(config, calibration, layers),
             "tokenizer_files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
                                 for path in sorted((staging / TOKENIZER_DIR).iterdir())},
-            "dense": write_tensor_file(staging / DENSE_FILE, _dense_tensors(checkpoint, dtype), DENSE_FILE),
+            "dense": write_tensor_file(staging / DENSE_FILE, _dense_tensors(checkpoint, dtype, config), DENSE_FILE),
             "layers": layers,
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(seal(manifest), indent=1))
@@ -155,8 +155,13 @@ def _compression(config: ConvertConfig, calibration: dict[str, Any], layers: lis
     return record
 
 
-def _dense_tensors(checkpoint: TensorSource, dtype: torch.dtype) -> dict[str, EncodedTensor]:
-    return {name: encode(checkpoint.get(name).to(dtype), layout="dense") for name in checkpoint.dense_names()}
+def _dense_tensors(checkpoint: TensorSource, dtype: torch.dtype, config: ConvertConfig) -> dict[str, EncodedTensor]:
+    """The tensors outside the layers; with a GGUF's own blocks kept, its embeddings and LM head
+    keep theirs too (the file's bytes: on the CPU they are multiplied and gathered from them)."""
+    names = checkpoint.dense_names()
+    kept = kept_tensors(checkpoint, names, dtype, config.block_size) if config.values == KEEP else {}
+    return {name: kept[name] if name in kept else encode(checkpoint.get(name).to(dtype), layout="dense")
+            for name in names}
 
 
 def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig, dtype: torch.dtype, progress: bool) -> dict[str, Any]:

@@ -14,6 +14,11 @@ that owns no dense storage, only the `EncodedTensor`. The model's own `nn.Linear
 - with more rows (a prefill) decodes into a dense weight and calls `F.linear` as before: the
   decode is paid once for many rows, and the result is the dense path's, bit for bit.
 
+The embedding table and LM head of a store that keeps a GGUF's blocks are BlockWeights too:
+`F.embedding` decodes only the rows its ids name (each row of a GGUF tensor is whole blocks), so
+the table is never held decoded; an LM head multiplies from its blocks as any Linear (one whose
+encoding has no CPU product, such as q6_k, is left decoded by the model runner).
+
 Any other operation on the weight (a model that reads it some other way, `torch.equal` in a test)
 sees the decoded dense tensor, so nothing breaks, only slower; `detach` (nn.Parameter) keeps the
 blocks and `.to("meta")` (releasing a layer) drops them. torchao's quantized weights are tensor
@@ -28,7 +33,8 @@ from torch.utils._pytree import tree_map
 
 from endor_ray.format.cpu_decode import decode_into
 from endor_ray.format.cpu_matvec import has_matvec, matvec
-from endor_ray.format.tensor import EncodedTensor
+from endor_ray.format.gguf_blocks import GGUF_ENCODINGS, block_type
+from endor_ray.format.tensor import EncodedTensor, gguf_tensor
 
 # `.to("meta")` reaches __torch_dispatch__ as _to_copy, or as to.dtype_layout under inference_mode
 _TO_OPS = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
@@ -62,6 +68,17 @@ class BlockWeight(torch.Tensor):
         out = decode_into(self.blocks, torch.empty(self.blocks.shape, dtype=self.blocks.dtype), threads=self.threads)
         return out.to(self.dtype)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """weight[ids] ([*ids.shape, cols] in this tensor's dtype), decoding only those rows."""
+        enc, flat = self.blocks, ids.reshape(-1).to(torch.long)
+        if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < enc.shape[0]:
+            raise IndexError(f"ids outside the {enc.shape[0]} rows of the embedding")
+        row_bytes = enc.values.numel() // enc.shape[0]
+        picked = gguf_tensor(enc.values.view(enc.shape[0], row_bytes)[flat], enc.values_encoding,
+                             (flat.numel(), enc.shape[1]), enc.dtype)
+        out = decode_into(picked, torch.empty(picked.shape, dtype=enc.dtype), threads=self.threads)
+        return out.to(self.dtype).view(*ids.shape, enc.shape[1])
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -70,6 +87,10 @@ class BlockWeight(torch.Tensor):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(weight, BlockWeight) and not isinstance(x, BlockWeight) and not isinstance(bias, BlockWeight):
                 return block_linear(x, weight, bias)
+        if func is F.embedding:
+            ids, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            if isinstance(weight, BlockWeight) and rows_of_whole_blocks(weight.blocks) and not isinstance(ids, BlockWeight):
+                return weight.rows(ids)  # padding_idx, max_norm: not used by a frozen decoder's lookup
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -91,12 +112,18 @@ class BlockWeight(torch.Tensor):
 def block_linear(x: torch.Tensor, weight: BlockWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., cols]: from the blocks for few rows, else dense."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows > MAX_MATVEC_ROWS or x.device.type != "cpu":
+    if rows > MAX_MATVEC_ROWS or x.device.type != "cpu" or not has_matvec(weight.blocks):
         return F.linear(x, weight.dense().to(x.device), bias)
     flat = matvec(weight.blocks, x.reshape(rows, x.shape[-1]).float(), threads=weight.threads)
     if bias is not None:
         flat += bias.float()
     return flat.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def rows_of_whole_blocks(enc: EncodedTensor) -> bool:
+    """Whether each row of `enc` is whole blocks of its bytes: a dense 2-D GGUF tensor whose rows are blocks."""
+    return (enc.layout == "dense" and enc.values_encoding in GGUF_ENCODINGS and len(enc.shape) == 2
+            and enc.shape[1] % block_type(enc.values_encoding).block_elems == 0)
 
 
 def block_weight_or_none(enc: EncodedTensor, dtype: torch.dtype | None, threads: int) -> BlockWeight | None:

@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import logging
 import operator
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from endor_ray.engine.block_weight import BlockWeight, rows_of_whole_blocks
 from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.device import CudaOps
 from endor_ray.engine.layer_source import LayerSource
@@ -31,7 +33,7 @@ from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.sequence import Sequence
 from endor_ray.engine.tiers import TierPlan, plan_tiers
 from endor_ray.errors import ConfigError, StoreError
-from endor_ray.format.cpu_matvec import stored_for_matvec
+from endor_ray.format.cpu_matvec import has_matvec, stored_for_matvec
 from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
 from endor_ray.utils.memory import memory_limit
@@ -53,7 +55,7 @@ class ModelRunner:
         from endor_ray.models.skeleton import build_skeleton, check_tensors_match, decoder_layers, materialize_layer
 
         self.dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else self.store.dtype
-        dense = {name: decode(enc) for name, enc in self.store.dense_tensors().items()}
+        dense = {name: self._dense_weight(enc) for name, enc in self.store.dense_tensors().items()}
         self.model = build_skeleton(self.store.config, dense, dtype=self.dtype, device=self.device)
         check_tensors_match(self.model, self.store.architecture,  # a store's layers must fit its model
                             self.store.layer_shapes(), self.store.location)
@@ -89,6 +91,13 @@ class ModelRunner:
             if self.source is None:
                 reader.close()
             raise
+
+    def _dense_weight(self, enc):
+        """A non-layer tensor: decoded, or on the CPU a GGUF embedding or LM head with a product from its
+        blocks kept as them (`BlockWeight`: multiplied and row-gathered from the blocks, never decoded whole)."""
+        if self.device.type == "cpu" and self.config.cpu_matvec and rows_of_whole_blocks(enc) and has_matvec(enc):
+            return BlockWeight(enc, self.dtype, self.config.decode_threads or os.cpu_count() or 1)
+        return decode(enc)
 
     def _plan(self) -> TierPlan:
         entries = self.store.manifest["layers"]
