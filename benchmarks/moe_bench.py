@@ -18,17 +18,25 @@ expert read from the disk (nothing resident, no host tier, buffered reads that d
   cached          picked experts, an LRU expert cache of --cache-experts experts, no prefetch
   cached+prefetch the same cache, and the next layer's router on this layer's hidden state guessing
                   its experts, read ahead (issue 23's arm (c))
+  accelerate      Hugging Face Accelerate's disk offload of the bf16 checkpoint (transformers'
+                  from_pretrained, every decoder layer on "disk"; the experts transformers fuses on
+                  loading go to an offload folder), each layer's pages evicted after it runs: every
+                  pass reads every layer's weights, at 2 bytes a weight. Its tokens are compared
+                  with the engine's (bf16 against the INT8 store's values: equality not required)
 
 Every run is a fresh engine with a cold expert cache, its files evicted from the page cache first
 (posix_fadvise DONTNEED, checked with fincore): a prefill of --prompt-len tokens, then --new-tokens
 greedy tokens; the figures are the decode passes' (prefill excluded). Rounds interleave the arms and
 batch sizes (A B C D, A B C D, ...); each figure is the median over rounds. Seconds per token is the
 seconds per pass over the batch size; bytes per token counts every byte read from the store (layer
-units and experts, misses and prefetches). The load average is recorded with every run. With random
+units and experts, misses and prefetches; for Accelerate every layer's weights, what it maps), and
+disk_read_bytes_per_pass what the process really read from the disk over the prefill and decode
+passes (/proc/self/io: Accelerate on the CPU computes from memory-mapped weights, so only the pages
+of the experts the router picks are read, not all it maps). The load average is recorded with every run. With random
 weights the router's picks are close to uniform and independent from token to token, so the cache
 hits about its share of the experts (a real model's routing repeats more: arXiv 2312.17238); the
 prefetch's guesses work because the residual stream changes little between layers, which holds for
-random weights too. All arms must produce the same tokens.
+random weights too. All engine arms must produce the same tokens.
 
     nice -n 5 .venv/bin/python benchmarks/moe_bench.py --layers 2 --rounds 3
 """
@@ -49,7 +57,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offload_cpu import cached_bytes, evict_all  # noqa: E402 - this folder
+from offload_cpu import accelerate_arm, cached_bytes, evict_all  # noqa: E402 - this folder
+from offload_models import model_decode  # noqa: E402
 
 from endor_ray.engine.engine import Engine, EngineConfig, GenerationStats  # noqa: E402
 from endor_ray.engine.sampling import SamplingParams  # noqa: E402
@@ -65,13 +74,8 @@ ARMS = {  # name -> (whole_layers, cache holds experts, prefetch)
 }
 RESULTS = Path(__file__).parent / "results"
 COMPUTE_DTYPE = "bfloat16"  # the store is float32 (scales; the checkpoint's config names no dtype): experts cast
-ACCELERATE_NOT_RUN = (
-    "not run. Accelerate's disk offload keeps the checkpoint's bf16 weights (2 bytes a weight, twice the INT8 "
-    "store's), so it would read every expert of every layer each token, the 'whole' arm's traffic doubled; and to "
-    "keep its reads cold every layer's pages must be evicted after it runs (offload_cpu.py's hook evicts the "
-    "checkpoint's byte ranges per layer), which does not carry over as is to transformers 5's Mixtral, whose "
-    "experts are fused into new tensors when loaded (the offloaded copies are not the checkpoint's ranges). "
-    "Not adapted in this session.")
+ACCELERATE = "accelerate"  # Accelerate's disk offload of the bf16 checkpoint (the baseline users have)
+ALL_ARMS = [*ARMS, ACCELERATE]
 
 
 def write_checkpoint(directory: Path, num_layers: int, shape: dict[str, int]) -> None:
@@ -122,27 +126,31 @@ def write_checkpoint(directory: Path, num_layers: int, shape: dict[str, int]) ->
                             eos_token="</s>").save_pretrained(directory)
 
 
-def prepare(workdir: Path, num_layers: int, values: str, shape: dict[str, int]) -> Path:
-    """The store (made once per layer count and values, then reused); the checkpoint is deleted after."""
+def prepare(workdir: Path, num_layers: int, values: str, shape: dict[str, int], keep_checkpoint: bool
+            ) -> tuple[Path, Path | None]:
+    """(store, checkpoint): the store is made once per layer count and values, then reused; the
+    checkpoint (the same weights again: a fixed seed) is kept only for the Accelerate arm."""
     import shutil
 
     from endor_ray.compress.convert import ConvertConfig, convert
 
     size = "" if shape == SHAPE else f"-h{shape['hidden_size']}-i{shape['intermediate_size']}"
     store = workdir / f"store-{num_layers}l-{values}{size}"
-    if (store / "manifest.json").is_file():
-        return store
     checkpoint = workdir / f"hf-{num_layers}l{size}"
-    if not (checkpoint / "model.safetensors.index.json").is_file():
+    if not (store / "manifest.json").is_file() or keep_checkpoint:
+        if not (checkpoint / "model.safetensors.index.json").is_file():
+            started = time.perf_counter()
+            write_checkpoint(checkpoint, num_layers, shape)
+            print(f"checkpoint written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if not (store / "manifest.json").is_file():
         started = time.perf_counter()
-        write_checkpoint(checkpoint, num_layers, shape)
-        print(f"checkpoint written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    started = time.perf_counter()
-    convert(str(checkpoint), store, ConvertConfig(method="magnitude", sparsity=0.0, values=values, force=True),
-            progress=False)
-    print(f"converted in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    shutil.rmtree(checkpoint)
-    return store
+        convert(str(checkpoint), store, ConvertConfig(method="magnitude", sparsity=0.0, values=values, force=True),
+                progress=False)
+        print(f"converted in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if not keep_checkpoint:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return store, None
+    return store, checkpoint
 
 
 def store_files(store: Path) -> list[str]:
@@ -168,11 +176,11 @@ def run(store: Path, arm: str, batch: int, args: argparse.Namespace) -> dict[str
     load_before = os.getloadavg()
     with Engine(str(store), config, progress=False) as engine:
         engine.model_runner.experts.whole_layers = whole_layers
-        generator = torch.Generator().manual_seed(SEED + batch)
-        ids = torch.randint(3, SHAPE["vocab_size"], (batch, args.prompt_len), generator=generator).tolist()
+        ids = prompt_ids(batch, args)
         prompts = [" ".join(f"t{token}" for token in row) for row in ids]
         sequences = engine.new_sequences(prompts, SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
         assert [seq.prompt_ids for seq in sequences] == ids, "the tokenizer must map t<id> to <id>"
+        read_before = disk_read_bytes()
         engine.add(sequences)
         engine.step()  # prefill
         engine.source.wait_idle()
@@ -182,6 +190,7 @@ def run(store: Path, arm: str, batch: int, args: argparse.Namespace) -> dict[str
             engine.step()
         engine.source.wait_idle()
         wall, passes = time.perf_counter() - started, args.new_tokens - 1
+        disk_bytes = disk_read_bytes() - read_before
         source = engine.source.reset_stats()
         stats = GenerationStats(batch, passes, batch * passes, wall, 0.0, source).to_dict()
         tokens = [seq.output_ids for seq in sequences]
@@ -194,22 +203,63 @@ def run(store: Path, arm: str, batch: int, args: argparse.Namespace) -> dict[str
             "hit_rate": experts.get("hit_rate"), "misses_per_token": experts.get("misses_per_token"),
             "prefetched": experts.get("prefetched"), "prefetch_useful": experts.get("prefetch_useful"),
             "prefetch_hit_rate": experts.get("prefetch_hit_rate"),
+            "disk_read_bytes_per_pass": disk_bytes / args.new_tokens,  # prefill included, as for Accelerate
             "prefill_expert_misses": prefill.expert_misses, "read_s": source.read_s, "stall_s": source.stall_s,
             "cached_bytes_at_start": cold_bytes, "load_before": load_before, "load_after": os.getloadavg(),
             "tokens": tokens}
 
 
+def disk_read_bytes() -> int:
+    """Bytes this process has caused to be read from the storage layer (/proc/self/io read_bytes):
+    page faults on mapped files included, page-cache hits not."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def prompt_ids(batch: int, args: argparse.Namespace) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(SEED + batch)
+    return torch.randint(3, SHAPE["vocab_size"], (batch, args.prompt_len), generator=generator).tolist()
+
+
+def run_accelerate(checkpoint: Path, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Accelerate's disk offload (offload_cpu.accelerate_arm: every decoder layer on "disk", its pages
+    evicted after it runs, so each pass reads every layer cold), the same prompts, bf16 throughout."""
+    import shutil
+
+    offload = args.workdir / "accelerate-offload"
+    shutil.rmtree(offload, ignore_errors=True)
+    model, _ = accelerate_arm(checkpoint, args.layers, torch.bfloat16, offload, threads=torch.get_num_threads())
+    files = [str(path) for path in (*checkpoint.glob("*.safetensors"), *offload.glob("*"))]
+    evict_all(files)
+    cold_bytes = cached_bytes(files)
+    layer_bytes = sum(parameter.numel() * 2 for parameter in model.model.layers.parameters())  # bf16
+    load_before = os.getloadavg()
+    read_before = disk_read_bytes()
+    s_per_pass, tokens, _ = model_decode(model, prompt_ids(batch, args), args.new_tokens, torch.device("cpu"))
+    disk_bytes = disk_read_bytes() - read_before
+    del model
+    gc.collect()
+    shutil.rmtree(offload, ignore_errors=True)
+    return {"arm": ACCELERATE, "batch": batch, "s_per_pass": s_per_pass, "s_per_token": s_per_pass / batch,
+            "bytes_per_token": layer_bytes / batch, "disk_read_bytes_per_pass": disk_bytes / args.new_tokens,
+            "expert_bytes_per_token": None, "layer_unit_bytes_per_pass": None,
+            "hit_rate": None, "misses_per_token": None, "prefetched": None, "prefetch_useful": None,
+            "prefetch_hit_rate": None, "cached_bytes_at_start": cold_bytes, "load_before": load_before,
+            "load_after": os.getloadavg(), "tokens": tokens}
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for arm in ARMS:
+    for arm in ALL_ARMS:
         for batch in sorted({run["batch"] for run in runs}):
             mine = [run for run in runs if run["arm"] == arm and run["batch"] == batch]
             if not mine:
                 continue
             row: dict[str, Any] = {"arm": arm, "batch": batch, "rounds": len(mine)}
-            for key in ("s_per_token", "s_per_pass", "bytes_per_token", "expert_bytes_per_token", "hit_rate",
+            for key in ("s_per_token", "s_per_pass", "bytes_per_token", "disk_read_bytes_per_pass",
+                        "expert_bytes_per_token", "hit_rate",
                         "misses_per_token", "prefetch_hit_rate"):
-                values = [run[key] for run in mine if run[key] is not None]
+                values = [run[key] for run in mine if run.get(key) is not None]
                 row[key] = statistics.median(values) if values else None
                 if key == "s_per_token" and values:
                     row["s_per_token_min_max"] = [min(values), max(values)]
@@ -218,6 +268,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         whole = next((r for r in rows if r["arm"] == "whole" and r["batch"] == row["batch"]), None)
         row["speedup_vs_whole"] = whole["s_per_token"] / row["s_per_token"] if whole else None
+        accelerate = next((r for r in rows if r["arm"] == ACCELERATE and r["batch"] == row["batch"]), None)
+        row["speedup_vs_accelerate"] = accelerate["s_per_token"] / row["s_per_token"] if accelerate else None
     return rows
 
 
@@ -235,14 +287,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["summary"]
     batches = sorted({row["batch"] for row in rows})
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(ARMS)
-    for offset, arm in enumerate(ARMS):
+    arms = [arm for arm in ALL_ARMS if any(row["arm"] == arm for row in rows)]
+    width = 0.8 / len(arms)
+    for offset, arm in enumerate(arms):
         mine = {row["batch"]: row for row in rows if row["arm"] == arm}
         xs = [position + offset * width for position in range(len(batches)) if batches[position] in mine]
         axes[0].bar(xs, [mine[b]["s_per_token"] for b in batches if b in mine], width, label=arm)
         axes[1].bar(xs, [mine[b]["bytes_per_token"] / 1e9 for b in batches if b in mine], width, label=arm)
     for axis, label in zip(axes, ("seconds per token (median)", "GB read per token")):
-        axis.set_xticks([position + width * (len(ARMS) - 1) / 2 for position in range(len(batches))])
+        axis.set_xticks([position + width * (len(arms) - 1) / 2 for position in range(len(batches))])
         axis.set_xticklabels([f"batch {b}" for b in batches])
         axis.set_ylabel(label)
     axes[0].legend()
@@ -257,10 +310,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def save(runs: list[dict[str, Any]], args: argparse.Namespace, manifest: dict[str, Any],
          shape: dict[str, int]) -> list[dict[str, Any]]:
     """The summary so far and every run, written to --output (after each round: a cut-short run keeps them)."""
-    for batch in args.batches:  # every arm generates the same tokens
-        mine = [run["tokens"] for run in runs if run["batch"] == batch]
+    accelerate_agrees = {}
+    for batch in args.batches:  # every engine arm generates the same tokens
+        mine = [run["tokens"] for run in runs if run["batch"] == batch and run["arm"] != ACCELERATE]
         if any(tokens != mine[0] for tokens in mine):
             raise RuntimeError(f"the arms disagree on the tokens at batch {batch}")
+        theirs = [run["tokens"] for run in runs if run["batch"] == batch and run["arm"] == ACCELERATE]
+        if mine and theirs:  # bf16 weights against the INT8 store's: not expected to be equal
+            accelerate_agrees[str(batch)] = theirs[0] == mine[0]
     summary = summarize(runs)
     expert_nbytes = manifest["layers"][0]["experts"][0]["nbytes"]
     result = {
@@ -275,7 +332,10 @@ def save(runs: list[dict[str, Any]], args: argparse.Namespace, manifest: dict[st
         "same_tokens": True,
         "summary": summary,
         "runs": [{key: value for key, value in run.items() if key != "tokens"} for run in runs],
-        "accelerate": ACCELERATE_NOT_RUN,
+        "accelerate": "Accelerate's disk offload (transformers from_pretrained with every decoder layer on 'disk', "
+                      "offload_folder for the experts transformers fuses on loading), bf16 checkpoint weights, each "
+                      "layer's checkpoint ranges and offloaded files evicted after it runs; its tokens equal the "
+                      f"engine's INT8 store's (by batch): {accelerate_agrees}",
         "notes": "random weights: router picks near uniform, so the cache's hit rate is about its share of the "
                  "experts; a real model's routing repeats more (arXiv 2312.17238). 'whole' = every expert of every "
                  "MoE layer fetched each pass with the next layer read ahead (ExpertStreamer.whole_layers), not a "
@@ -295,7 +355,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=SHAPE["hidden_size"], help="smaller for a smoke run")
     parser.add_argument("--intermediate-size", type=int, default=SHAPE["intermediate_size"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=ALL_ARMS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=6, help="tokens per run (the first is the prefill's)")
@@ -309,7 +369,7 @@ def main() -> None:
         return
     torch.manual_seed(SEED)
     shape = {**SHAPE, "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size}
-    store = prepare(args.workdir, args.layers, args.values, shape)
+    store, checkpoint = prepare(args.workdir, args.layers, args.values, shape, keep_checkpoint=ACCELERATE in args.arms)
     from endor_ray.store.store import Store
 
     manifest = Store(str(store)).manifest
@@ -322,17 +382,19 @@ def main() -> None:
     for round_idx in range(args.rounds):
         for batch in args.batches:
             for arm in args.arms:
-                result = run(store, arm, batch, args)
+                result = run_accelerate(checkpoint, batch, args) if arm == ACCELERATE else run(store, arm, batch, args)
                 runs.append({"round": round_idx, **result})
                 print(f"round {round_idx} batch {batch} {arm:16s} {result['s_per_token']:7.3f} s/token "
-                      f"{result['bytes_per_token'] / 1e6:8.1f} MB/token hit {result['hit_rate']} "
+                      f"{result['bytes_per_token'] / 1e6:8.1f} MB/token, disk {result['disk_read_bytes_per_pass'] / 1e6:.0f}"
+                      f" MB/pass hit {result['hit_rate']} "
                       f"prefetch {result['prefetch_useful']}/{result['prefetched']} load {result['load_before'][0]:.1f}",
                       file=sys.stderr, flush=True)
         save(runs, args, manifest, shape)
     summary = save(runs, args, manifest, shape)
     for row in summary:
         print(json.dumps({key: row[key] for key in ("arm", "batch", "s_per_token", "bytes_per_token", "hit_rate",
-                                                     "prefetch_hit_rate", "speedup_vs_whole")}))
+                                                     "prefetch_hit_rate", "speedup_vs_whole",
+                                                     "speedup_vs_accelerate")}))
 
 
 if __name__ == "__main__":

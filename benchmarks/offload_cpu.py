@@ -163,7 +163,9 @@ def engine_arm(store: Store, host: bool, threads: int) -> tuple[Engine, Callable
 
 
 def accelerate_arm(checkpoint: Path, num_layers: int, dtype: torch.dtype, offload_dir: Path, threads: int):
-    """Accelerate's disk offload; a hook after each decoder layer evicts that layer's byte range."""
+    """Accelerate's disk offload; a hook after each decoder layer evicts that layer's byte range, and
+    the layer's files in `offload_dir` (the tensors transformers converts on loading, such as
+    Mixtral's experts fused into one tensor, are offloaded there rather than read from the checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     device_map = {name: "cpu" for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
@@ -184,6 +186,9 @@ def accelerate_arm(checkpoint: Path, num_layers: int, dtype: torch.dtype, offloa
             if name.startswith("model.layers."):
                 begin, end = info["data_offsets"]
                 ranges[int(name.split(".")[2])].append((str(path), 8 + header_len + begin, end - begin))
+
+    for path in sorted(offload_dir.glob("model.layers.*")):
+        ranges[int(path.name.split(".")[2])].append((str(path), 0, 0))  # 0 length: the whole file
 
     def evict_layer(layer_idx: int) -> None:
         for path, offset, length in ranges[layer_idx]:
