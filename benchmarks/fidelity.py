@@ -8,6 +8,8 @@ store's decoded weights in transformers (the engine is token-identical to it, te
 - bytes per weight: the layer files' bytes over the layers' weights (what the link moves);
 - perplexity on `benchmarks/data/heldout.txt`, prose written for this project (not the
   calibration text, which the model writes itself), in windows of 128 tokens;
+  with each window's mean next-token loss kept (`sequence_nlls`) for a paired bootstrap over windows
+  (`paired_bootstrap`): whether two rows' perplexities differ by more than the text's noise;
 - accuracy on `benchmarks/data/questions.json`, 40 questions written for this project (20
   capitals, 20 one-digit sums), 3-shot, greedy, right when the continuation starts with the answer;
 - the README demo's answer to "What is the capital of France? Answer in one sentence." (chat).
@@ -22,7 +24,9 @@ settings already there unless --fresh) and fidelity.png. Run it alone: about 40 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -64,6 +68,69 @@ def heldout_ids(tokenizer, seq_len: int = 128) -> torch.Tensor:
     ids = tokenizer((HERE / "data" / "heldout.txt").read_text(), return_tensors="pt").input_ids[0]
     count = ids.numel() // seq_len
     return ids[: count * seq_len].view(count, seq_len)
+
+
+def sequence_nlls(model, input_ids: torch.Tensor, batch_size: int = 8) -> list[float]:
+    """Each sequence's mean next-token cross-entropy (nats) on [samples, seq_len] ids.
+
+    The same batches, logits and loss as `perplexity`; every sequence predicts seq_len - 1 tokens, so
+    exp(mean of these) is `perplexity(model, input_ids)` up to float rounding.
+    """
+    values = []
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start : start + batch_size]
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            ).view(batch.shape[0], -1)  # [batch, seq_len - 1]
+            values += (loss.double().sum(dim=1) / loss.shape[1]).tolist()
+    return values
+
+
+def paired_bootstrap(nll_a: list[float], nll_b: list[float], resamples: int = 10_000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Arm A against arm B on the same sequences (their `sequence_nlls`): the perplexity difference A - B,
+    the log-perplexity difference and the ratio, each with a percentile interval from resampling whole
+    sequences with replacement (both arms draw the same sequences), and an exact sign-flip p-value.
+
+    Significant when the interval of the difference excludes 0. With few sequences the percentile
+    interval is narrower than the truth (it cannot see variation the sample lacks), so read it beside p.
+    """
+    import numpy as np
+
+    a, b = np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(f"need two equal lists of at least 2 per-sequence values, got {a.shape} and {b.shape}")
+    picks = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))  # [resamples, n]
+    mean_a, mean_b = a[picks].mean(axis=1), b[picks].mean(axis=1)
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    log_diff = np.percentile(mean_a - mean_b, tails)
+    ppl_diff = np.percentile(np.exp(mean_a) - np.exp(mean_b), tails)
+    return {
+        "sequences": int(a.size), "resamples": resamples, "seed": seed, "level": level,
+        "perplexity_a": math.exp(a.mean()), "perplexity_b": math.exp(b.mean()),
+        "perplexity_diff": math.exp(a.mean()) - math.exp(b.mean()),
+        "perplexity_diff_interval": [float(ppl_diff[0]), float(ppl_diff[1])],
+        "log_perplexity_diff": float(a.mean() - b.mean()),
+        "log_perplexity_diff_interval": [float(log_diff[0]), float(log_diff[1])],
+        "perplexity_ratio_interval": [math.exp(log_diff[0]), math.exp(log_diff[1])],
+        "sign_flip_p": sign_flip_p(a - b),
+        "significant": bool(ppl_diff[0] > 0 or ppl_diff[1] < 0),
+    }
+
+
+def sign_flip_p(differences) -> float:
+    """Two-sided p of the paired differences' mean under "A and B are exchangeable": the share of the
+    2^n sign patterns whose |mean| reaches the observed one (exact; n <= 20)."""
+    import numpy as np
+
+    d = np.asarray(differences, dtype=np.float64)
+    if d.size > 20:
+        raise ValueError(f"{d.size} differences: 2^n sign patterns is too many to enumerate")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))  # [2^n, n]
+    observed = abs(d.mean())
+    return float(np.mean(np.abs(signs @ d) / d.size >= observed * (1 - 1e-12)))
 
 
 def question_accuracy(model, tokenizer) -> dict[str, float]:
@@ -109,6 +176,7 @@ def evaluate(name: str, fields: dict, work: Path) -> dict:
         "budget_bytes_per_weight": fields.get("bytes_per_weight"),  # the mixed budget, if any
         "bytes_per_weight": summary["layers_nbytes"] / (summary["layers_dense_nbytes"] / 2),
         "perplexity": perplexity(model, heldout_ids(tokenizer)),
+        "sequence_nll": [round(value, 8) for value in sequence_nlls(model, heldout_ids(tokenizer))],
         "accuracy": question_accuracy(model, tokenizer),
         "demo_answer": demo_answer(model, tokenizer),
         "convert_seconds": round(convert_s, 1),

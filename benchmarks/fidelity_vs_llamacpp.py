@@ -23,6 +23,11 @@ there unless --fresh) and .png.
 
     .venv/bin/python benchmarks/fidelity_vs_llamacpp.py [--only NAME ...] [--skip-ours] [--fresh]
         [--redo] [--llamacpp-dir DIR] [--threads N] [--questions] [--out FILE] [--merge FILE ...]
+        [--take FILE ...]
+
+Rows scored since the per-window losses were kept (``sequence_nll``) get paired bootstrap intervals
+against llama.cpp's in the table (see `NOISE`); `--only` with `--redo` rescores rows, `--take` brings in
+rows rescored by another process.
 """
 
 from __future__ import annotations
@@ -93,6 +98,13 @@ BYTES_COUNTED = {
             "headers) over the layers' weights (Store.summary layers_nbytes / (layers_dense_nbytes / 2)); "
             "the norms add under 0.001 bytes per weight; token embedding not counted",
 }
+NOISE = ("each row's sequence_nll: the mean next-token loss (nats) of each of the held-out text's 128-token windows "
+         "(fidelity.sequence_nlls; exp of their mean is the row's perplexity); table entries *_minus_theirs: "
+         "fidelity.paired_bootstrap, A - B in perplexity with a 95% percentile interval from 10,000 resamples of "
+         "whole windows (seed 0, the same windows for both arms) and the exact sign-flip p over the 2^n sign "
+         "patterns; significant: the interval excludes 0. The text has only 8 windows: the percentile interval "
+         "is then somewhat too narrow and p cannot go below 2/256. Rows without sequence_nll were scored before "
+         "it was kept: they have no intervals")
 
 
 def run(command: list, cwd: Path | None = None, env: dict | None = None) -> None:
@@ -221,6 +233,7 @@ def evaluate_gguf(name: str, path: Path, model, tokenizer, questions: bool) -> d
         "name": name, "side": "llama.cpp", "type": kind, "imatrix": bool(imatrix), "gguf_nbytes": path.stat().st_size,
         **counted,
         "perplexity": perplexity(model, fidelity.heldout_ids(tokenizer)),
+        "sequence_nll": [round(value, 8) for value in fidelity.sequence_nlls(model, fidelity.heldout_ids(tokenizer))],
     }
     if questions:
         row["accuracy"] = fidelity.question_accuracy(model, tokenizer)
@@ -245,8 +258,23 @@ def evaluate_ours(name: str, fields: dict, work: Path) -> dict | None:
         return None
 
 
+def compare(a: dict | None, b: dict | None) -> dict | None:
+    """Row `a` against row `b` on the held-out windows: fidelity.paired_bootstrap of their per-window losses,
+    rounded; None when either row lacks them (scored before they were kept)."""
+    if not (a and b and a.get("sequence_nll") and b.get("sequence_nll")):
+        return None
+    test = fidelity.paired_bootstrap(a["sequence_nll"], b["sequence_nll"])
+    return {"a": a["name"], "b": b["name"], "perplexity_diff": round(test["perplexity_diff"], 4),
+            "perplexity_diff_interval": [round(value, 4) for value in test["perplexity_diff_interval"]],
+            "perplexity_ratio_interval": [round(value, 5) for value in test["perplexity_ratio_interval"]],
+            "sign_flip_p": round(test["sign_flip_p"], 4), "significant": test["significant"]}
+
+
 def summary_table(rows: list[dict]) -> list[dict]:
-    """Per llama.cpp type: its bytes and perplexities, and our best row at no more bytes (the issue's test)."""
+    """Per llama.cpp type: its bytes and perplexities, our best row at no more bytes (the issue's test), our
+    --bytes-per-weight row at no more bytes (the largest; picked by bytes alone, no perplexity), and the
+    paired bootstrap of each of those and of dense (BF16) against the type (with its importance matrix
+    where llama.cpp has one)."""
     by_name = {row["name"]: row for row in rows}
     ours = [row for row in rows if row["side"] == "ours"]
     table = []
@@ -256,15 +284,45 @@ def summary_table(rows: list[dict]) -> list[dict]:
         plain, weighted = by_name[kind], by_name.get(kind + "+imatrix")
         fitting = [row for row in ours if row["bytes_per_weight"] <= plain["bytes_per_weight"] + 1e-9]
         best = min(fitting, key=lambda row: row["perplexity"], default=None)
+        budgeted = max((row for row in fitting if row["name"].startswith("ours-budget-")),
+                       key=lambda row: row["bytes_per_weight"], default=None)
+        theirs = weighted or plain
         table.append({
             "type": kind, "bytes_per_weight": round(plain["bytes_per_weight"], 4),
-            "perplexity": round(plain["perplexity"], 2),
-            "perplexity_imatrix": round(weighted["perplexity"], 2) if weighted else None,
+            "perplexity": round(plain["perplexity"], 3),
+            "perplexity_imatrix": round(weighted["perplexity"], 3) if weighted else None,
             "bytes_per_weight_imatrix": round(weighted["bytes_per_weight"], 4) if weighted else None,
             "ours_best_within": best and {"name": best["name"], "bytes_per_weight": round(best["bytes_per_weight"], 4),
-                                          "perplexity": round(best["perplexity"], 2)},
+                                          "perplexity": round(best["perplexity"], 3)},
+            "ours_budget_within": budgeted and {"name": budgeted["name"],
+                                                "bytes_per_weight": round(budgeted["bytes_per_weight"], 4),
+                                                "perplexity": round(budgeted["perplexity"], 3)},
+            "ours_best_minus_theirs": compare(best, theirs),
+            "ours_budget_minus_theirs": compare(budgeted, theirs),
+            "dense_minus_theirs": compare(by_name.get("BF16"), theirs),
+            "dense_minus_plain": compare(by_name.get("BF16"), plain) if weighted else None,
         })
     return table
+
+
+def print_table(table: list[dict]) -> None:
+    """The summary as text: per type, theirs (with importance matrix where it has one), ours, dense, and
+    the paired 95% intervals of the perplexity differences (* where they exclude 0)."""
+    def cell(test: dict | None) -> str:
+        if test is None:
+            return f"{'(no per-window losses)':>34}"
+        low, high = test["perplexity_diff_interval"]
+        mark = "*" if test["significant"] else " "
+        return f"{test['perplexity_diff']:+8.3f} [{low:+7.3f}, {high:+7.3f}] p={test['sign_flip_p']:.3f}{mark}"
+
+    print(f"{'type':8} {'B/w':>6} {'theirs':>7} | {'ours (best within)':24} {'ppl':>7} {'ours - theirs, 95%':>34} | "
+          f"{'dense - theirs, 95%':>34}")
+    for entry in table:
+        theirs = entry["perplexity_imatrix"] if entry["perplexity_imatrix"] is not None else entry["perplexity"]
+        best = entry["ours_best_within"] or {"name": "-", "perplexity": float("nan")}
+        print(f"{entry['type']:8} {entry['bytes_per_weight']:6.4f} {theirs:7.3f} | {best['name']:24} "
+              f"{best['perplexity']:7.3f} {cell(entry['ours_best_minus_theirs'])} | "
+              f"{cell(entry['dense_minus_theirs'])}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -314,6 +372,8 @@ def main() -> None:
                         help="llama.cpp rows also get fidelity.py's question accuracy and demo answer (ours always do)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="add the rows of these result files")
+    parser.add_argument("--take", type=Path, nargs="*", default=[],
+                        help="replace rows by these files' rows of the same name (rows redone in another process)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gguf_names = ["BF16"] + [kind + suffix for kind in LLAMACPP_TYPES for suffix in ("", "+imatrix")
@@ -331,6 +391,11 @@ def main() -> None:
         present = {row["name"] for row in document["rows"]}
         document["rows"] += [row for row in merged["rows"] if row["name"] not in present]
         document.update({key: value for key, value in merged.items() if key not in document})
+    for other in args.take:  # its calibration and llama.cpp notes too: they describe its rows
+        redone = json.loads(other.read_text())
+        taken = {row["name"]: row for row in redone["rows"]}
+        document["rows"] = [row for row in document["rows"] if row["name"] not in taken] + list(taken.values())
+        document.update({key: value for key, value in redone.items() if key not in ("rows", "table")})
     done = {row["name"] for row in document["rows"]}
     todo = [name for name in wanted if name not in done or (args.redo and args.only)]
 
@@ -382,7 +447,9 @@ def main() -> None:
                   f"acc {row['accuracy']['all']:.2f}  ({row['convert_seconds']} s)", flush=True)
     save()
     document["table"] = summary_table(document["rows"])
+    document["noise"] = NOISE
     args.out.write_text(json.dumps(document, indent=1))
+    print_table(document["table"])
     plot(document["rows"], args.out.with_suffix(".png"))
 
 
