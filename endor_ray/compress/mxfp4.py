@@ -1,4 +1,4 @@
-"""MXFP4 weights as gpt-oss's release checkpoints hold them, decoded to floats for conversion.
+"""MXFP4 weights as gpt-oss's release checkpoints hold them, decoded exactly for conversion.
 
 OCP Microscaling FP4 (MXFP4): a block of 32 consecutive weights along a row shares one scale.
 
@@ -42,8 +42,16 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def gpt_oss_expert_tensor(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """gpt-oss's [experts, out, in / 32, 16] blocks -> float32 [experts, in, out], the module's layout."""
-    return dequantize(blocks, scales).transpose(-1, -2).contiguous()
+    """gpt-oss's [experts, out, in / 32, 16] blocks -> bfloat16 [experts, in, out], the module's layout
+    (exact: every MXFP4 value is a bfloat16). One expert at a time, so the decode's temporaries stay
+    one expert's (gpt-oss-120b: a layer's gate_up_proj is 2.1 G weights)."""
+    if blocks.dim() != 4 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(f"gpt-oss MXFP4 experts are [experts, out, in / 32, 16] blocks and [experts, out, in / 32] "
+                         f"scales, got {tuple(blocks.shape)} and {tuple(scales.shape)}")
+    out = torch.empty(expert_shape(tuple(blocks.shape)), dtype=torch.bfloat16)
+    for expert in range(blocks.shape[0]):
+        out[expert] = dequantize(blocks[expert], scales[expert]).T
+    return out
 
 
 def mxfp4_pairs(names: list[str]) -> dict[str, tuple[str, str]]:

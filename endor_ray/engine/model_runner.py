@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from endor_ray.engine.block_weight import BlockWeight, rows_of_whole_blocks
+from endor_ray.engine.block_weight import block_weight_or_none, rows_of_whole_blocks
 from endor_ray.engine.config import EngineConfig
 from endor_ray.engine.device import CudaOps
 from endor_ray.engine.layer_source import LayerSource
@@ -33,7 +33,7 @@ from endor_ray.engine.readers import StoreReader
 from endor_ray.engine.sequence import Sequence
 from endor_ray.engine.tiers import TierPlan, plan_tiers
 from endor_ray.errors import ConfigError, StoreError
-from endor_ray.format.cpu_matvec import has_matvec, stored_for_matvec
+from endor_ray.format.cpu_matvec import stored_for_matvec
 from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
 from endor_ray.utils.memory import memory_limit
@@ -95,8 +95,11 @@ class ModelRunner:
     def _dense_weight(self, enc):
         """A non-layer tensor: decoded, or on the CPU a GGUF embedding or LM head with a product from its
         blocks kept as them (`BlockWeight`: multiplied and row-gathered from the blocks, never decoded whole)."""
-        if self.device.type == "cpu" and self.config.cpu_matvec and rows_of_whole_blocks(enc) and has_matvec(enc):
-            return BlockWeight(enc, self.dtype, self.config.decode_threads or os.cpu_count() or 1)
+        if self.device.type == "cpu" and self.config.cpu_matvec and rows_of_whole_blocks(enc):
+            threads = self.config.decode_threads or os.cpu_count() or 1
+            kept = block_weight_or_none(enc, self.dtype, threads)
+            if kept is not None:
+                return kept
         return decode(enc)
 
     def _plan(self) -> TierPlan:

@@ -44,8 +44,8 @@ def processes():
     return found
 
 def doomed(found, known):
-    # The token carriers, every descendant of theirs, and every process seen as one before (same
-    # pid and start time: not a stranger that reused the pid) whose parent has since gone.
+    # The token carriers, every process seen as one of these before (same pid and start time: not a
+    # stranger that reused the pid), and every descendant of either.
     chosen = {pid for pid, (_, started, marked) in found.items() if marked or known.get(pid) == started}
     grew = True
     while grew:
