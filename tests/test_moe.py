@@ -68,7 +68,6 @@ def test_each_expert_is_its_own_unit(moe, capsys):
     from safetensors.torch import load_file
 
     from endor_ray.cli import main
-    from endor_ray.store.export import export_checkpoint
 
     family, checkpoint, location = moe
     store = Store(str(location))
@@ -100,8 +99,30 @@ def test_each_expert_is_its_own_unit(moe, capsys):
     assert main(["inspect", str(location)]) == 0
     assert f"{NUM_EXPERTS} experts" in capsys.readouterr().out
     assert main(["inspect", str(location), "--verify", "--json"]) == 0
-    with pytest.raises(ConfigError, match="Mixture-of-Experts store"):
-        export_checkpoint(store, location.parent / "exported")
+
+
+def test_export_writes_the_checkpoint_names(moe):
+    """`endor export` of an MoE store: the original checkpoint's tensor names and values (a raw store holds
+    them exactly), experts cut back into their Linears or stacked as the family's checkpoints hold them,
+    and transformers loads the folder to the same model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from endor_ray.store.export import export_checkpoint
+
+    family, checkpoint, location = moe
+    exported = export_checkpoint(Store(str(location)), location.parent / "exported", progress=False)
+    original = load_file(checkpoint / "model.safetensors")
+    written = {}
+    for shard in sorted(exported.glob("*.safetensors")):
+        written.update(load_file(shard))
+    written.setdefault("lm_head.weight", written["model.embed_tokens.weight"])  # a tied head is stored once
+    original.setdefault("lm_head.weight", original["model.embed_tokens.weight"])
+    assert sorted(written) == sorted(original)
+    assert all(torch.equal(written[name], original[name]) for name in original)
+    mine = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[name], theirs[name]) for name in theirs)
 
 
 def test_experts_are_compressed_like_any_linear(tmp_path):

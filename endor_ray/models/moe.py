@@ -47,6 +47,13 @@ class ExpertLayout:
                 return new + name[len(old):]
         return name
 
+    def checkpoint_name(self, name: str) -> str:
+        """Inverse of `module_name` ('mlp.gate.weight' -> 'block_sparse_moe.gate.weight' for Mixtral)."""
+        for old, new in self.renames:
+            if name.startswith(new):
+                return old + name[len(new):]
+        return name
+
     def split_expert(self, name: str) -> tuple[int, str] | None:
         """('mlp.experts.3.gate_proj.weight') -> (3, 'gate_proj'); None for a tensor outside the experts."""
         match = re.fullmatch(re.escape(self.experts_path) + r"\.(\d+)\.(\w+)\.weight", self.module_name(name))
@@ -65,6 +72,20 @@ class ExpertLayout:
             raise UnsupportedModelError(f"{where} has the expert tensors {sorted(linears)}; this family's experts "
                                         f"have {expected}: is the checkpoint complete?")
         return {param: torch.cat([linears[part] for part in parts], dim=0) for param, parts in self.fused}
+
+
+    def unfuse(self, unit: dict[str, torch.Tensor], expert_idx: int, where: str) -> dict[str, torch.Tensor]:
+        """Inverse of `fuse`: one expert's unit -> its checkpoint Linears by name inside the layer
+        ('block_sparse_moe.experts.3.w1.weight' [inter, hidden], ...), each part an equal slice of dim 0."""
+        linears = {}
+        for param, parts in self.fused:
+            tensor = unit[param]
+            if tensor.shape[0] % len(parts):
+                raise UnsupportedModelError(f"{where}: {param} {list(tensor.shape)} does not split into {len(parts)} "
+                                            f"equal parts {parts}: the store is damaged; re-run endor convert")
+            for part, piece in zip(parts, tensor.chunk(len(parts), dim=0)):
+                linears[self.checkpoint_name(f"{self.experts_path}.{expert_idx}.{part}.weight")] = piece.contiguous()
+        return linears
 
 
 _QWEN = ExpertLayout("mlp.experts", (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))))

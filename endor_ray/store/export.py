@@ -4,6 +4,12 @@ The output loads with plain ``transformers.AutoModelForCausalLM.from_pretrained(
 independent reference every correctness check compares against. One safetensors shard per
 decoder layer (plus one for the non-layer weights) and an index, written layer by layer under a
 temporary name and renamed at the end.
+
+An MoE store's layers are written under the family's checkpoint names, as transformers' own
+``save_pretrained`` writes them: each expert's unit cut back into its Linears
+(``block_sparse_moe.experts.3.w1.weight``...; `ExpertLayout.unfuse`), or, for a family whose
+checkpoints hold the experts fused (gpt-oss), the experts stacked into ``[experts, ...]`` tensors;
+the layer's own tensors renamed back where the family's modules rename them (Mixtral's router).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from tqdm import tqdm
 
 from endor_ray.utils.atomic import staged_directory
 from endor_ray.format.tensor import decode
-from endor_ray.errors import ConfigError, StoreError
+from endor_ray.errors import StoreError
 from endor_ray.store.store import Store
 
 
@@ -31,9 +37,6 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
     from endor_ray.store.audit import check_against_model
 
     architecture = store.architecture
-    if any(store.num_experts(layer_idx) for layer_idx in range(store.num_layers)):
-        raise ConfigError(f"{store.location} is a Mixture-of-Experts store (experts stored apart); endor export does "
-                          "not write MoE checkpoints yet: run it with endor generate or serve")
     check_against_model(store)  # names, shapes (non-layer too) and context: a config that lies is not written
     num_shards = store.num_layers + 1
     weight_map: dict[str, str] = {}
@@ -51,8 +54,8 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
 
         for layer_idx in tqdm(range(store.num_layers), desc="export", unit="layer", disable=not progress):
             shard = f"model-{layer_idx + 2:05d}-of-{num_shards:05d}.safetensors"
-            layer = _finite({architecture.full_name(layer_idx, name): decode(enc)
-                             for name, enc in store.layer_tensors(layer_idx).items()}, f"layer {layer_idx}")
+            layer = _finite({architecture.full_name(layer_idx, name): tensor
+                             for name, tensor in _layer_checkpoint(store, layer_idx).items()}, f"layer {layer_idx}")
             save_file(layer, str(staging / shard), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(layer, shard))
             total_nbytes += sum(t.numel() * t.element_size() for t in layer.values())
@@ -61,6 +64,26 @@ def export_checkpoint(store: Store, out: str | Path, force: bool = False, progre
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         _check_loadable(staging, has_tokenizer=any(name.startswith("tokenizer") for name in store.tokenizer_files()))
     return Path(out)
+
+
+def _layer_checkpoint(store: Store, layer_idx: int) -> dict[str, torch.Tensor]:
+    """One layer's decoded tensors under the checkpoint's names inside the layer (MoE: see the module doc)."""
+    from endor_ray.models.moe import expert_layout
+
+    tensors = {name: decode(enc) for name, enc in store.layer_tensors(layer_idx).items()}
+    layout = expert_layout(store.config)
+    if layout is None or not store.num_experts(layer_idx):
+        return tensors
+    tensors = {layout.checkpoint_name(name): tensor for name, tensor in tensors.items()}
+    experts = [{name: decode(enc) for name, enc in store.expert_tensors(layer_idx, expert_idx).items()}
+               for expert_idx in range(store.num_experts(layer_idx))]
+    if layout.fused_in_checkpoint:
+        tensors.update({f"{layout.experts_path}.{param}": torch.stack([expert[param] for expert in experts])
+                        for param in experts[0]})
+    else:
+        for expert_idx, unit in enumerate(experts):
+            tensors.update(layout.unfuse(unit, expert_idx, f"layer {layer_idx} expert {expert_idx}"))
+    return tensors
 
 
 def _finite(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
