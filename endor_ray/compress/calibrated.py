@@ -1,9 +1,16 @@
 """Calibrated conversion: calibration tokens run through the model once, layer by layer, and each
 layer is measured (one budget), pruned and written as it finishes; the next layer calibrates on
-what the pruned layer outputs (as in Wanda)."""
+what the pruned layer outputs (as in Wanda).
+
+An MoE layer arrives with its experts fused in its experts module (`load_layer` stacks them),
+which runs transformers' eager loop; each expert's Linears are calibrated on the tokens routed
+to it (`InputNormCollector.watch_experts`) and written as its own unit. An expert that no
+calibration token reached is pruned by magnitude: Wanda with unit input norms, SparseGPT with an
+identity Hessian (no compensation); the record counts them."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +21,7 @@ from endor_ray.compress.checkpoint import TensorSource
 from endor_ray.compress.layer_writer import LayerWriter
 from endor_ray.compress.prune import InputNormCollector
 from endor_ray.compress.setting import CalibrationStats
+from endor_ray.models.moe import expert_layout
 from endor_ray.utils.system import available_memory_bytes
 
 if TYPE_CHECKING:
@@ -65,12 +73,35 @@ def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: L
     record.update(num_samples=ids.shape[0], seq_len=ids.shape[1])
 
     collector = InputNormCollector(hessians=config.method == "sparsegpt" or config.bytes_per_weight is not None)
+    layout = expert_layout(checkpoint.config)
+    if layout is not None:
+        model.set_experts_implementation("eager")  # the loop whose F.linear calls watch_experts sees
+        record["experts_without_tokens"] = 0
+
+    def stats_of(key: str) -> CalibrationStats:
+        return CalibrationStats(collector.input_sq_sum(key), collector.hessian(key))
+
+    def expert_stats(layer_idx: int, units: dict[int, dict[str, torch.Tensor]]
+                     ) -> dict[int, dict[str, CalibrationStats]]:
+        stats = {}
+        for expert, unit in units.items():
+            prefix = f"{layer_idx}.{layout.experts_path}.{expert}"
+            stats[expert] = {param: stats_of(f"{prefix}.{param}") for param in unit}
+            if any(stat.input_sq_sum is None for param, stat in stats[expert].items() if unit[param].dim() == 2):
+                record["experts_without_tokens"] += 1  # magnitude: unit norms, an identity Hessian
+                stats[expert] = {param: CalibrationStats(
+                    torch.ones(weight.shape[-1]), torch.eye(weight.shape[-1]) if collector.full else None)
+                    for param, weight in unit.items()}
+        return stats
 
     def prune_and_rerun(layer_idx: int, layer, args: tuple, kwargs: dict, output):
-        weights = dict(layer.state_dict())
-        stats = {name: CalibrationStats(collector.input_sq_sum(f"{layer_idx}.{name}"),
-                                        collector.hessian(f"{layer_idx}.{name}")) for name in weights}
+        weights, units = dict(layer.state_dict()), {}
+        if layout is not None:
+            weights, units = layout.split_units(weights)
+        stats = {name: stats_of(f"{layer_idx}.{name}") for name in weights}
         pruned = writer.write(layer_idx, weights, stats)
+        if units:
+            pruned.update(layout.stack_units(writer.write_experts(layer_idx, units, expert_stats(layer_idx, units))))
         collector.clear()
         # The next layer calibrates on what the *pruned* layer outputs (as in Wanda).
         materialize_layer(layer, pruned)
@@ -104,6 +135,7 @@ def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: L
             model(input_ids=ids, use_cache=False)
         writer.plan()
     with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
+          collector.watch_experts(layers, layout.experts_path) if layout is not None else contextlib.nullcontext(),
           stream_layers(model, architecture, load_next, after_layer=prune_and_rerun)):
         model(input_ids=ids, use_cache=False)
     return record

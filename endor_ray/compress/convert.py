@@ -99,6 +99,21 @@ class ConvertConfig:
             raise ConfigError(f"calibration text file {self.calib_text} does not exist")
 
 
+def _check_moe(checkpoint: TensorSource, config: ConvertConfig) -> None:
+    """What an MoE model does not convert with yet, refused before any work."""
+    layout = expert_layout(checkpoint.config)
+    if layout is None:
+        return
+    model_type = checkpoint.architecture.model_type
+    if config.values == KEEP or config.bytes_per_weight is not None:
+        raise ConfigError(f"{model_type} is a Mixture-of-Experts model: --bytes-per-weight and a GGUF's own blocks "
+                          "do not cover experts yet; pass --method wanda, sparsegpt or magnitude with --sparsity "
+                          "and --values raw, int8 or int4")
+    if needs_calibration(config) and layout.fused_in_checkpoint:
+        raise ConfigError(f"{model_type}'s experts multiply as x @ W (W [in, out]), which the calibrated methods do "
+                          "not prune yet; pass --method magnitude (any --sparsity and --values), or --sparsity 0")
+
+
 def source_dtype(config: dict[str, Any]) -> str:
     named = config.get("dtype") or config.get("torch_dtype") or "float32"
     return named if named in DTYPES else "float32"
@@ -112,10 +127,7 @@ def convert(source: str, destination: str | Path, config: ConvertConfig, progres
     if destination.exists() and not config.force:  # fail before the (slow) model preparation
         raise StoreError(f"{destination} already exists; pass --force to replace it")
     checkpoint = open_source(source, keep_blocks=config.values == KEEP)
-    if expert_layout(checkpoint.config) is not None and (needs_calibration(config) or config.values == KEEP):
-        raise ConfigError(f"{checkpoint.architecture.model_type} is a Mixture-of-Experts model: its experts convert "
-                          "without calibration for now; pass --method magnitude (any --sparsity, --values raw, int8 "
-                          "or int4), or --sparsity 0")
+    _check_moe(checkpoint, config)
     dtype_str = config.dtype or source_dtype(checkpoint.config)
     dtype = DTYPES[dtype_str]
     with staged_directory(destination, config.force) as staging:
@@ -171,8 +183,9 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
         shutil.copy2(path, staging / TOKENIZER_DIR / path.name)
     architecture = checkpoint.architecture
     layer_names = checkpoint.layer_names()
-    writer = LayerWriter(staging, config, dtype, architecture.num_layers, progress)
     moe = expert_layout(checkpoint.config)  # None: a dense family
+    writer = LayerWriter(staging, config, dtype, architecture.num_layers, progress,
+                         unpruned=frozenset() if moe is None else frozenset({moe.router_path + ".weight"}))
     experts_of = {layer_idx: moe_experts(moe, checkpoint, names) for layer_idx, names in layer_names.items()}
 
     def load_layer(layer_idx: int, compute_dtype: torch.dtype = dtype, skip: dict | None = None) -> dict[str, torch.Tensor]:
@@ -186,22 +199,28 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
         return {name: checkpoint.get(full).to(dtype).to(compute_dtype)
                 for full, name in short_names.items() if name not in (skip or {})}
 
-    def write_experts(layer_idx: int) -> None:
+    def expert_units(layer_idx: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Each expert's unit ({param: its slice}, in the stored dtype); {} for a dense layer."""
         apart, fused = experts_of[layer_idx]
         where = f"layer {layer_idx} of {checkpoint.directory}"
         if apart:
-            writer.write_experts(layer_idx, {
-                expert_idx: moe.fuse({part: checkpoint.get(full).to(dtype) for part, full in names.items()}, where)
-                for expert_idx, names in apart.items()})
-        elif fused:  # [experts, ...] each: cut into the experts' slices
-            stacked = {param: checkpoint.get(full).to(dtype) for param, full in fused.items()}
-            count = {tensor.shape[0] for tensor in stacked.values()}
-            if len(count) != 1 or set(stacked) != set(moe.fused_in_checkpoint):
-                raise UnsupportedModelError(f"{where}: fused expert tensors {sorted(stacked)} with expert counts "
-                                            f"{sorted(count)}; expected {sorted(moe.fused_in_checkpoint)}, one count")
-            writer.write_experts(layer_idx, {expert_idx: {param: tensor[expert_idx].contiguous()
-                                                          for param, tensor in stacked.items()}
-                                             for expert_idx in range(count.pop())})
+            return {expert_idx: moe.fuse({part: checkpoint.get(full).to(dtype) for part, full in names.items()}, where)
+                    for expert_idx, names in apart.items()}
+        if not fused:
+            return {}
+        stacked = {param: checkpoint.get(full).to(dtype) for param, full in fused.items()}  # [experts, ...] each
+        count = {tensor.shape[0] for tensor in stacked.values()}
+        if len(count) != 1 or set(stacked) != set(moe.fused_in_checkpoint):
+            raise UnsupportedModelError(f"{where}: fused expert tensors {sorted(stacked)} with expert counts "
+                                        f"{sorted(count)}; expected {sorted(moe.fused_in_checkpoint)}, one count")
+        return {expert_idx: {param: tensor[expert_idx].contiguous() for param, tensor in stacked.items()}
+                for expert_idx in range(count.pop())}
+
+    def load_with_experts(layer_idx: int, compute_dtype: torch.dtype = dtype) -> dict[str, torch.Tensor]:
+        """The layer as its modules hold it: the experts fused as the experts module's parameters."""
+        units = {expert: {param: tensor.to(compute_dtype) for param, tensor in unit.items()}
+                 for expert, unit in expert_units(layer_idx).items()}
+        return {**load_layer(layer_idx, compute_dtype), **(moe.stack_units(units) if units else {})}
 
     calibration: dict[str, Any] = {"source": "none"}
     if config.values == KEEP:
@@ -211,9 +230,10 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
     elif not needs_calibration(config):
         for layer_idx in range(architecture.num_layers):
             writer.write(layer_idx, load_layer(layer_idx))
-            write_experts(layer_idx)
+            if units := expert_units(layer_idx):
+                writer.write_experts(layer_idx, units)
     else:
-        calibration = calibrated_layers(checkpoint, config, writer, load_layer)
+        calibration = calibrated_layers(checkpoint, config, writer, load_layer if moe is None else load_with_experts)
     writer.bar.close()
     calibration["_layers"] = writer.entries
     return calibration

@@ -26,8 +26,11 @@ KEEP = "keep"  # values: a GGUF's own blocks, stored as they are
 class LayerWriter:
     """Prunes, encodes and writes layers into the staging directory, collecting manifest entries."""
 
-    def __init__(self, staging: Path, config: ConvertConfig, dtype: torch.dtype, num_layers: int, progress: bool):
-        self.staging, self.config, self.dtype = staging, config, dtype
+    def __init__(self, staging: Path, config: ConvertConfig, dtype: torch.dtype, num_layers: int, progress: bool,
+                 unpruned: frozenset[str] = frozenset()):
+        """`unpruned`: names inside a layer stored as they are whatever the settings (an MoE router:
+        a few thousand weights that choose which experts run)."""
+        self.staging, self.config, self.dtype, self.unpruned = staging, config, dtype, unpruned
         self.entries: list[dict[str, Any] | None] = [None] * num_layers
         self.measured: dict[int, tuple[int, int, dict[str, list]]] = {}  # whole-model budget: options per layer
         self.planned: dict[int, dict[str, Setting]] = {}  # ... and the settings chosen from them
@@ -60,7 +63,7 @@ class LayerWriter:
                 kept: dict[str, EncodedTensor] | None) -> tuple[dict[str, torch.Tensor], dict[str, EncodedTensor]]:
         """(weights as stored, their encodings) of one unit: a layer, or one expert of it."""
         config = self.config
-        prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
+        prunable = self._prunable(weights)
         stats = stats or {}
         for name in prunable if stats else []:
             if stats[name].input_sq_sum is None:
@@ -84,16 +87,23 @@ class LayerWriter:
                 stored[name] = held.to(weight.dtype)
         return stored, encoded
 
-    def write_experts(self, layer_idx: int, experts: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Compress and store each expert of an MoE layer (written after the layer) as its own file."""
-        entries = []
+    def write_experts(self, layer_idx: int, experts: dict[int, dict[str, torch.Tensor]],
+                      stats: dict[int, dict[str, CalibrationStats]] | None = None
+                      ) -> dict[int, dict[str, torch.Tensor]]:
+        """Compress and store each expert of an MoE layer (written after the layer) as its own file;
+        return each expert's weights as stored. `stats`: per expert, what calibration gathered."""
+        entries, stored = [], {}
         for expert_idx, weights in sorted(experts.items()):
-            _, encoded = self._encode(layer_idx, weights, None, None)
+            stored[expert_idx], encoded = self._encode(layer_idx, weights, (stats or {}).get(expert_idx), None)
             file_name = expert_file_name(layer_idx, expert_idx)
             entry = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
             entries.append({"expert": expert_idx, "file": entry["file"], "nbytes": entry["nbytes"],
                             "tensors": entry["tensors"]})
         self.entries[layer_idx]["experts"] = entries
+        return stored
+
+    def _prunable(self, weights: dict[str, torch.Tensor]) -> list[str]:
+        return [name for name, weight in weights.items() if is_prunable(name, weight) and name not in self.unpruned]
 
     def _choose(self, layer_idx: int, weights: dict[str, torch.Tensor], prunable: list[str],
                 stats: dict[str, CalibrationStats]) -> dict[str, Setting]:
@@ -107,7 +117,7 @@ class LayerWriter:
         """Record one layer's options for the whole model's plan (nothing is written); with the
         loss's output sensitivities (`endor_ray.compress.sensitivity`), errors are predicted losses."""
         config = self.config
-        prunable = [name for name, weight in weights.items() if is_prunable(name, weight)]
+        prunable = self._prunable(weights)
         fixed = sum(encode(weights[name].to(self.dtype), layout="dense").nbytes
                     for name in weights if name not in prunable)
         # The budget is the layer files' bytes (what bytes per weight reports), so their header and

@@ -18,7 +18,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from endor_ray.errors import ConfigError
 
@@ -107,24 +109,54 @@ class InputNormCollector:
             for handle in handles:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def watch_experts(self, layers: nn.ModuleList, experts_path: str) -> Iterator[InputNormCollector]:
+        """Collect per expert inside each layer's experts module at `experts_path` (MoE layers), under
+        '{layer}.{experts_path}.{expert}.{param}' ('0.mlp.experts.5.gate_up_proj').
+
+        transformers 5's experts modules hold a layer's experts fused ([experts, out, in] parameters);
+        their eager loop (the caller sets it) multiplies each picked expert's tokens by
+        ``F.linear(x, param[expert])``. While the module runs, a TorchFunctionMode sees those calls: a
+        weight that is a view of one of the fused parameters names the parameter, and its offset along
+        dim 0 the expert. Only the tokens routed to an expert reach it."""
+        handles = []
+        for layer_idx, layer in enumerate(layers):
+            try:
+                module = layer.get_submodule(experts_path)
+            except AttributeError:  # a dense layer of an MoE model (DeepSeek-V3's first)
+                continue
+            mode = _ExpertLinears(self, module, f"{layer_idx}.{experts_path}")
+            handles.append(module.register_forward_pre_hook(lambda module, args, mode=mode: mode.push()))
+            handles.append(module.register_forward_hook(  # also when the forward raises: the mode is popped
+                lambda module, args, out, mode=mode: mode.pop(), always_call=True))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _hook(self, name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
-            if not self.enabled:
-                return
-            inputs = args[0].detach().float().reshape(-1, args[0].shape[-1])  # [tokens, in]
-            sq_sum = (inputs * inputs).sum(dim=0)
-            if name in self.sq_sums:
-                self.sq_sums[name] += sq_sum
-            else:
-                self.sq_sums[name] = sq_sum
-            if self.full:
-                product = inputs.T @ inputs
-                if name in self.hessians:
-                    self.hessians[name] += product
-                else:
-                    self.hessians[name] = product
+            self.add(name, args[0])
 
         return accumulate
+
+    def add(self, name: str, inputs: torch.Tensor) -> None:
+        """Add `inputs` ([..., in]: one call's inputs of the Linear `name`) to its sums (if enabled)."""
+        if not self.enabled:
+            return
+        inputs = inputs.detach().float().reshape(-1, inputs.shape[-1])  # [tokens, in]
+        sq_sum = (inputs * inputs).sum(dim=0)
+        if name in self.sq_sums:
+            self.sq_sums[name] += sq_sum
+        else:
+            self.sq_sums[name] = sq_sum
+        if self.full:
+            product = inputs.T @ inputs
+            if name in self.hessians:
+                self.hessians[name] += product
+            else:
+                self.hessians[name] = product
 
     def input_sq_sum(self, weight_name: str) -> torch.Tensor | None:
         """The sums for a weight named like 'mlp.up_proj.weight', if its module ran."""
@@ -137,3 +169,37 @@ class InputNormCollector:
     def clear(self) -> None:
         self.sq_sums.clear()
         self.hessians.clear()
+
+
+class _ExpertLinears(TorchFunctionMode):
+    """While an experts module runs: each F.linear on one expert's slice of its fused parameters adds
+    its inputs to the collector under '{prefix}.{expert}.{param}' (`InputNormCollector.watch_experts`)."""
+
+    def __init__(self, collector: InputNormCollector, module: nn.Module, prefix: str):
+        super().__init__()
+        self.collector, self.module, self.prefix = collector, module, prefix
+
+    def push(self) -> None:
+        self.__enter__()
+
+    def pop(self) -> None:
+        self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            found = self._expert_of(weight)
+            if found is not None:
+                self.collector.add(f"{self.prefix}.{found[1]}.{found[0]}", args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
+
+    def _expert_of(self, weight: torch.Tensor) -> tuple[str, int] | None:
+        """(parameter name, expert) where `weight` is one expert's slice of a fused parameter, else None."""
+        for name, param in self.module.named_parameters(recurse=False):
+            if (param.dim() == 3 and weight.shape == param.shape[1:] and not param.is_meta
+                    and weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()):
+                expert, rest = divmod(weight.storage_offset() - param.storage_offset(), param.stride(0))
+                if rest == 0 and 0 <= expert < param.shape[0]:
+                    return name, expert
+        return None

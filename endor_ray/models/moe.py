@@ -88,6 +88,27 @@ class ExpertLayout:
         return linears
 
 
+    def split_units(self, weights: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+        """A layer's tensors as its experts module holds them -> (the layer's own tensors, each expert's
+        unit {param: its slice [out, in]}): the inverse of `stack_units`. ({...}, {}) for a dense layer."""
+        prefix = self.experts_path + "."
+        fused = {name.removeprefix(prefix): tensor for name, tensor in weights.items() if name.startswith(prefix)}
+        own = {name: tensor for name, tensor in weights.items() if not name.startswith(prefix)}
+        counts = {tensor.shape[0] for tensor in fused.values()}
+        units = {expert: {param: tensor[expert] for param, tensor in fused.items()}
+                 for expert in range(max(counts, default=0))}
+        return own, units
+
+    def stack_units(self, units: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each expert's unit -> the experts module's fused parameters ({'mlp.experts.gate_up_proj': [E, ...]})."""
+        if not units:
+            return {}
+        order = sorted(units)
+        return {f"{self.experts_path}.{param}": torch.stack([units[expert][param] for expert in order])
+                for param in units[order[0]]}
+
+
 _QWEN = ExpertLayout("mlp.experts", (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))))
 EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
     "mixtral": ExpertLayout("mlp.experts", (("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",))),
