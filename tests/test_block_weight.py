@@ -136,7 +136,7 @@ def test_release_never_decodes(monkeypatch, inference):
 @pytest.mark.parametrize("encoding", ["q8_0", "q4_0", "q4_k", "q6_k"])
 def test_an_embedding_gathers_its_rows_from_the_blocks(encoding, monkeypatch):
     """A GGUF embedding table (a kept store's, on the CPU): each lookup decodes only the rows it names,
-    bit for bit the reference decode's, whether or not the encoding has a product (q4_k, q6_k do not)."""
+    bit for bit the reference decode's, whatever the encoding (each has whole blocks per row)."""
     enc = encode(torch.randn(40, 256, generator=torch.Generator().manual_seed(1)), layout="dense", encoding=encoding)
     with torch.device("meta"):
         embedding = nn.Embedding(40, 256).requires_grad_(False)
@@ -151,6 +151,29 @@ def test_an_embedding_gathers_its_rows_from_the_blocks(encoding, monkeypatch):
 
 
 def test_an_lm_head_without_a_product_decodes_for_its_product():
-    enc = encode(torch.randn(32, 256), layout="dense", encoding="q6_k")  # no CPU product from q6_k blocks
+    enc = encode(torch.randn(32, 256), layout="dense", encoding="q3_k")  # no CPU product from q3_k blocks
     x = torch.randn(1, 256)
     assert torch.equal(F.linear(x, BlockWeight(enc)), F.linear(x, decode(enc)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_q6_k_lm_head_multiplies_from_its_blocks(dtype, monkeypatch):
+    """llama.cpp's Q4_0 / Q4_K_M files store the LM head as q6_k: a decode step multiplies from its
+    blocks (never decoding the [vocab, hidden] table), a prefill still sees the dense decode's product."""
+    from endor_ray.engine.block_weight import block_weight_or_none, rows_of_whole_blocks
+
+    generator = torch.Generator().manual_seed(2)
+    enc = encode(torch.randn(96, 512, generator=generator), layout="dense", encoding="q6_k")
+    assert rows_of_whole_blocks(enc)
+    head = block_weight_or_none(enc, dtype, threads=2)
+    assert isinstance(head, BlockWeight)
+    dense = decode(enc).to(dtype)
+    large = torch.randn(MAX_MATVEC_ROWS + 1, 512, generator=generator).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(F.linear(large, head), F.linear(large, dense))
+        monkeypatch.setattr(BlockWeight, "dense", lambda self: pytest.fail("the LM head was decoded"))
+        x = torch.randn(1, 3, 512, generator=generator).to(dtype)
+        expected = matvec(enc, x.reshape(3, 512).float()).to(dtype).view(1, 3, 96)
+        assert torch.equal(F.linear(x, head), expected)
+    flat = encode(torch.randn(8, 576, generator=generator), layout="dense", encoding="q6_k")  # flattened blocks
+    assert block_weight_or_none(flat, dtype, threads=2) is None

@@ -1,7 +1,8 @@
 """The CPU products straight from the blocks (`endor_ray.format.cpu_matvec`): each implementation
 bit for bit against an independent numpy model of the spec (the reference decode's weights, 32
 lanes of float32 fused multiply-adds, a fixed tree), close to the float64 product, ragged shapes,
-and refusals that read nothing."""
+and refusals that read nothing. The k-types (q4_k, q5_k, q6_k) also on random block bytes, so
+that every code, 6-bit scale/minimum and fifth/high bit pattern meets the product."""
 
 import dataclasses
 
@@ -11,12 +12,16 @@ import torch
 
 from endor_ray.errors import FormatError
 from endor_ray.format import encode
+from endor_ray.format import cpu_matvec
 from endor_ray.format.cpu_matvec import has_matvec, matvec, supported_isas
+from endor_ray.format.gguf_blocks import BLOCK_TYPES
 from endor_ray.format.tensor import decode
 
 ISAS = ["avx512", "avx2", "scalar"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 GGUF = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+GGUF_K = ["q4_k", "q5_k", "q6_k"]
+K_SCALE_OFFSETS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # each super-block's f16 scales
 
 
 def isa_or_skip(isa: str) -> str:
@@ -90,7 +95,64 @@ def test_gguf_blocks_match_the_spec(isa, dtype, encoding, shape):
         check(enc, x_rows, isa)
 
 
-@pytest.mark.parametrize("encoding", ["int8", "int4", "q4_1", "q8_0"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("encoding", GGUF_K)
+@pytest.mark.parametrize("shape", [(1, 256), (7, 512), (33, 768)])
+def test_k_blocks_match_the_spec(isa, dtype, encoding, shape):
+    isa_or_skip(isa)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    enc = encode(weight, layout="dense", encoding=encoding)
+    for x_rows in (1, 3, 4, 6, 9):
+        check(enc, x_rows, isa)
+
+
+def random_k_blocks(encoding: str, rows: int, cols: int, dtype: torch.dtype, seed: int):
+    """A [rows, cols] k-type tensor of random block bytes (every bit pattern a quantizer might not
+    write), its f16 scales random finite values small enough that no weight overflows fp16."""
+    block = BLOCK_TYPES[encoding]
+    generator = torch.Generator().manual_seed(seed)
+    num_blocks = rows * cols // block.block_elems
+    blocks = torch.randint(0, 256, (num_blocks, block.type_size), dtype=torch.uint8, generator=generator)
+    for offset in K_SCALE_OFFSETS[encoding]:
+        scales = (torch.randn(num_blocks, generator=generator) * 0.01).to(torch.float16)
+        blocks[:, offset:offset + 2] = scales.view(torch.uint8).view(num_blocks, 2)
+    tile = encode(torch.zeros(rows, cols), layout="dense", encoding=encoding)
+    return dataclasses.replace(tile, values=blocks.reshape(-1), dtype=dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("encoding", GGUF_K)
+def test_k_blocks_of_random_bytes_match_the_spec(isa, dtype, encoding):
+    isa_or_skip(isa)
+    enc = random_k_blocks(encoding, 24, 512, dtype, seed=5)
+    weights = decode(enc)
+    assert bool(weights.float().isfinite().all()) and weights.dtype == dtype
+    for x_rows in (1, 2, 5):
+        check(enc, x_rows, isa, seed=x_rows)
+
+
+def test_k_types_over_flattened_elements_have_no_product():
+    """[4, 576] q4_k: 9 super-blocks over the flattened elements, two of them spanning rows: decoded,
+    and the C side refuses such a shape itself (cols % 256 != 0) rather than read the blocks as rows."""
+    for encoding in GGUF_K:
+        enc = encode(torch.randn(4, 576), layout="dense", encoding=encoding)
+        assert not has_matvec(enc)
+        assert not cpu_matvec.stored_for_matvec("dense", encoding, [4, 576])
+        assert cpu_matvec.stored_for_matvec("dense", encoding, [4, 512])
+        with pytest.raises(FormatError, match="no CPU product"):
+            matvec(enc, torch.randn(1, 576))
+
+
+def test_the_c_side_refuses_k_rows_that_are_not_whole_super_blocks(monkeypatch):
+    enc = encode(torch.randn(4, 576), layout="dense", encoding="q6_k")
+    monkeypatch.setattr(cpu_matvec, "stored_for_matvec", lambda *args: True)
+    with pytest.raises(FormatError, match="refused.*status -2"):
+        matvec(enc, torch.randn(1, 576))
+
+
+@pytest.mark.parametrize("encoding", ["int8", "int4", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k"])
 def test_threads_split_rows_without_changing_bits(encoding):
     weight = torch.randn(600, 512, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     enc = encode(weight, layout="dense", encoding=encoding, **({"group_size": 32} if encoding.startswith("int") else {}))
@@ -131,3 +193,6 @@ def test_bad_inputs_are_refused_before_any_read():
     with pytest.raises(FormatError):  # validate() or the C side's own size check
         matvec(short, torch.randn(1, 64))
     assert matvec(enc, torch.randn(0, 64)).shape == (0, 16)
+    k_enc = encode(torch.randn(4, 256), layout="dense", encoding="q5_k")
+    with pytest.raises(FormatError):
+        matvec(dataclasses.replace(k_enc, values=k_enc.values[:-176]), torch.randn(1, 256))

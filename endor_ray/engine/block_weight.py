@@ -4,7 +4,8 @@ In host memory a decoder layer at batch 1 takes as long as reading its weights. 
 or INT4 layer to bf16 and multiplying with torch reads the blocks, writes 2 bytes a weight and
 reads them again, whatever the precision; `endor_ray.format.cpu_matvec` reads each stored byte
 once. A `BlockWeight` is what the layer source hands out on the CPU for a tensor that has such a
-product (dense int8/int4, q8_0/q4_0/q4_1/q5_0/q5_1): a tensor of the weight's shape and dtype
+product (dense int8/int4, q8_0/q4_0/q4_1/q5_0/q5_1, q4_k/q5_k/q6_k with rows of whole super-blocks):
+a tensor of the weight's shape and dtype
 that owns no dense storage, only the `EncodedTensor`. The model's own `nn.Linear` runs
 `F.linear(x, weight, bias)`; `__torch_function__` takes that call and
 
@@ -16,8 +17,9 @@ that owns no dense storage, only the `EncodedTensor`. The model's own `nn.Linear
 
 The embedding table and LM head of a store that keeps a GGUF's blocks are BlockWeights too:
 `F.embedding` decodes only the rows its ids name (each row of a GGUF tensor is whole blocks), so
-the table is never held decoded; an LM head multiplies from its blocks as any Linear (one whose
-encoding has no CPU product, such as q6_k, is left decoded by the model runner).
+the table is never held decoded; an LM head multiplies from its blocks as any Linear, the q6_k one
+llama.cpp's Q4_0 / Q4_K_M files carry included (one whose encoding has no CPU product, such as q3_k
+or a k-type stored over flattened elements, is left decoded by the model runner).
 
 Any other operation on the weight (a model that reads it some other way, `torch.equal` in a test)
 sees the decoded dense tensor, so nothing breaks, only slower; `detach` (nn.Parameter) keeps the

@@ -28,8 +28,8 @@ class EngineConfig:
     # may keep layers in spare RAM) or "direct" (O_DIRECT: DMA into the read buffer, no CPU copy).
     disk_io: str = "buffered"
     decode_threads: int | None = None  # CPU decoding: threads a layer's decode splits over; None: all cores
-    # CPU: weights stored as dense int8/int4 or q8_0/q4_0/q4_1/q5_0/q5_1 blocks stay so, and small batches
-    # multiply straight from them (engine.block_weight); False: every layer decoded to dense first.
+    # CPU: weights stored as dense int8/int4 or q8_0/q4_0/q4_1/q5_0/q5_1/q4_k/q5_k/q6_k blocks stay so, and
+    # small batches multiply straight from them (engine.block_weight); False: every layer decoded to dense first.
     cpu_matvec: bool = True
     # The dtype the model computes in; None: the store's. "float32" over a bf16/fp16 store moves the
     # same bytes but computes in fp32, so greedy answers no longer depend on what shares the batch

@@ -1,10 +1,13 @@
 /* Small-batch products straight from the stored blocks: y = x @ W^T without decoding W to memory.
  *
  * W is a [rows, cols] tensor held as its encoding (endor_ray.format.quant's dense "int8"/"int4" with
- * group scales, or gguf_blocks' q8_0, q4_0, q4_1, q5_0, q5_1); x is [x_rows, cols] float32 and y
- * [x_rows, rows] float32. Each weight is first computed exactly as the reference decode defines it,
- * float32 then rounded to nearest even to the tensor's dtype (fp16, bf16 or fp32), and that value is
- * what multiplies x: the product uses the decoded tensor's values bit for bit.
+ * group scales, or gguf_blocks' q8_0, q4_0, q4_1, q5_0, q5_1, and q4_k, q5_k, q6_k where each row is
+ * whole 256-weight super-blocks, cols % 256 == 0: a k-type tensor whose blocks run over the flattened
+ * elements has no product and is decoded); x is [x_rows, cols] float32 and y [x_rows, rows] float32.
+ * Each weight is first computed exactly as the reference decode defines it, float32 then rounded to nearest even to the tensor's dtype (fp16, bf16 or fp32), and that value is
+ * what multiplies x: the product uses the decoded tensor's values bit for bit. For the k-types that
+ * value is gguf_blocks' (d * sc) * q - (dmin * mn) (q4_k, q5_k) or (d * sc) * (q - 32) (q6_k), each
+ * product and difference one float32 rounding (this file is built with -ffp-contract=off).
  *
  * The sum's order is part of the spec, so that the AVX-512, AVX2 and scalar loops agree bit for bit:
  * a row's columns fall into 32 lanes (column c into lane c % 32); each lane accumulates, in column
@@ -14,7 +17,9 @@
  *
  * endor_matvec() computes output rows [first_row, last_row) of W for every row of x; callers split
  * W's rows over threads (ctypes releases the GIL). The weight row is read from memory once and
- * stays in L1 while it meets x in groups of 4 rows. Every size is checked against the arrays given:
+ * stays in L1 while it meets x in groups of 4 rows; a k-type row goes a super-block at a time, its
+ * scales decoded once for the 8 chunks of 32 (each chunk one q4_k/q5_k sub-block, two q6_k ones, so
+ * one scale per register). Every size is checked against the arrays given:
  * nothing is read outside them, whatever the arguments.
  */
 #include <math.h>
@@ -27,7 +32,10 @@
 #endif
 #include "_decode.h"
 
-enum { MV_Q4_0 = 2, MV_Q4_1 = 3, MV_Q5_0 = 6, MV_Q5_1 = 7, MV_Q8_0 = 8, MV_INT8 = 100, MV_INT4 = 101 };
+enum { MV_Q4_0 = 2, MV_Q4_1 = 3, MV_Q5_0 = 6, MV_Q5_1 = 7, MV_Q8_0 = 8, MV_Q4_K = 12, MV_Q5_K = 13, MV_Q6_K = 14,
+       MV_INT8 = 100, MV_INT4 = 101 };
+#define IS_K(type) ((type) == MV_Q4_K || (type) == MV_Q5_K || (type) == MV_Q6_K)
+#define K_ELEMS 256 /* a k-type super-block's weights */
 #define LANES 32
 #define X_GROUP 4 /* rows of x per pass over a weight row (their accumulators fit the registers) */
 
@@ -61,6 +69,35 @@ static inline float round_to_dtype(float v, int dtype) {
 
 static inline int nibble32(const uint8_t *qs, int e) { return e < 16 ? qs[e] & 15 : qs[e - 16] >> 4; }
 
+/* q4_k / q5_k: the 6-bit scale and minimum of sub-block s (0..7) from the 12 packed bytes S */
+static inline void k_scale_min(const uint8_t *S, int s, float *sc, float *mn) {
+    if (s < 4) {
+        *sc = (float)(S[s] & 63), *mn = (float)(S[s + 4] & 63);
+    } else {
+        *sc = (float)((S[s + 4] & 15) | (S[s - 4] >> 6) << 4), *mn = (float)((S[s + 4] >> 4) | (S[s] >> 6) << 4);
+    }
+}
+
+/* The k-type super-block at `block` and this row's element e (0..255) in it, as gguf_blocks' spec
+ * says: q4_k/q5_k sub-block s = e / 32 is nibble s % 2 of qs[32 (s / 2) + l] (+ 16 for bit s of
+ * q5_k's qh[l]); q6_k e = 128 h + 32 k + l takes nibble k / 2 of ql[64 h + 32 (k % 2) + l], bits
+ * 2k, 2k + 1 of qh[32 h + l] above them, and the int8 scale of sub-block e / 16. */
+static float k_weight(int type, const uint8_t *block, int e) {
+    int l = e % 32;
+    if (type == MV_Q6_K) {
+        int h = e / 128, k = e % 128 / 32;
+        int low = (block[64 * h + 32 * (k % 2) + l] >> (4 * (k / 2))) & 15;
+        int q = low | ((block[128 + 32 * h + l] >> (2 * k)) & 3) << 4;
+        return (f16_at(block + 208) * (float)(int8_t)block[192 + e / 16]) * (float)(q - 32);
+    }
+    int s = e / 32;
+    float sc, mn;
+    k_scale_min(block + 4, s, &sc, &mn);
+    int q = (block[(type == MV_Q4_K ? 16 : 48) + 32 * (s / 2) + l] >> (4 * (s % 2))) & 15;
+    if (type == MV_Q5_K) q |= ((block[16 + l] >> s) & 1) << 4;
+    return (f16_at(block) * sc) * (float)q - (f16_at(block + 2) * mn);
+}
+
 static float weight_at(const matvec_args *a, int64_t n, int64_t c) {
     float v;
     if (a->type == MV_INT8 || a->type == MV_INT4) {
@@ -69,6 +106,8 @@ static float weight_at(const matvec_args *a, int64_t n, int64_t c) {
         if (a->type == MV_INT8) code = (int8_t)a->values[flat];
         else code = (((a->values[flat >> 1] >> (4 * (flat & 1))) & 15) ^ 8) - 8;
         v = (float)code * scale_at(a, n * a->groups_per_row + c / a->group_size);
+    } else if (IS_K(a->type)) {
+        v = k_weight(a->type, a->values + (n * (a->cols / K_ELEMS) + c / K_ELEMS) * a->block_size, (int)(c % K_ELEMS));
     } else {
         const uint8_t *block = a->values + (n * (a->cols / 32) + c / 32) * a->block_size;
         int e = (int)(c % 32);
@@ -128,6 +167,29 @@ static int row_is_fast(const matvec_args *a, int64_t n) {
     return 1;
 }
 
+/* k-types: row n's super-block starting at column c0 (a multiple of 256) */
+static inline const uint8_t *k_block(const matvec_args *a, int64_t n, int64_t c0) {
+    return a->values + (n * (a->cols / K_ELEMS) + c0 / K_ELEMS) * a->block_size;
+}
+
+/* A k-type super-block's scales, once for its 256 weights: q4_k/q5_k ds[s] = d * sc[s], dm[s] =
+ * dmin * mn[s] (s < 8); q6_k ds[s] = d * float(sc[s]) (s < 16). The loops take each sub-block's
+ * weights from these, as the reference computes them. Returns whether the f16 scales are finite, so
+ * that no weight can be a NaN (|d * sc * q| < 2^16 * 2^6 * 2^6) and the rounding skips the NaN blend. */
+static inline int k_header(int type, const uint8_t *b, float *ds, float *dm) {
+    if (type == MV_Q6_K) {
+        float d = f16_at(b + 208);
+        for (int s = 0; s < 16; s++) ds[s] = d * (float)(int8_t)b[192 + s];
+        return (f32_bits(d) & 0x7F800000u) != 0x7F800000u;
+    }
+    float d = f16_at(b), dmin = f16_at(b + 2), sc, mn;
+    for (int s = 0; s < 8; s++) {
+        k_scale_min(b + 4, s, &sc, &mn);
+        ds[s] = d * sc, dm[s] = dmin * mn;
+    }
+    return (f32_bits(d) & 0x7F800000u) != 0x7F800000u && (f32_bits(dmin) & 0x7F800000u) != 0x7F800000u;
+}
+
 #ifdef MATVEC_X86
 /* ---- AVX-512: a chunk of 32 weights is two registers ------------------------------------------ */
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"
@@ -163,6 +225,50 @@ __attribute__((target(AVX512), always_inline)) static inline __m512 table512(int
     else /* MV_Q4_1 */
         v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d), n), _mm512_set1_ps(m));
     return round512(v, dtype, 0);
+}
+
+__attribute__((target(AVX512), always_inline)) static inline __m512i bytes16(const uint8_t *p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* k-types: the 32 weights of chunk j (columns 32 j .. 32 j + 31) of super-block b, scales from k_header.
+ * q4_k: a 16-entry table per sub-block (vpermps reads the low 4 bits: the other nibble is ignored);
+ * q5_k: 32 entries, the fifth bit picking the second table (vpermt2ps); q6_k (two sub-blocks of 16,
+ * one a register) computed lane by lane. */
+__attribute__((target(AVX512), always_inline)) static inline void chunk512_k(int type, int dtype, int finite,
+                                                                            const uint8_t *b, int j, const float *ds,
+                                                                            const float *dm, __m512 *w) {
+    const __m512i fifteen = _mm512_set1_epi32(15);
+    if (type == MV_Q6_K) { /* chunk j = 4 h + k: nibble k / 2 of ql[64 h + 32 (k % 2) ..], bits 2k of qh[32 h ..] */
+        int h = j / 4, k = j % 4;
+        const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
+        __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
+        for (int half = 0; half < 2; half++) {
+            __m512i low = _mm512_and_si512(_mm512_srl_epi32(bytes16(ql + 16 * half), low_shift), fifteen);
+            __m512i high = _mm512_srl_epi32(bytes16(qh + 16 * half), high_shift);
+            high = _mm512_and_si512(high, _mm512_set1_epi32(3));
+            __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
+            w[half] = round512(_mm512_mul_ps(_mm512_set1_ps(ds[2 * j + half]), _mm512_cvtepi32_ps(q)), dtype, finite);
+        }
+        return;
+    }
+    const uint8_t *qs = b + (type == MV_Q4_K ? 16 : 48) + 32 * (j / 2);  /* sub-block j: nibble j % 2 */
+    __m128i shift = _mm_cvtsi32_si128(4 * (j % 2));
+    __m512i q0 = _mm512_srl_epi32(bytes16(qs), shift), q1 = _mm512_srl_epi32(bytes16(qs + 16), shift);
+    __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 scale = _mm512_set1_ps(ds[j]), minimum = _mm512_set1_ps(dm[j]);
+    __m512 low = round512(_mm512_sub_ps(_mm512_mul_ps(scale, codes), minimum), dtype, finite);
+    if (type == MV_Q4_K) {
+        w[0] = _mm512_permutexvar_ps(q0, low), w[1] = _mm512_permutexvar_ps(q1, low);
+        return;
+    }
+    __m512 high = round512(_mm512_sub_ps(_mm512_mul_ps(scale, _mm512_add_ps(codes, _mm512_set1_ps(16.0f))), minimum),
+                           dtype, finite);
+    const __m512i bit = _mm512_set1_epi32(1 << j), sixteen = _mm512_set1_epi32(16);
+    q0 = _mm512_and_si512(q0, fifteen), q1 = _mm512_and_si512(q1, fifteen);
+    q0 = _mm512_mask_or_epi32(q0, _mm512_test_epi32_mask(bytes16(b + 16), bit), q0, sixteen);
+    q1 = _mm512_mask_or_epi32(q1, _mm512_test_epi32_mask(bytes16(b + 32), bit), q1, sixteen);
+    w[0] = _mm512_permutex2var_ps(low, q0, high), w[1] = _mm512_permutex2var_ps(low, q1, high);
 }
 
 /* Row n, columns [c0, c0 + 32): the 32 decoded weights in w[0], w[1] (type a constant). int4 gives
@@ -223,7 +329,25 @@ __attribute__((target(AVX512), always_inline)) static inline void row512(const m
     float staged[LANES];
     const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
-    for (int64_t c0 = 0; c0 < full; c0 += LANES) {
+#define FMA512(C0)                                                                      \
+    for (int r = 0; r < GROUP; r++) {                                                   \
+        const float *x = (split ? a->x_split : a->x) + (g + r) * a->cols + (C0);        \
+        acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);               \
+        acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), acc[r][1]);          \
+    }
+    if (IS_K(type)) { /* a super-block at a time (cols % 256 == 0), its scales decoded once */
+        for (int64_t c0 = 0; c0 < full; c0 += K_ELEMS) {
+            const uint8_t *b = k_block(a, n, c0);
+            float ds[16], dm[8];
+            int finite = k_header(type, b, ds, dm);
+#pragma GCC unroll 8
+            for (int j = 0; j < K_ELEMS / LANES; j++) {
+                chunk512_k(type, a->dtype, finite, b, j, ds, dm, w);
+                FMA512(c0 + LANES * j)
+            }
+        }
+    }
+    for (int64_t c0 = 0; c0 < full && !IS_K(type); c0 += LANES) {
         if (fast) {
             chunk512(a, type, n, c0, w);
         } else {
@@ -234,12 +358,9 @@ __attribute__((target(AVX512), always_inline)) static inline void row512(const m
                 w[0] = _mm512_permutex2var_ps(low, evens, w[1]), w[1] = _mm512_permutex2var_ps(low, odds, w[1]);
             }
         }
-        for (int r = 0; r < GROUP; r++) {
-            const float *x = (split ? a->x_split : a->x) + (g + r) * a->cols + c0;
-            acc[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), acc[r][1]);
-        }
+        FMA512(c0)
     }
+#undef FMA512
     const __m512i low_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i high_half = _mm512_add_epi32(low_half, _mm512_set1_epi32(8));
     for (int r = 0; r < GROUP; r++) {
@@ -279,6 +400,9 @@ ROWS_FOR_TYPE(AVX512, row512, rows512_q4_0, MV_Q4_0)
 ROWS_FOR_TYPE(AVX512, row512, rows512_q4_1, MV_Q4_1)
 ROWS_FOR_TYPE(AVX512, row512, rows512_q5_0, MV_Q5_0)
 ROWS_FOR_TYPE(AVX512, row512, rows512_q5_1, MV_Q5_1)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q4_k, MV_Q4_K)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q5_k, MV_Q5_K)
+ROWS_FOR_TYPE(AVX512, row512, rows512_q6_k, MV_Q6_K)
 
 /* ---- AVX2: a chunk of 32 weights is four registers -------------------------------------------- */
 #define AVX2 "avx2,fma,f16c"
@@ -312,6 +436,40 @@ __attribute__((target(AVX2), always_inline)) static inline __m256i high_bits(uin
     __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)(qh >> (8 * k))), lanes), lanes);
     return _mm256_and_si256(set, _mm256_set1_epi32(16));
+}
+
+__attribute__((target(AVX2), always_inline)) static inline __m256i bytes8(const uint8_t *p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+/* k-types: chunk j of super-block b as chunk512_k, unrounded: w[k] holds its columns 8k .. 8k + 7 */
+__attribute__((target(AVX2), always_inline)) static inline void chunk256_k(int type, const uint8_t *b, int j,
+                                                                          const float *ds, const float *dm, __m256 *w) {
+    const __m256i fifteen = _mm256_set1_epi32(15);
+    if (type == MV_Q6_K) {
+        int h = j / 4, k = j % 4;
+        const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
+        __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
+        for (int part = 0; part < 4; part++) {
+            __m256i low = _mm256_and_si256(_mm256_srl_epi32(bytes8(ql + 8 * part), low_shift), fifteen);
+            __m256i high = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh + 8 * part), high_shift), _mm256_set1_epi32(3));
+            __m256i q = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), _mm256_set1_epi32(32));
+            w[part] = _mm256_mul_ps(_mm256_set1_ps(ds[2 * j + part / 2]), _mm256_cvtepi32_ps(q));
+        }
+        return;
+    }
+    const uint8_t *qs = b + (type == MV_Q4_K ? 16 : 48) + 32 * (j / 2);
+    __m128i shift = _mm_cvtsi32_si128(4 * (j % 2)), bit_shift = _mm_cvtsi32_si128(j);
+    __m256 scale = _mm256_set1_ps(ds[j]), minimum = _mm256_set1_ps(dm[j]);
+    for (int part = 0; part < 4; part++) {
+        __m256i q = _mm256_and_si256(_mm256_srl_epi32(bytes8(qs + 8 * part), shift), fifteen);
+        if (type == MV_Q5_K) {
+            __m256i fifth = _mm256_srl_epi32(bytes8(b + 16 + 8 * part), bit_shift);
+            fifth = _mm256_and_si256(fifth, _mm256_set1_epi32(1));
+            q = _mm256_or_si256(q, _mm256_slli_epi32(fifth, 4));
+        }
+        w[part] = _mm256_sub_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(q)), minimum);
+    }
 }
 
 __attribute__((target(AVX2), always_inline)) static inline void chunk256(const matvec_args *a, int type,
@@ -361,18 +519,34 @@ __attribute__((target(AVX2), always_inline)) static inline void row256(const mat
     int64_t full = a->cols / LANES * LANES;
     int fast = row_is_fast(a, n);
     float staged[LANES];
-    for (int64_t c0 = 0; c0 < full; c0 += LANES) {
+#define FMA256(C0)                                                                                      \
+    for (int r = 0; r < GROUP; r++) {                                                                   \
+        const float *x = a->x + (g + r) * a->cols + (C0);                                               \
+        for (int k = 0; k < 4; k++) acc[r][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), acc[r][k]); \
+    }
+    if (IS_K(type)) { /* a super-block at a time (cols % 256 == 0), its scales decoded once */
+        for (int64_t c0 = 0; c0 < full; c0 += K_ELEMS) {
+            const uint8_t *b = k_block(a, n, c0);
+            float ds[16], dm[8];
+            k_header(type, b, ds, dm);
+#pragma GCC unroll 8
+            for (int j = 0; j < K_ELEMS / LANES; j++) {
+                chunk256_k(type, b, j, ds, dm, w);
+                for (int k = 0; k < 4; k++) w[k] = round256(w[k], a->dtype);
+                FMA256(c0 + LANES * j)
+            }
+        }
+    }
+    for (int64_t c0 = 0; c0 < full && !IS_K(type); c0 += LANES) {
         if (fast) {
             chunk256(a, type, n, c0, w);
         } else {
             chunk_scalar(a, n, c0, LANES, staged);
             for (int k = 0; k < 4; k++) w[k] = _mm256_loadu_ps(staged + 8 * k);
         }
-        for (int r = 0; r < GROUP; r++) {
-            const float *x = a->x + (g + r) * a->cols + c0;
-            for (int k = 0; k < 4; k++) acc[r][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), acc[r][k]);
-        }
+        FMA256(c0)
     }
+#undef FMA256
     float lanes[X_GROUP][LANES];
     for (int r = 0; r < GROUP; r++)
         for (int k = 0; k < 4; k++) _mm256_storeu_ps(lanes[r] + 8 * k, acc[r][k]);
@@ -394,6 +568,9 @@ ROWS_FOR_TYPE(AVX2, row256, rows256_q4_0, MV_Q4_0)
 ROWS_FOR_TYPE(AVX2, row256, rows256_q4_1, MV_Q4_1)
 ROWS_FOR_TYPE(AVX2, row256, rows256_q5_0, MV_Q5_0)
 ROWS_FOR_TYPE(AVX2, row256, rows256_q5_1, MV_Q5_1)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q4_k, MV_Q4_K)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q5_k, MV_Q5_K)
+ROWS_FOR_TYPE(AVX2, row256, rows256_q6_k, MV_Q6_K)
 #endif
 
 /* ---- entry points --------------------------------------------------------------------------------- */
@@ -406,12 +583,13 @@ int endor_matvec_best_isa(void) { return matvec_best; }
 
 static rows_fn pick(int type, int isa) {
 #ifdef MATVEC_X86
-    static const int types[7] = {MV_INT8, MV_INT4, MV_Q8_0, MV_Q4_0, MV_Q4_1, MV_Q5_0, MV_Q5_1};
-    static const rows_fn avx512[7] = {rows512_int8, rows512_int4, rows512_q8_0, rows512_q4_0,
-                                      rows512_q4_1, rows512_q5_0, rows512_q5_1};
-    static const rows_fn avx2[7] = {rows256_int8, rows256_int4, rows256_q8_0, rows256_q4_0,
-                                    rows256_q4_1, rows256_q5_0, rows256_q5_1};
-    for (int t = 0; t < 7; t++)
+    static const int types[10] = {MV_INT8, MV_INT4, MV_Q8_0, MV_Q4_0, MV_Q4_1, MV_Q5_0, MV_Q5_1,
+                                  MV_Q4_K, MV_Q5_K, MV_Q6_K};
+    static const rows_fn avx512[10] = {rows512_int8, rows512_int4, rows512_q8_0, rows512_q4_0, rows512_q4_1,
+                                       rows512_q5_0, rows512_q5_1, rows512_q4_k, rows512_q5_k, rows512_q6_k};
+    static const rows_fn avx2[10] = {rows256_int8, rows256_int4, rows256_q8_0, rows256_q4_0, rows256_q4_1,
+                                     rows256_q5_0, rows256_q5_1, rows256_q4_k, rows256_q5_k, rows256_q6_k};
+    for (int t = 0; t < 10; t++)
         if (types[t] == type) return isa == ENDOR_ISA_AVX512 ? avx512[t] : isa == ENDOR_ISA_AVX2 ? avx2[t] : rows_scalar;
 #endif
     (void)type, (void)isa;
@@ -419,7 +597,8 @@ static rows_fn pick(int type, int isa) {
 }
 
 /* y[r, n] = sum_c x[r, c] * W[n, c] for n in [first_row, last_row) and every r < x_rows (the sum in
- * the order of the file comment). W: `type` (a ggml type id, or 100 int8 / 101 int4), `values_nbytes`
+ * the order of the file comment). W: `type` (a ggml type id, or 100 int8 / 101 int4; the k-types with
+ * cols % 256 == 0, the 32-weight types with cols % 32 == 0), `values_nbytes`
  * bytes at `values`; int8/int4 also `num_scales` scales of `dtype` at `scales`, `group_size` columns
  * each, ceil(cols / group_size) per row. Returns 0, ENDOR_ERR_ARGS (sizes that do not describe the
  * arrays: nothing is read), or ENDOR_ERR_SHORT (too few bytes). */
@@ -436,11 +615,12 @@ int endor_matvec(int type, const uint8_t *values, int64_t values_nbytes, const v
         if (num_scales != rows * a.groups_per_row) return ENDOR_ERR_ARGS;
         if (values_nbytes < (type == MV_INT8 ? rows * cols : (rows * cols + 1) / 2)) return ENDOR_ERR_SHORT;
     } else {
-        int64_t size = type == MV_Q8_0 ? 34 : type == MV_Q4_0 ? 18 : type == MV_Q4_1 ? 20
-                     : type == MV_Q5_0 ? 22 : type == MV_Q5_1 ? 24 : 0;
-        if (!size || cols % 32) return ENDOR_ERR_ARGS;
+        int64_t size = type == MV_Q8_0 ? 34 : type == MV_Q4_0 ? 18 : type == MV_Q4_1 ? 20 : type == MV_Q5_0 ? 22
+                     : type == MV_Q5_1 ? 24 : type == MV_Q4_K ? 144 : type == MV_Q5_K ? 176 : type == MV_Q6_K ? 210 : 0;
+        int64_t block_elems = IS_K(type) ? K_ELEMS : 32;  /* a row is whole blocks: no block spans two */
+        if (!size || cols % block_elems) return ENDOR_ERR_ARGS;
         a.block_size = size;
-        if (values_nbytes / size / (cols / 32) < rows) return ENDOR_ERR_SHORT;
+        if (values_nbytes / size / (cols / block_elems) < rows) return ENDOR_ERR_SHORT;
     }
     isa = isa == ENDOR_ISA_AUTO || isa > matvec_best ? matvec_best : isa;
     if (first_row == last_row || x_rows == 0) return 0;

@@ -7,8 +7,11 @@ exactly as `endor_ray.format.tensor.decode` does (float32, rounded to the tensor
 multiplies it with float32 activations, summing in float32 in an order its comment fixes, so the
 AVX-512, AVX2 and scalar loops give the same bits; threads split W's rows (ctypes releases the GIL).
 
-Dense int8 / int4 tensors (any group size, ragged rows) and the GGUF types q8_0, q4_0, q4_1, q5_0,
-q5_1 have a product; other encodings and bitmap layouts are decoded by `cpu_decode` as before.
+Dense int8 / int4 tensors (any group size, ragged rows), the GGUF types q8_0, q4_0, q4_1, q5_0,
+q5_1 and the super-block types q4_k, q5_k, q6_k have a product. A k-type tensor needs rows of whole
+256-weight super-blocks (cols % 256 == 0, as every GGUF file's are); one stored over its flattened
+elements (`gguf_blocks.blocks_fit`, e.g. [576, 576]) has super-blocks spanning two rows and is
+decoded. Other encodings (q3_k, q2_k, iq4_nl) and bitmap layouts are decoded by `cpu_decode` as before.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from endor_ray.errors import FormatError
+from endor_ray.format.gguf_blocks import BLOCK_TYPES
 from endor_ray.format.tensor import EncodedTensor, validate
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}  # the C side's ENDOR_ISA_* values
-MATVEC_ENCODINGS = {"int8": 100, "int4": 101, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7}
+MATVEC_ENCODINGS = {"int8": 100, "int4": 101, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
+                    "q4_k": 12, "q5_k": 13, "q6_k": 14}  # name -> the C side's type (ggml's id for GGUF blocks)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _MIN_WEIGHTS_PER_THREAD = 1 << 18  # below this a thread's hand-off costs more than its share saves
 _lib: ctypes.CDLL | None = None
@@ -64,15 +69,18 @@ def supported_isas() -> list[str]:
 
 def has_matvec(enc: EncodedTensor) -> bool:
     """Whether `matvec` multiplies straight from `enc`'s blocks: a dense 2-D int8/int4/q8_0/q4_0/q4_1/
-    q5_0/q5_1 tensor on the CPU, with the C library built."""
+    q5_0/q5_1 tensor, or q4_k/q5_k/q6_k with cols % 256 == 0, on the CPU, with the C library built."""
     return enc.values.device.type == "cpu" and stored_for_matvec(enc.layout, enc.values_encoding, enc.shape)
 
 
 def stored_for_matvec(layout: str | None, values_encoding: str | None, shape) -> bool:
     """Whether a tensor stored so (a manifest entry's layout, values encoding and shape) has a CPU
-    product from its blocks (`has_matvec` once it is read onto the CPU)."""
-    return (layout == "dense" and values_encoding in MATVEC_ENCODINGS and len(shape) == 2
-            and _library() is not None)
+    product from its blocks (`has_matvec` once it is read onto the CPU). A GGUF tensor's rows must be
+    whole blocks: a k-type one stored over its flattened elements (cols % 256 != 0) is decoded."""
+    if layout != "dense" or values_encoding not in MATVEC_ENCODINGS or len(shape) != 2:
+        return False
+    block = BLOCK_TYPES.get(values_encoding)
+    return (block is None or shape[1] % block.block_elems == 0) and _library() is not None
 
 
 def matvec(enc: EncodedTensor, x: torch.Tensor, threads: int = 1, isa: str | None = None) -> torch.Tensor:
