@@ -132,11 +132,27 @@ def test_sparsegpt_compensates_inside_each_expert(tmp_path, calib_text):
     assert expected != cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
 
 
-def test_what_moe_calibration_does_not_cover_is_refused(tmp_path, calib_text):
+def test_one_budget_covers_the_experts(tmp_path, calib_text):
+    """--bytes-per-weight on DeepSeek-V3 (dense first layer, shared and routed experts): the layer
+    files and expert files together within the budget, the experts' settings chosen per tensor
+    (not all alike), and the engine's tokens transformers' on the exported store."""
+    checkpoint = family_checkpoint(tmp_path / "ckpt", FAMILIES["deepseek_v3"])
+    config = ConvertConfig(bytes_per_weight=0.7, calib_text=str(calib_text), calib_samples=SAMPLES,
+                           calib_seq_len=SEQ_LEN)
+    store = Store(str(convert(str(checkpoint), tmp_path / "store", config, progress=False)))
+    summary = store.summary()
+    assert summary["layers_bytes_per_weight"] <= 0.7
+    expert_nbytes = sum(sum(layer.get("expert_nbytes", [])) for layer in summary["layers"])
+    assert expert_nbytes > summary["layers_nbytes"] / 2  # the experts are most of the bytes budgeted
+    settings = {(t["values_encoding"], t["nnz"]) for layer in store.manifest["layers"]
+                for expert in layer.get("experts", []) for t in expert["tensors"]}
+    assert len(settings) > 1
+    exported = export_checkpoint(store, tmp_path / "exported", progress=False)
+    assert engine_greedy(store.location) == cut(transformers_greedy(exported, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
+
+
+def test_what_moe_calibration_does_not_cover_is_refused(tmp_path):
     gpt_oss = family_checkpoint(tmp_path / "gpt_oss", FAMILIES["gpt_oss"])
     with pytest.raises(ConfigError, match="x @ W"):
         convert(str(gpt_oss), tmp_path / "a", ConvertConfig(method="wanda", sparsity=0.5), progress=False)
-    mixtral = family_checkpoint(tmp_path / "mixtral", FAMILIES["mixtral"])
-    with pytest.raises(ConfigError, match="--bytes-per-weight"):
-        convert(str(mixtral), tmp_path / "b", ConvertConfig(bytes_per_weight=0.6), progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a").exists()

@@ -81,14 +81,14 @@ def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: L
     def stats_of(key: str) -> CalibrationStats:
         return CalibrationStats(collector.input_sq_sum(key), collector.hessian(key))
 
-    def expert_stats(layer_idx: int, units: dict[int, dict[str, torch.Tensor]]
+    def expert_stats(layer_idx: int, units: dict[int, dict[str, torch.Tensor]], count: bool = True
                      ) -> dict[int, dict[str, CalibrationStats]]:
         stats = {}
         for expert, unit in units.items():
             prefix = f"{layer_idx}.{layout.experts_path}.{expert}"
             stats[expert] = {param: stats_of(f"{prefix}.{param}") for param in unit}
             if any(stat.input_sq_sum is None for param, stat in stats[expert].items() if unit[param].dim() == 2):
-                record["experts_without_tokens"] += 1  # magnitude: unit norms, an identity Hessian
+                record["experts_without_tokens"] += count  # magnitude: unit norms, an identity Hessian
                 stats[expert] = {param: CalibrationStats(
                     torch.ones(weight.shape[-1]), torch.eye(weight.shape[-1]) if collector.full else None)
                     for param, weight in unit.items()}
@@ -112,31 +112,37 @@ def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: L
             collector.enabled = True
 
     layers = decoder_layers(model, architecture)
+
+    def watch_experts():
+        return collector.watch_experts(layers, layout.experts_path) if layout is not None else contextlib.nullcontext()
+
     if config.bytes_per_weight is not None:
         # One budget for the whole model: every layer's options are measured first, on the
         # unpruned model's activations, then the plan is made and the pass below applies it. A
         # model that fits in memory also gets the loss's sensitivity to each Linear's outputs,
-        # which puts every tensor's error on the scale of the loss.
+        # which puts every tensor's error on the scale of the loss. (Not for an MoE model: its experts
+        # are no Linear modules to take the sensitivities of, so every error stays an output error.)
         sensitivities = None
-        if checkpoint.layer_nbytes(torch.float32) < 0.5 * available_memory_bytes():
+        if layout is None and checkpoint.layer_nbytes(torch.float32) < 0.5 * available_memory_bytes():
             sensitivities = loss_sensitivities(model, layers, load_compute, ids)
 
         def measure_only(layer_idx: int, layer, args: tuple, kwargs: dict, output):
-            weights = dict(layer.state_dict())
-            writer.measure(layer_idx, weights, {
-                name: CalibrationStats(collector.input_sq_sum(f"{layer_idx}.{name}"),
-                                       collector.hessian(f"{layer_idx}.{name}")) for name in weights},
-                sensitivities)
+            weights, units = dict(layer.state_dict()), {}
+            if layout is not None:
+                weights, units = layout.split_units(weights)
+            writer.measure(layer_idx, weights, {name: stats_of(f"{layer_idx}.{name}") for name in weights},
+                           sensitivities)
+            for expert, stats in expert_stats(layer_idx, units, count=False).items():
+                writer.measure(layer_idx, units[expert], stats, expert=expert)
             collector.clear()
             return output
 
         with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
-              stream_layers(model, architecture, load_next, after_layer=measure_only)):
+              watch_experts(), stream_layers(model, architecture, load_next, after_layer=measure_only)):
             model(input_ids=ids, use_cache=False)
         writer.plan()
     with (prefetching(load_compute, architecture.num_layers, cyclic=False) as load_next, collector.watch(layers),
-          collector.watch_experts(layers, layout.experts_path) if layout is not None else contextlib.nullcontext(),
-          stream_layers(model, architecture, load_next, after_layer=prune_and_rerun)):
+          watch_experts(), stream_layers(model, architecture, load_next, after_layer=prune_and_rerun)):
         model(input_ids=ids, use_cache=False)
     return record
 

@@ -105,9 +105,9 @@ def _check_moe(checkpoint: TensorSource, config: ConvertConfig) -> None:
     if layout is None:
         return
     model_type = checkpoint.architecture.model_type
-    if config.values == KEEP or config.bytes_per_weight is not None:
-        raise ConfigError(f"{model_type} is a Mixture-of-Experts model: --bytes-per-weight and a GGUF's own blocks "
-                          "do not cover experts yet; pass --method wanda, sparsegpt or magnitude with --sparsity "
+    if config.values == KEEP:
+        raise ConfigError(f"{model_type} is a Mixture-of-Experts model: a GGUF's own blocks do not cover experts "
+                          "yet; pass --bytes-per-weight, or --method wanda, sparsegpt or magnitude with --sparsity "
                           "and --values raw, int8 or int4")
     if needs_calibration(config) and layout.fused_in_checkpoint:
         raise ConfigError(f"{model_type}'s experts multiply as x @ W (W [in, out]), which the calibrated methods do "

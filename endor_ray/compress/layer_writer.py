@@ -32,8 +32,9 @@ class LayerWriter:
         a few thousand weights that choose which experts run)."""
         self.staging, self.config, self.dtype, self.unpruned = staging, config, dtype, unpruned
         self.entries: list[dict[str, Any] | None] = [None] * num_layers
-        self.measured: dict[int, tuple[int, int, dict[str, list]]] = {}  # whole-model budget: options per layer
-        self.planned: dict[int, dict[str, Setting]] = {}  # ... and the settings chosen from them
+        # whole-model budget: options per unit (a layer, or (layer, expert) for an MoE expert) ...
+        self.measured: dict[int | tuple[int, int], tuple[int, int, dict[str, list]]] = {}
+        self.planned: dict[int | tuple[int, int], dict[str, Setting]] = {}  # ... and the settings chosen from them
         self.progress, self._bar = progress, None
 
     @property
@@ -51,7 +52,7 @@ class LayerWriter:
         `stats`: what calibration gathered for each weight, by name within the layer (None: none ran).
         `kept`: tensors stored as they are (a GGUF's own blocks), by name within the layer.
         """
-        stored, encoded = self._encode(layer_idx, weights, stats, kept)
+        stored, encoded = self._encode(layer_idx, layer_idx, weights, stats, kept)
         file_name = layer_file_name(layer_idx)
         self.entries[layer_idx] = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
         sizes = sum(enc.nbytes for enc in encoded.values()), sum(enc.dense_nbytes for enc in encoded.values())
@@ -59,9 +60,10 @@ class LayerWriter:
         self.bar.update(1)
         return stored
 
-    def _encode(self, layer_idx: int, weights: dict[str, torch.Tensor], stats: dict[str, CalibrationStats] | None,
-                kept: dict[str, EncodedTensor] | None) -> tuple[dict[str, torch.Tensor], dict[str, EncodedTensor]]:
-        """(weights as stored, their encodings) of one unit: a layer, or one expert of it."""
+    def _encode(self, layer_idx: int, unit: int | tuple[int, int], weights: dict[str, torch.Tensor],
+                stats: dict[str, CalibrationStats] | None, kept: dict[str, EncodedTensor] | None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, EncodedTensor]]:
+        """(weights as stored, their encodings) of one unit: a layer, or one expert of it ((layer, expert))."""
         config = self.config
         prunable = self._prunable(weights)
         stats = stats or {}
@@ -71,7 +73,7 @@ class LayerWriter:
         settings = {name: Setting(config.sparsity, "raw" if config.values == KEEP else config.values)
                     for name in prunable}
         if config.bytes_per_weight is not None:
-            settings = self._choose(layer_idx, weights, prunable, stats)
+            settings = self._choose(unit)
         stored, encoded = {}, dict(kept or {})
         for name, weight in weights.items():
             layout = "dense" if config.store_format == "dense" or name not in settings else None
@@ -94,7 +96,8 @@ class LayerWriter:
         return each expert's weights as stored. `stats`: per expert, what calibration gathered."""
         entries, stored = [], {}
         for expert_idx, weights in sorted(experts.items()):
-            stored[expert_idx], encoded = self._encode(layer_idx, weights, (stats or {}).get(expert_idx), None)
+            stored[expert_idx], encoded = self._encode(layer_idx, (layer_idx, expert_idx), weights,
+                                                       (stats or {}).get(expert_idx), None)
             file_name = expert_file_name(layer_idx, expert_idx)
             entry = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
             entries.append({"expert": expert_idx, "file": entry["file"], "nbytes": entry["nbytes"],
@@ -105,17 +108,17 @@ class LayerWriter:
     def _prunable(self, weights: dict[str, torch.Tensor]) -> list[str]:
         return [name for name, weight in weights.items() if is_prunable(name, weight) and name not in self.unpruned]
 
-    def _choose(self, layer_idx: int, weights: dict[str, torch.Tensor], prunable: list[str],
-                stats: dict[str, CalibrationStats]) -> dict[str, Setting]:
+    def _choose(self, unit: int | tuple[int, int]) -> dict[str, Setting]:
         """Mixed precision: each prunable tensor's setting, from the whole model's plan (`plan`)."""
-        if layer_idx not in self.planned:
-            raise StoreError(f"layer {layer_idx} has no mixed-precision plan (internal: measure and plan first)")
-        return self.planned[layer_idx]
+        if unit not in self.planned:
+            raise StoreError(f"unit {unit} has no mixed-precision plan (internal: measure and plan first)")
+        return self.planned[unit]
 
     def measure(self, layer_idx: int, weights: dict[str, torch.Tensor], stats: dict[str, CalibrationStats],
-                sensitivities: dict[str, torch.Tensor] | None = None) -> None:
-        """Record one layer's options for the whole model's plan (nothing is written); with the
-        loss's output sensitivities (`endor_ray.compress.sensitivity`), errors are predicted losses."""
+                sensitivities: dict[str, torch.Tensor] | None = None, expert: int | None = None) -> None:
+        """Record one layer's (or one of its experts') options for the whole model's plan (nothing is
+        written); with the loss's output sensitivities (`endor_ray.compress.sensitivity`; none for an
+        expert), errors are predicted losses."""
         config = self.config
         prunable = self._prunable(weights)
         fixed = sum(encode(weights[name].to(self.dtype), layout="dense").nbytes
@@ -130,18 +133,18 @@ class LayerWriter:
             row_weights = None if sensitivities is None else sensitivities[f"{layer_idx}.{name.rpartition('.')[0]}"]
             options[name] = measure(weights[name], stats[name], self.dtype, config.block_size, config.group_size,
                                     row_weights)
-        self.measured[layer_idx] = (fixed, numel, options)
+        self.measured[layer_idx if expert is None else (layer_idx, expert)] = (fixed, numel, options)
 
     def plan(self) -> None:
         """One budget for all decoder layers: each tensor's setting by `choose_global` over every
         measured layer (bytes may move to the layers whose tensors lose most per byte)."""
         fixed = sum(entry[0] for entry in self.measured.values())
         numel = sum(entry[1] for entry in self.measured.values())
-        options = {(layer_idx, name): candidates for layer_idx, entry in self.measured.items()
+        options = {(unit, name): candidates for unit, entry in self.measured.items()
                    for name, candidates in entry[2].items()}
         least = fixed + sum(min(option.nbytes for option in candidates) for candidates in options.values())
         if least > self.config.bytes_per_weight * numel:
             raise ConfigError(f"the decoder layers need at least {least / numel:.3f} bytes per weight even at their "
                               f"cheapest settings; raise --bytes-per-weight (got {self.config.bytes_per_weight})")
-        for (layer_idx, name), setting in choose_global(options, self.config.bytes_per_weight * numel - fixed).items():
-            self.planned.setdefault(layer_idx, {})[name] = setting
+        for (unit, name), setting in choose_global(options, self.config.bytes_per_weight * numel - fixed).items():
+            self.planned.setdefault(unit, {})[name] = setting
