@@ -24,7 +24,6 @@ from endor_ray.engine import Engine, EngineConfig
 from endor_ray.engine.expert_cache import ExpertCache
 from endor_ray.engine.sampling import SamplingParams
 from endor_ray.engine.scheduler import SchedulerConfig
-from endor_ray.errors import ConfigError
 from endor_ray.format.tensor import decode
 from endor_ray.store.store import Store
 
@@ -127,8 +126,6 @@ def test_export_writes_the_checkpoint_names(moe):
 
 def test_experts_are_compressed_like_any_linear(tmp_path):
     checkpoint = family_checkpoint(tmp_path / "ckpt", FAMILIES["mixtral"])
-    with pytest.raises(ConfigError, match="Mixture-of-Experts.*--method magnitude"):
-        convert(str(checkpoint), tmp_path / "wanda", ConvertConfig(), progress=False)  # Wanda calibrates
     store = Store(str(convert(str(checkpoint), tmp_path / "store",
                               ConvertConfig(method="magnitude", sparsity=0.5, values="int8"), progress=False)))
     tensors = store.manifest["layers"][0]["experts"][3]["tensors"]
@@ -138,6 +135,15 @@ def test_experts_are_compressed_like_any_linear(tmp_path):
     assert (decode(encoded) != 0).sum(dim=1).tolist() == [encoded.shape[1] // 2] * encoded.shape[0]
 
     # The engine decodes the compressed experts: its tokens equal transformers' with the store's weights loaded
+    [result] = generate(store.location, "0")
+    expected = decoded_greedy(checkpoint, store)
+    assert [c.token_ids for c in result.completions] == expected
+    assert expected != cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
+
+
+def decoded_greedy(checkpoint, store: Store) -> list[list[int]]:
+    """transformers' greedy tokens (each prompt alone, fp32) on the checkpoint's model with the store's
+    decoded values loaded in place of its weights (the experts stacked as the module holds them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -145,19 +151,122 @@ def test_experts_are_compressed_like_any_linear(tmp_path):
     for layer_idx in range(store.num_layers):
         state.update({f"model.layers.{layer_idx}.{name}": decode(enc)
                       for name, enc in store.layer_tensors(layer_idx).items()})
-        experts = [store.expert_tensors(layer_idx, expert_idx) for expert_idx in range(NUM_EXPERTS)]
-        for param in experts[0]:
+        experts = [store.expert_tensors(layer_idx, expert_idx) for expert_idx in range(store.num_experts(layer_idx))]
+        for param in experts[0] if experts else ():
             state[f"model.layers.{layer_idx}.mlp.experts.{param}"] = torch.stack([decode(e[param]) for e in experts])
     model.load_state_dict(state, strict=True)
-    [result] = generate(store.location, "0")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     expected = []
     for ids, count in zip(tokenizer(PROMPTS).input_ids, MAX_NEW_TOKENS):
         with torch.inference_mode():
             row = model.generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False, pad_token_id=256)
         expected.append(row[0, len(ids):].tolist())
-    assert [c.token_ids for c in result.completions] == cut(expected, MAX_NEW_TOKENS)
-    assert cut(expected, MAX_NEW_TOKENS) != cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
+    return cut(expected, MAX_NEW_TOKENS)
+
+
+@pytest.fixture(scope="module", params=[(family, values) for family in FAMILIES for values in ("int8", "int4")],
+                ids=lambda param: "-".join(param))
+def quantized_moe(request, tmp_path_factory):
+    """(family, values, checkpoint, store): every expert and Linear stored as dense int8 or int4 values."""
+    family, values = request.param
+    directory = tmp_path_factory.mktemp(f"{family}-{values}")
+    checkpoint = family_checkpoint(directory / "ckpt", FAMILIES[family])
+    store = convert(str(checkpoint), directory / "store",
+                    ConvertConfig(method="magnitude", sparsity=0.0, values=values, group_size=32), progress=False)
+    return family, values, checkpoint, store
+
+
+def test_quantized_experts_are_multiplied_from_their_blocks(quantized_moe, monkeypatch):
+    """On the CPU an int8/int4 expert is never decoded (gpt-oss's, whose module multiplies x @ W, are):
+    the cache holds its blocks at their stored bytes, each picked expert's tokens go through the CPU
+    product from those blocks, and the tokens are transformers' on the store's decoded values, the
+    cache cold, warm, smaller than a layer's picks, and absent."""
+    import endor_ray.engine.block_weight as block_weight
+    import endor_ray.engine.experts as experts
+    from endor_ray.engine.block_weight import BlockWeight
+    from endor_ray.format.cpu_matvec import stored_for_matvec
+
+    family, values, checkpoint, location = quantized_moe
+    store = Store(str(location))
+    expected = decoded_greedy(checkpoint, store)
+    decoded, multiplied = [], []
+    decode_into, matvec = experts.decode_into, block_weight.matvec
+    monkeypatch.setattr(experts, "decode_into", lambda enc, *args, **kwargs: (decoded.append(enc.shape),
+                                                                              decode_into(enc, *args, **kwargs))[1])
+    monkeypatch.setattr(block_weight, "matvec", lambda enc, *args, **kwargs: (multiplied.append(enc),
+                                                                              matvec(enc, *args, **kwargs))[1])
+    transposed = family == "gpt_oss"
+    params = [SamplingParams(max_new_tokens=count) for count in MAX_NEW_TOKENS]
+    with moe_engine(location, None) as engine:
+        cold, warm = engine.generate(PROMPTS, params), engine.generate(PROMPTS, params)
+        cache = engine.model_runner.experts.cache
+        held = [weight for weights, _ in cache._entries.values() for weight in weights.values()]
+        prefetcher = engine.model_runner.experts.prefetcher  # routers copied out of their layers, blocks kept
+        for layer_idx, router in prefetcher._routers.items():
+            stored = {t["name"]: t for t in store.manifest["layers"][layer_idx]["tensors"]}
+            for name, tensor in router.items():
+                entry = stored[f"{prefetcher.router_path}.{name}"]
+                kept_blocks = stored_for_matvec(entry["layout"], entry.get("values_encoding"), entry["shape"])
+                assert isinstance(tensor, BlockWeight) == kept_blocks
+        kept = [weight for weight in held if isinstance(weight, BlockWeight)]
+        if transposed:
+            assert not kept and decoded  # decoded as before, the tokens still transformers'
+        else:
+            assert len(kept) == len(held) == 2 * len(cache) and not decoded
+            assert {weight.blocks.values_encoding for weight in kept} == {values}
+            assert cache.nbytes == sum(weight.blocks.nbytes for weight in kept)  # the blocks' bytes, not bf16's
+            file_nbytes = store.manifest["layers"][MOE_LAYERS[family][0]]["experts"][0]["nbytes"]
+            assert 0.9 * file_nbytes * len(cache) < cache.nbytes <= file_nbytes * len(cache)
+            used = {id(enc) for enc in multiplied}
+            assert sum(id(weight.blocks) in used for weight in kept) > len(cache)  # picked ones: both tensors
+    for result in (cold, warm):
+        assert [c.token_ids for c in result.completions] == expected
+    assert warm.stats.to_dict()["experts"]["misses"] == 0
+    expert_nbytes = store.manifest["layers"][MOE_LAYERS[family][0]]["experts"][0]["nbytes"]
+    if transposed:
+        expert_nbytes = sum(math.prod(t["shape"]) * 4 for t in
+                            store.manifest["layers"][MOE_LAYERS[family][0]]["experts"][0]["tensors"])
+    [small] = generate(location, f"{int(1.5 * expert_nbytes)}B")  # one expert at a time
+    [none] = generate(location, "0", expert_prefetch=False)
+    for result in (small, none):
+        assert [c.token_ids for c in result.completions] == expected
+    assert small.stats.to_dict()["experts"]["misses"] > cold.stats.to_dict()["experts"]["misses"]
+    assert none.stats.to_dict()["experts"]["hit_rate"] == 0.0
+
+
+def test_an_expert_stack_indexes_to_each_experts_blocks():
+    """The stand-in for a fused parameter: an integer (or a 0-d index tensor) gives that expert's own
+    BlockWeight, so F.linear multiplies from it; any other use sees the experts decoded and stacked."""
+    import torch.nn.functional as F
+
+    from endor_ray.engine.block_weight import BlockWeight
+    from endor_ray.engine.experts import ExpertStack
+    from endor_ray.format import encode
+    from endor_ray.format.cpu_matvec import matvec
+
+    generator = torch.Generator().manual_seed(0)
+    encs = [encode(torch.randn(24, 64, generator=generator), layout="dense", encoding="int4", group_size=32)
+            for _ in range(3)]
+    stack = ExpertStack([BlockWeight(enc) for enc in encs])
+    assert stack.shape == (3, 24, 64) and stack.dtype == torch.float32 and not stack.is_meta
+    with torch.inference_mode():
+        for position, enc in enumerate(encs):
+            for index in (position, torch.tensor(position)):
+                assert isinstance(stack[index], BlockWeight) and stack[index].blocks is enc
+            x = torch.randn(2, 64, generator=generator)
+            assert torch.equal(F.linear(x, stack[torch.tensor(position)]), matvec(enc, x))
+        dense = torch.stack([decode(enc) for enc in encs])
+        assert torch.equal(stack[1:], dense[1:]) and torch.equal(stack.transpose(-2, -1), dense.transpose(-2, -1))
+
+
+def test_the_cache_counts_blocks_at_their_stored_bytes():
+    from endor_ray.engine.block_weight import BlockWeight
+    from endor_ray.format import encode
+
+    enc = encode(torch.randn(32, 64), layout="dense", encoding="int8", group_size=32)  # 2048 codes + 64 fp32 scales
+    cache = ExpertCache(budget_bytes=3 * enc.nbytes)
+    cache.put((0, 0), {"gate_up_proj": BlockWeight(enc, torch.bfloat16)})
+    assert cache.nbytes == enc.nbytes == 32 * 64 + 64 * 4  # not 32 * 64 * 2 bfloat16 bytes
 
 
 def moe_engine(store, expert_cache_memory: str | None, reader=None, expert_prefetch: bool = True) -> Engine:
@@ -351,3 +460,18 @@ def test_expert_reads_drop_their_pages_unless_cached(moe):
 
     assert cached_after("buffered") == 0
     assert cached_after("cached") > 0
+
+
+def test_a_routers_resident_copy_keeps_its_blocks():
+    """The prefetch copies each router out of its (reused) slot: a BlockWeight stays one, over its own bytes."""
+    from endor_ray.engine.block_weight import BlockWeight
+    from endor_ray.engine.expert_prefetch import _resident_copy
+    from endor_ray.format import encode
+
+    weight = BlockWeight(encode(torch.randn(8, 64), layout="dense", encoding="int8", group_size=32))
+    copy = _resident_copy(weight)
+    assert isinstance(copy, BlockWeight) and torch.equal(copy.blocks.values, weight.blocks.values)
+    assert copy.blocks.values.data_ptr() != weight.blocks.values.data_ptr()
+    assert copy.blocks.scales.data_ptr() != weight.blocks.scales.data_ptr()
+    weight.blocks.values.zero_()  # the slot reused: the copy keeps the router's weights
+    assert not torch.equal(copy.blocks.values, weight.blocks.values)

@@ -1,6 +1,8 @@
 """The expert cache: decompressed experts kept in device memory, least recently used evicted first.
 
-Keys are (layer, expert); values the expert's dense weights on the compute device. Why LRU: the
+Keys are (layer, expert); values the expert's weights on the compute device: dense, or on the CPU
+`BlockWeight`s over the expert's stored blocks, counted at those bytes (an INT8 expert holds about half
+of its bf16 decode, so the same budget keeps about twice as many). Why LRU: the
 experts a layer picks for one token are, far more often than chance, picked again for the next
 few tokens (Mixtral-offloading, arXiv 2312.17238, measured LRU hit rates well above a static
 choice on Mixtral), and within a layer every expert has the same size, so recency is the whole
@@ -15,11 +17,19 @@ from collections import OrderedDict
 
 import torch
 
+from endor_ray.engine.block_weight import BlockWeight
+
 ExpertKey = tuple[int, int]  # (layer_idx, expert_idx)
 
 
+def held_nbytes(weights: dict[str, torch.Tensor]) -> int:
+    """The memory an expert's weights hold: a BlockWeight its stored blocks, a dense tensor its elements."""
+    return sum(tensor.blocks.nbytes if isinstance(tensor, BlockWeight) else tensor.numel() * tensor.element_size()
+               for tensor in weights.values())
+
+
 class ExpertCache:
-    """(layer, expert) -> dense weights on the device, within `budget_bytes` (None: no limit)."""
+    """(layer, expert) -> weights on the device, within `budget_bytes` (None: no limit)."""
 
     def __init__(self, budget_bytes: int | None):
         self.budget_bytes = budget_bytes
@@ -36,7 +46,7 @@ class ExpertCache:
 
     def put(self, key: ExpertKey, weights: dict[str, torch.Tensor]) -> None:
         """Keep the expert, evicting the least recently used ones until it fits (or not at all)."""
-        nbytes = sum(tensor.numel() * tensor.element_size() for tensor in weights.values())
+        nbytes = held_nbytes(weights)
         if self.budget_bytes is not None and nbytes > self.budget_bytes:
             return
         if key in self._entries:
@@ -50,7 +60,7 @@ class ExpertCache:
     def put_if_room(self, key: ExpertKey, weights: dict[str, torch.Tensor]) -> bool:
         """Keep the expert only where it fits without evicting anything, as the least recently used
         (a wrong prefetch guess: the first to go)."""
-        nbytes = sum(tensor.numel() * tensor.element_size() for tensor in weights.values())
+        nbytes = held_nbytes(weights)
         if key in self._entries or (self.budget_bytes is not None and self.nbytes + nbytes > self.budget_bytes):
             return False
         self._entries[key] = (weights, nbytes)

@@ -4,8 +4,9 @@ As in Mixtral-offloading (arXiv 2312.17238): the residual stream changes little 
 the next, so the router (gate) of MoE layer L+1, applied to the hidden state that layer L's own
 router saw, picks mostly the experts L+1's router will pick when it runs. While layer L computes,
 those guessed experts are read and decoded on this prefetcher's own thread (its own
-`ExpertReader` and buffers; on the CPU the decode splits over the decode threads) and held until
-layer L+1 runs. Then the real picks are used, so the guess never changes a token:
+`ExpertReader` and buffers; on the CPU the decode splits over the decode threads, and experts that
+keep their blocks are only read and checked) and held until layer L+1 runs. Then the real picks
+are used, so the guess never changes a token:
 
 - a picked expert that was guessed is taken from the prefetch (waiting for it if it is still
   being read): a hit, and a *useful* prefetch;
@@ -34,6 +35,7 @@ in `expert_bytes` like the misses'.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,8 +53,13 @@ log = logging.getLogger(__name__)
 
 
 def _resident_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy that owns its memory (a streamed layer's tensors live in a slot that is reused)."""
-    return tensor.dense().clone() if isinstance(tensor, BlockWeight) else tensor.detach().clone()
+    """A copy that owns its memory (a streamed layer's tensors live in a slot that is reused); a
+    BlockWeight stays one, over copies of its blocks."""
+    if isinstance(tensor, BlockWeight):
+        blocks = tensor.blocks
+        return BlockWeight(dataclasses.replace(blocks, **{name: part.clone() for name, part in blocks.parts().items()}),
+                           tensor.dtype, tensor.threads)
+    return tensor.detach().clone()
 
 
 class ExpertPrefetcher:

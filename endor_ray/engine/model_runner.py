@@ -12,6 +12,7 @@ and the context a sequence may fill. The engine (`engine.engine`) schedules; thi
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import operator
@@ -134,12 +135,36 @@ class ModelRunner:
             if plan.streamed:
                 used += (self.config.prefetch_depth + 1) * (max(compressed) + max(dense))
             # and one layer's picked experts, stacked for its pass (at most all of them), and as much again
-            # for the next layer's guessed experts the prefetch holds before they enter the cache
-            layer_experts = max((sum(torch.Size(t["shape"]).numel() for expert in entry.get("experts", [])
-                                     for t in expert["tensors"]) for entry in entries), default=0) * self.dtype.itemsize
+            # for the next layer's guessed experts the prefetch holds before they enter the cache; experts
+            # kept as their blocks (CPU) are never stacked and hold their file bytes
+            layer_experts = max((sum(self._expert_nbytes(expert) for expert in entry.get("experts", []))
+                                 for entry in entries), default=0)
             used += layer_experts * (2 if self.config.expert_prefetch else 1)
             self._expert_cache_bytes = max(budget_bytes - used, 0)
         return plan
+
+    @functools.cached_property
+    def _experts_keep_blocks(self) -> bool:
+        """CPU experts with a product from their blocks are multiplied from them (`engine.experts`); not
+        where the module multiplies x @ W (transformers' `is_transposed`, gpt-oss: [in, out] slices),
+        as the product from W's row blocks is x @ W^T."""
+        from endor_ray.models.moe import expert_layout
+        from endor_ray.models.skeleton import decoder_layers
+
+        layout, moe_layers = expert_layout(self.store.config), self._moe_layers()
+        if self.device.type != "cpu" or not self.config.cpu_matvec or layout is None or not moe_layers:
+            return False
+        layer = decoder_layers(self.model, self.store.architecture)[min(moe_layers)]
+        return not getattr(operator.attrgetter(layout.experts_path)(layer), "is_transposed", False)
+
+    def _expert_nbytes(self, expert: dict) -> int:
+        """What one expert (its manifest entry) holds on the device: its file bytes where its blocks
+        are kept, else its dense weights in the compute dtype."""
+        from endor_ray.engine.experts import ExpertReader
+
+        if self._experts_keep_blocks and ExpertReader.keeps_blocks(expert):
+            return expert["nbytes"]
+        return sum(torch.Size(tensor["shape"]).numel() for tensor in expert["tensors"]) * self.dtype.itemsize
 
     def _decoded_nbytes(self, entries: list[dict]) -> tuple[list[int], list[int]]:
         """Per layer: the dense weights decoded for it (what a slot holds beyond its read buffer), and
@@ -176,15 +201,22 @@ class ModelRunner:
         reader = ExpertReader(self.store, self.device, ops, self.dtype if self.config.compute_dtype else None,
                               verify=self.config.verify_disk_reads, decode_threads=self.source.decode_threads,
                               remote=getattr(self.source.reader, "expert_bytes", None),  # shard servers
-                              direct_io=self.config.disk_io == "direct", keep_cache=self.config.disk_io == "cached")
+                              direct_io=self.config.disk_io == "direct", keep_cache=self.config.disk_io == "cached",
+                              keep_blocks=self._experts_keep_blocks)
         layout = expert_layout(self.store.config)
+        if reader.keep_blocks and any(reader.keeps_blocks(expert) for entry in self.store.manifest["layers"]
+                                      for expert in entry.get("experts", [])):
+            # transformers' eager loop indexes one expert and calls F.linear on it, which a BlockWeight
+            # multiplies from its blocks; grouped_mm would take the whole stack (decoded)
+            self.model.set_experts_implementation("eager")
         prefetcher = None
         if self.config.expert_prefetch:  # its own reader: its buffers are used on the prefetch thread
             from endor_ray.engine.expert_prefetch import ExpertPrefetcher
 
             prefetch_reader = ExpertReader(self.store, self.device, ops, reader.compute_dtype, verify=reader.verify,
                                            decode_threads=reader.decode_threads, remote=reader.remote,
-                                           direct_io=reader.direct_io, keep_cache=reader.keep_cache)
+                                           direct_io=reader.direct_io, keep_cache=reader.keep_cache,
+                                           keep_blocks=reader.keep_blocks)
             prefetcher = ExpertPrefetcher(prefetch_reader, layout.router_path, list(self._moe_layers()), ops,
                                           self.config.fetch_timeout_s)
         return ExpertStreamer(layout, reader, ExpertCache(self._expert_cache_bytes), lambda: self.source.stats,
