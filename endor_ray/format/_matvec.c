@@ -243,12 +243,12 @@ __attribute__((target(AVX512), always_inline)) static inline void chunk512_k(int
         int h = j / 4, k = j % 4;
         const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
         __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
-        for (int half = 0; half < 2; half++) {
-            __m512i low = _mm512_and_si512(_mm512_srl_epi32(bytes16(ql + 16 * half), low_shift), fifteen);
-            __m512i high = _mm512_srl_epi32(bytes16(qh + 16 * half), high_shift);
-            high = _mm512_and_si512(high, _mm512_set1_epi32(3));
-            __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
-            w[half] = round512(_mm512_mul_ps(_mm512_set1_ps(ds[2 * j + half]), _mm512_cvtepi32_ps(q)), dtype, finite);
+        for (int half = 0; half < 2; half++) { /* the 16 codes - 32 as bytes (top <= 3: no bit leaves its byte) */
+            __m128i low = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(ql + 16 * half)), low_shift);
+            __m128i top = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * half)), high_shift);
+            __m128i q = _mm_or_si128(_mm_and_si128(low, _mm_set1_epi8(15)), _mm_slli_epi16(_mm_and_si128(top, _mm_set1_epi8(3)), 4));
+            __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(q, _mm_set1_epi8(32))));
+            w[half] = round512(_mm512_mul_ps(_mm512_set1_ps(ds[2 * j + half]), f), dtype, finite);
         }
         return;
     }
@@ -450,11 +450,14 @@ __attribute__((target(AVX2), always_inline)) static inline void chunk256_k(int t
         int h = j / 4, k = j % 4;
         const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
         __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
-        for (int part = 0; part < 4; part++) {
-            __m256i low = _mm256_and_si256(_mm256_srl_epi32(bytes8(ql + 8 * part), low_shift), fifteen);
-            __m256i high = _mm256_and_si256(_mm256_srl_epi32(bytes8(qh + 8 * part), high_shift), _mm256_set1_epi32(3));
-            __m256i q = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), _mm256_set1_epi32(32));
-            w[part] = _mm256_mul_ps(_mm256_set1_ps(ds[2 * j + part / 2]), _mm256_cvtepi32_ps(q));
+        for (int half = 0; half < 2; half++) { /* 16 codes - 32 as bytes, as chunk512_k */
+            __m128i low = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(ql + 16 * half)), low_shift);
+            __m128i top = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * half)), high_shift);
+            __m128i q = _mm_or_si128(_mm_and_si128(low, _mm_set1_epi8(15)), _mm_slli_epi16(_mm_and_si128(top, _mm_set1_epi8(3)), 4));
+            q = _mm_sub_epi8(q, _mm_set1_epi8(32));
+            __m256 scale = _mm256_set1_ps(ds[2 * j + half]);
+            w[2 * half] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+            w[2 * half + 1] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
         }
         return;
     }
