@@ -1,8 +1,10 @@
 """Batch-1 products on the CPU straight from the stored blocks, against decoding first (issue 24, item 3).
 
-Kernel: Llama-7B-shaped weights ([4096, 4096] attention, [11008, 4096] gate/up, [4096, 11008] down),
-bf16, stored as INT8 / INT4 (groups of 32, dense) and as llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks
-(random rows quantized, then tiled: the bytes a product reads, not their values, set its speed).
+Kernel: Llama-7B-shaped weights ([4096, 4096] attention, [11008, 4096] gate/up, [4096, 11008] down,
+and the [49152, 4096] LM head llama.cpp's Q4_0 / Q4_K_M files store as Q6_K), bf16, stored as INT8 /
+INT4 (groups of 32, dense) and as llama.cpp's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K blocks (random
+rows quantized, then tiled: the bytes a product reads, not their values, set its speed).
+--shapes / --encodings pick a subset (the default: every encoding on the three layer shapes).
 Arms, interleaved round by round (the machine is shared; medians over the rounds):
 
   matvec        `cpu_matvec.matvec` at x rows 1, 4, 8, all cores (what a decode step now runs)
@@ -19,6 +21,7 @@ and without `--cpu-matvec`, rounds interleaved; seconds per pass over the weight
 s_per_pass, start-up excluded) for --new-tokens greedy tokens, and the tokens (identical or not).
 
     python benchmarks/cpu_matvec_bench.py [--rounds 5] [--layers 4] [--skip-engine]
+        [--shapes attn lm_head] [--encodings q4_k q5_k q6_k] [--out FILE]
         ->  benchmarks/results/cpu_matvec_bench.json
 """
 
@@ -43,9 +46,11 @@ from endor_ray.format.cpu_decode import decode_into
 from endor_ray.format.cpu_matvec import matvec, supported_isas
 from endor_ray.format.tensor import EncodedTensor
 
-SHAPES = {"attn [4096, 4096]": (4096, 4096), "gate/up [11008, 4096]": (11008, 4096), "down [4096, 11008]": (4096, 11008)}
+SHAPES = {"attn [4096, 4096]": (4096, 4096), "gate/up [11008, 4096]": (11008, 4096),
+          "down [4096, 11008]": (4096, 11008), "lm_head [49152, 4096]": (49152, 4096)}
+DEFAULT_SHAPES = ("attn", "gate/up", "down")
 ENCODINGS = {"int8 g32": ("int8", 32), "int4 g32": ("int4", 32), "q8_0": ("q8_0", 0), "q4_0": ("q4_0", 0),
-             "q4_1": ("q4_1", 0)}
+             "q4_1": ("q4_1", 0), "q4_k": ("q4_k", 0), "q5_k": ("q5_k", 0), "q6_k": ("q6_k", 0)}
 X_ROWS = (1, 4, 8)
 TILE_ROWS = 64
 RESULTS = Path(__file__).parent / "results" / "cpu_matvec_bench.json"
@@ -66,10 +71,10 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def kernel_rounds(rounds: int, threads: int) -> list[dict]:
+def kernel_rounds(rounds: int, threads: int, shapes: dict, encodings: dict) -> list[dict]:
     rows_out = []
-    for shape_name, shape in SHAPES.items():
-        for enc_name, (encoding, group_size) in ENCODINGS.items():
+    for shape_name, shape in shapes.items():
+        for enc_name, (encoding, group_size) in encodings.items():
             enc = tiled(shape, encoding, group_size)
             dense = torch.empty(shape, dtype=torch.bfloat16)
             decode_into(enc, dense, threads=threads)
@@ -100,15 +105,15 @@ def kernel_rounds(rounds: int, threads: int) -> list[dict]:
     return rows_out
 
 
-def cpu_time_rounds(rounds: int) -> list[dict]:
+def cpu_time_rounds(rounds: int, shapes: dict, encodings: dict) -> list[dict]:
     """The same x1 arms on one thread, timed by the thread's CPU time: what a core does while it runs,
     which a loaded machine's wall clock hides (torch on one thread too)."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
     rows_out = []
     try:
-        for shape_name, shape in SHAPES.items():
-            for enc_name, (encoding, group_size) in ENCODINGS.items():
+        for shape_name, shape in shapes.items():
+            for enc_name, (encoding, group_size) in encodings.items():
                 enc = tiled(shape, encoding, group_size)
                 dense = torch.empty(shape, dtype=torch.bfloat16)
                 decode_into(enc, dense)
@@ -136,6 +141,36 @@ def cpu_time_rounds(rounds: int) -> list[dict]:
     finally:
         torch.set_num_threads(threads_before)
     return rows_out
+
+
+def summary(one_core: list[dict], wall: list[dict]) -> list[dict]:
+    """Per shape and encoding at x rows 1: the product from the blocks against decode+matmul and against
+    the already decoded weight's matmul, as one-core CPU-time ratios and all-core wall-clock ratios."""
+    rows_out = []
+    for key in dict.fromkeys((row["shape"], row["encoding"]) for row in one_core):
+        shape_name, enc_name = key
+        cpu = {row["arm"]: row["cpu_s"] for row in one_core if (row["shape"], row["encoding"]) == key}
+        clock = {row["arm"]: row["median_s"] for row in wall if (row["shape"], row["encoding"]) == key}
+        best = "matvec avx512" if "matvec avx512" in cpu else "matvec avx2"
+        entry = {"shape": shape_name, "encoding": enc_name, "one_core_matvec_isa": best,
+                 "one_core_decode_matmul_over_matvec": cpu["decode+matmul"] / cpu[best],
+                 "one_core_dense_matmul_over_matvec": cpu["dense-matmul"] / cpu[best]}
+        if clock:
+            entry["wall_decode_matmul_over_matvec_x1"] = clock["decode+matmul x1"] / clock["matvec x1"]
+            entry["wall_dense_matmul_over_matvec_x1"] = clock["dense-matmul x1"] / clock["matvec x1"]
+        rows_out.append(entry)
+        print(f"{shape_name:22} {enc_name:9} decode+matmul / matvec: one core "
+              f"{entry['one_core_decode_matmul_over_matvec']:.2f}x"
+              + (f", all cores {entry['wall_decode_matmul_over_matvec_x1']:.2f}x" if clock else ""), flush=True)
+    return rows_out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 # -- the engine ---------------------------------------------------------------------------------------
@@ -204,18 +239,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--values", nargs="+", default=["int8", "int4"], choices=["int8", "int4"],
                         help="the engine's stores (converting a 7B-shaped layer takes minutes)")
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
+                        choices=[name.split(" [")[0] for name in SHAPES], help="kernel shapes (by name)")
+    parser.add_argument("--encodings", nargs="+", default=[name.split()[0] for name in ENCODINGS],
+                        choices=[name.split()[0] for name in ENCODINGS], help="kernel encodings")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "endor-cpu-matvec-bench")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"machine": {"cpus": os.cpu_count(), "isas": supported_isas(), "torch_threads": torch.get_num_threads(),
+    result = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "isas": supported_isas(), "torch_threads": torch.get_num_threads(),
                           "load_average_start": os.getloadavg()},
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds}
+    shapes = {name: shape for name, shape in SHAPES.items() if name.split(" [")[0] in args.shapes}
+    encodings = {name: spec for name, spec in ENCODINGS.items() if name.split()[0] in args.encodings}
     if not args.skip_kernel:
-        result["kernel_one_core_cpu_time"] = cpu_time_rounds(args.rounds)
-        result["kernel"] = kernel_rounds(args.rounds, args.threads)
+        result["kernel_one_core_cpu_time"] = cpu_time_rounds(args.rounds, shapes, encodings)
+        result["kernel"] = kernel_rounds(args.rounds, args.threads, shapes, encodings)
+        result["summary"] = summary(result["kernel_one_core_cpu_time"], result["kernel"])
     if not args.skip_engine:
         result["engine"] = engine_rounds(args.root, args.layers, args.engine_rounds, args.new_tokens, tuple(args.values))
     result["machine"]["load_average_end"] = os.getloadavg()
