@@ -46,6 +46,9 @@ Q3_K, Q2_K, IQ4_NL = GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q2_K, GGMLQ
 LOW_BIT = (Q3_K, Q2_K, IQ4_NL)  # gguf-py cannot quantize these: their blocks come from the format's port of
 # llama.cpp's quantizers (bit-exact against libggml in test_gguf_blocks.py)
 LOW_BIT_LAYER = {"self_attn": Q3_K, "mlp.gate_proj": Q2_K, "mlp.up_proj": Q2_K, "mlp.down_proj": IQ4_NL}
+Q4_K, Q5_K, Q6_K = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K
+K_TYPES = (Q4_K, Q5_K, Q6_K)  # gguf-py cannot quantize these either
+K_LAYER = {"self_attn": Q4_K, "mlp.gate_proj": Q5_K, "mlp.up_proj": Q5_K, "mlp.down_proj": Q6_K}
 
 
 def tiny_gguf_name(name: str) -> tuple[str, GGMLQuantizationType]:
@@ -70,7 +73,7 @@ def gguf_of(weight: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
         return array.astype(np.float32)
     if qtype == F16:
         return array.astype(np.float16)
-    if qtype in LOW_BIT:
+    if qtype in LOW_BIT or qtype in K_TYPES:
         return quantize_blocks(weight, qtype.name.lower()).numpy().reshape(array.shape[0], -1)
     return quantize(array, qtype)
 
@@ -183,6 +186,50 @@ def low_bit_gguf_name(name: str) -> tuple[str, GGMLQuantizationType]:
         if f".{prefix}" in name and name.endswith("proj.weight"):
             return gguf_name, low_bit
     return gguf_name, qtype
+
+
+def k_gguf_name(name: str) -> tuple[str, GGMLQuantizationType]:
+    """The tiny GGUF's names with a Q4_K_M file's kind of types: attention Q4_K, gate/up Q5_K, down and
+    the LM head Q6_K."""
+    gguf_name, qtype = tiny_gguf_name(name)
+    if name == "lm_head.weight":
+        return gguf_name, Q6_K
+    for prefix, k_type in K_LAYER.items():
+        if f".{prefix}" in name and name.endswith("proj.weight"):
+            return gguf_name, k_type
+    return gguf_name, qtype
+
+
+def test_a_k_type_store_multiplies_from_its_blocks_on_the_cpu(tmp_path):
+    """A kept Q4_K/Q5_K/Q6_K GGUF on the CPU: the decoder Linears and the Q6_K LM head stay blocks and
+    multiply from them (no decoded copy of the head), with the greedy tokens of decoding everything."""
+    from test_engine import PROMPTS
+
+    from endor_ray.engine import Engine, EngineConfig
+    from endor_ray.engine.block_weight import BlockWeight
+    from endor_ray.engine.sampling import SamplingParams
+
+    hf_dir = make_checkpoint(tmp_path / "hf", "llama-gqa", hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=2)  # rows of whole 256-weight super-blocks
+    config = json.loads((hf_dir / "config.json").read_text())
+    write_gguf(tmp_path / "k.gguf", "llama", config, load_file(hf_dir / "model.safetensors"), k_gguf_name)
+    store = convert(str(tmp_path / "k.gguf"), tmp_path / "store", ConvertConfig(values="keep"), progress=False)
+    assert read_manifest(store)["compression"]["values"] == "q4_k+q5_k+q6_k"
+    tokens = {}
+    for cpu_matvec in (True, False):
+        config = EngineConfig(device="cpu", compute_dtype="float32", cpu_matvec=cpu_matvec, gpu_memory=None)
+        with Engine(str(store), config, progress=False) as engine:
+            head = engine.model_runner.model.lm_head.weight
+            assert isinstance(head, BlockWeight) == cpu_matvec
+            source = engine.model_runner.source
+            encodings = {weight.blocks.values_encoding for layer in source.resident.values()
+                         for weight in layer.values() if isinstance(weight, BlockWeight)}
+            assert encodings == ({"q4_k", "q5_k", "q6_k"} if cpu_matvec else set())
+            if cpu_matvec:
+                assert head.blocks.values_encoding == "q6_k"
+            completions, _ = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
+            tokens[cpu_matvec] = [completion.token_ids for completion in completions]
+    assert tokens[True] == tokens[False] and any(tokens[True])
 
 
 @pytest.fixture(scope="module")
