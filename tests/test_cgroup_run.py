@@ -103,9 +103,9 @@ def test_generate_finishes_inside_a_limit_smaller_than_its_layers(cgroup, wide_s
     assert f"cgroup v1 {cgroup}" in note and "slots of" in note, note
     assert "-- 4 tokens" in run.stderr
     # The old sizing, asked for explicitly (every layer resident in half of MemAvailable): killed
-    from endor_ray.utils.system import available_memory_bytes
+    from endor_ray.utils.memory import meminfo
 
-    old_budget = int(0.5 * available_memory_bytes())
+    old_budget = int(0.5 * meminfo("/proc")["MemAvailable"])
     killed = subprocess.run(["sh", "-c", command + f" --gpu-memory {old_budget}B"], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
     oom = (cgroup / "memory.oom_control").read_text()

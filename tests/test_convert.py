@@ -124,7 +124,7 @@ def test_streamed_calibration_equals_resident(tiny_checkpoints, tmp_path, monkey
     source = tiny_checkpoints["llama-gqa"]
     config = ConvertConfig(sparsity=0.5, method="wanda", block_size=256, calib_samples=3, calib_seq_len=10, seed=5)
     resident = convert(str(source), tmp_path / "resident", config, progress=False)
-    monkeypatch.setattr(calibrated_module, "available_memory_bytes", lambda: 1)  # nothing fits: stream
+    monkeypatch.setattr(calibrated_module, "free_memory", lambda: 1)  # nothing fits: stream
     streamed = convert(str(source), tmp_path / "streamed", config, progress=False)
     for layer in read_manifest(resident)["layers"]:
         assert (resident / layer["file"]).read_bytes() == (streamed / layer["file"]).read_bytes()

@@ -22,10 +22,15 @@ from endor_ray.compress.layer_writer import LayerWriter
 from endor_ray.compress.prune import InputNormCollector
 from endor_ray.compress.setting import CalibrationStats
 from endor_ray.models.moe import expert_layout
-from endor_ray.utils.system import available_memory_bytes
+from endor_ray.utils.memory import memory_limit
 
 if TYPE_CHECKING:
     from endor_ray.compress.convert import ConvertConfig
+
+
+def free_memory() -> int:
+    """What this process may still allocate: its cgroup's room or the machine's available memory."""
+    return memory_limit().available_bytes
 
 
 @torch.no_grad()
@@ -52,7 +57,7 @@ def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: L
         # One pass over all layers per generated token. A model that fits in memory is read once and
         # kept (seconds for the embedded model); a larger one is streamed from the checkpoint each pass.
         layer_bytes = checkpoint.layer_nbytes(torch.float32)
-        resident = layer_bytes < 0.5 * available_memory_bytes()
+        resident = layer_bytes < 0.5 * free_memory()
         loaded = ({idx: load_compute(idx) for idx in tqdm(range(architecture.num_layers), desc="load for calibration",
                                                           unit="layer", disable=not writer.progress)}
                   if resident else None)
@@ -123,7 +128,7 @@ def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: L
         # which puts every tensor's error on the scale of the loss. (Not for an MoE model: its experts
         # are no Linear modules to take the sensitivities of, so every error stays an output error.)
         sensitivities = None
-        if layout is None and checkpoint.layer_nbytes(torch.float32) < 0.5 * available_memory_bytes():
+        if layout is None and checkpoint.layer_nbytes(torch.float32) < 0.5 * free_memory():
             sensitivities = loss_sensitivities(model, layers, load_compute, ids)
 
         def measure_only(layer_idx: int, layer, args: tuple, kwargs: dict, output):
