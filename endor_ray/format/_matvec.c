@@ -4,10 +4,11 @@
  * group scales, or gguf_blocks' q8_0, q4_0, q4_1, q5_0, q5_1, and q4_k, q5_k, q6_k where each row is
  * whole 256-weight super-blocks, cols % 256 == 0: a k-type tensor whose blocks run over the flattened
  * elements has no product and is decoded); x is [x_rows, cols] float32 and y [x_rows, rows] float32.
- * Each weight is first computed exactly as the reference decode defines it, float32 then rounded to nearest even to the tensor's dtype (fp16, bf16 or fp32), and that value is
- * what multiplies x: the product uses the decoded tensor's values bit for bit. For the k-types that
- * value is gguf_blocks' (d * sc) * q - (dmin * mn) (q4_k, q5_k) or (d * sc) * (q - 32) (q6_k), each
- * product and difference one float32 rounding (this file is built with -ffp-contract=off).
+ * Each weight is first computed exactly as the reference decode defines it, float32 then rounded to
+ * nearest even to the tensor's dtype (fp16, bf16 or fp32), and that value is what multiplies x: the
+ * product uses the decoded tensor's values bit for bit. For the k-types that value is gguf_blocks'
+ * (d * sc) * q - (dmin * mn) (q4_k, q5_k) or (d * sc) * (q - 32) (q6_k), each product and difference
+ * one float32 rounding (this file is built with -ffp-contract=off).
  *
  * The sum's order is part of the spec, so that the AVX-512, AVX2 and scalar loops agree bit for bit:
  * a row's columns fall into 32 lanes (column c into lane c % 32); each lane accumulates, in column
@@ -19,8 +20,8 @@
  * W's rows over threads (ctypes releases the GIL). The weight row is read from memory once and
  * stays in L1 while it meets x in groups of 4 rows; a k-type row goes a super-block at a time, its
  * scales decoded once for the 8 chunks of 32 (each chunk one q4_k/q5_k sub-block, two q6_k ones, so
- * one scale per register). Every size is checked against the arrays given:
- * nothing is read outside them, whatever the arguments.
+ * one scale per register). Every size is checked against the arrays given: nothing is read outside
+ * them, whatever the arguments.
  */
 #include <math.h>
 #include <stdint.h>
@@ -243,13 +244,16 @@ __attribute__((target(AVX512), always_inline)) static inline void chunk512_k(int
         int h = j / 4, k = j % 4;
         const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
         __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
-        for (int half = 0; half < 2; half++) { /* the 16 codes - 32 as bytes (top <= 3: no bit leaves its byte) */
-            __m128i low = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(ql + 16 * half)), low_shift);
-            __m128i top = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * half)), high_shift);
-            __m128i q = _mm_or_si128(_mm_and_si128(low, _mm_set1_epi8(15)), _mm_slli_epi16(_mm_and_si128(top, _mm_set1_epi8(3)), 4));
-            __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(q, _mm_set1_epi8(32))));
-            w[half] = round512(_mm512_mul_ps(_mm512_set1_ps(ds[2 * j + half]), f), dtype, finite);
-        }
+        /* the 32 codes - 32 as bytes (top <= 3: no bit leaves its byte), then widened 16 at a time */
+        __m256i low = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)ql), low_shift),
+                                       _mm256_set1_epi8(15));
+        __m256i top = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), high_shift),
+                                       _mm256_set1_epi8(3));
+        __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+        __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        w[0] = round512(_mm512_mul_ps(_mm512_set1_ps(ds[2 * j]), f0), dtype, finite);
+        w[1] = round512(_mm512_mul_ps(_mm512_set1_ps(ds[2 * j + 1]), f1), dtype, finite);
         return;
     }
     const uint8_t *qs = b + (type == MV_Q4_K ? 16 : 48) + 32 * (j / 2);  /* sub-block j: nibble j % 2 */
@@ -264,10 +268,11 @@ __attribute__((target(AVX512), always_inline)) static inline void chunk512_k(int
     }
     __m512 high = round512(_mm512_sub_ps(_mm512_mul_ps(scale, _mm512_add_ps(codes, _mm512_set1_ps(16.0f))), minimum),
                            dtype, finite);
-    const __m512i bit = _mm512_set1_epi32(1 << j), sixteen = _mm512_set1_epi32(16);
+    const __m128i bit = _mm_set1_epi8((char)(1 << j));  /* the fifth bits: bit j of qh[l], as a lane mask */
+    const __m512i sixteen = _mm512_set1_epi32(16);
     q0 = _mm512_and_si512(q0, fifteen), q1 = _mm512_and_si512(q1, fifteen);
-    q0 = _mm512_mask_or_epi32(q0, _mm512_test_epi32_mask(bytes16(b + 16), bit), q0, sixteen);
-    q1 = _mm512_mask_or_epi32(q1, _mm512_test_epi32_mask(bytes16(b + 32), bit), q1, sixteen);
+    q0 = _mm512_mask_or_epi32(q0, _mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(b + 16)), bit), q0, sixteen);
+    q1 = _mm512_mask_or_epi32(q1, _mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(b + 32)), bit), q1, sixteen);
     w[0] = _mm512_permutex2var_ps(low, q0, high), w[1] = _mm512_permutex2var_ps(low, q1, high);
 }
 
@@ -450,14 +455,17 @@ __attribute__((target(AVX2), always_inline)) static inline void chunk256_k(int t
         int h = j / 4, k = j % 4;
         const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
         __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
-        for (int half = 0; half < 2; half++) { /* 16 codes - 32 as bytes, as chunk512_k */
-            __m128i low = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(ql + 16 * half)), low_shift);
-            __m128i top = _mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * half)), high_shift);
-            __m128i q = _mm_or_si128(_mm_and_si128(low, _mm_set1_epi8(15)), _mm_slli_epi16(_mm_and_si128(top, _mm_set1_epi8(3)), 4));
-            q = _mm_sub_epi8(q, _mm_set1_epi8(32));
+        /* the 32 codes - 32 as bytes, as chunk512_k, then widened 8 at a time */
+        __m256i low = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)ql), low_shift),
+                                       _mm256_set1_epi8(15));
+        __m256i top = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), high_shift),
+                                       _mm256_set1_epi8(3));
+        __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+        for (int half = 0; half < 2; half++) {
+            __m128i codes = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
             __m256 scale = _mm256_set1_ps(ds[2 * j + half]);
-            w[2 * half] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-            w[2 * half + 1] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
+            w[2 * half] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)));
+            w[2 * half + 1] = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(codes, 8))));
         }
         return;
     }
