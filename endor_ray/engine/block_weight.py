@@ -5,9 +5,8 @@ or INT4 layer to bf16 and multiplying with torch reads the blocks, writes 2 byte
 reads them again, whatever the precision; `endor_ray.format.cpu_matvec` reads each stored byte
 once. A `BlockWeight` is what the layer source hands out on the CPU for a tensor that has such a
 product (dense int8/int4, q8_0/q4_0/q4_1/q5_0/q5_1, q4_k/q5_k/q6_k with rows of whole super-blocks):
-a tensor of the weight's shape and dtype
-that owns no dense storage, only the `EncodedTensor`. The model's own `nn.Linear` runs
-`F.linear(x, weight, bias)`; `__torch_function__` takes that call and
+a tensor of the weight's shape and dtype that owns no dense storage, only the `EncodedTensor`. The
+model's own `nn.Linear` runs `F.linear(x, weight, bias)`; `__torch_function__` takes that call and
 
 - with at most `MAX_MATVEC_ROWS` rows of x (a decode step of a small batch) multiplies from the
   blocks: x in float32, each weight the reference decode's value, float32 sums, then the bias and
