@@ -25,7 +25,7 @@ from endor_ray.store.export import export_checkpoint
 from endor_ray.store.store import Store
 
 SAMPLES, SEQ_LEN = 4, 32
-FIRST_MOE = {"mixtral": 0, "deepseek_v3": 1}
+FIRST_MOE = {"mixtral": 0, "deepseek_v3": 1, "gpt_oss": 0}  # gpt-oss: x @ W, W [in, out]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def calib_text(tmp_path_factory):
     return path
 
 
-def routed_inputs(checkpoint, store: Store, ids: torch.Tensor, layer_idx: int) -> dict[int, dict[str, torch.Tensor]]:
+def routed_inputs(family: str, checkpoint, store: Store, ids: torch.Tensor, layer_idx: int
+                  ) -> dict[int, dict[str, torch.Tensor]]:
     """Per expert of `layer_idx`, the sums over its routed tokens of each Linear's input squared, from
     transformers' model with the layers before it as pruned (Wanda calibrates each layer on the pruned
     layers' outputs): {expert: {'gate_up_proj': [hidden], 'down_proj': [inter]}}."""
@@ -56,8 +57,11 @@ def routed_inputs(checkpoint, store: Store, ids: torch.Tensor, layer_idx: int) -
     for expert in torch.unique(top_k_index).tolist():
         _, token_idx = torch.where((top_k_index == expert).T)  # transformers' loop order: by pick, then token
         x = hidden[token_idx]
-        gate, up = (x @ experts.gate_up_proj[expert].T).chunk(2, dim=-1)
-        inner = experts.act_fn(gate) * up
+        if family == "gpt_oss":  # x @ W [in, out] with a bias, its own gate
+            inner = experts._apply_gate(x @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert])
+        else:
+            gate, up = (x @ experts.gate_up_proj[expert].T).chunk(2, dim=-1)
+            inner = experts.act_fn(gate) * up
         sums[expert] = {"gate_up_proj": (x * x).sum(0), "down_proj": (inner * inner).sum(0)}
     return sums
 
@@ -81,7 +85,7 @@ def test_wanda_prunes_each_expert_by_its_routed_inputs(tmp_path, calib_text, fam
 
     layer = FIRST_MOE[family]
     ids = text_calibration_ids(AutoTokenizer.from_pretrained(checkpoint), calib_text, SAMPLES, SEQ_LEN)
-    sums = routed_inputs(checkpoint, store, ids, layer)
+    sums = routed_inputs(family, checkpoint, store, ids, layer)
     assert len(sums) > 1
     from safetensors.torch import load_file
 
@@ -92,14 +96,20 @@ def test_wanda_prunes_each_expert_by_its_routed_inputs(tmp_path, calib_text, fam
         unit = {param: stored[param] for param in inputs}
         for param, sq_sum in inputs.items():
             weight = exported_weight(original, family, layer, expert, param)
-            expected = prune_rows(weight, wanda_score(weight, sq_sum), 0.5)
+            if family == "gpt_oss":  # each output (a column) loses half its inputs, as a Linear's rows do
+                expected = prune_rows(weight.T, wanda_score(weight.T, sq_sum), 0.5).T
+            else:
+                expected = prune_rows(weight, wanda_score(weight, sq_sum), 0.5)
             assert torch.equal(unit[param] != 0, expected != 0), (expert, param)
             assert torch.equal(unit[param], expected)  # kept values unchanged (raw)
-            differs_from_magnitude += not torch.equal(expected != 0, prune_rows(weight, weight.abs(), 0.5) != 0)
+            magnitude = (prune_rows(weight.T, weight.T.abs(), 0.5).T if family == "gpt_oss"
+                         else prune_rows(weight, weight.abs(), 0.5))
+            differs_from_magnitude += not torch.equal(expected != 0, magnitude != 0)
     assert differs_from_magnitude  # the routed inputs decided, not the weights alone
     # the router is never pruned
-    assert torch.equal(decode(store.layer_tensors(layer)["mlp.gate.weight"]),
-                       original[f"model.layers.{layer}.{'block_sparse_moe' if family == 'mixtral' else 'mlp'}.gate.weight"])
+    router = {"mixtral": "block_sparse_moe.gate", "deepseek_v3": "mlp.gate", "gpt_oss": "mlp.router"}[family]
+    assert torch.equal(decode(store.layer_tensors(layer)[router.replace("block_sparse_moe", "mlp") + ".weight"]),
+                       original[f"model.layers.{layer}.{router}.weight"])
 
     exported = export_checkpoint(store, tmp_path / "exported", progress=False)
     expected_tokens = cut(transformers_greedy(exported, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
@@ -108,6 +118,8 @@ def test_wanda_prunes_each_expert_by_its_routed_inputs(tmp_path, calib_text, fam
 
 def exported_weight(original: dict, family: str, layer: int, expert: int, param: str) -> torch.Tensor:
     """The checkpoint's weight for one expert's unit tensor (gate and up rows concatenated)."""
+    if family == "gpt_oss":  # fused in the checkpoint
+        return original[f"model.layers.{layer}.mlp.experts.{param}"][expert]
     if family == "mixtral":
         parts = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}[param]
         names = [f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{part}.weight" for part in parts]
@@ -153,6 +165,7 @@ def test_one_budget_covers_the_experts(tmp_path, calib_text):
 
 def test_what_moe_calibration_does_not_cover_is_refused(tmp_path):
     gpt_oss = family_checkpoint(tmp_path / "gpt_oss", FAMILIES["gpt_oss"])
-    with pytest.raises(ConfigError, match="x @ W"):
-        convert(str(gpt_oss), tmp_path / "a", ConvertConfig(method="wanda", sparsity=0.5), progress=False)
+    for config in (ConvertConfig(method="sparsegpt", sparsity=0.5), ConvertConfig(bytes_per_weight=0.6)):
+        with pytest.raises(ConfigError, match="x @ W"):
+            convert(str(gpt_oss), tmp_path / "a", config, progress=False)
     assert not (tmp_path / "a").exists()

@@ -95,8 +95,9 @@ def calibrated_layers(checkpoint: TensorSource, config: ConvertConfig, writer: L
             if any(stat.input_sq_sum is None for param, stat in stats[expert].items() if unit[param].dim() == 2):
                 record["experts_without_tokens"] += count  # magnitude: unit norms, an identity Hessian
                 stats[expert] = {param: CalibrationStats(
-                    torch.ones(weight.shape[-1]), torch.eye(weight.shape[-1]) if collector.full else None)
-                    for param, weight in unit.items()}
+                    torch.ones(layout.in_features(weight)),
+                    torch.eye(layout.in_features(weight)) if collector.full else None)
+                    for param, weight in unit.items() if weight.dim() == 2}
         return stats
 
     def prune_and_rerun(layer_idx: int, layer, args: tuple, kwargs: dict, output):

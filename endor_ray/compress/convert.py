@@ -109,9 +109,11 @@ def _check_moe(checkpoint: TensorSource, config: ConvertConfig) -> None:
         raise ConfigError(f"{model_type} is a Mixture-of-Experts model: a GGUF's own blocks do not cover experts "
                           "yet; pass --bytes-per-weight, or --method wanda, sparsegpt or magnitude with --sparsity "
                           "and --values raw, int8 or int4")
-    if needs_calibration(config) and layout.fused_in_checkpoint:
-        raise ConfigError(f"{model_type}'s experts multiply as x @ W (W [in, out]), which the calibrated methods do "
-                          "not prune yet; pass --method magnitude (any --sparsity and --values), or --sparsity 0")
+    if layout.transposed and (config.method == "sparsegpt" and needs_calibration(config)
+                              or config.bytes_per_weight is not None):
+        raise ConfigError(f"{model_type}'s experts multiply as x @ W (W [in, out]), which SparseGPT and "
+                          "--bytes-per-weight do not quantize yet; pass --method wanda or magnitude (any --sparsity "
+                          "and --values raw, int8 or int4)")
 
 
 def source_dtype(config: dict[str, Any]) -> str:
@@ -185,7 +187,8 @@ def _write_store(checkpoint: TensorSource, staging: Path, config: ConvertConfig,
     layer_names = checkpoint.layer_names()
     moe = expert_layout(checkpoint.config)  # None: a dense family
     writer = LayerWriter(staging, config, dtype, architecture.num_layers, progress,
-                         unpruned=frozenset() if moe is None else frozenset({moe.router_path + ".weight"}))
+                         unpruned=frozenset() if moe is None else frozenset({moe.router_path + ".weight"}),
+                         transposed_experts=moe is not None and moe.transposed)
     experts_of = {layer_idx: moe_experts(moe, checkpoint, names) for layer_idx, names in layer_names.items()}
 
     def load_layer(layer_idx: int, compute_dtype: torch.dtype = dtype, skip: dict | None = None) -> dict[str, torch.Tensor]:

@@ -11,9 +11,9 @@ import torch
 from tqdm import tqdm
 
 from endor_ray.compress.mixed import GPTQ_SETTINGS, choose_global, measure
-from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight
+from endor_ray.compress.setting import CalibrationStats, Setting, compress_weight, prune
 from endor_ray.errors import ConfigError, StoreError
-from endor_ray.format.tensor import EncodedTensor, encode
+from endor_ray.format.tensor import EncodedTensor, decode, encode
 from endor_ray.models.architecture import is_prunable
 from endor_ray.store.store import PART_ALIGNMENT, expert_file_name, layer_file_name, write_tensor_file
 
@@ -27,10 +27,13 @@ class LayerWriter:
     """Prunes, encodes and writes layers into the staging directory, collecting manifest entries."""
 
     def __init__(self, staging: Path, config: ConvertConfig, dtype: torch.dtype, num_layers: int, progress: bool,
-                 unpruned: frozenset[str] = frozenset()):
+                 unpruned: frozenset[str] = frozenset(), transposed_experts: bool = False):
         """`unpruned`: names inside a layer stored as they are whatever the settings (an MoE router:
-        a few thousand weights that choose which experts run)."""
+        a few thousand weights that choose which experts run). `transposed_experts`: the experts'
+        weights are [in, out] (x @ W, gpt-oss): each is pruned as its transpose, so that every output
+        loses the same count of inputs, as a Linear's rows do, then stored as it is."""
         self.staging, self.config, self.dtype, self.unpruned = staging, config, dtype, unpruned
+        self.transposed_experts = transposed_experts
         self.entries: list[dict[str, Any] | None] = [None] * num_layers
         # whole-model budget: options per unit (a layer, or (layer, expert) for an MoE expert) ...
         self.measured: dict[int | tuple[int, int], tuple[int, int, dict[str, list]]] = {}
@@ -81,6 +84,11 @@ class LayerWriter:
             if setting == Setting(0.0):
                 encoded[name] = encode(weight.to(self.dtype), config.block_size, layout=layout)
                 stored[name] = weight
+            elif self.transposed_experts and isinstance(unit, tuple):  # magnitude or Wanda (convert refuses others)
+                pruned = prune(weight.T, setting.sparsity, config.method, stats.get(name) or CalibrationStats()).T
+                encoded[name] = encode(pruned.to(self.dtype).contiguous(), config.block_size, layout=layout,
+                                       encoding=setting.values, group_size=config.group_size)
+                stored[name] = decode(encoded[name]).to(weight.dtype)
             else:
                 by_gptq = config.bytes_per_weight is not None and setting in GPTQ_SETTINGS  # as measured
                 method = "sparsegpt" if by_gptq else config.method

@@ -116,7 +116,7 @@ class InputNormCollector:
 
         transformers 5's experts modules hold a layer's experts fused ([experts, out, in] parameters);
         their eager loop (the caller sets it) multiplies each picked expert's tokens by
-        ``F.linear(x, param[expert])``. While the module runs, a TorchFunctionMode sees those calls: a
+        ``F.linear(x, param[expert])`` (gpt-oss: ``x @ param[expert]``). While the module runs, a TorchFunctionMode sees those calls: a
         weight that is a view of one of the fused parameters names the parameter, and its offset along
         dim 0 the expert. Only the tokens routed to an expert reach it."""
         handles = []
@@ -171,6 +171,9 @@ class InputNormCollector:
         self.hessians.clear()
 
 
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)  # `x @ W` arrives as Tensor.matmul
+
+
 class _ExpertLinears(TorchFunctionMode):
     """While an experts module runs: each F.linear on one expert's slice of its fused parameters adds
     its inputs to the collector under '{prefix}.{expert}.{param}' (`InputNormCollector.watch_experts`)."""
@@ -187,9 +190,9 @@ class _ExpertLinears(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            found = self._expert_of(weight)
+        if func is F.linear or func in _MATMULS:  # F.linear(x, W) [out, in]; x @ W [in, out] (gpt-oss)
+            weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+            found = self._expert_of(weight) if isinstance(weight, torch.Tensor) else None
             if found is not None:
                 self.collector.add(f"{self.prefix}.{found[1]}.{found[0]}", args[0] if args else kwargs["input"])
         return func(*args, **kwargs)

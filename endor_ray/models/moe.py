@@ -39,6 +39,11 @@ class ExpertLayout:
     # parameters the checkpoint itself holds fused, [experts, ...] under the module's name (gpt-oss)
     fused_in_checkpoint: tuple[str, ...] = ()
     router_path: str = "mlp.gate"  # the router inside a decoder layer (returns logits, scores, indices)
+    transposed: bool = False  # the experts multiply x @ W, W [in, out] (gpt-oss), not F.linear(x, W)
+
+    def in_features(self, weight: torch.Tensor) -> int:
+        """The input features of one expert's 2-D weight (its dim 1, or dim 0 where `transposed`)."""
+        return weight.shape[0] if self.transposed else weight.shape[1]
 
     def module_name(self, name: str) -> str:
         """A checkpoint name inside a layer -> the module's ('block_sparse_moe.gate.weight' -> 'mlp.gate.weight')."""
@@ -121,7 +126,7 @@ EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
     # as the module reads them), down_proj [experts, inter, hidden], and a bias for each
     "gpt_oss": ExpertLayout("mlp.experts", (), num_experts_key="num_local_experts",
                             fused_in_checkpoint=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
-                            router_path="mlp.router"),
+                            router_path="mlp.router", transposed=True),
 }
 
 
