@@ -450,7 +450,6 @@ __attribute__((target(AVX2), always_inline)) static inline __m256i bytes8(const 
 /* k-types: chunk j of super-block b as chunk512_k, unrounded: w[k] holds its columns 8k .. 8k + 7 */
 __attribute__((target(AVX2), always_inline)) static inline void chunk256_k(int type, const uint8_t *b, int j,
                                                                           const float *ds, const float *dm, __m256 *w) {
-    const __m256i fifteen = _mm256_set1_epi32(15);
     if (type == MV_Q6_K) {
         int h = j / 4, k = j % 4;
         const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
@@ -472,14 +471,19 @@ __attribute__((target(AVX2), always_inline)) static inline void chunk256_k(int t
     const uint8_t *qs = b + (type == MV_Q4_K ? 16 : 48) + 32 * (j / 2);
     __m128i shift = _mm_cvtsi32_si128(4 * (j % 2)), bit_shift = _mm_cvtsi32_si128(j);
     __m256 scale = _mm256_set1_ps(ds[j]), minimum = _mm256_set1_ps(dm[j]);
-    for (int part = 0; part < 4; part++) {
-        __m256i q = _mm256_and_si256(_mm256_srl_epi32(bytes8(qs + 8 * part), shift), fifteen);
-        if (type == MV_Q5_K) {
-            __m256i fifth = _mm256_srl_epi32(bytes8(b + 16 + 8 * part), bit_shift);
-            fifth = _mm256_and_si256(fifth, _mm256_set1_epi32(1));
-            q = _mm256_or_si256(q, _mm256_slli_epi32(fifth, 4));
-        }
-        w[part] = _mm256_sub_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(q)), minimum);
+    /* the 32 codes as bytes (the 16-bit shifts' carried bits masked off), then widened 8 at a time */
+    __m256i q = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qs), shift);
+    q = _mm256_and_si256(q, _mm256_set1_epi8(15));
+    if (type == MV_Q5_K) {
+        __m256i fifth = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(b + 16)), bit_shift);
+        q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(fifth, _mm256_set1_epi8(1)), 4));
+    }
+    for (int half = 0; half < 2; half++) {
+        __m128i codes = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+        __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+        __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)));
+        w[2 * half] = _mm256_sub_ps(_mm256_mul_ps(scale, f0), minimum);
+        w[2 * half + 1] = _mm256_sub_ps(_mm256_mul_ps(scale, f1), minimum);
     }
 }
 
