@@ -5,7 +5,11 @@ heads, 8 KV heads, 8 experts, top-2; bf16 checkpoint, normal(0, 0.02) weights as
 initialises them, norms 1), a few layers only (--layers), a small word-level vocabulary ("t<id>" ->
 <id>), converted with `endor convert --method magnitude --sparsity 0 --values int8` (or int4): each
 expert its own file, 176M weights (~180 MB at INT8). The store's dtype is float32 (the config names
-none); the engine computes in bfloat16 (`--compute-dtype`), so a decoded expert takes 352 MB.
+none); the engine computes in bfloat16 (`--compute-dtype`), so a decoded expert takes 352 MB. On
+the CPU the engine keeps INT8/INT4 experts as their blocks and multiplies each picked expert's tokens
+straight from them (`EngineConfig.cpu_matvec`, on by default; `engine/experts.py`): an expert in the
+cache then holds its ~180 MB of blocks, and the cache is sized in experts (--cache-experts) at
+those bytes.
 
 Arms, each the engine on the CPU with every layer's own unit (attention, norms, router) and every
 expert read from the disk (nothing resident, no host tier, buffered reads that drop their pages):
@@ -18,6 +22,10 @@ expert read from the disk (nothing resident, no host tier, buffered reads that d
   cached          picked experts, an LRU expert cache of --cache-experts experts, no prefetch
   cached+prefetch the same cache, and the next layer's router on this layer's hidden state guessing
                   its experts, read ahead (issue 23's arm (c))
+  cached+prefetch-decoded  the same, but every fetched expert decoded to bf16 and stacked for
+                  transformers' experts module (grouped_mm), as before experts kept their blocks
+                  (the dense Linears still multiply from theirs); its cache the same number of
+                  experts at their bf16 bytes
   accelerate      Hugging Face Accelerate's disk offload of the bf16 checkpoint (transformers'
                   from_pretrained, every decoder layer on "disk"; the experts transformers fuses on
                   loading go to an offload folder), each layer's pages evicted after it runs: every
@@ -36,7 +44,8 @@ of the experts the router picks are read, not all it maps). The load average is 
 weights the router's picks are close to uniform and independent from token to token, so the cache
 hits about its share of the experts (a real model's routing repeats more: arXiv 2312.17238); the
 prefetch's guesses work because the residual stream changes little between layers, which holds for
-random weights too. All engine arms must produce the same tokens.
+random weights too. All engine arms that multiply from the blocks must produce the same tokens (the
+decoded arm rounds each weight to bf16 first, so its tokens may differ, as Accelerate's).
 
     nice -n 5 .venv/bin/python benchmarks/moe_bench.py --layers 2 --rounds 3
 """
@@ -66,11 +75,12 @@ from endor_ray.engine.sampling import SamplingParams  # noqa: E402
 SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
              num_local_experts=8, num_experts_per_tok=2, vocab_size=1024)
 SEED = 0
-ARMS = {  # name -> (whole_layers, cache holds experts, prefetch)
-    "whole": (True, False, True),
-    "experts": (False, False, False),
-    "cached": (False, True, False),
-    "cached+prefetch": (False, True, True),
+ARMS = {  # name -> (whole_layers, cache holds experts, prefetch, experts multiplied from their blocks)
+    "whole": (True, False, True, True),
+    "experts": (False, False, False, True),
+    "cached": (False, True, False, True),
+    "cached+prefetch": (False, True, True, True),
+    "cached+prefetch-decoded": (False, True, True, False),
 }
 RESULTS = Path(__file__).parent / "results"
 COMPUTE_DTYPE = "bfloat16"  # the store is float32 (scales; the checkpoint's config names no dtype): experts cast
@@ -166,16 +176,23 @@ def expert_dense_nbytes(engine: Engine) -> int:
 
 def run(store: Path, arm: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """One fresh engine, cold: prefill, then the timed decode passes."""
-    whole_layers, cached, prefetch = ARMS[arm]
+    whole_layers, cached, prefetch, blocks = ARMS[arm]
     files = store_files(store)
     evict_all(files)
     cold_bytes = cached_bytes(files)
-    cache = f"{args.cache_experts * args.expert_dense_nbytes}B" if cached else "0"
+    expert_nbytes = args.expert_file_nbytes if blocks else args.expert_dense_nbytes  # what a cached expert holds
+    cache = f"{args.cache_experts * expert_nbytes}B" if cached else "0"
     config = EngineConfig(device="cpu", gpu_memory="0", host_memory="0", expert_cache_memory=cache,
                           expert_prefetch=prefetch, disk_io="buffered", compute_dtype=COMPUTE_DTYPE)
     load_before = os.getloadavg()
     with Engine(str(store), config, progress=False) as engine:
         engine.model_runner.experts.whole_layers = whole_layers
+        if not blocks:  # the expert path before they kept their blocks (dense Linears still do): decoded, stacked
+            streamer = engine.model_runner.experts
+            for reader in (streamer.reader, streamer.prefetcher and streamer.prefetcher.reader):
+                if reader:
+                    reader.keep_blocks = False
+            engine.model_runner.model.set_experts_implementation("grouped_mm")  # transformers' default
         ids = prompt_ids(batch, args)
         prompts = [" ".join(f"t{token}" for token in row) for row in ids]
         sequences = engine.new_sequences(prompts, SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))
@@ -310,14 +327,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def save(runs: list[dict[str, Any]], args: argparse.Namespace, manifest: dict[str, Any],
          shape: dict[str, int]) -> list[dict[str, Any]]:
     """The summary so far and every run, written to --output (after each round: a cut-short run keeps them)."""
-    accelerate_agrees = {}
-    for batch in args.batches:  # every engine arm generates the same tokens
-        mine = [run["tokens"] for run in runs if run["batch"] == batch and run["arm"] != ACCELERATE]
+    accelerate_agrees, decoded_agrees = {}, {}
+    for batch in args.batches:  # every engine arm multiplying from the blocks generates the same tokens
+        mine = [run["tokens"] for run in runs if run["batch"] == batch and run["arm"] in ARMS and ARMS[run["arm"]][3]]
         if any(tokens != mine[0] for tokens in mine):
             raise RuntimeError(f"the arms disagree on the tokens at batch {batch}")
-        theirs = [run["tokens"] for run in runs if run["batch"] == batch and run["arm"] == ACCELERATE]
-        if mine and theirs:  # bf16 weights against the INT8 store's: not expected to be equal
-            accelerate_agrees[str(batch)] = theirs[0] == mine[0]
+        for agrees, other in ((accelerate_agrees, ACCELERATE), (decoded_agrees, "cached+prefetch-decoded")):
+            theirs = [run["tokens"] for run in runs if run["batch"] == batch and run["arm"] == other]
+            if mine and theirs:  # bf16-rounded weights against the INT8 store's values: not expected to be equal
+                agrees[str(batch)] = theirs[0] == mine[0]
     summary = summarize(runs)
     expert_nbytes = manifest["layers"][0]["experts"][0]["nbytes"]
     result = {
@@ -327,7 +345,9 @@ def save(runs: list[dict[str, Any]], args: argparse.Namespace, manifest: dict[st
         "new_tokens": args.new_tokens, "rounds": args.rounds, "shape": shape,
         "expert_file_nbytes": expert_nbytes, "expert_dense_nbytes": args.expert_dense_nbytes,
         "layer_unit_nbytes": manifest["layers"][0]["nbytes"],
-        "cache_experts": args.cache_experts, "cache_bytes": args.cache_experts * args.expert_dense_nbytes,
+        "cache_experts": args.cache_experts, "cache_bytes": args.cache_experts * expert_nbytes,
+        "cache_bytes_decoded_arm": args.cache_experts * args.expert_dense_nbytes,
+        "decoded_arm_tokens_equal": decoded_agrees,
         "load_1min": [run["load_before"][0] for run in runs],
         "same_tokens": True,
         "summary": summary,
@@ -376,6 +396,7 @@ def main() -> None:
     # the experts as the compute dtype holds them (bf16: as on a GPU, and half the memory of the store's fp32)
     args.expert_dense_nbytes = sum(torch.Size(t["shape"]).numel() for t in manifest["layers"][0]["experts"][0]["tensors"]
                                    ) * getattr(torch, COMPUTE_DTYPE).itemsize
+    args.expert_file_nbytes = manifest["layers"][0]["experts"][0]["nbytes"]  # its blocks (the cache counts a bit less)
     if args.cache_experts is None:
         args.cache_experts = args.layers * SHAPE["num_local_experts"] // 2
     runs: list[dict[str, Any]] = []
