@@ -263,9 +263,11 @@ def summarize(runs: dict[tuple[str, float], list[dict]], disk: float) -> list[di
             per_token = statistics.median(r["disk_read_bytes"] / r.get("passes", r["tokens"]) for r in done)
             row |= {"s_per_token": s, "disk_bytes_per_token": per_token, "GBps": per_token / s / GB,
                     "pct_of_disk": 100 * per_token / s / GB / disk}
-            if "read_s" in done[0]:  # endor: the rate its I/O thread read at (bytes it streamed over time reading)
-                rate = statistics.median(r["bytes_per_pass"] * r["passes"] / r["read_s"] / GB
-                                         for r in done if r["read_s"])
+            # endor: the rate its I/O thread read at (bytes it streamed over time reading); none where every
+            # layer stayed resident (read_s 0: nothing streamed, as in a limit above the model's size)
+            rates = [r["bytes_per_pass"] * r["passes"] / r["read_s"] / GB for r in done if r.get("read_s")]
+            if rates:
+                rate = statistics.median(rates)
                 row |= {"reader_GBps": rate, "reader_pct_of_disk": 100 * rate / disk}
         rows.append(row)
     return rows
