@@ -192,8 +192,24 @@ static inline int k_header(int type, const uint8_t *b, float *ds, float *dm) {
 }
 
 #ifdef MATVEC_X86
-/* ---- AVX-512: a chunk of 32 weights is two registers ------------------------------------------ */
+#define AVX2 "avx2,fma,f16c"
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"
+
+/* q6_k chunk j (= 4 h + k) of super-block b: its 32 codes - 32 as bytes, from nibble k / 2 of
+ * ql[64 h + 32 (k % 2) ..] and bits 2k of qh[32 h ..] (top <= 3: no bit leaves its byte). AVX2, so
+ * that the AVX-512 and AVX2 loops share it. */
+__attribute__((target(AVX2), always_inline)) static inline __m256i q6_k_codes(const uint8_t *b, int j) {
+    int h = j / 4, k = j % 4;
+    const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
+    __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
+    __m256i low = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)ql), low_shift),
+                                   _mm256_set1_epi8(15));
+    __m256i top = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), high_shift),
+                                   _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+}
+
+/* ---- AVX-512: a chunk of 32 weights is two registers ------------------------------------------ */
 
 /* to the dtype and back; `finite`: the operands were finite, so no NaN can arise (int8/q8_0 products
  * of a finite scale), and the NaN-keeping blend is skipped */
@@ -241,15 +257,7 @@ __attribute__((target(AVX512), always_inline)) static inline void chunk512_k(int
                                                                             const float *dm, __m512 *w) {
     const __m512i fifteen = _mm512_set1_epi32(15);
     if (type == MV_Q6_K) { /* chunk j = 4 h + k: nibble k / 2 of ql[64 h + 32 (k % 2) ..], bits 2k of qh[32 h ..] */
-        int h = j / 4, k = j % 4;
-        const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
-        __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
-        /* the 32 codes - 32 as bytes (top <= 3: no bit leaves its byte), then widened 16 at a time */
-        __m256i low = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)ql), low_shift),
-                                       _mm256_set1_epi8(15));
-        __m256i top = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), high_shift),
-                                       _mm256_set1_epi8(3));
-        __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+        __m256i q = q6_k_codes(b, j); /* widened 16 at a time */
         __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
         __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
         w[0] = round512(_mm512_mul_ps(_mm512_set1_ps(ds[2 * j]), f0), dtype, finite);
@@ -410,7 +418,6 @@ ROWS_FOR_TYPE(AVX512, row512, rows512_q5_k, MV_Q5_K)
 ROWS_FOR_TYPE(AVX512, row512, rows512_q6_k, MV_Q6_K)
 
 /* ---- AVX2: a chunk of 32 weights is four registers -------------------------------------------- */
-#define AVX2 "avx2,fma,f16c"
 
 __attribute__((target(AVX2), always_inline)) static inline __m256 round256(__m256 v, int dtype) {
     if (dtype == ENDOR_F32) return v;
@@ -451,15 +458,7 @@ __attribute__((target(AVX2), always_inline)) static inline __m256i bytes8(const 
 __attribute__((target(AVX2), always_inline)) static inline void chunk256_k(int type, const uint8_t *b, int j,
                                                                           const float *ds, const float *dm, __m256 *w) {
     if (type == MV_Q6_K) {
-        int h = j / 4, k = j % 4;
-        const uint8_t *ql = b + 64 * h + 32 * (k % 2), *qh = b + 128 + 32 * h;
-        __m128i low_shift = _mm_cvtsi32_si128(4 * (k / 2)), high_shift = _mm_cvtsi32_si128(2 * k);
-        /* the 32 codes - 32 as bytes, as chunk512_k, then widened 8 at a time */
-        __m256i low = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)ql), low_shift),
-                                       _mm256_set1_epi8(15));
-        __m256i top = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)qh), high_shift),
-                                       _mm256_set1_epi8(3));
-        __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+        __m256i q = q6_k_codes(b, j); /* widened 8 at a time */
         for (int half = 0; half < 2; half++) {
             __m128i codes = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
             __m256 scale = _mm256_set1_ps(ds[2 * j + half]);
