@@ -55,7 +55,7 @@ class LayerWriter:
         `stats`: what calibration gathered for each weight, by name within the layer (None: none ran).
         `kept`: tensors stored as they are (a GGUF's own blocks), by name within the layer.
         """
-        stored, encoded = self._encode(layer_idx, layer_idx, weights, stats, kept)
+        stored, encoded = self._encode(layer_idx, weights, stats, kept)
         file_name = layer_file_name(layer_idx)
         self.entries[layer_idx] = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
         sizes = sum(enc.nbytes for enc in encoded.values()), sum(enc.dense_nbytes for enc in encoded.values())
@@ -63,7 +63,7 @@ class LayerWriter:
         self.bar.update(1)
         return stored
 
-    def _encode(self, layer_idx: int, unit: int | tuple[int, int], weights: dict[str, torch.Tensor],
+    def _encode(self, unit: int | tuple[int, int], weights: dict[str, torch.Tensor],
                 stats: dict[str, CalibrationStats] | None, kept: dict[str, EncodedTensor] | None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, EncodedTensor]]:
         """(weights as stored, their encodings) of one unit: a layer, or one expert of it ((layer, expert))."""
@@ -72,7 +72,8 @@ class LayerWriter:
         stats = stats or {}
         for name in prunable if stats else []:
             if stats[name].input_sq_sum is None:
-                raise StoreError(f"layer {layer_idx}: {name} saw no calibration input; is it a Linear?")
+                where = f"layer {unit}" if isinstance(unit, int) else f"layer {unit[0]} expert {unit[1]}"
+                raise StoreError(f"{where}: {name} saw no calibration input; is it a Linear?")
         settings = {name: Setting(config.sparsity, "raw" if config.values == KEEP else config.values)
                     for name in prunable}
         if config.bytes_per_weight is not None:
@@ -104,7 +105,7 @@ class LayerWriter:
         return each expert's weights as stored. `stats`: per expert, what calibration gathered."""
         entries, stored = [], {}
         for expert_idx, weights in sorted(experts.items()):
-            stored[expert_idx], encoded = self._encode(layer_idx, (layer_idx, expert_idx), weights,
+            stored[expert_idx], encoded = self._encode((layer_idx, expert_idx), weights,
                                                        (stats or {}).get(expert_idx), None)
             file_name = expert_file_name(layer_idx, expert_idx)
             entry = write_tensor_file(self.staging / file_name, encoded, file_name, layer_idx)
