@@ -20,7 +20,7 @@ the fused parameter becomes an `ExpertStack`, a stand-in whose integer index is 
 BlockWeight. The model runs transformers' eager experts loop there (`self.gate_up_proj[expert_idx]`,
 then `F.linear`), so each picked expert's tokens are multiplied straight from its blocks (a prefill
 with more than MAX_MATVEC_ROWS tokens for an expert decodes it, as any BlockWeight). Not for
-modules that multiply ``x @ W`` (transformers' ``is_transposed``, gpt-oss): the product is
+modules that multiply ``x @ W`` (`ExpertLayout.transposed`, gpt-oss): the product is
 ``x @ W^T`` over row blocks, so those experts are decoded as before.
 
 With an `ExpertPrefetcher` (`engine.expert_prefetch`), once a layer's experts are stacked the next

@@ -146,16 +146,14 @@ class ModelRunner:
     @functools.cached_property
     def _experts_keep_blocks(self) -> bool:
         """CPU experts with a product from their blocks are multiplied from them (`engine.experts`); not
-        where the module multiplies x @ W (transformers' `is_transposed`, gpt-oss: [in, out] slices),
+        where the family's experts multiply x @ W (`ExpertLayout.transposed`, gpt-oss: [in, out] slices),
         as the product from W's row blocks is x @ W^T."""
         from endor_ray.models.moe import expert_layout
-        from endor_ray.models.skeleton import decoder_layers
 
-        layout, moe_layers = expert_layout(self.store.config), self._moe_layers()
-        if self.device.type != "cpu" or not self.config.cpu_matvec or layout is None or not moe_layers:
+        layout = expert_layout(self.store.config)
+        if self.device.type != "cpu" or not self.config.cpu_matvec or layout is None or not self._moe_layers():
             return False
-        layer = decoder_layers(self.model, self.store.architecture)[min(moe_layers)]
-        return not getattr(operator.attrgetter(layout.experts_path)(layer), "is_transposed", False)
+        return not layout.transposed
 
     def _expert_nbytes(self, expert: dict) -> int:
         """What one expert (its manifest entry) holds on the device: its file bytes where its blocks
