@@ -419,13 +419,15 @@ ROWS_FOR_TYPE(AVX512, row512, rows512_q6_k, MV_Q6_K)
 
 /* ---- AVX2: a chunk of 32 weights is four registers -------------------------------------------- */
 
-__attribute__((target(AVX2), always_inline)) static inline __m256 round256(__m256 v, int dtype) {
+/* to the dtype and back, as round512 (`finite`: no NaN can arise, the NaN-keeping blend is skipped) */
+__attribute__((target(AVX2), always_inline)) static inline __m256 round256(__m256 v, int dtype, int finite) {
     if (dtype == ENDOR_F32) return v;
     if (dtype == ENDOR_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     __m256i u = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd);
     rounded = _mm256_and_si256(rounded, _mm256_set1_epi32((int)0xFFFF0000u));
+    if (finite) return _mm256_castsi256_ps(rounded);
     return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
@@ -488,10 +490,12 @@ __attribute__((target(AVX2), always_inline)) static inline void chunk256_k(int t
 
 __attribute__((target(AVX2), always_inline)) static inline void chunk256(const matvec_args *a, int type,
                                                                         int64_t n, int64_t c0, __m256 *w) {
+    int finite; /* the scales (and minimum) finite: no weight can be a NaN */
     if (type == MV_INT8 || type == MV_INT4) {
         int64_t slot = n * a->groups_per_row;
-        __m256 s0 = _mm256_set1_ps(scale_at(a, slot + c0 / a->group_size));
-        __m256 s1 = _mm256_set1_ps(scale_at(a, slot + (c0 + 16) / a->group_size));
+        float scale0 = scale_at(a, slot + c0 / a->group_size), scale1 = scale_at(a, slot + (c0 + 16) / a->group_size);
+        __m256 s0 = _mm256_set1_ps(scale0), s1 = _mm256_set1_ps(scale1);
+        finite = is_finite(scale0) && is_finite(scale1);
         if (type == MV_INT8) {
             const uint8_t *codes = a->values + n * a->cols + c0;
             for (int k = 0; k < 4; k++) w[k] = int8x8(codes + 8 * k);
@@ -503,14 +507,16 @@ __attribute__((target(AVX2), always_inline)) static inline void chunk256(const m
         w[2] = _mm256_mul_ps(w[2], s1), w[3] = _mm256_mul_ps(w[3], s1);
     } else {
         const uint8_t *block = a->values + (n * (a->cols / 32) + c0 / 32) * a->block_size;
-        __m256 d = _mm256_set1_ps(f16_at(block));
+        float scale = f16_at(block), minimum = type == MV_Q4_1 || type == MV_Q5_1 ? f16_at(block + 2) : 0.0f;
+        __m256 d = _mm256_set1_ps(scale);
+        finite = is_finite(scale) && is_finite(minimum);
         if (type == MV_Q8_0) {
             for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(int8x8(block + 2 + 8 * k), d);
         } else {
             int qs_at = type == MV_Q4_0 ? 2 : type == MV_Q4_1 ? 4 : type == MV_Q5_0 ? 6 : 8;
             uint32_t qh = 0;
             if (type == MV_Q5_0 || type == MV_Q5_1) memcpy(&qh, block + (type == MV_Q5_0 ? 2 : 4), 4);
-            __m256 m = _mm256_set1_ps(type == MV_Q4_1 || type == MV_Q5_1 ? f16_at(block + 2) : 0.0f);
+            __m256 m = _mm256_set1_ps(minimum);
             __m256 offset = _mm256_set1_ps(type == MV_Q4_0 ? 8.0f : 16.0f);
             for (int k = 0; k < 4; k++) { /* elements 8k..8k+7: nibbles of bytes 8 (k % 2) .., low for k < 2 */
                 __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(block + qs_at + 8 * (k % 2))));
@@ -522,7 +528,7 @@ __attribute__((target(AVX2), always_inline)) static inline void chunk256(const m
             }
         }
     }
-    for (int k = 0; k < 4; k++) w[k] = round256(w[k], a->dtype);
+    for (int k = 0; k < 4; k++) w[k] = round256(w[k], a->dtype, finite);
 }
 
 __attribute__((target(AVX2), always_inline)) static inline void row256(const matvec_args *a, int type, int64_t n,
@@ -542,11 +548,11 @@ __attribute__((target(AVX2), always_inline)) static inline void row256(const mat
         for (int64_t c0 = 0; c0 < full; c0 += K_ELEMS) {
             const uint8_t *b = k_block(a, n, c0);
             float ds[16], dm[8];
-            k_header(type, b, ds, dm);
+            int finite = k_header(type, b, ds, dm);
 #pragma GCC unroll 8
             for (int j = 0; j < K_ELEMS / LANES; j++) {
                 chunk256_k(type, b, j, ds, dm, w);
-                for (int k = 0; k < 4; k++) w[k] = round256(w[k], a->dtype);
+                for (int k = 0; k < 4; k++) w[k] = round256(w[k], a->dtype, finite);
                 FMA256(c0 + LANES * j)
             }
         }
