@@ -162,6 +162,32 @@ def test_threads_split_rows_without_changing_bits(encoding):
     assert torch.equal(one, spec_matvec(decode(enc), x))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("encoding", ["int8", "int4", "q8_0", "q4_0", "q4_1", "q5_1"])
+def test_non_finite_scales_give_the_spec_nans_and_infinities(isa, dtype, encoding):
+    """A NaN or infinite scale (a tampered or overflowed file) makes its weights NaN or infinite in every
+    loop as in the reference decode (the NaNs in the same outputs, every other output the same bits)."""
+    isa_or_skip(isa)
+    weight = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    enc = encode(weight, layout="dense", encoding=encoding, **({"group_size": 32} if encoding.startswith("int") else {}))
+    if encoding.startswith("int"):
+        scales = enc.scales.clone()
+        scales[0], scales[3], scales[5] = float("nan"), float("inf"), float("-inf")
+        enc = dataclasses.replace(enc, scales=scales)
+    else:  # each block's f16 scale d first: NaN, +inf, -inf in three of the twelve blocks
+        values, size = enc.values.clone(), BLOCK_TYPES[encoding].type_size
+        for block, bits in ((0, 0x7E00), (3, 0x7C00), (5, 0xFC00)):
+            values[block * size:block * size + 2] = torch.tensor([bits & 0xFF, bits >> 8], dtype=torch.uint8)
+        enc = dataclasses.replace(enc, values=values)
+    weights = decode(enc)
+    assert not bool(weights.float().isfinite().all())
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
+    got, want = matvec(enc, x, isa=isa), spec_matvec(weights, x)
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
+    assert torch.equal(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0))
+
+
 def test_large_values_keep_every_weight_exact():
     """Scales at the dtype's extremes: each weight is the decoded one (a product off by a rounding of
     a weight would miss the spec model, whose weights come from the torch decode)."""
