@@ -152,6 +152,28 @@ def test_layers_held_in_their_blocks_are_planned_at_what_they_hold():
     assert 3 * sizing.slot_bytes + len(plan.device) * (COMPRESSED + norms) + len(plan.host) * COMPRESSED <= usable(available)
 
 
+def test_layers_in_their_blocks_stay_resident_where_all_fit_the_usable_memory():
+    """Held in their blocks, the layers that fit the usable memory (not only half of it) are all
+    resident and nothing streams; one layer more and the slots come first, the rest resident, no host
+    tier (it would hold the same bytes as resident layers and pass each through a slot)."""
+    norms = 64 * 1024
+    held = [COMPRESSED + norms] * LAYERS
+    total = sum(held)
+    for available, streams in ((int((total + HEADROOM_BYTES) / (1 - HEADROOM_FRACTION)) + MiB, False),
+                               (int((total + HEADROOM_BYTES) / (1 - HEADROOM_FRACTION)) - 2 * COMPRESSED, True)):
+        memory = MemoryLimit(available, available, "cgroup v1 /test")
+        sizing = size_for_memory([COMPRESSED] * LAYERS, [norms] * LAYERS, EngineConfig(), "cpu", memory, held)
+        plan = plan_tiers([COMPRESSED] * LAYERS, [norms] * LAYERS, sizing.config.prefetch_depth,
+                          sizing.device_budget_bytes, None, sizing.host_budget_bytes, held)
+        assert total > usable(available) // 2 and bool(plan.streamed) == streams
+        if streams:
+            slots = (sizing.config.prefetch_depth + 1) * sizing.slot_bytes
+            assert not plan.host and len(plan.device) == (usable(available) - slots) // (COMPRESSED + norms)
+            assert slots + sum(held[i] for i in plan.device) <= usable(available)
+        else:
+            assert plan.device == tuple(range(LAYERS))
+
+
 def test_too_little_memory_for_one_slot_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"one streaming slot needs 614\.0 MiB .* raise the memory limit"):
         sized(600 * MiB)

@@ -1,7 +1,7 @@
 """How many streaming slots and how large a host tier the process's real memory holds.
 
-The budgets the engine sizes by default (CPU: resident layers in half the memory; the host tier:
-every streamed layer) come from `utils.memory.memory_limit`, the tighter of the cgroup's limit and
+The budgets the engine sizes by default (CPU: resident layers in half the memory, all of it where a
+resident layer holds no more than its file; the host tier: every streamed layer) come from `utils.memory.memory_limit`, the tighter of the cgroup's limit and
 the machine's available memory, measured after the non-layer weights are loaded. A model that does
 not fit is streamed through ``prefetch_depth + 1`` slots; when the memory does not hold that many,
 the prefetch depth is lowered (and said so) rather than the process killed for memory, and when
@@ -22,6 +22,7 @@ from endor_ray.utils.units import human_bytes
 
 HEADROOM_BYTES = 256 << 20  # activations, KV cache, the allocator's slack and a layer's transient buffers
 HEADROOM_FRACTION = 0.1
+IN_BLOCKS = 1.05  # resident bytes over file bytes up to which CPU layers count as held in their blocks
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,16 @@ def size_for_memory(compressed_nbytes: list[int], dense_nbytes: list[int], confi
     whose products run from its blocks keeps its file bytes instead)."""
     resident = dense_nbytes if resident_nbytes is None else resident_nbytes
     usable = max(int(memory.available_bytes * (1 - HEADROOM_FRACTION)) - HEADROOM_BYTES, 0)
+    # CPU resident layers may take half the usable memory, the host tier the rest: a decoded layer holds
+    # more than its file, so the host tier keeps more layers compressed. A layer whose products run from
+    # its blocks holds its file bytes either way, and resident it skips the pass through a slot: all of it
+    resident_share = usable if sum(resident) <= IN_BLOCKS * sum(compressed_nbytes) else usable // 2
     budget_bytes, budget_layers = config.gpu_budget
     # A slot's host memory: its read buffer, and on CPU the dense weights decoded into it
     slot = max(compressed_nbytes, default=0) + (max(dense_nbytes, default=0) if device_type == "cpu" else 0)
     if device_type == "cpu" and budget_bytes is None and budget_layers is None:
-        if sum(resident) <= usable // 2:  # fits: decoded once and never streamed, as before
-            return MemorySizing(config, memory, usable, slot, usable // 2, config.host_budget_bytes)
+        if sum(resident) <= resident_share:  # fits: decoded once (or kept in its blocks), never streamed
+            return MemorySizing(config, memory, usable, slot, resident_share, config.host_budget_bytes)
     depth = config.prefetch_depth
     if not (budget_layers is not None and budget_layers >= len(dense_nbytes)):  # something may stream
         if slot > usable:
@@ -73,7 +78,7 @@ def size_for_memory(compressed_nbytes: list[int], dense_nbytes: list[int], confi
     slots_bytes = (depth + 1) * slot
     device_budget = None
     if device_type == "cpu" and budget_bytes is None and budget_layers is None:
-        device_budget = max(usable // 2, slots_bytes)  # slots first, then resident layers while half lasts
+        device_budget = max(resident_share, slots_bytes)  # slots first, then resident layers while the share lasts
     host_budget = config.host_budget_bytes
     if host_budget is None:
         held = device_budget if device_budget is not None else slots_bytes

@@ -44,7 +44,7 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "engine": (
         Option("device", "auto (CUDA if available), cuda, cuda:N or cpu"),
         Option("gpu_memory", "device tier: a size (8GiB) or a layer count (12); default: 90%% of free GPU memory, "
-                             "or on CPU half the available memory"),
+                             "or on CPU half the available memory (all of it for layers kept in their blocks)"),
         Option("host_memory", "host memory for compressed layers (64GiB); default: all"),
         Option("prefetch_depth", "layers fetched ahead of the one computing", aliases=("--prefetch",)),
         Option("compute_dtype", "compute in this dtype (default: the store's); float32 over a bf16 store makes "
