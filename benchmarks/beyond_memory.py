@@ -4,8 +4,10 @@ The model: a random Llama with 7B-shaped decoder layers (hidden 4096, intermedia
 bf16) and SmolLM2's tokenizer (one llama.cpp's converter knows). llama.cpp's own tools make the
 GGUFs (convert_hf_to_gguf.py --outtype q8_0, then llama-quantize Q4_0), and `endor convert` imports
 those GGUFs keeping their blocks, so both engines read the same weights at the same bytes
-(Q8_0 = INT8 group 32, Q4_0 = INT4 group 32). llama.cpp is built from the llama-cpp-python sdist's
-vendored sources (a benchmark tool only, never a dependency of the project).
+(Q8_0 = INT8 group 32, Q4_0 = INT4 group 32), stored as float32 by default as `endor convert` keeps a
+GGUF (`--store-dtype bfloat16` rounds every block weight to bf16, which costs the CPU products a
+rounding per weight). llama.cpp is built from the llama-cpp-python sdist's vendored sources (a
+benchmark tool only, never a dependency of the project).
 
 Every run is its own process inside fresh cgroup v1 children (memory: the limit, which counts the
 page cache, and the peak usage; blkio: the bytes it read from disk), with all files evicted from the
@@ -15,7 +17,8 @@ cold sequential read bandwidth (1 GiB probe, as `offload_cpu.disk_GBps`). Report
 seconds per token with start-up and prefill excluded (endor: `decode_s_per_pass`; llama-bench: its
 token-generation rate), disk bytes read per generated token (blkio over the whole run, divided by the
 tokens), GB/s and % of the disk's bandwidth, the cgroup's peak memory, and whether it finished or
-was killed for memory.
+was killed for memory. `--warm` measures in RAM as a second run would: nothing evicted, llama-bench's
+warm-up token on.
 
     nice -n 10 .venv/bin/python benchmarks/beyond_memory.py --workdir /work/scratch/bmem/m20
 """
@@ -40,10 +43,10 @@ GB = 1e9
 PROMPT = "The capital of France is"
 
 
-def prepare(workdir: Path, layers: int) -> dict[str, Path]:
-    """The checkpoint, the two GGUFs and the two stores under `workdir` (each made once, then reused)."""
+def prepare(workdir: Path, layers: int, dtype: str) -> dict[str, Path]:
+    """The checkpoint, the two GGUFs and the two stores (of `dtype`) under `workdir` (each made once, then reused)."""
     paths = {"hf": workdir / "hf", "q8_0": workdir / "q8_0.gguf", "q4_0": workdir / "q4_0.gguf",
-             "store-q8_0": workdir / "store-q8_0", "store-q4_0": workdir / "store-q4_0"}
+             "store-q8_0": workdir / f"store-q8_0-{dtype}", "store-q4_0": workdir / f"store-q4_0-{dtype}"}
     python = sys.executable
     if not (paths["hf"] / "config.json").is_file():
         import shutil
@@ -65,9 +68,9 @@ def prepare(workdir: Path, layers: int) -> dict[str, Path]:
              ("q4_0", [LLAMACPP / "build/bin/llama-quantize", "--allow-requantize", paths["q8_0"], paths["q4_0"],
                        "Q4_0"]),
              ("store-q8_0", [python, "-m", "endor_ray.cli", "convert", paths["q8_0"], paths["store-q8_0"], "--dtype",
-                             "bfloat16", "--force", "--quiet"]),
+                             dtype, "--force", "--quiet"]),
              ("store-q4_0", [python, "-m", "endor_ray.cli", "convert", paths["q4_0"], paths["store-q4_0"], "--dtype",
-                             "bfloat16", "--force", "--quiet"])]
+                             dtype, "--force", "--quiet"])]
     for name, command in steps:
         done = paths[name] / "manifest.json" if name.startswith("store") else paths[name]
         if not done.is_file():
@@ -162,9 +165,9 @@ def endor_arm(store: Path, disk_io: str, depth: int | None, tokens: int) -> tupl
     return command, parse
 
 
-def llamacpp_arm(gguf: Path, load_mode: str, tokens: int) -> tuple[list[str], callable]:
+def llamacpp_arm(gguf: Path, load_mode: str, tokens: int, warm: bool) -> tuple[list[str], callable]:
     command = [str(LLAMACPP / "build/bin/llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(tokens), "-r", "1",
-               "--no-warmup", "-t", "2", "-lm", load_mode, "-o", "json"]
+               *([] if warm else ["--no-warmup"]), "-t", "2", "-lm", load_mode, "-o", "json"]
 
     def parse(run: dict) -> dict:
         result = json.loads(run["stdout"])[0]
@@ -173,14 +176,14 @@ def llamacpp_arm(gguf: Path, load_mode: str, tokens: int) -> tuple[list[str], ca
     return command, parse
 
 
-def arms_of(paths: dict[str, Path], names: list[str], tokens: int) -> dict:
+def arms_of(paths: dict[str, Path], names: list[str], tokens: int, warm: bool) -> dict:
     arms = {}
     for name in names:
         kind, precision, mode, *depth = name.split("-")  # endor-q8_0-direct[-d1], llamacpp-q4_0-mmap
         if kind == "endor":
             arms[name] = endor_arm(paths[f"store-{precision}"], mode, int(depth[0][1:]) if depth else None, tokens)
         else:
-            arms[name] = llamacpp_arm(paths[precision], mode, tokens)
+            arms[name] = llamacpp_arm(paths[precision], mode, tokens, warm)
     return arms
 
 
@@ -195,9 +198,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=3)
     parser.add_argument("--timeout-s", type=float, default=400)
+    parser.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the stores' dtype (float32: a GGUF's own, what `endor convert` keeps by default; "
+                             "the blocks' products then round no weight)")
+    parser.add_argument("--warm", action="store_true",
+                        help="in RAM as a user runs twice: no file evicted before a run, llama-bench's warm-up "
+                             "token on (its mmap faults the file in before the timed tokens)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "beyond_memory.json")
     args = parser.parse_args()
-    paths = prepare(args.workdir, args.layers)
+    paths = prepare(args.workdir, args.layers, args.store_dtype)
     from endor_ray.store.store import Store
 
     files = [str(paths["q8_0"]), str(paths["q4_0"])]
@@ -205,13 +214,14 @@ def main() -> None:
         store = Store(str(paths[name]))
         files += [store.local_path(entry["file"]) for entry in store.manifest["layers"]]
         files += [str(p) for p in paths[name].iterdir() if p.is_file()]
-    arms = arms_of(paths, args.arms, args.new_tokens)
+    arms = arms_of(paths, args.arms, args.new_tokens, args.warm)
     runs, probes, loads = {}, [], []
     for round_idx in range(args.rounds):
         probes.append(disk_GBps(args.workdir / "disk-probe.bin"))
         for limit in args.limits_gb:
             for name, (command, parse) in arms.items():
-                evict_all(files)
+                if not args.warm:
+                    evict_all(files)
                 loads.append(os.getloadavg()[0])
                 run = run_limited(command, int(limit * GB), f"bmem-{os.getpid()}-{round_idx}", args.timeout_s)
                 row = {key: run[key] for key in ("rc", "wall_s", "peak_bytes", "oom_kills", "disk_read_bytes")}
@@ -232,6 +242,7 @@ def main() -> None:
               "settings": {"layers": args.layers, "shape": "7B (4096/11008/32 heads)", "vocab": 49152,
                            "new_tokens": args.new_tokens, "rounds": args.rounds, "limits_GB": args.limits_gb,
                            "order": "interleaved: round > limit > arm", "cpu_threads": 2,
+                           "store_dtype": args.store_dtype, "warm": args.warm,
                            "files_GB": {k: sum(f.stat().st_size for f in (p.rglob("*") if p.is_dir() else [p]))
                                         / GB for k, p in paths.items() if k != "hf"}},
               "rows": rows}
