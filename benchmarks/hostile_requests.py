@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the rows, each row's ratio the median")
     parser.add_argument("--max-seqs-per-request", type=int, default=None,
                         help="scheduler.max_seqs_per_request (default: Serve's, an eighth of the rows while requests share)")
+    parser.add_argument("--scheduler", action="append", default=[], metavar="KEY=VALUE",
+                        help="another scheduler option for the app (scheduler.KEY; repeatable), e.g. max_prefill_tokens=512")
     parser.add_argument("--only", default="", help="run only the rows whose name holds this text")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hostile_requests-cpu.json")
     args = parser.parse_args()
@@ -161,6 +163,9 @@ def main() -> None:
         app_args = {"store": str(store), "model_name": "hostile", "engine.gpu_memory": 0}
         if args.max_seqs_per_request is not None:
             app_args["scheduler.max_seqs_per_request"] = args.max_seqs_per_request
+        for option in args.scheduler:
+            key, _, value = option.partition("=")
+            app_args[f"scheduler.{key}"] = int(value)
         serve.run(build_app(app_args), name="endor", route_prefix="/")
         probes(3)  # warm-up
         idles, runs = [], {}
@@ -192,7 +197,7 @@ def main() -> None:
         print(f"{name:55s} x{row['ratio_to_idle']:.2f} (median of {args.rounds} rounds)")
     idle = statistics.median(idles)
     result = {"idle_probe_median_s": idle, "probe": PROBE, "rows": rows,
-              "max_seqs_per_request": args.max_seqs_per_request, "machine": machine_info(),
+              "max_seqs_per_request": args.max_seqs_per_request, "scheduler": args.scheduler, "machine": machine_info(),
               "load_average": os.getloadavg()}
     print(f"idle probe median {idle:.3f} s; load average {os.getloadavg()}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,10 @@ log-softmax of the raw logits), as OpenAI and vLLM report them.
 
 Everything runs in float64 on the host: a tiny temperature (1e-40) scales logits far past
 float32's range, and softmax then still gives a one-hot distribution instead of inf and NaN.
+A token is drawn by inverting the cumulative distribution at one uniform number from the
+sequence's generator (`draw`): torch.multinomial takes ~1.9 ms for one draw over a 49k vocabulary
+on a CPU core, the cumulative sum and a binary search ~0.1 ms, and at 32 sampled rows a pass spent
+~60 ms choosing tokens.
 """
 
 from __future__ import annotations
@@ -141,10 +145,23 @@ def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep a token while the mass before it is below top_p (the first token always stays)
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p * sorted_probs.sum()
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return int(order[draw(sorted_probs.masked_fill(drop, 0.0), generator)])
+    return draw(probs, generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index of [n] float64 `weights` (>= 0, not all 0), each with probability weight / sum: the
+    first whose cumulative sum exceeds u * sum, u uniform in [0, 1) from `generator`. A weight of 0 is
+    never drawn. ValueError for weights that are no distribution (NaN, inf, negative, all 0)."""
+    cumulative = torch.cumsum(weights, dim=0)
+    total = float(cumulative[-1])
+    if not (0.0 < total < float("inf")) or bool((weights < 0).any()):
+        raise ValueError("invalid distribution (NaN, infinite, negative or all-zero probabilities)")
+    u = torch.rand((), dtype=torch.float64, generator=generator) * total
+    index = int(torch.searchsorted(cumulative, u, right=True))
+    if index >= weights.numel():  # u * total rounded up to the total: the last token with weight
+        index = int(torch.nonzero(weights)[-1])
+    return index
 
 
 def top_logprobs(logprobs: torch.Tensor, token_id: int, count: int) -> tuple[float, list[tuple[int, float]]]:
