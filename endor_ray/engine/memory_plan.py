@@ -1,8 +1,9 @@
 """How many streaming slots and how large a host tier the process's real memory holds.
 
 The budgets the engine sizes by default (CPU: resident layers in half the memory, all of it where a
-resident layer holds no more than its file; the host tier: every streamed layer) come from `utils.memory.memory_limit`, the tighter of the cgroup's limit and
-the machine's available memory, measured after the non-layer weights are loaded. A model that does
+resident layer holds no more than its file; the host tier: every streamed layer) come from
+`utils.memory.memory_limit`, the tighter of the cgroup's limit and the machine's available memory,
+measured after the non-layer weights are loaded. A model that does
 not fit is streamed through ``prefetch_depth + 1`` slots; when the memory does not hold that many,
 the prefetch depth is lowered (and said so) rather than the process killed for memory, and when
 it does not hold even one slot that is a clear error naming the numbers. Budgets given explicitly
