@@ -3,10 +3,10 @@
 The budgets the engine sizes by default (CPU: resident layers in half the memory, all of it where a
 resident layer holds no more than its file; the host tier: every streamed layer) come from
 `utils.memory.memory_limit`, the tighter of the cgroup's limit and the machine's available memory,
-measured after the non-layer weights are loaded. A model that does
-not fit is streamed through ``prefetch_depth + 1`` slots; when the memory does not hold that many,
-the prefetch depth is lowered (and said so) rather than the process killed for memory, and when
-it does not hold even one slot that is a clear error naming the numbers. Budgets given explicitly
+measured after the non-layer weights are loaded. A model that does not fit is streamed through
+``prefetch_depth + 1`` slots; when the memory does not hold that many, the prefetch depth is lowered
+(and said so) rather than the process killed for memory, and when it does not hold even one slot
+that is a clear error naming the numbers. Budgets given explicitly
 (--gpu-memory, --host-memory) are taken as they are.
 """
 
