@@ -43,7 +43,7 @@ test -d "$carry/wheels" || { echo "no $carry/wheels: run 'benchmarks/gpu_check.s
 venv=/tmp/endor-gpu-check-venv
 python3 -m venv --system-site-packages "$venv"
 "$venv/bin/pip" install -q --no-index --no-deps "$carry"/wheels/*.whl
-# The project itself (and its C decoder), editable so endor_ray.kernels maps to kernels/ as in a checkout
+# The project itself (and its C decoder), editable as in a checkout
 "$venv/bin/pip" install -q --no-index --no-deps --no-build-isolation -e .
 export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONUNBUFFERED=1
 exec "$venv/bin/python" benchmarks/gpu_check.py --out "$out" --tokenizer "$carry/tokenizer" "${@:2}"

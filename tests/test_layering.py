@@ -40,9 +40,6 @@ def module_files() -> dict[str, Path]:
     for path in sorted((ROOT / "endor_ray").rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in sorted((ROOT / "kernels").glob("*.py")):
-        name = "endor_ray.kernels" + ("" if path.stem == "__init__" else f".{path.stem}")
-        files[name] = path
     return files
 
 
@@ -126,3 +123,11 @@ def test_compression_and_the_engine_do_not_import_each_other():
     """Same rank, different stages: neither may import the other (the store sits below both)."""
     assert stage_of("endor_ray.compress.convert") != stage_of("endor_ray.engine.engine")
     assert RANKS["endor_ray.compress"] == RANKS["endor_ray.engine"] > RANKS["endor_ray.store"]
+
+
+def test_every_package_lives_under_endor_ray():
+    # Python puts the working directory first on sys.path, so a package at the top of a checkout
+    # shadows any installed distribution of that name for whatever runs there: a top-level
+    # `kernels/` was imported by transformers 5.25 in place of Hugging Face's `kernels`.
+    top_level = sorted(path.parent.name for path in ROOT.glob("*/__init__.py"))
+    assert top_level == ["endor_ray"]

@@ -2,8 +2,8 @@
 
 Owns the encoding spec and its torch reference (`tensor`), and the fast CPU decoder. Pure
 tensor code: imports torch, numpy and `endor_ray.errors` / `endor_ray.utils` only, never Ray,
-Triton or transformers, so it works anywhere. The GPU kernel lives beside its reference in the
-top-level `kernels/` folder (`endor_ray.kernels`).
+Triton or transformers, so it works anywhere. The GPU kernels live beside their references in
+`endor_ray.kernels`.
 """
 
 from endor_ray.format.tensor import (  # noqa: F401  (the format's public API)
