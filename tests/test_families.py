@@ -96,11 +96,13 @@ def family_checkpoint(directory: Path, family_fields: dict) -> Path:
     return directory
 
 
-def transformers_greedy(checkpoint: Path, max_new_tokens: int, prompts: list[str] = PROMPTS) -> list[list[int]]:
-    """transformers' own generate on the checkpoint, the prompts left-padded in one batch, fp32."""
+def transformers_greedy(checkpoint: Path, max_new_tokens: int, prompts: list[str] = PROMPTS,
+                        **load) -> list[list[int]]:
+    """transformers' own generate on the checkpoint, the prompts left-padded in one batch, fp32
+    (`load`: more arguments of from_pretrained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **load).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():

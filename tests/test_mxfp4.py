@@ -80,7 +80,12 @@ def test_an_mxfp4_gpt_oss_converts_and_generates_transformers_tokens(tmp_path):
         from endor_ray.engine.sampling import SamplingParams
 
         completions = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in MAX_NEW_TOKENS]).completions
-    expected = cut(transformers_greedy(checkpoint, max(MAX_NEW_TOKENS)), MAX_NEW_TOKENS)  # transformers reads MXFP4
+    # transformers reads MXFP4 and de-quantizes it (with Hugging Face's `kernels` installed, as transformers
+    # 5.25 requires, it would otherwise fetch an MXFP4 kernel from the Hub)
+    from transformers import Mxfp4Config
+
+    greedy = transformers_greedy(checkpoint, max(MAX_NEW_TOKENS), quantization_config=Mxfp4Config(dequantize=True))
+    expected = cut(greedy, MAX_NEW_TOKENS)
     assert [c.token_ids for c in completions] == expected and sum(map(len, expected)) > 10
 
 
