@@ -21,8 +21,10 @@ from endor_ray.engine.sampling import MAX_LOGPROBS
 MAX_BODY_BYTES = 4 << 20  # a larger request body is refused (413) before it is parsed
 # What can make a lone surrogate: a JSON escape "\ud800".."\udfff", the UTF-8 bytes of one (json.loads
 # decodes bytes with "surrogatepass"), or a UTF-16/32 body (NUL bytes); a body with none of them is not
-# walked (a 1.5 MB body of 100,000 strings took 53 ms to walk)
-MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]|\x00")
+# walked (a 1.5 MB body of 100,000 strings took 53 ms to walk). Each alternative is looked for on its
+# own, the regex only where its literal start occurs: one regex of the three scanned 1.3 MB in 11 ms.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE_UTF8 = re.compile(rb"\xed[\xa0-\xbf]")
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 # Explicit null means "the default" for these, as OpenAI's clients and vLLM treat them
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "max_tokens", "max_completion_tokens", "seed", "stop",
@@ -33,6 +35,12 @@ NULL_MEANS_DEFAULT = ("temperature", "top_p", "n", "stream", "max_tokens", "max_
                       "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 _TOO_MANY_DIGITS = f"the request body holds a number of more than {sys.get_int_max_str_digits()} digits"
 METADATA_FIELDS = ("user", "metadata", "store", "service_tier")  # accepted, no effect
+
+
+def maybe_surrogate(raw: bytes) -> bool:
+    """Whether `raw` may hold a lone surrogate once decoded (then its strings are walked)."""
+    return (b"\x00" in raw or (b"\xed" in raw and SURROGATE_UTF8.search(raw) is not None)
+            or (b"\\u" in raw and SURROGATE_ESCAPE.search(raw) is not None))
 
 
 class APIError(Exception):
@@ -152,7 +160,7 @@ def parse(raw: bytes, kind: type[_Sampling]) -> _Sampling:
         raise APIError(400, "the request body must be a JSON object")
     data = {key: value for key, value in data.items()
             if not (value is None and key in NULL_MEANS_DEFAULT) and key not in METADATA_FIELDS}
-    bad_text = _first_unencodable(data) if MAYBE_SURROGATE.search(raw) else None
+    bad_text = _first_unencodable(data) if maybe_surrogate(raw) else None
     if bad_text is not None:
         raise APIError(400, f"{bad_text} holds a lone UTF-16 surrogate (invalid Unicode)", param=bad_text)
     if kind is ChatRequest:
@@ -184,7 +192,7 @@ def parse_plain(raw: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise APIError(400, _TOO_MANY_DIGITS) from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
-    bad_text = _first_unencodable(data) if MAYBE_SURROGATE.search(raw) else None
+    bad_text = _first_unencodable(data) if maybe_surrogate(raw) else None
     if bad_text is not None:
         raise APIError(400, f"{bad_text} holds a lone UTF-16 surrogate (invalid Unicode)", param=bad_text)
     extra = sorted(set(data) - set(allowed))
