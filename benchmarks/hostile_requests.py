@@ -148,6 +148,12 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the rows whose name holds this text")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hostile_requests-cpu.json")
     args = parser.parse_args()
+    scheduler_args = {}
+    for option in args.scheduler:
+        key, _, value = option.partition("=")
+        if not key or not value.isdigit():
+            parser.error(f"--scheduler takes KEY=INTEGER (e.g. max_prefill_tokens=512), got {option!r}")
+        scheduler_args[f"scheduler.{key}"] = int(value)
     sys.path.insert(0, str(Path(__file__).parent))
     import ray
     from ray import serve
@@ -163,9 +169,7 @@ def main() -> None:
         app_args = {"store": str(store), "model_name": "hostile", "engine.gpu_memory": 0}
         if args.max_seqs_per_request is not None:
             app_args["scheduler.max_seqs_per_request"] = args.max_seqs_per_request
-        for option in args.scheduler:
-            key, _, value = option.partition("=")
-            app_args[f"scheduler.{key}"] = int(value)
+        app_args.update(scheduler_args)
         serve.run(build_app(app_args), name="endor", route_prefix="/")
         probes(3)  # warm-up
         idles, runs = [], {}

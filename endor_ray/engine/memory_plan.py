@@ -6,8 +6,8 @@ resident layer holds no more than its file; the host tier: every streamed layer)
 measured after the non-layer weights are loaded. A model that does not fit is streamed through
 ``prefetch_depth + 1`` slots; when the memory does not hold that many, the prefetch depth is lowered
 (and said so) rather than the process killed for memory, and when it does not hold even one slot
-that is a clear error naming the numbers. Budgets given explicitly
-(--gpu-memory, --host-memory) are taken as they are.
+that is a clear error naming the numbers. Budgets given explicitly (--gpu-memory, --host-memory)
+are taken as they are.
 """
 
 from __future__ import annotations
