@@ -431,6 +431,13 @@ __attribute__((target(AVX2), always_inline)) static inline __m256 round256(__m25
     return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
+/* f16_at with the F16C instruction: the same value (the conversion is exact; a NaN is kept, quieted alike) */
+__attribute__((target(AVX2), always_inline)) static inline float f16c_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
 __attribute__((target(AVX2), always_inline)) static inline __m256 int8x8(const uint8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -507,23 +514,31 @@ __attribute__((target(AVX2), always_inline)) static inline void chunk256(const m
         w[2] = _mm256_mul_ps(w[2], s1), w[3] = _mm256_mul_ps(w[3], s1);
     } else {
         const uint8_t *block = a->values + (n * (a->cols / 32) + c0 / 32) * a->block_size;
-        float scale = f16_at(block), minimum = type == MV_Q4_1 || type == MV_Q5_1 ? f16_at(block + 2) : 0.0f;
+        float scale = f16c_at(block), minimum = type == MV_Q4_1 || type == MV_Q5_1 ? f16c_at(block + 2) : 0.0f;
         __m256 d = _mm256_set1_ps(scale);
         finite = is_finite(scale) && is_finite(minimum);
         if (type == MV_Q8_0) {
             for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(int8x8(block + 2 + 8 * k), d);
+        } else if (type == MV_Q4_0) { /* the 32 codes - 8 as bytes (16 low nibbles, then 16 high), widened 8 at a time */
+            __m128i qs = _mm_loadu_si128((const __m128i *)(block + 2)), low4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+            __m128i lo = _mm_sub_epi8(_mm_and_si128(qs, low4), eight);
+            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), low4), eight);
+            w[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
+            w[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
+            w[2] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
+            w[3] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
         } else {
-            int qs_at = type == MV_Q4_0 ? 2 : type == MV_Q4_1 ? 4 : type == MV_Q5_0 ? 6 : 8;
+            int qs_at = type == MV_Q4_1 ? 4 : type == MV_Q5_0 ? 6 : 8;
             uint32_t qh = 0;
             if (type == MV_Q5_0 || type == MV_Q5_1) memcpy(&qh, block + (type == MV_Q5_0 ? 2 : 4), 4);
             __m256 m = _mm256_set1_ps(minimum);
-            __m256 offset = _mm256_set1_ps(type == MV_Q4_0 ? 8.0f : 16.0f);
+            __m256 offset = _mm256_set1_ps(16.0f); /* q5_0 */
             for (int k = 0; k < 4; k++) { /* elements 8k..8k+7: nibbles of bytes 8 (k % 2) .., low for k < 2 */
                 __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(block + qs_at + 8 * (k % 2))));
                 __m256i q = k < 2 ? _mm256_and_si256(bytes, _mm256_set1_epi32(15)) : _mm256_srli_epi32(bytes, 4);
                 if (type == MV_Q5_0 || type == MV_Q5_1) q = _mm256_or_si256(q, high_bits(qh, k));
                 __m256 f = _mm256_cvtepi32_ps(q);
-                if (type == MV_Q4_0 || type == MV_Q5_0) w[k] = _mm256_mul_ps(d, _mm256_sub_ps(f, offset));
+                if (type == MV_Q5_0) w[k] = _mm256_mul_ps(d, _mm256_sub_ps(f, offset));
                 else w[k] = _mm256_add_ps(_mm256_mul_ps(d, f), m);
             }
         }
